@@ -1,0 +1,65 @@
+"""Process settings, read from the environment (prefix ``GPUSCALE_``) with pydantic-settings.
+
+Secrets are ``SecretStr`` so they never show in a repr, a log line or an error message.  The
+DataCrunch credentials and ``OLLAMA_HOST`` keep the names their own tools use, without the prefix.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ProviderName = Literal["datacrunch", "docker", "local"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GPUSCALE_", extra="ignore", populate_by_name=True)
+
+    # Database.  Absent: an embedded PostgreSQL under ``data_dir / "pg"``.
+    database_url: SecretStr | None = None
+    data_dir: Path = Field(default=Path(".gpuscale"), description="state folder, embedded PostgreSQL in ./pg")
+    pg_dir: Path | None = Field(default=None, description="embedded PostgreSQL data directory override")
+
+    pools_file: Path = Path("deploy/datacrunch/pools.yaml")
+    provider: ProviderName = "local"
+
+    datacrunch_client_id: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATACRUNCH_CLIENT_ID", "GPUSCALE_DATACRUNCH_CLIENT_ID")
+    )
+    datacrunch_client_secret: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATACRUNCH_CLIENT_SECRET", "GPUSCALE_DATACRUNCH_CLIENT_SECRET"),
+    )
+    datacrunch_base_url: str = Field(
+        default="https://api.datacrunch.io/v1",
+        validation_alias=AliasChoices("DATACRUNCH_BASE_URL", "GPUSCALE_DATACRUNCH_BASE_URL"),
+    )
+
+    http_host: str = "127.0.0.1"
+    http_port: int = 9100
+
+    ollama_host: str = Field(
+        default="http://127.0.0.1:11434", validation_alias=AliasChoices("OLLAMA_HOST", "GPUSCALE_OLLAMA_HOST")
+    )
+    worker_token: SecretStr | None = None
+
+    # Queue limits.
+    max_payload_bytes: int = 256 * 1024
+    lease_seconds: float = 60.0
+    deck_batch_pages: int = 8
+
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @property
+    def embedded_pg_dir(self) -> Path:
+        return (self.pg_dir or self.data_dir / "pg").absolute()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

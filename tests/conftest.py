@@ -1,0 +1,132 @@
+"""Shared fixtures: one real PostgreSQL per test session, a fresh migrated database per test.
+
+With ``GPUSCALE_DATABASE_URL`` set, that server is used instead of the embedded one (the URL's
+role must be allowed to create databases).  Each test gets its own database cloned from a migrated
+template, and it is dropped ``WITH (FORCE)`` afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from controller.db.embedded import EmbeddedPostgres
+from controller.db.migrate import migrate
+
+TEMPLATE_DB = "gpuscale_test_template"
+_counter = itertools.count()
+
+
+def with_database(dsn: str, database: str) -> str:
+    """The same server, another database name."""
+    parts = urlsplit(dsn)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """DSN of the server's maintenance database (``postgres``)."""
+    external = os.environ.get("GPUSCALE_DATABASE_URL")
+    if external:
+        yield with_database(external, "postgres")
+        return
+    root = Path(tempfile.mkdtemp(prefix="gpuscale-test-"))
+    server = EmbeddedPostgres(root / "pg")
+    server.start()
+    try:
+        yield server.dsn("postgres")
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_server: str) -> str:
+    async def build() -> None:
+        admin = await asyncpg.connect(pg_server)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
+            await admin.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+        finally:
+            await admin.close()
+        conn = await asyncpg.connect(with_database(pg_server, TEMPLATE_DB))
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(build())
+    return TEMPLATE_DB
+
+
+def _create_db(pg_server: str, name: str, template: str | None) -> None:
+    async def run() -> None:
+        admin = await asyncpg.connect(pg_server)
+        try:
+            tmpl = f' TEMPLATE "{template}"' if template else ""
+            await admin.execute(f'CREATE DATABASE "{name}"{tmpl}')
+        finally:
+            await admin.close()
+
+    asyncio.run(run())
+
+
+def _drop_db(pg_server: str, name: str) -> None:
+    async def run() -> None:
+        admin = await asyncpg.connect(pg_server)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+    asyncio.run(run())
+
+
+@pytest.fixture
+def dsn(pg_server: str, pg_template: str) -> Iterator[str]:
+    """A fresh, migrated database for this test; its DSN."""
+    name = f"t_{os.getpid()}_{next(_counter)}"
+    _create_db(pg_server, name, pg_template)
+    try:
+        yield with_database(pg_server, name)
+    finally:
+        _drop_db(pg_server, name)
+
+
+@pytest.fixture
+def empty_dsn(pg_server: str) -> Iterator[str]:
+    """A fresh database with no schema at all (for migration tests)."""
+    name = f"e_{os.getpid()}_{next(_counter)}"
+    _create_db(pg_server, name, None)
+    try:
+        yield with_database(pg_server, name)
+    finally:
+        _drop_db(pg_server, name)
+
+
+@pytest.fixture
+async def db(dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    """An asyncpg pool on this test's database."""
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=10)
+    assert pool is not None
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+def db_env(dsn: str) -> dict[str, str]:
+    """Environment for subprocesses (workers, CLI) that must use this test's database."""
+    env = dict(os.environ)
+    env["GPUSCALE_DATABASE_URL"] = dsn
+    return env
