@@ -1,0 +1,90 @@
+"""The provider interface: how the controller reads and sets the replica count of a pool.
+
+A *provider* runs the GPU containers of a deployment (one deployment per pool): the DataCrunch
+cloud, a Docker engine on a self-hosted GPU box, or plain worker processes on this machine.  The
+controller only ever observes a deployment and pins its replica count; everything provider
+specific (OAuth, containers, process groups) lives behind this protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+# Replica statuses the controller understands.  Providers map their own vocabulary onto these;
+# anything else is passed through unchanged and treated as "not yet running".
+REPLICA_STARTING = "starting"
+REPLICA_RUNNING = "running"
+REPLICA_STOPPING = "stopping"
+REPLICA_FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One running (or starting / stopping) copy of a deployment's container."""
+
+    id: str
+    status: str  # 'starting' | 'running' | 'stopping' | 'failed' | provider-specific
+    started_at: float  # epoch seconds
+
+
+@dataclass(frozen=True)
+class ProviderState:
+    """What a provider reports about one deployment."""
+
+    replicas: list[Replica] = field(default_factory=list)
+    target: int = 0  # the replica count the provider is currently set to
+    paused: bool = False
+    status: str = "healthy"  # deployment status, e.g. healthy / paused / quota_reached
+
+
+class ProviderError(Exception):
+    """A provider call failed for a transient or unknown reason; the controller holds and retries
+    on its next tick.  Messages never carry credentials."""
+
+
+class CapacityError(ProviderError):
+    """The provider refused for lack of capacity or quota (a 4xx that is not throttling).
+
+    ``message`` is the provider's own explanation, suitable for logs and the status page."""
+
+    def __init__(self, message: str, *, code: str | None = None, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status_code = status_code
+
+
+class DeploymentNotFound(ProviderError):
+    """The named deployment does not exist on the provider (a configuration error)."""
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """One back end that runs the containers of deployments."""
+
+    name: str
+
+    async def observe(self, deployment: str) -> ProviderState:
+        """Replicas, target count, paused flag and status of ``deployment``."""
+        ...
+
+    async def set_replicas(self, deployment: str, desired: int, *, idle: Collection[str] = ()) -> None:
+        """Pin the replica count of ``deployment`` to ``desired``; idempotent.
+
+        ``idle`` holds replica ids known to be idle (no running task): a provider that can choose
+        which replicas to stop on a scale-down stops those first, then the newest."""
+        ...
+
+    async def pause(self, deployment: str) -> None:
+        """Stop all replicas and keep them stopped until :meth:`resume`."""
+        ...
+
+    async def resume(self, deployment: str) -> None:
+        """Undo :meth:`pause` (the replica count is then whatever is set)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections; local back ends also stop every replica they started."""
+        ...
