@@ -39,6 +39,30 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("DATACRUNCH_BASE_URL", "GPUSCALE_DATACRUNCH_BASE_URL"),
     )
 
+    # DataCrunch client tuning (issue 4).
+    datacrunch_timeout_s: float = 10.0
+    datacrunch_retry_attempts: int = 5
+    datacrunch_backoff_initial_s: float = 0.5
+    datacrunch_backoff_max_s: float = 20.0
+
+    # Docker provider (issue 4): engine address (None: DOCKER_HOST / the default socket), the
+    # image per pool, GPU request ("none" | "all" | a count | device ids "0,1"), and lifecycle.
+    docker_host: str | None = None
+    docker_image: str = "gpuscale-{pool}:latest"
+    docker_gpus: str = "1"
+    docker_network_mode: str = "host"
+    docker_restart_policy: str = "on-failure"
+    docker_stop_grace_s: float = 60.0
+
+    # Local provider (issue 4): how long a worker gets to drain on SIGTERM, where its output goes.
+    local_stop_grace_s: float = 60.0
+    local_log_dir: Path | None = None
+
+    # DataCrunch emulator (issue 4).  Its credentials default to DATACRUNCH_CLIENT_ID/SECRET.
+    emulator_port: int = 8765
+    emulator_client_id: str | None = None
+    emulator_client_secret: SecretStr | None = None
+
     http_host: str = "127.0.0.1"
     http_port: int = 9100
 

@@ -8,7 +8,8 @@ specific (OAuth, containers, process groups) lives behind this protocol.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import sys
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -37,6 +38,25 @@ class ProviderState:
     target: int = 0  # the replica count the provider is currently set to
     paused: bool = False
     status: str = "healthy"  # deployment status, e.g. healthy / paused / quota_reached
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """How the ``local`` and ``docker`` providers start one replica of a deployment.
+
+    Each replica also gets ``GPUSCALE_CONTAINER_ID`` (its replica id, which the worker registers as
+    its ``container_id``) and ``GPUSCALE_POOL`` in its environment."""
+
+    pool: str
+    command: tuple[str, ...] = ()  # argv; empty: ``gpuscale worker --pool <pool>`` (local) / image default
+    image: str | None = None  # docker only; None: the provider's image template
+    env: Mapping[str, str] = field(default_factory=dict)
+    gpus: str | None = None  # docker only: "none" | "all" | a count "2" | device ids "0,1"; None: default
+
+
+def worker_command(pool: str) -> tuple[str, ...]:
+    """``gpuscale worker --pool <pool>`` run by this interpreter, independent of PATH."""
+    return (sys.executable, "-m", "controller.cli", "worker", "--pool", pool)
 
 
 class ProviderError(Exception):
