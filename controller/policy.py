@@ -1,0 +1,501 @@
+"""The scaling policy: a pure function from (pool rules, observation, memory, time) to a decision.
+
+No I/O and no clock reads: ``now`` is passed in and the pool's memory between ticks
+(:class:`PoolState`) goes in and comes back out as plain data.  The controller stores the state
+and acts on the decision; the simulator calls the very same :func:`decide` with a virtual clock.
+
+How it decides, per pool (``sizing: work``, the default):
+
+* **Work, not counts.**  The queued and running work is estimated in GPU-seconds (expected
+  durations per task type, refined by the caller from observed durations).  Replicas are added
+  one step at a time while the backlog would not clear within ``drain_target`` *and* the next
+  step saves more time than the cold start it costs; tasks are indivisible, so a step that does
+  not shorten the busiest replica's share saves nothing.
+* **Delays.**  The up-condition (more replicas wanted than exist) must hold for
+  ``scale_up_delay``, except: a ``critical`` task (when ``critical_immediate``), certain work
+  queued while the pool is at zero (nothing can serve it; waiting only adds latency), and
+  dependency pre-warm.
+* **Pre-warm by dependency.**  Tasks blocked only on upstream work that is already running are
+  work about to arrive; when the upstream ETA is within the cold start, replicas start now so
+  their cold start overlaps the upstream work.  A per-pool switch (``prewarm``).
+* **Down, one replica at a time.**  Each replica above what the work needs (and never below the
+  replicas that hold running tasks, nor ``min_replicas``) is stopped once it has been surplus for
+  ``scale_down_delay`` (``auto``: its cold start, the ski-rental break-even).
+* **Unknown is not zero.**  A missing observation (database or provider error) holds the current
+  count and never scales down.
+* **Startup timeout.**  A replica not registered within ``startup_timeout`` is reported in
+  ``replace``; repeated failures back off exponentially, holding scale-ups meanwhile.
+* **Budget.**  When projected monthly spend exceeds the budget, non-critical scale-ups are capped
+  (a pool at zero with queued work still gets one replica, so work finishes, slowly).
+* **No flapping.**  An up needs the condition for ``scale_up_delay`` (or new certain work); a down
+  needs the surplus for ``scale_down_delay``; the two conditions exclude each other, so without new
+  work a decision never reverses the previous one within the delays.
+
+``sizing: count`` is the seeds' rule, kept as a baseline: tasks waiting ≥ threshold for the delay
+→ ``ceil(tasks / tasks_per_replica)``; the queue empty for ``scale_down_delay`` → back to the
+running need (zero when idle).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Final
+
+from controller.pools import PoolRules
+
+PRIORITIES: Final = ("normal", "high", "critical")
+
+# Machine-readable reasons (metrics label values; keep them stable).
+QUEUE_ABOVE_THRESHOLD: Final = "queue_above_threshold"
+SCALE_FROM_ZERO: Final = "scale_from_zero"
+CRITICAL_TASK: Final = "critical_task"
+PREWARM_DEPENDENCY: Final = "prewarm_dependency"
+IDLE_TIMEOUT: Final = "idle_timeout"
+STARTUP_TIMEOUT: Final = "startup_timeout"
+STARTUP_BACKOFF: Final = "startup_backoff"
+BUDGET_CAP: Final = "budget_cap"
+HOLD_UNKNOWN: Final = "hold_unknown"
+MIN_REPLICAS: Final = "min_replicas"
+MAX_REPLICAS: Final = "max_replicas"
+RUNNING_NEED: Final = "running_need"
+SCALE_UP_PENDING: Final = "scale_up_pending"
+SCALE_DOWN_PENDING: Final = "scale_down_pending"
+HOLD: Final = "hold"
+
+REASONS: Final = (
+    QUEUE_ABOVE_THRESHOLD,
+    SCALE_FROM_ZERO,
+    CRITICAL_TASK,
+    PREWARM_DEPENDENCY,
+    IDLE_TIMEOUT,
+    STARTUP_TIMEOUT,
+    STARTUP_BACKOFF,
+    BUDGET_CAP,
+    HOLD_UNKNOWN,
+    MIN_REPLICAS,
+    MAX_REPLICAS,
+    RUNNING_NEED,
+    SCALE_UP_PENDING,
+    SCALE_DOWN_PENDING,
+    HOLD,
+)
+
+
+@dataclass(frozen=True)
+class PoolObservation:
+    """What the controller saw of one pool this tick.  ``None`` means unknown (an error), not 0."""
+
+    # Claimable tasks by priority ('normal', 'high', 'critical').
+    queued: Mapping[str, int] | None
+    running: int | None
+    # Replicas the provider reports for the pool's deployment (running + starting).
+    provider_replicas: int | None
+    # Replicas registered and heartbeating.
+    registered: int | None = None
+    # (replica id, requested at epoch s) of replicas requested but not registered yet.
+    starting: Sequence[tuple[str, float]] = ()
+    # Registered replicas holding no task / holding at least one task.
+    idle_replicas: int | None = None
+    busy_replicas: int | None = None
+    # Estimated GPU-seconds of queued work, and remaining work of running tasks (None: estimate
+    # from counts with the pool's default task duration).
+    queued_work_s: float | None = None
+    running_work_s: float | None = None
+    # Blocked tasks of this pool whose unfinished dependencies are all running/queued elsewhere,
+    # their estimated work, and the estimated seconds until those dependencies finish.
+    blocked_on_running: int | None = 0
+    blocked_work_s: float | None = None
+    upstream_eta_s: float | None = None
+    oldest_queued_age_s: float | None = None
+
+    @property
+    def queued_total(self) -> int | None:
+        if self.queued is None:
+            return None
+        return sum(max(0, int(v)) for v in self.queued.values())
+
+    @property
+    def queued_critical(self) -> int:
+        return 0 if self.queued is None else max(0, int(self.queued.get("critical", 0)))
+
+    @property
+    def unknown(self) -> bool:
+        return self.queued is None or self.running is None or self.provider_replicas is None
+
+
+@dataclass(frozen=True)
+class PoolState:
+    """The pool's memory between ticks; :func:`decide` returns it updated for the caller to keep."""
+
+    desired: int | None = None  # last decided count (None: no decision yet)
+    up_since: float | None = None  # since when the up-condition has held without a break
+    surplus_since: tuple[float, ...] = ()  # per surplus replica, since when it has been surplus
+    queue_empty_since: float | None = None  # count sizing: since when nothing was queued
+    last_change_at: float | None = None
+    last_direction: int = 0  # +1 up, -1 down, 0 none yet
+    startup_failures: int = 0  # consecutive startup timeouts (reset by a successful start)
+    replace_due_at: float | None = None  # when overdue replicas may be replaced (backoff)
+    replaced_total: int = 0
+    starting_ids: tuple[str, ...] = ()  # starting replicas seen last tick
+
+
+@dataclass(frozen=True)
+class BudgetView:
+    """Monthly budget and the caller's projection (spend so far + current run rate to month end)."""
+
+    monthly_budget_usd: float
+    projected_usd: float
+
+    @property
+    def over(self) -> bool:
+        return self.projected_usd > self.monthly_budget_usd
+
+
+@dataclass(frozen=True)
+class Decision:
+    desired: int
+    current: int
+    reason: str
+    detail: str
+    state: PoolState
+    replace: tuple[str, ...] = ()
+    # What the work alone asks for (before delays, budget, step limits), for metrics and status.
+    target: int = 0
+    extra: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def direction(self) -> int:
+        return (self.desired > self.current) - (self.desired < self.current)
+
+
+# ---------------------------------------------------------------------------------------------
+# Work sizing
+
+
+def drain_time(work_s: float, tasks: int, n: int, ready: int, cold_start_s: float) -> float:
+    """Seconds to clear ``work_s`` GPU-seconds in ``tasks`` indivisible tasks on ``n`` replicas,
+    ``ready`` of them up now and the rest after ``cold_start_s``.
+
+    Tasks are indivisible, so the busiest replica carries ``ceil(tasks / n)`` of them; the
+    estimate charges the cold start to every plan that needs a new replica (conservative: the
+    ready ones do work meanwhile, so it leans towards fewer starts, i.e. lower cost)."""
+    if tasks <= 0 or work_s <= 0:
+        return 0.0
+    if n <= 0:
+        return math.inf
+    share = work_s * math.ceil(tasks / n) / tasks
+    return share + (cold_start_s if n > ready else 0.0)
+
+
+def work_replicas(
+    rules: PoolRules, work_s: float, tasks: int, ready: int, *, start: int = 0, cap: int | None = None
+) -> int:
+    """Replicas the work needs: grow while the backlog would not clear within ``drain_target``
+    and the next useful step saves more time than the cold starts it costs."""
+    cap = rules.max_replicas if cap is None else cap
+    if tasks <= 0 or work_s <= 0:
+        return min(start, cap)
+    c = rules.cold_start_s
+    n = max(1, start)
+    limit = min(cap, tasks)  # more replicas than tasks cannot help
+    while n < limit:
+        now_t = drain_time(work_s, tasks, n, ready, c)
+        if now_t <= rules.drain_target_s:
+            break
+        # Next n that actually shortens the busiest replica's share (tasks are indivisible).
+        share = math.ceil(tasks / n)
+        nxt = n + 1
+        while nxt < limit and math.ceil(tasks / nxt) >= share:
+            nxt += 1
+        if math.ceil(tasks / nxt) >= share:
+            break
+        saved = now_t - drain_time(work_s, tasks, nxt, ready, c)
+        new_starts = max(0, nxt - max(n, ready))
+        if saved <= c * max(1, new_starts):
+            break
+        n = nxt
+    return min(n, cap)
+
+
+def _clamp(n: int, rules: PoolRules) -> int:
+    return max(rules.min_replicas, min(rules.max_replicas, n))
+
+
+def _surplus_timers(prev: tuple[float, ...], surplus: int, now: float) -> tuple[float, ...]:
+    """Per-level timers: level i (0-based) has been surplus since ``timers[i]``."""
+    if surplus <= 0:
+        return ()
+    kept = prev[:surplus]
+    return kept + (now,) * (surplus - len(kept))
+
+
+# ---------------------------------------------------------------------------------------------
+# The decision
+
+
+def decide(
+    rules: PoolRules,
+    obs: PoolObservation,
+    state: PoolState,
+    now: float,
+    *,
+    budget: BudgetView | None = None,
+    critical_immediate: bool = True,
+    tick_s: float = 10.0,
+) -> Decision:
+    """Decide the pool's replica count.  Pure: the same arguments always give the same decision.
+
+    ``tick_s`` is the caller's reconcile interval; pre-warm starts one tick early so that a
+    replica is ready when the upstream work finishes rather than up to a tick later."""
+    # --- unknown is not zero ------------------------------------------------------------------
+    if obs.unknown:
+        if obs.provider_replicas is not None:
+            held = obs.provider_replicas
+        elif state.desired is not None:
+            held = state.desired
+        else:
+            held = rules.min_replicas
+        held = _clamp(max(held, state.desired or 0), rules)
+        missing = [
+            name
+            for name, value in (
+                ("queue", obs.queued),
+                ("running", obs.running),
+                ("provider replicas", obs.provider_replicas),
+            )
+            if value is None
+        ]
+        new_state = replace(state, desired=held, up_since=None, surplus_since=(), queue_empty_since=None)
+        return Decision(
+            desired=held,
+            current=obs.provider_replicas if obs.provider_replicas is not None else held,
+            reason=HOLD_UNKNOWN,
+            detail=f"holding {held}: {', '.join(missing)} unknown",
+            state=new_state,
+            target=held,
+        )
+
+    assert obs.queued is not None and obs.running is not None and obs.provider_replicas is not None
+    current = max(0, obs.provider_replicas)
+    queued = obs.queued_total or 0
+    critical = obs.queued_critical
+    running = max(0, obs.running)
+    tpr = rules.tasks_per_replica
+    starting_ids = tuple(rid for rid, _ in obs.starting)
+    ready = max(0, current - len(starting_ids))
+
+    # --- startup timeouts, with backoff -------------------------------------------------------
+    overdue = tuple(rid for rid, t0 in obs.starting if now - t0 >= rules.startup_timeout_s)
+    failures = state.startup_failures
+    # A replica that was starting last tick and is gone now without being replaced came up.
+    if any(rid not in starting_ids for rid in state.starting_ids) and not overdue:
+        failures = 0
+    replace_ids: tuple[str, ...] = ()
+    replace_due_at = state.replace_due_at
+    replaced_total = state.replaced_total
+    in_backoff = False
+    if overdue:
+        if replace_due_at is None:
+            delay = 0.0
+            if failures > 0:
+                delay = min(rules.startup_backoff_s * 2 ** (failures - 1), rules.max_startup_backoff_s)
+            replace_due_at = now + delay
+        if now >= replace_due_at:
+            replace_ids = overdue
+            failures += 1
+            replaced_total += len(overdue)
+            replace_due_at = None
+        else:
+            in_backoff = True
+    else:
+        replace_due_at = None
+
+    # --- running need: never below the replicas holding running tasks -------------------------
+    busy = obs.busy_replicas if obs.busy_replicas is not None else 0
+    floor_running = min(max(busy, math.ceil(running / tpr)), rules.max_replicas)
+
+    # --- what the work asks for ---------------------------------------------------------------
+    blocked = max(0, obs.blocked_on_running or 0) if rules.prewarm else 0
+    blocked_work = 0.0
+    if blocked:
+        blocked_work = (
+            obs.blocked_work_s if obs.blocked_work_s is not None else blocked * rules.default_task_duration_s
+        )
+    eta = obs.upstream_eta_s
+    if rules.sizing == "count":
+        need = math.ceil((queued + running) / tpr)
+        up_wanted = queued >= rules.scale_up_threshold or critical > 0 or (current == 0 and queued > 0)
+        target = _clamp(max(need if up_wanted else 0, floor_running), rules)
+        prewarm_target = 0
+    else:
+        q_work = (
+            obs.queued_work_s if obs.queued_work_s is not None else queued * rules.default_task_duration_s
+        )
+        r_work = (
+            obs.running_work_s
+            if obs.running_work_s is not None
+            else running * rules.default_task_duration_s / 2
+        )
+        tasks = queued + running
+        n = work_replicas(rules, q_work + r_work, tasks, ready)
+        # Tasks waiting for a slot count once they reach the threshold (or nothing serves them).
+        if queued >= rules.scale_up_threshold or current == 0:
+            n = max(n, math.ceil(tasks / tpr))
+        if queued > 0:
+            n = max(n, 1)
+        if critical and critical_immediate:
+            # Critical tasks claim first: they need a slot on a replica that exists or is starting.
+            n = max(n, math.ceil((running + critical) / tpr))
+        target = _clamp(max(n, floor_running), rules)
+        prewarm_target = 0
+        if blocked and (eta is None or eta <= rules.cold_start_s + tick_s):
+            prewarm_target = _clamp(
+                work_replicas(rules, q_work + r_work + blocked_work, tasks + blocked, ready), rules
+            )
+
+    # Work due within the idle timeout keeps replicas that would otherwise be stopped.
+    keep = target
+    if (
+        blocked
+        and rules.sizing == "work"
+        and (eta is None or eta <= rules.idle_timeout_s + rules.cold_start_s)
+    ):
+        keep = max(
+            keep,
+            _clamp(work_replicas(rules, blocked_work, blocked, ready, start=1), rules),
+        )
+
+    new = replace(
+        state,
+        startup_failures=failures,
+        replace_due_at=replace_due_at,
+        replaced_total=replaced_total,
+        starting_ids=starting_ids,
+    )
+    extra = {"queued": float(queued), "running": float(running), "floor_running": float(floor_running)}
+
+    def done(desired: int, reason: str, detail: str, **changes: object) -> Decision:
+        desired = _clamp(desired, rules)
+        st = replace(new, desired=desired, **changes)  # type: ignore[arg-type]
+        if desired != current:
+            st = replace(st, last_change_at=now, last_direction=1 if desired > current else -1)
+        return Decision(desired, current, reason, detail, st, replace_ids, target, extra)
+
+    if replace_ids:
+        return done(
+            current,
+            STARTUP_TIMEOUT,
+            f"{len(replace_ids)} replica(s) not registered within {rules.startup_timeout_s:.0f}s: replacing "
+            f"(failure #{failures})",
+            up_since=None,
+            surplus_since=(),
+        )
+    if in_backoff:
+        return done(
+            current,
+            STARTUP_BACKOFF,
+            f"{len(overdue)} replica(s) failed to start; next replacement after backoff",
+            up_since=None,
+            surplus_since=(),
+        )
+
+    # Outside [min, max] (rules changed): move into range at once.
+    if current < rules.min_replicas:
+        return done(rules.min_replicas, MIN_REPLICAS, f"below min_replicas {rules.min_replicas}")
+    if current > rules.max_replicas:
+        return done(rules.max_replicas, MAX_REPLICAS, f"above max_replicas {rules.max_replicas}")
+
+    # --- scale up -----------------------------------------------------------------------------
+    up_target = max(target, prewarm_target)
+    if up_target > current:
+        reason: str | None = None
+        proposed = target
+        up_since = state.up_since
+        if target > current:
+            up_since = now if up_since is None else up_since
+        else:
+            up_since = None
+        if critical and critical_immediate and target > current:
+            reason = CRITICAL_TASK
+        elif current == 0 and queued > 0:
+            reason = SCALE_FROM_ZERO
+        elif target > current and up_since is not None and now - up_since >= rules.scale_up_delay_s:
+            reason = QUEUE_ABOVE_THRESHOLD
+        if prewarm_target > current and (reason is None or prewarm_target > proposed):
+            if reason is None:
+                reason, proposed = PREWARM_DEPENDENCY, prewarm_target
+            else:
+                proposed = prewarm_target
+        if reason is not None:
+            proposed = max(proposed, current + 1)
+            if rules.max_step_up is not None and reason != CRITICAL_TASK:
+                proposed = min(proposed, current + rules.max_step_up)
+            detail = (
+                f"{current} → {proposed}: {queued} queued ({critical} critical), {running} running, "
+                f"{blocked} about to arrive"
+            )
+            if budget is not None and budget.over and reason != CRITICAL_TASK:
+                cap = max(current, 1 if (current == 0 and queued > 0) else current)
+                if proposed > cap:
+                    return done(
+                        cap,
+                        BUDGET_CAP,
+                        f"projected spend ${budget.projected_usd:.2f} exceeds the monthly budget "
+                        f"${budget.monthly_budget_usd:.2f}: capped at {cap} (work asks for {proposed})",
+                        up_since=up_since,
+                        surplus_since=(),
+                    )
+            return done(proposed, reason, detail, up_since=None, surplus_since=(), queue_empty_since=None)
+        waited = 0.0 if up_since is None else now - up_since
+        return done(
+            current,
+            SCALE_UP_PENDING,
+            f"work asks for {target}, condition held {waited:.0f}s of {rules.scale_up_delay_s:.0f}s",
+            up_since=up_since,
+            surplus_since=(),
+        )
+
+    # --- scale down ---------------------------------------------------------------------------
+    if rules.sizing == "count":
+        empty_since = state.queue_empty_since
+        if queued == 0:
+            empty_since = now if empty_since is None else empty_since
+        else:
+            empty_since = None
+        floor = _clamp(max(floor_running, target), rules)
+        if floor < current and empty_since is not None and now - empty_since >= rules.idle_timeout_s:
+            return done(
+                floor,
+                IDLE_TIMEOUT,
+                f"queue empty for {now - empty_since:.0f}s: {current} → {floor}",
+                up_since=None,
+                queue_empty_since=empty_since,
+            )
+        return done(current, HOLD, "no change", up_since=None, queue_empty_since=empty_since)
+
+    floor = _clamp(max(keep, floor_running), rules)
+    surplus = current - floor
+    timers = _surplus_timers(state.surplus_since, surplus, now)
+    expired = sum(1 for t in timers if now - t >= rules.idle_timeout_s)
+    if expired:
+        desired = current - expired
+        remaining = timers[expired:]
+        reason = IDLE_TIMEOUT
+        return done(
+            desired,
+            reason,
+            f"{expired} replica(s) surplus for {rules.idle_timeout_s:.0f}s: {current} → {desired}",
+            up_since=None,
+            surplus_since=remaining,
+        )
+    if timers:
+        return done(
+            current,
+            SCALE_DOWN_PENDING,
+            f"{surplus} surplus replica(s), first stops in {rules.idle_timeout_s - (now - timers[0]):.0f}s",
+            up_since=None,
+            surplus_since=timers,
+        )
+    return done(current, HOLD, "no change", up_since=None, surplus_since=())
