@@ -1,0 +1,291 @@
+"""The task queue against a real PostgreSQL: claims, leases, dependencies, retries, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import asyncpg
+import pytest
+
+from controller.queue import (
+    NOTIFY_CHANNEL,
+    InvalidTask,
+    NewTask,
+    Priority,
+    Queue,
+    TaskStatus,
+    listen,
+)
+
+DOC = {"document": "/decks/a.pdf"}
+
+
+def noop(**kw: object) -> NewTask:
+    return NewTask("noop", {}, **kw)  # type: ignore[arg-type]
+
+
+async def count_rows(db: asyncpg.Pool) -> tuple[int, int]:
+    tasks = await db.fetchval("SELECT count(*) FROM processing_queue")
+    deps = await db.fetchval("SELECT count(*) FROM processing_task_deps")
+    return tasks, deps
+
+
+async def test_enqueue_claim_complete_roundtrip(db: asyncpg.Pool) -> None:
+    q = Queue(db)
+    tid = await q.enqueue(NewTask("startup_name_extraction", DOC, document_id="deck-1"))
+    task = await q.get_task(tid)
+    assert task is not None
+    assert task["status"] == "queued" and task["pool"] == "text" and task["document_id"] == "deck-1"
+    assert task["payload"] == DOC and task["attempts"] == 0 and task["max_attempts"] == 3
+
+    claimed = await q.claim("text", "srv-1", 5)
+    assert [c.id for c in claimed] == [tid]
+    c = claimed[0]
+    assert (
+        c.attempts == 1 and c.payload == DOC and c.priority is Priority.normal and c.document_id == "deck-1"
+    )
+    assert await q.claim("text", "srv-2", 5) == []
+
+    assert await q.progress(tid, "srv-1", 40, "page 2/5")
+    assert not await q.progress(tid, "srv-2", 50)
+    task = await q.get_task(tid)
+    assert task is not None and task["progress"] == 40 and task["progress_message"] == "page 2/5"
+
+    assert not await q.complete(tid, "srv-2", {"x": 1})  # not the holder
+    assert await q.complete(tid, "srv-1", {"name": "Acme"})
+    assert not await q.complete(tid, "srv-1", {"name": "again"})  # never twice
+    task = await q.get_task(tid)
+    assert task is not None
+    assert task["status"] == "done" and task["result"] == {"name": "Acme"} and task["progress"] == 100
+    assert task["started_at"] is not None and task["finished_at"] is not None
+
+
+async def test_claim_order_priority_then_age(db: asyncpg.Pool) -> None:
+    q = Queue(db)
+    ids = await q.enqueue_many(
+        [
+            noop(priority="normal"),
+            noop(priority="high"),
+            noop(priority="critical"),
+            noop(priority="normal"),
+            noop(priority="critical"),
+        ]
+    )
+    got = []
+    for _ in range(5):
+        (c,) = await q.claim("bench", "s", 1)
+        got.append(c.id)
+    assert got == [ids[2], ids[4], ids[1], ids[0], ids[3]]
+
+
+async def test_bad_input_refused_and_nothing_written(db: asyncpg.Pool) -> None:
+    q = Queue(db, max_payload_bytes=1024)
+    good = NewTask("startup_name_extraction", DOC)
+    bad_cases = [
+        (NewTask("no_such_type", {}), "unknown task type"),
+        (NewTask("startup_name_extraction", {}), "document"),
+        (NewTask("startup_name_extraction", {"document": "x", "extra": 1}), "extra"),
+        (NewTask("visual_analysis", {"document": "x", "first_page": 3, "last_page": 1}), "last_page"),
+        (NewTask("startup_name_extraction", {"document": "x" * 2000}), "over the limit"),
+        (NewTask("startup_name_extraction", DOC, priority="urgent"), "priority"),
+        (NewTask("startup_name_extraction", DOC, max_attempts=0), "max_attempts"),
+        (NewTask("startup_name_extraction", DOC, depends_on=[999_999]), "not found"),
+    ]
+    for bad, words in bad_cases:
+        with pytest.raises(InvalidTask, match=words):
+            await q.enqueue_many([good, bad])  # the good one is not written either
+    assert await count_rows(db) == (0, 0)
+    assert await q.stats() == {}
+
+
+async def test_cannot_depend_on_failed_task(db: asyncpg.Pool) -> None:
+    q = Queue(db)
+    dep = await q.enqueue(noop())
+    await q.claim("bench", "s", 1)
+    assert await q.fail(dep, "s", "boom", retryable=False) is TaskStatus.failed
+    with pytest.raises(InvalidTask, match="never be done"):
+        await q.enqueue(noop(depends_on=[dep]))
+    assert (await count_rows(db))[0] == 1
+
+
+async def test_concurrent_claimers_never_share_a_task(db: asyncpg.Pool) -> None:
+    q = Queue(db)
+    n_tasks = 3000
+    ids = await q.enqueue_many([noop() for _ in range(n_tasks)])
+    seen: list[int] = []
+
+    async def consumer(k: int) -> None:
+        while True:
+            got = await q.claim("bench", f"c{k}", 7)
+            if not got:
+                return
+            seen.extend(t.id for t in got)
+            done = await q.complete_many(f"c{k}", [(t.id, {}) for t in got])
+            assert sorted(done) == sorted(t.id for t in got)
+
+    await asyncio.gather(*(consumer(k) for k in range(8)))
+    dupes = [i for i, n in collections.Counter(seen).items() if n > 1]
+    assert dupes == []
+    assert sorted(seen) == sorted(ids)
+    stats = (await q.stats())["bench"]
+    assert stats.done == n_tasks and stats.queued_total == 0 and stats.running == 0
+
+
+async def test_dependencies_unblock_exactly_once(db: asyncpg.Pool, dsn: str) -> None:
+    q = Queue(db)
+    parents = await q.enqueue_many([noop() for _ in range(20)])
+    child = await q.enqueue(noop(depends_on=parents))
+    grandchild = await q.enqueue(noop(depends_on=[child, parents[0]]))
+    assert (await q.get_task(child))["status"] == "blocked"  # type: ignore[index]
+    stats = (await q.stats())["bench"]
+    assert stats.blocked == 2 and stats.blocked_on_running == 1
+
+    notified: list[str] = []
+    conn = await asyncpg.connect(dsn)
+    try:
+        await listen(conn, notified.append)
+        claimed = await q.claim("bench", "s", 100)
+        assert sorted(c.id for c in claimed) == parents
+        # complete all parents concurrently, one per transaction, from several connections
+        await asyncio.gather(*(q.complete(p, "s", {"p": p}) for p in parents))
+        await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
+    child_row = await q.get_task(child)
+    assert child_row is not None and child_row["status"] == "queued" and child_row["pending_deps"] == 0
+    assert notified.count("bench") >= 1
+    c2 = await q.claim("bench", "s", 100)
+    assert [c.id for c in c2] == [child]  # exactly one copy, grandchild still blocked
+    assert (await q.get_task(grandchild))["status"] == "blocked"  # type: ignore[index]
+    deps = await q.dependency_results(child)
+    assert [d["id"] for d in deps] == parents and deps[3]["result"] == {"p": parents[3]}
+    assert await q.complete(child, "s", {})
+    (g,) = await q.claim("bench", "s", 100)
+    assert g.id == grandchild and g.depends_on == sorted([child, parents[0]])
+
+
+async def test_failed_dependency_fails_dependents_transitively(db: asyncpg.Pool) -> None:
+    q = Queue(db)
+    a = await q.enqueue(NewTask("visual_analysis", {"document": "/d.pdf", "first_page": 1, "last_page": 8}))
+    b = await q.enqueue(NewTask("healthcare_classification", {"document": "/d.pdf"}, depends_on=[a]))
+    c = await q.enqueue(NewTask("template_analysis", {"document": "/d.pdf"}, depends_on=[b]))
+    (t,) = await q.claim("visual", "s", 1)
+    assert await q.fail(t.id, "s", "PDF unreadable", retryable=False) is TaskStatus.failed
+    rb, rc = await q.get_task(b), await q.get_task(c)
+    assert rb is not None and rc is not None
+    assert (
+        rb["status"] == "failed" and f"dependency {a} (visual_analysis) failed: PDF unreadable" in rb["error"]
+    )
+    assert rc["status"] == "failed" and f"dependency {b} (healthcare_classification) failed" in rc["error"]
+
+
+async def test_cancel_fails_dependents(db: asyncpg.Pool) -> None:
+    q = Queue(db)
+    a = await q.enqueue(noop())
+    b = await q.enqueue(noop(depends_on=[a]))
+    assert await q.cancel(a)
+    assert not await q.cancel(a)
+    rb = await q.get_task(b)
+    assert rb is not None and rb["status"] == "failed" and "cancelled" in rb["error"]
+
+
+async def test_crashed_consumer_task_comes_back_after_lease(db: asyncpg.Pool) -> None:
+    q = Queue(db)
+    tid = await q.enqueue(noop())
+    (t,) = await q.claim("bench", "crashed", 1, lease_s=0.3)
+    assert await q.reap_expired() == 0  # lease still valid
+    assert await q.claim("bench", "other", 1) == []
+    await asyncio.sleep(0.4)
+    assert await q.reap_expired() == 1
+    row = await q.get_task(tid)
+    assert row is not None and row["status"] == "queued" and "lease expired (held by crashed)" in row["error"]
+    (t2,) = await q.claim("bench", "other", 1)
+    assert t2.id == tid and t2.attempts == 2
+    assert not await q.complete(tid, "crashed", {"late": True})  # the crashed one lost it
+    assert await q.complete(tid, "other", {"ok": True})
+    row = await q.get_task(tid)
+    assert row is not None and row["status"] == "done" and row["result"] == {"ok": True}
+
+
+async def test_extend_leases_keeps_tasks(db: asyncpg.Pool) -> None:
+    q = Queue(db)
+    await q.enqueue_many([noop(), noop()])
+    await q.claim("bench", "s", 2, lease_s=0.3)
+    await asyncio.sleep(0.2)
+    assert await q.extend_leases("s", lease_s=30) == 2
+    await asyncio.sleep(0.2)
+    assert await q.reap_expired() == 0
+
+
+async def test_retries_back_off_then_dead(db: asyncpg.Pool) -> None:
+    q = Queue(db, retry_base_s=0.2, retry_max_s=5)
+    tid = await q.enqueue(noop(max_attempts=3))
+    dependent = await q.enqueue(noop(depends_on=[tid]))
+    for attempt in (1, 2):
+        (t,) = await q.claim("bench", "s", 1)
+        assert t.attempts == attempt
+        assert await q.fail(tid, "s", f"boom {attempt}") is TaskStatus.queued
+        row = await q.get_task(tid)
+        assert row is not None and row["not_before"] is not None
+        # backed off: not claimable at once, and counted as waiting, not queued
+        assert await q.claim("bench", "s", 1) == []
+        s = (await q.stats())["bench"]
+        assert s.waiting_backoff == 1 and s.queued_total == 0
+        assert await q.depth("bench", 100) == 0
+        await asyncio.sleep(0.2 * 2 ** (attempt - 1) * 1.5 + 0.05)
+        assert await q.depth("bench", 100) == 1
+    (t,) = await q.claim("bench", "s", 1)
+    assert t.attempts == 3
+    assert await q.fail(tid, "s", "boom 3") is TaskStatus.dead
+    row = await q.get_task(tid)
+    assert row is not None and row["status"] == "dead" and row["error"] == "boom 3"
+    dep = await q.get_task(dependent)
+    assert dep is not None and dep["status"] == "failed" and "dead: boom 3" in dep["error"]
+    s = (await q.stats())["bench"]
+    assert s.dead == 1 and s.failed == 1 and s.waiting_backoff == 0
+
+
+async def test_release_does_not_spend_an_attempt(db: asyncpg.Pool) -> None:
+    q = Queue(db)
+    tid = await q.enqueue(noop(max_attempts=1))
+    (t,) = await q.claim("bench", "s", 1)
+    assert await q.release(tid, "s")
+    assert not await q.release(tid, "s")
+    (t,) = await q.claim("bench", "s2", 1)
+    assert t.attempts == 1
+
+
+async def test_stats_and_depth(db: asyncpg.Pool) -> None:
+    q = Queue(db)
+    await q.enqueue_many([noop(priority="high") for _ in range(3)] + [noop() for _ in range(4)])
+    await q.enqueue(NewTask("startup_name_extraction", DOC, priority="critical"))
+    await q.claim("bench", "s", 2)
+    stats = await q.stats()
+    b = stats["bench"]
+    assert b.queued == {Priority.normal: 4, Priority.high: 1, Priority.critical: 0}
+    assert b.running == 2 and b.oldest_queued_age_s is not None and b.oldest_queued_age_s >= 0
+    assert stats["text"].queued[Priority.critical] == 1
+    assert await q.depth("bench", 100) == 5
+    assert await q.depth("bench", 3) == 3
+    assert await q.depth("nothing", 3) == 0
+    # counters stay exact after compaction
+    await q.compact_counts()
+    assert (await q.stats())["bench"].queued == b.queued
+
+
+async def test_notify_on_enqueue(db: asyncpg.Pool, dsn: str) -> None:
+    q = Queue(db)
+    got: list[str] = []
+    conn = await asyncpg.connect(dsn)
+    try:
+        await listen(conn, got.append)
+        await q.enqueue(NewTask("startup_name_extraction", DOC))
+        for _ in range(50):
+            if got:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await conn.close()
+    assert got == ["text"]
+    assert NOTIFY_CHANNEL == "gpuscale_work"
