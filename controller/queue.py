@@ -815,7 +815,7 @@ async def listen(conn: asyncpg.Connection, callback: Callable[[str], None]) -> N
     """``LISTEN gpuscale_work`` on ``conn`` (a dedicated connection, not a pooled one);
     ``callback(pool)`` runs whenever claimable work appears in a pool."""
 
-    def _on(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        callback(payload)
+    def _on(_conn: Any, _pid: int, _channel: str, payload: object) -> None:
+        callback(str(payload))
 
     await conn.add_listener(NOTIFY_CHANNEL, _on)

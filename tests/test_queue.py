@@ -193,7 +193,7 @@ async def test_cancel_fails_dependents(db: asyncpg.Pool) -> None:
 async def test_crashed_consumer_task_comes_back_after_lease(db: asyncpg.Pool) -> None:
     q = Queue(db)
     tid = await q.enqueue(noop())
-    (t,) = await q.claim("bench", "crashed", 1, lease_s=0.3)
+    await q.claim("bench", "crashed", 1, lease_s=0.3)
     assert await q.reap_expired() == 0  # lease still valid
     assert await q.claim("bench", "other", 1) == []
     await asyncio.sleep(0.4)

@@ -1,0 +1,132 @@
+"""submit_deck: a generated multi-page PDF becomes the DESIGN.md task graph; bad files write nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import asyncpg
+import pytest
+from fpdf import FPDF
+
+from controller.deck import DeckError, page_batches, submit_deck
+from controller.queue import Priority, Queue
+
+
+def _loads(v: object) -> dict[str, object]:
+    return json.loads(v) if isinstance(v, str) else v  # type: ignore[return-value]
+
+
+def make_pdf(path: Path, pages: int) -> Path:
+    pdf = FPDF()
+    pdf.set_font("helvetica", size=24)
+    for i in range(pages):
+        pdf.add_page()
+        pdf.cell(text=f"Slide {i + 1}")
+    pdf.output(str(path))
+    return path
+
+
+def test_page_batches() -> None:
+    assert page_batches(1, 8) == [(1, 1)]
+    assert page_batches(8, 8) == [(1, 8)]
+    assert page_batches(19, 8) == [(1, 8), (9, 16), (17, 19)]
+
+
+async def test_graph_shape(db: asyncpg.Pool, tmp_path: Path) -> None:
+    q = Queue(db)
+    pdf = make_pdf(tmp_path / "deck.pdf", 19)
+    sub = await submit_deck(q, pdf, priority="high")
+    assert sub.pages == 19 and sub.document == str(pdf.absolute())
+    ids = sub.task_ids
+    batches = ids["visual_analysis"]
+    assert len(batches) == 3
+    assert sorted(ids) == sorted(
+        [
+            "visual_analysis",
+            "slide_feedback",
+            "company_offering_extraction",
+            "startup_name_extraction",
+            "healthcare_classification",
+            "funding_amount_extraction",
+            "deck_date_extraction",
+            "template_analysis",
+            "specialized_clinical",
+            "specialized_regulatory",
+            "specialized_science",
+        ]
+    )
+    rows = {r["id"]: r for r in await db.fetch("SELECT * FROM processing_queue")}
+    assert len(rows) == 3 + 1 + 5 + 1 + 3
+    for r in rows.values():
+        assert r["document_id"] == sub.document_id and r["priority"] == "high"
+    assert sorted(_loads(rows[b]["payload"])["first_page"] for b in batches) == [1, 9, 17]
+    last = await q.get_task(batches[-1])
+    assert last is not None and last["payload"] == {
+        "document": sub.document,
+        "first_page": 17,
+        "last_page": 19,
+    }
+    assert last["status"] == "queued" and last["pool"] == "visual"
+
+    def deps(name: str) -> list[int]:
+        return sorted(rows[ids[name][0]]["depends_on"])
+
+    assert deps("slide_feedback") == sorted(batches)
+    for name in ("company_offering_extraction", "healthcare_classification", "deck_date_extraction"):
+        assert deps(name) == sorted(batches) and rows[ids[name][0]]["status"] == "blocked"
+        assert rows[ids[name][0]]["pool"] == "text"
+    assert deps("template_analysis") == ids["healthcare_classification"]
+    for name in ("specialized_clinical", "specialized_regulatory", "specialized_science"):
+        assert deps(name) == ids["template_analysis"]
+
+    # Running the visual batches releases the six tasks that wait for them, and only those.
+    claimed = await q.claim("visual", "v", 10)
+    assert sorted(c.id for c in claimed) == sorted(batches)
+    await q.complete_many("v", [(c.id, {"slides": []}) for c in claimed])
+    text = await q.claim("text", "t", 100)
+    assert sorted(t.task_type for t in text) == sorted(
+        [
+            "company_offering_extraction",
+            "startup_name_extraction",
+            "healthcare_classification",
+            "funding_amount_extraction",
+            "deck_date_extraction",
+        ]
+    )
+    assert all(t.priority is Priority.high for t in text)
+    (fb,) = await q.claim("visual", "v", 10)
+    assert fb.task_type == "slide_feedback"
+
+
+async def test_batch_pages_option(db: asyncpg.Pool, tmp_path: Path) -> None:
+    sub = await submit_deck(Queue(db), make_pdf(tmp_path / "d.pdf", 5), batch_pages=2)
+    assert len(sub.task_ids["visual_analysis"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"hello, I am a text file\n", "not a PDF"),
+        (b"%PDF-1.7\n this is not really a pdf at all \n%%EOF", "corrupt"),
+        (None, "no such file"),
+    ],
+)
+async def test_bad_files_refused(db: asyncpg.Pool, tmp_path: Path, content: bytes | None, words: str) -> None:
+    path = tmp_path / "bad.pdf"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DeckError, match=words):
+        await submit_deck(Queue(db), path)
+    assert await db.fetchval("SELECT count(*) FROM processing_queue") == 0
+
+
+async def test_truncated_pdf_refused(db: asyncpg.Pool, tmp_path: Path) -> None:
+    good = make_pdf(tmp_path / "good.pdf", 3).read_bytes()
+    bad = tmp_path / "truncated.pdf"
+    bad.write_bytes(good[: len(good) // 3])
+    with pytest.raises(DeckError):
+        await submit_deck(Queue(db), bad)
+    with pytest.raises(DeckError, match="batch_pages"):
+        await submit_deck(Queue(db), tmp_path / "good.pdf", batch_pages=0)
+    assert await db.fetchval("SELECT count(*) FROM processing_queue") == 0
