@@ -1,0 +1,297 @@
+"""DataCrunch deployment specs: load ``deploy/datacrunch/*.yaml``, normalise, diff.
+
+A spec file holds one deployment in the API's own shape (the JSON of ``POST
+/container-deployments``, written as YAML).  Loading checks every key against that shape, so a
+typo fails with the file and the path of the bad key instead of being silently dropped by the API.
+
+``normalize()`` fills the API's defaults and drops read-only fields so that what a file asks for
+and what the API answers compare equal when they mean the same; the emulator stores deployments
+in the same normal form.  ``diff()`` lists what ``deploy apply`` would change.
+
+The replica counts (``scaling.min_replica_count`` / ``max_replica_count``) of an existing
+deployment belong to the controller, which pins them at run time: ``deploy apply`` never diffs
+or overwrites them (see :func:`update_body`).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+READ_ONLY = ("endpoint_base_url", "created_at")
+REPLICA_COUNTS = ("min_replica_count", "max_replica_count")
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class SpecError(ValueError):
+    """A deployment spec that does not match the API's shape."""
+
+
+# The shape of a Deployment: key → nested shape, or a type for a leaf.  ``None`` in a tuple of
+# types means the value may be null.
+_ENV = {"name": str, "value_or_reference_to_secret": str, "type": str}
+_HEALTHCHECK = {"enabled": bool, "port": (int, None), "path": (str, None)}
+_ENTRYPOINT = {"enabled": bool, "entrypoint": (list, None), "cmd": (list, None)}
+_VOLUME = {
+    "type": str,
+    "mount_path": str,
+    "size_in_mb": (int, None),
+    "volume_id": (str, None),
+    "secret_name": (str, None),
+    "file_names": (list, None),
+}
+_CONTAINER = {
+    "name": (str, None),
+    "image": (str, dict),
+    "exposed_port": int,
+    "healthcheck": (_HEALTHCHECK, None),
+    "entrypoint_overrides": (_ENTRYPOINT, None),
+    "env": ([_ENV], None),
+    "volume_mounts": ([_VOLUME], None),
+}
+_POLICY = {"delay_seconds": int}
+_UTIL = {"enabled": bool, "threshold": (float, int, None)}
+SCALING_SHAPE = {
+    "min_replica_count": int,
+    "max_replica_count": int,
+    "scale_down_policy": _POLICY,
+    "scale_up_policy": _POLICY,
+    "queue_message_ttl_seconds": int,
+    "concurrent_requests_per_replica": int,
+    "scaling_triggers": {
+        "queue_load": ({"threshold": (float, int)}, None),
+        "cpu_utilization": (_UTIL, None),
+        "gpu_utilization": (_UTIL, None),
+    },
+}
+DEPLOYMENT_SHAPE = {
+    "name": str,
+    "containers": [_CONTAINER],
+    "compute": {"name": str, "size": int, "is_available": (bool, None)},
+    "container_registry_settings": ({"is_private": bool, "credentials": ({"name": str}, None)}, None),
+    "is_spot": (bool, None),
+    "scaling": (SCALING_SHAPE, None),
+    "endpoint_base_url": (str, None),
+    "created_at": (str, None),
+}
+_REQUIRED = {
+    "": ("name", "containers", "compute"),
+    "containers[]": ("image", "exposed_port"),
+    "compute": ("name", "size"),
+    "env[]": ("name", "value_or_reference_to_secret", "type"),
+    "scaling": tuple(SCALING_SHAPE),
+}
+
+DEFAULT_SCALING: dict[str, Any] = {
+    "min_replica_count": 0,
+    "max_replica_count": 1,
+    "scale_down_policy": {"delay_seconds": 300},
+    "scale_up_policy": {"delay_seconds": 0},
+    "queue_message_ttl_seconds": 3600,
+    "concurrent_requests_per_replica": 1,
+    "scaling_triggers": {
+        "queue_load": {"threshold": 1.0},
+        "cpu_utilization": {"enabled": False, "threshold": None},
+        "gpu_utilization": {"enabled": False, "threshold": None},
+    },
+}
+
+
+def _check(value: Any, shape: Any, path: str, *, ignore_private: bool) -> None:
+    """Raise SpecError when ``value`` does not fit ``shape`` (unknown keys included)."""
+    options = shape if isinstance(shape, tuple) else (shape,)
+    if value is None:
+        if None in options:
+            return
+        raise SpecError(f"{path or 'deployment'}: must not be null")
+    errors: list[str] = []
+    for option in options:
+        if option is None:
+            continue
+        try:
+            if isinstance(option, dict):
+                if not isinstance(value, dict):
+                    raise SpecError(f"{path or 'deployment'}: expected a mapping")
+                _check_mapping(value, option, path, ignore_private=ignore_private)
+            elif isinstance(option, list):
+                if not isinstance(value, list):
+                    raise SpecError(f"{path}: expected a list")
+                for i, item in enumerate(value):
+                    _check(item, option[0], f"{path}[{i}]", ignore_private=ignore_private)
+            elif option is float:
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise SpecError(f"{path}: expected a number")
+            elif option is int:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise SpecError(f"{path}: expected an integer")
+            elif not isinstance(value, option):
+                raise SpecError(f"{path}: expected {option.__name__}, got {type(value).__name__}")
+            return
+        except SpecError as exc:
+            errors.append(str(exc))
+    raise SpecError(errors[0] if len(errors) == 1 else " / ".join(errors))
+
+
+def _check_mapping(value: dict[str, Any], shape: dict[str, Any], path: str, *, ignore_private: bool) -> None:
+    for key, item in value.items():
+        if ignore_private and isinstance(key, str) and key.startswith("_"):
+            continue
+        if key not in shape:
+            where = f"{path}.{key}" if path else key
+            raise SpecError(f"{where}: unknown field (allowed: {', '.join(shape)})")
+        _check(item, shape[key], f"{path}.{key}" if path else key, ignore_private=ignore_private)
+    generic = re.sub(r"\[\d+\]", "[]", path).split(".")[-1] if path else ""
+    for key in _REQUIRED.get(generic, ()):
+        if key not in value:
+            raise SpecError(f"{path + '.' if path else ''}{key}: required")
+
+
+def validate(deployment: Any, *, ignore_private: bool = True) -> None:
+    """Check a Deployment body against the API's shape; raises SpecError with the bad key's path."""
+    _check(deployment, DEPLOYMENT_SHAPE, "", ignore_private=ignore_private)
+    name = deployment["name"]
+    if not NAME_RE.match(name):
+        raise SpecError(f"name: {name!r} is not a valid deployment name (lowercase letters, digits, '-')")
+    if not deployment["containers"]:
+        raise SpecError("containers: at least one container is required")
+    for i, container in enumerate(deployment["containers"]):
+        for j, env in enumerate(container.get("env") or []):
+            if env["type"] not in ("plain", "secret"):
+                raise SpecError(f"containers[{i}].env[{j}].type: must be 'plain' or 'secret'")
+        port = container["exposed_port"]
+        if not 1 <= port <= 65535:
+            raise SpecError(f"containers[{i}].exposed_port: {port} is not a port")
+    if deployment.get("scaling") is not None:
+        validate_scaling(deployment["scaling"], path="scaling")
+
+
+def validate_scaling(scaling: Any, *, path: str = "scaling") -> None:
+    _check(scaling, SCALING_SHAPE, path, ignore_private=True)
+    lo, hi = scaling["min_replica_count"], scaling["max_replica_count"]
+    if lo < 0 or hi < 0 or lo > hi:
+        raise SpecError(f"{path}: need 0 <= min_replica_count <= max_replica_count, got {lo}/{hi}")
+
+
+def _normalize_container(container: Mapping[str, Any]) -> dict[str, Any]:
+    hc = container.get("healthcheck") or {"enabled": False}
+    ep = container.get("entrypoint_overrides") or {"enabled": False}
+    return {
+        "image": container["image"],
+        "exposed_port": container["exposed_port"],
+        "healthcheck": {
+            "enabled": bool(hc.get("enabled", True)),
+            "port": hc.get("port"),
+            "path": hc.get("path"),
+        },
+        "entrypoint_overrides": {
+            "enabled": bool(ep.get("enabled", True)),
+            "entrypoint": ep.get("entrypoint"),
+            "cmd": ep.get("cmd"),
+        },
+        "env": [
+            {
+                "name": e["name"],
+                "value_or_reference_to_secret": e["value_or_reference_to_secret"],
+                "type": e["type"],
+            }
+            for e in container.get("env") or []
+        ],
+        "volume_mounts": [
+            {k: v for k, v in m.items() if v is not None} for m in container.get("volume_mounts") or []
+        ],
+    }
+
+
+def normalize_scaling(scaling: Mapping[str, Any] | None) -> dict[str, Any]:
+    merged = copy.deepcopy(DEFAULT_SCALING)
+    for key, value in (scaling or {}).items():
+        if key == "scaling_triggers" and isinstance(value, dict):
+            merged["scaling_triggers"].update({k: v for k, v in value.items() if v is not None})
+        elif value is not None and not key.startswith("_"):
+            merged[key] = copy.deepcopy(value)
+    triggers = merged["scaling_triggers"]
+    if triggers.get("queue_load") is not None:
+        triggers["queue_load"] = {"threshold": float(triggers["queue_load"]["threshold"])}
+    return merged
+
+
+def normalize(deployment: Mapping[str, Any]) -> dict[str, Any]:
+    """The comparable form: defaults filled, read-only and client-side fields dropped."""
+    registry = deployment.get("container_registry_settings") or {"is_private": False}
+    return {
+        "name": deployment["name"],
+        "containers": [_normalize_container(c) for c in deployment["containers"]],
+        "compute": {"name": deployment["compute"]["name"], "size": deployment["compute"]["size"]},
+        "container_registry_settings": {
+            "is_private": bool(registry.get("is_private", False)),
+            "credentials": registry.get("credentials"),
+        },
+        "is_spot": bool(deployment.get("is_spot") or False),
+        "scaling": normalize_scaling(deployment.get("scaling")),
+    }
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """One deployment spec file, checked against the API's shape (SpecError names the file)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        validate(data, ignore_private=False)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
+    return normalize(data)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else key))
+        return out or {prefix: {}}
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        out = {}
+        for i, item in enumerate(value):
+            out.update(_flatten(item, f"{prefix}[{i}]"))
+        return out
+    return {prefix: value}
+
+
+def diff(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(path, current value, desired value)`` for every leaf that differs, replica counts excluded.
+
+    ``current`` None (no such deployment) lists every desired leaf against None."""
+    want = _flatten(_without_counts(normalize(desired)))
+    have = _flatten(_without_counts(normalize(current))) if current is not None else {}
+    missing = object()
+    changes = []
+    for key in sorted(set(want) | set(have)):
+        a, b = have.get(key, missing), want.get(key, missing)
+        if a != b:
+            changes.append((key, None if a is missing else a, None if b is missing else b))
+    return changes
+
+
+def _without_counts(deployment: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(deployment)
+    for key in REPLICA_COUNTS:
+        out["scaling"].pop(key, None)
+    return out
+
+
+def update_body(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
+    """The PATCH body for an existing deployment: the desired spec with the live replica counts,
+    so applying a spec never fights the controller's pin."""
+    body = normalize(desired)
+    live = normalize_scaling(current.get("scaling"))
+    for key in REPLICA_COUNTS:
+        body["scaling"][key] = live[key]
+    return body
