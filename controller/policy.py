@@ -419,7 +419,7 @@ def decide(
             up_since = None
         if critical and critical_immediate and target > current:
             reason = CRITICAL_TASK
-        elif current == 0 and queued > 0:
+        elif current == 0 and queued > 0 and rules.sizing == "work":
             reason = SCALE_FROM_ZERO
         elif target > current and up_since is not None and now - up_since >= rules.scale_up_delay_s:
             reason = QUEUE_ABOVE_THRESHOLD
@@ -470,6 +470,15 @@ def decide(
                 floor,
                 IDLE_TIMEOUT,
                 f"queue empty for {now - empty_since:.0f}s: {current} → {floor}",
+                up_since=None,
+                queue_empty_since=empty_since,
+            )
+        if floor < current and empty_since is not None:
+            left = rules.idle_timeout_s - (now - empty_since)
+            return done(
+                current,
+                SCALE_DOWN_PENDING,
+                f"queue empty; {current - floor} replica(s) stop in {left:.0f}s",
                 up_since=None,
                 queue_empty_since=empty_since,
             )
