@@ -310,6 +310,9 @@ class EmulatorState:
 
     def _env(self, dep: EmuDeployment, replica_id: str) -> dict[str, str]:
         base = dict(os.environ if self.config.base_env is None else self.config.base_env)
+        # In the cloud each replica has its own network namespace; here they share one, so each
+        # worker picks a free port for its HTTP server unless the deployment says otherwise.
+        base["GPUSCALE_WORKER_PORT"] = "0"
         cname = dep.container_names()[0]
         for item in dep.env_by_container.get(cname, dep.spec["containers"][0]["env"]):
             value: str | None = item["value_or_reference_to_secret"]

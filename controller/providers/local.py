@@ -101,6 +101,8 @@ class LocalProvider:
                 rid = f"{name}-{uuid.uuid4().hex[:8]}"
                 env = {
                     **self._base_env,
+                    # Replicas share this machine's ports: each worker picks a free one.
+                    "GPUSCALE_WORKER_PORT": "0",
                     **dep.spec.env,
                     "GPUSCALE_CONTAINER_ID": rid,
                     "GPUSCALE_POOL": dep.spec.pool,
