@@ -669,6 +669,51 @@ class Queue:
         )
         return int(value or 0)
 
+    async def depth_by_scan(self, pool: str) -> int:
+        """The same number as :meth:`depth` without a cap, by counting rows: the slow way, kept
+        for benchmarks to compare against and for tests to check the counters."""
+        value = await self.pool.fetchval(
+            """SELECT count(*) FROM processing_queue
+                WHERE pool = $1 AND status = 'queued'
+                  AND (not_before IS NULL OR not_before <= now())""",
+            pool,
+        )
+        return int(value or 0)
+
+    async def purge_pool(self, pool: str) -> int:
+        """Delete every task of ``pool`` (benchmarks' scratch pool); returns how many."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            # Dependencies across pools are removed by the cascade; dependents elsewhere that
+            # waited for a purged task would wait forever, so purging is for isolated pools.
+            result = await conn.execute("DELETE FROM processing_queue WHERE pool = $1", pool)
+        return _rowcount(result)
+
+    async def purge_done(self, *, older_than_s: float, batch: int = 10_000) -> int:
+        """Delete up to ``batch`` finished tasks (done, failed, dead, cancelled) that finished
+        more than ``older_than_s`` ago; returns how many.  A finished task that an unfinished
+        task still depends on is kept, since its result is that task's input."""
+        result = await self.pool.execute(
+            """
+            DELETE FROM processing_queue
+             WHERE id IN (
+                SELECT q.id FROM processing_queue q
+                 WHERE q.finished_at IS NOT NULL
+                   AND q.finished_at < now() - make_interval(secs => $1)
+                   AND q.status IN ('done', 'failed', 'dead', 'cancelled')
+                   AND NOT EXISTS (
+                        SELECT 1 FROM processing_task_deps d
+                          JOIN processing_queue t ON t.id = d.task_id
+                         WHERE d.depends_on = q.id
+                           AND t.status IN ('blocked', 'queued', 'running'))
+                 ORDER BY q.finished_at
+                 LIMIT $2
+                   FOR UPDATE SKIP LOCKED)
+            """,
+            float(older_than_s),
+            batch,
+        )
+        return _rowcount(result)
+
     async def compact_counts(self) -> int:
         """Fold the per-connection counter shards together (also done by :meth:`reap_expired`)."""
         return int(await self.pool.fetchval("SELECT gpuscale_compact_counts()") or 0)

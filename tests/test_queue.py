@@ -289,3 +289,20 @@ async def test_notify_on_enqueue(db: asyncpg.Pool, dsn: str) -> None:
         await conn.close()
     assert got == ["text"]
     assert NOTIFY_CHANNEL == "gpuscale_work"
+
+
+async def test_purge_done_keeps_inputs_of_unfinished_tasks(db: asyncpg.Pool) -> None:
+    q = Queue(db)
+    a, b = await q.enqueue_many([noop(), noop()])
+    child = await q.enqueue(noop(depends_on=[a]))
+    await q.claim("bench", "s", 2)
+    await q.complete_many("s", [(a, {}), (b, {})])
+    assert await q.purge_done(older_than_s=3600) == 0  # too recent
+    assert await q.purge_done(older_than_s=0) == 1  # b; a is still the input of a queued task
+    assert await q.get_task(b) is None and await q.get_task(a) is not None
+    (c,) = await q.claim("bench", "s", 1)
+    assert c.id == child
+    assert await q.complete(child, "s", {})
+    assert await q.purge_done(older_than_s=0, batch=1) == 1
+    assert await q.purge_done(older_than_s=0) == 1
+    assert "bench" not in await q.stats()  # counters follow deletes
