@@ -1,0 +1,238 @@
+"""The worker runtime in-process, on a real PostgreSQL: claims, outcomes, time limits, drain.
+
+Handlers are small async functions injected for each test (the runtime takes a handler map), so
+every failure mode — raising, hanging, returning garbage — is a real handler the real runtime
+runs; the database side is the real queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from controller import tasktypes
+from controller.queue import NewTask, Queue
+from worker.errors import TaskError
+from worker.handlers import TaskContext
+from worker.handlers.noop import noop
+from worker.runtime import Worker
+from worker.settings import WorkerSettings
+
+
+def _settings(**kw: Any) -> WorkerSettings:
+    base: dict[str, Any] = {
+        "heartbeat_interval_s": 0.2,
+        "poll_interval_s": 0.2,
+        "drain_grace_s": 5.0,
+        "lease_seconds": 30.0,
+        "worker_host": "127.0.0.1",
+        "worker_port": 0,
+        "concurrency": 2,
+        "container_id": "test-container",
+    }
+    base.update(kw)
+    return WorkerSettings(**base)
+
+
+async def _wait_for(predicate: Any, timeout_s: float = 15.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        if await predicate():
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+async def _statuses(db: asyncpg.Pool, ids: list[int]) -> dict[int, str]:
+    rows = await db.fetch("SELECT id, status::text FROM processing_queue WHERE id = ANY($1::bigint[])", ids)
+    return {r["id"]: r["status"] for r in rows}
+
+
+async def _all_final(db: asyncpg.Pool, ids: list[int]) -> bool:
+    return all(s in ("done", "failed", "dead") for s in (await _statuses(db, ids)).values())
+
+
+class Running:
+    """Run a Worker in the background for the duration of a test."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.task: asyncio.Task[int] | None = None
+
+    async def __aenter__(self) -> Worker:
+        self.task = asyncio.create_task(self.worker.run())
+        await _wait_for(lambda: _true(self.worker.status.ready or self.task is None or self.task.done()))
+        assert self.task is not None and not self.task.done(), "worker stopped during start"
+        return self.worker
+
+    async def stop(self) -> int:
+        assert self.task is not None
+        self.worker.request_stop()
+        return await asyncio.wait_for(self.task, 30)
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.task is not None and not self.task.done():
+            await self.stop()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_noop_tasks_are_claimed_and_done(db: asyncpg.Pool, dsn: str) -> None:
+    queue = Queue(db)
+    ids = await queue.enqueue_many([NewTask("noop", {"sleep_s": 0.05}) for _ in range(6)])
+    worker = Worker("bench", dsn=dsn, settings=_settings())
+    async with Running(worker) as w:
+        servers = await queue.list_servers("bench")
+        assert [s.id for s in servers] == [w.server_id]
+        assert servers[0].status == "active"
+        assert servers[0].container_id == "test-container"
+        assert servers[0].capabilities["task_types"] == ["noop"]
+        assert servers[0].capabilities["http_port"] == w.http_port
+        await _wait_for(lambda: _all_final(db, ids))
+        rows = await db.fetch("SELECT status::text, result, progress FROM processing_queue ORDER BY id")
+        assert {r["status"] for r in rows} == {"done"}
+        assert all(json.loads(r["result"])["server_id"] == w.server_id for r in rows)
+        assert all(r["progress"] == 100 for r in rows)
+        # Metrics are served over HTTP on the port it chose.
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(f"http://127.0.0.1:{w.http_port}/metrics")).text
+        assert 'gpuscale_worker_tasks_total{outcome="done",pool="bench",task_type="noop"}' in text
+        assert "gpuscale_queue_wait_seconds_count" in text
+    assert await queue.list_servers("bench") == []  # deregistered on the way out
+
+
+async def test_notify_wakes_the_worker_before_the_poll_interval(db: asyncpg.Pool, dsn: str) -> None:
+    queue = Queue(db)
+    # A long poll interval: only LISTEN/NOTIFY can get the task picked up within the wait below.
+    worker = Worker("bench", dsn=dsn, settings=_settings(poll_interval_s=60))
+    async with Running(worker):
+        await asyncio.sleep(0.3)  # the worker is now waiting on its (long) poll
+        [tid] = await queue.enqueue_many([NewTask("noop", {})])
+        await _wait_for(lambda: _all_final(db, [tid]), timeout_s=10)
+
+
+async def test_failures_fail_only_their_task(
+    db: asyncpg.Pool, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Raising, hanging past the time limit and returning garbage each fail one task; others pass."""
+    monkeypatch.setitem(
+        tasktypes._REGISTRY, "noop", tasktypes.TaskType("noop", "bench", tasktypes.NoopPayload, timeout_s=0.5)
+    )
+
+    async def handler(ctx: TaskContext) -> dict[str, Any]:
+        mode = ctx.payload["sleep_s"]
+        if mode == 1:
+            raise RuntimeError("boom")
+        if mode == 2:
+            await asyncio.sleep(3600)  # hangs: the 0.5 s limit ends it
+        if mode == 3:
+            return "not a dict"  # type: ignore[return-value]
+        if mode == 4:
+            return {"slept_s": float("nan"), "server_id": "x"}  # not valid JSON
+        if mode == 5:
+            return {"unexpected": True}  # a dict, but not a NoopResult
+        if mode == 6:
+            raise TaskError("permanent problem", retryable=False)
+        return await noop(ctx)
+
+    queue = Queue(db)
+    ids = await queue.enqueue_many(
+        [NewTask("noop", {"sleep_s": m}, max_attempts=1) for m in (1, 2, 3, 4, 5, 6, 0)]
+    )
+    worker = Worker("bench", dsn=dsn, settings=_settings(concurrency=3), handlers={"noop": handler})
+    async with Running(worker):
+        await _wait_for(lambda: _all_final(db, ids))
+    rows = {r["id"]: r for r in await db.fetch("SELECT id, status::text, error FROM processing_queue")}
+    crash, hang, notdict, nan, wrong, perm, ok = (rows[i] for i in ids)
+    assert crash["status"] == "dead" and "handler crashed: RuntimeError: boom" in crash["error"]
+    assert hang["status"] == "dead" and "timed out after 0.5s" in hang["error"]
+    assert notdict["status"] == "failed" and "not a JSON object" in notdict["error"]
+    assert nan["status"] == "failed" and "not valid JSON" in nan["error"]
+    assert wrong["status"] == "failed" and "does not match NoopResult" in wrong["error"]
+    assert perm["status"] == "failed" and perm["error"] == "permanent problem"
+    assert ok["status"] == "done" and ok["error"] is None
+
+
+async def test_retryable_failure_is_retried(db: asyncpg.Pool, dsn: str) -> None:
+    queue = Queue(db)
+    [tid] = await queue.enqueue_many([NewTask("noop", {"fail": True}, max_attempts=2)])
+    worker = Worker("bench", dsn=dsn, settings=_settings(retry_base_s=0.05, retry_max_s=0.1))
+    async with Running(worker):
+        await _wait_for(lambda: _all_final(db, [tid]), timeout_s=30)
+    row = await db.fetchrow("SELECT status::text, attempts, error FROM processing_queue WHERE id = $1", tid)
+    assert row["status"] == "dead"
+    assert row["attempts"] == 2
+    assert "asked to fail" in row["error"]
+
+
+async def test_drain_finishes_short_tasks_and_releases_long_ones(db: asyncpg.Pool, dsn: str) -> None:
+    queue = Queue(db)
+    short, long_ = await queue.enqueue_many(
+        [NewTask("noop", {"sleep_s": 0.5}), NewTask("noop", {"sleep_s": 600})]
+    )
+    worker = Worker("bench", dsn=dsn, settings=_settings(drain_grace_s=1.5))
+    runner = Running(worker)
+    await runner.__aenter__()
+
+    async def both_running() -> bool:
+        return set((await _statuses(db, [short, long_])).values()) == {"running"}
+
+    await _wait_for(both_running)
+    code = await runner.stop()
+    assert code == 0
+    rows = {r["id"]: r for r in await db.fetch("SELECT id, status::text, attempts FROM processing_queue")}
+    assert rows[short]["status"] == "done"
+    # Handed back without spending the attempt, ready for another worker.
+    assert rows[long_]["status"] == "queued" and rows[long_]["attempts"] == 0
+    assert await queue.list_servers(include_dead=True) == []
+
+
+async def test_heartbeat_extends_leases(db: asyncpg.Pool, dsn: str) -> None:
+    queue = Queue(db)
+    [tid] = await queue.enqueue_many([NewTask("noop", {"sleep_s": 600})])
+    worker = Worker("bench", dsn=dsn, settings=_settings(lease_seconds=2.0, heartbeat_interval_s=0.3))
+    async with Running(worker):
+        await _wait_for(lambda: _true_status(db, tid, "running"))
+        await asyncio.sleep(3.0)  # longer than the lease: only heartbeats keep it
+        assert await queue.reap_expired() == 0
+        assert (await _statuses(db, [tid]))[tid] == "running"
+
+
+async def _true_status(db: asyncpg.Pool, tid: int, status: str) -> bool:
+    return (await _statuses(db, [tid]))[tid] == status
+
+
+async def test_declared_dead_worker_drops_its_tasks_and_registers_again(db: asyncpg.Pool, dsn: str) -> None:
+    queue = Queue(db)
+    [tid] = await queue.enqueue_many([NewTask("noop", {"sleep_s": 600})])
+    worker = Worker("bench", dsn=dsn, settings=_settings(heartbeat_interval_s=0.2))
+    async with Running(worker) as w:
+        await _wait_for(lambda: _true_status(db, tid, "running"))
+        await db.execute("UPDATE processing_servers SET last_heartbeat = now() - interval '1 hour'")
+        assert await queue.reap_dead_servers(60) == [w.server_id]
+        # The task went back to the queue; the worker notices at its next heartbeat, stops its
+        # copy, registers again and (being free) claims the task anew.
+        await _wait_for(lambda: _servers_active(queue))
+
+        async def reclaimed() -> bool:
+            row = await db.fetchrow("SELECT status::text, attempts FROM processing_queue WHERE id = $1", tid)
+            return row["status"] == "running" and row["attempts"] == 2
+
+        await _wait_for(reclaimed)
+
+
+async def _servers_active(queue: Queue) -> bool:
+    return [s.status for s in await queue.list_servers()] == ["active"]
+
+
+async def test_missing_schema_exits_1(empty_dsn: str) -> None:
+    worker = Worker("bench", dsn=empty_dsn, settings=_settings())
+    assert await worker.run() == 1
