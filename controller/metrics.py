@@ -18,3 +18,55 @@ PROVIDER_REQUEST_SECONDS = Histogram(
     ["endpoint"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+
+# --- controller: what it observed, decided and did, per pool -------------------------------------
+from prometheus_client import Gauge  # noqa: E402
+
+QUEUE_DEPTH = Gauge(
+    "gpuscale_queue_depth", "Claimable tasks waiting, by pool and priority.", ["pool", "priority"]
+)
+TASKS_RUNNING = Gauge("gpuscale_tasks_running", "Tasks running (leased by a worker).", ["pool"])
+TASKS_BLOCKED = Gauge("gpuscale_tasks_blocked", "Tasks waiting on unfinished dependencies.", ["pool"])
+OLDEST_QUEUED_AGE = Gauge(
+    "gpuscale_oldest_queued_age_seconds", "Age of the oldest claimable task (0 when none).", ["pool"]
+)
+REPLICAS_DESIRED = Gauge("gpuscale_replicas_desired", "Replica count the policy decided.", ["pool"])
+REPLICAS_PROVIDER = Gauge("gpuscale_replicas_provider", "Replicas the provider reports.", ["pool"])
+REPLICAS_REGISTERED = Gauge(
+    "gpuscale_replicas_registered", "Workers registered and heartbeating.", ["pool"]
+)
+REPLICAS_STARTING = Gauge(
+    "gpuscale_replicas_starting", "Replicas the provider reports that have not registered yet.", ["pool"]
+)
+SCALE_EVENTS = Counter(
+    "gpuscale_scale_events_total",
+    "Replica count changes decided, by direction (up/down) and reason.",
+    ["pool", "direction", "reason"],
+)
+RECONCILE_SECONDS = Histogram(
+    "gpuscale_reconcile_seconds",
+    "Duration of one reconcile of one pool (observe, decide, act, record).",
+    ["pool"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+COLD_START_SECONDS = Histogram(
+    "gpuscale_cold_start_seconds",
+    "Time from a replica first reported by the provider to its worker registering.",
+    ["pool"],
+    buckets=(1, 2, 5, 10, 20, 30, 60, 120, 180, 300, 600),
+)
+SPEND_USD = Counter(
+    "gpuscale_spend_usd_total", "Estimated spend: provider replicas × price per replica-hour.", ["pool"]
+)
+TASKS_DEAD = Counter("gpuscale_tasks_dead_total", "Tasks that used up their attempts.", ["pool"])
+REPLACEMENTS = Counter(
+    "gpuscale_replica_replacements_total",
+    "Replicas given up on (not registered within startup_timeout) and replaced.",
+    ["pool"],
+)
+LEADER = Gauge("gpuscale_leader", "1 while this controller holds the leader lock, else 0.")
+OBSERVE_ERRORS = Counter(
+    "gpuscale_observe_errors_total",
+    "Observations that failed (the pool held its replicas), by source.",
+    ["pool", "source"],
+)

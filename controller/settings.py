@@ -66,6 +66,14 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = 9100
 
+    # Controller (issue 6).  The reconcile interval comes from the pools file unless overridden.
+    reconcile_interval_s: float | None = None
+    heartbeat_timeout_s: float = 30.0  # a worker silent this long is dead; its tasks are requeued
+    reaper_interval_s: float = 5.0
+    cost_interval_s: float = 15.0
+    retention_days: float = 7.0  # `done` tasks older than this are deleted, in batches
+    retention_batch: int = 5000
+
     ollama_host: str = Field(
         default="http://127.0.0.1:11434", validation_alias=AliasChoices("OLLAMA_HOST", "GPUSCALE_OLLAMA_HOST")
     )

@@ -38,6 +38,9 @@ class ProviderState:
     target: int = 0  # the replica count the provider is currently set to
     paused: bool = False
     status: str = "healthy"  # deployment status, e.g. healthy / paused / quota_reached
+    # False when the provider's own autoscaling may change the count (DataCrunch min < max): the
+    # controller then pins it even if ``target`` already equals its decision.
+    pinned: bool = True
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class LaunchSpec:
     pool: str
     command: tuple[str, ...] = ()  # argv; empty: ``gpuscale worker --pool <pool>`` (local) / image default
     image: str | None = None  # docker only; None: the provider's image template
-    env: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)  # may hold the database URL
     gpus: str | None = None  # docker only: "none" | "all" | a count "2" | device ids "0,1"; None: default
 
 

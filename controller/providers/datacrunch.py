@@ -500,8 +500,11 @@ class DataCrunchProvider:
         for rid in set(self._first_seen) - seen:
             del self._first_seen[rid]
         paused = status == "paused"
-        target = 0 if paused else int(scaling["min_replica_count"])
-        return ProviderState(replicas=replicas, target=target, paused=paused, status=status)
+        pinned = paused or scaling["min_replica_count"] == scaling["max_replica_count"]
+        # Not pinned (min < max, e.g. a fresh deployment): the cloud's own autoscaler decides, so
+        # the count is what runs now; the controller pins it on its next action.
+        target = 0 if paused else int(scaling["min_replica_count"]) if pinned else len(replicas)
+        return ProviderState(replicas=replicas, target=target, paused=paused, status=status, pinned=pinned)
 
     async def set_replicas(self, deployment: str, desired: int, *, idle: Collection[str] = ()) -> None:
         # ``idle`` is ignored: DataCrunch picks which replica to stop; workers drain on SIGTERM.

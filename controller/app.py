@@ -1,0 +1,341 @@
+"""The ``gpuscale controller`` process: wiring of the database, the leader lock, the provider,
+the reconciler, the periodic jobs (apscheduler) and the ops HTTP server.
+
+Jobs (AsyncIOScheduler, one instance of each at a time):
+
+* reconcile — every ``reconcile_interval`` (pools file; 5-10 s), every pool, leader only;
+* reaper — servers whose heartbeat stopped become ``dead`` and their tasks go back to the queue;
+  expired leases are requeued too;
+* cost — replicas × price accrued into ``pool_spend`` and ``gpuscale_spend_usd_total``;
+* retention — ``done`` tasks older than ``retention_days`` deleted in batches.
+
+A ``LISTEN gpuscale_work`` connection is the fast path: new claimable work (a ``critical`` task
+above all) reconciles its pool at once instead of at the next tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+import uvicorn
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from controller import metrics as m
+from controller.api import build_app
+from controller.db import connect_pool, migrate
+from controller.leader import LeaderElector
+from controller.pools import PoolsConfig
+from controller.providers import LaunchSpec, Provider, make_provider
+from controller.queue import NOTIFY_CHANNEL, Queue
+from controller.reconcile import PoolView, Reconciler
+from controller.settings import Settings
+from controller.store import ControllerStore
+
+log = logging.getLogger("gpuscale.controller")
+
+
+def default_launches(config: PoolsConfig, dsn: str) -> dict[str, LaunchSpec]:
+    """Local/docker launch specs: one worker per replica, pointed at this controller's database."""
+    return {
+        (r.deployment or name): LaunchSpec(pool=name, env={"GPUSCALE_DATABASE_URL": dsn})
+        for name, r in config.pools.items()
+    }
+
+
+class ControllerApp:
+    def __init__(
+        self,
+        settings: Settings,
+        config: PoolsConfig,
+        dsn: str,
+        *,
+        provider: Provider | None = None,
+        dry_run: bool = False,
+        http: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.config = config
+        self.dsn = dsn
+        self.dry_run = dry_run
+        self.http = http
+        self.controller_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._provider = provider
+        self.interval = settings.reconcile_interval_s or config.reconcile_interval_s
+        self.leader = LeaderElector(dsn)
+        self._stop = asyncio.Event()
+        self._pending_fast: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._last_cost: float | None = None
+        self._spend_cache: dict[str, float] | None = None
+        self.pool: asyncpg.Pool | None = None
+        self.http_port: int | None = None
+
+    # -------------------------------------------------------------- accessors used by the API
+    @property
+    def is_leader(self) -> bool:
+        return self.leader.is_leader
+
+    @property
+    def queue(self) -> Queue:
+        return self._queue
+
+    @property
+    def store(self) -> ControllerStore:
+        return self._store
+
+    async def database_ok(self) -> tuple[bool, str | None]:
+        try:
+            assert self.pool is not None
+            await asyncio.wait_for(self.pool.fetchval("SELECT 1"), timeout=2)
+            return True, None
+        except Exception as exc:
+            return False, type(exc).__name__
+
+    async def pools_view(self) -> dict[str, Any]:
+        views: dict[str, PoolView] = self.reconciler.views
+        return {
+            "controller_id": self.controller_id,
+            "role": "leader" if self.is_leader else "standby",
+            "dry_run": self.dry_run,
+            "provider": self.provider.name,
+            "pools": list(views.values()),
+            "at": time.time(),
+        }
+
+    # -------------------------------------------------------------- lifecycle
+    async def setup(self) -> None:
+        self.pool = await connect_pool(self.dsn, min_size=1, max_size=8)
+        async with self.pool.acquire() as conn:
+            await migrate(conn)
+        self._queue = Queue(self.pool, lease_s=self.settings.lease_seconds)
+        self._store = ControllerStore(self.pool)
+        self.provider = self._provider or make_provider(
+            self.settings, default_launches(self.config, self.dsn)
+        )
+        self.reconciler = Reconciler(
+            self.config,
+            self._queue,
+            self._store,
+            self.provider,
+            controller_id=self.controller_id,
+            dry_run=self.dry_run,
+            may_act=self.leader.ensure,
+        )
+        m.LEADER.set(0)
+
+    async def teardown(self) -> None:
+        await self.leader.release()
+        with contextlib.suppress(Exception):
+            await self.provider.aclose()
+        if self.pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.pool.close(), timeout=5)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # -------------------------------------------------------------- jobs
+    async def tick(self) -> bool:
+        """One reconcile of every pool, if this process is the leader; returns whether it ran."""
+        if not await self.leader.ensure():
+            return False
+        spend = await self._month_spend()
+        await self.reconciler.reconcile_all(spend)
+        return True
+
+    async def _month_spend(self) -> dict[str, float] | None:
+        if self.config.monthly_budget_usd is None:
+            return None
+        try:
+            self._spend_cache = await self._store.month_spend(dt.datetime.now(dt.UTC))
+        except Exception:
+            pass  # keep the last known spend
+        return self._spend_cache
+
+    async def reap(self) -> None:
+        if not await self.leader.ensure():
+            return
+        try:
+            dead = await self._queue.reap_dead_servers(self.settings.heartbeat_timeout_s)
+            if dead:
+                log.warning("reaper: %d server(s) stopped heartbeating: %s", len(dead), ", ".join(dead))
+            expired = await self._queue.reap_expired()
+            if expired:
+                log.warning("reaper: %d expired lease(s) handed back to the queue", expired)
+        except Exception as exc:
+            log.warning("reaper failed: %s", type(exc).__name__)
+
+    async def account_cost(self) -> None:
+        now = time.time()
+        last, self._last_cost = self._last_cost, now
+        if last is None or not self.is_leader:
+            return
+        dt_s = now - last
+        for name, rules in self.config.pools.items():
+            replicas = self.reconciler.provider_counts.get(name, 0)
+            usd = replicas * rules.price_per_hour * dt_s / 3600
+            m.SPEND_USD.labels(name).inc(usd)
+            try:
+                await self._store.add_spend(name, usd, replicas * dt_s, dt.datetime.now(dt.UTC))
+            except Exception as exc:
+                log.warning("cost accounting failed for %s: %s", name, type(exc).__name__)
+
+    async def retention(self) -> None:
+        if not await self.leader.ensure():
+            return
+        try:
+            deleted = await self._queue.purge_done(
+                older_than_s=self.settings.retention_days * 86400, batch=self.settings.retention_batch
+            )
+            if deleted:
+                log.info("retention: deleted %d done task(s)", deleted)
+        except Exception as exc:
+            log.warning("retention failed: %s", type(exc).__name__)
+
+    # -------------------------------------------------------------- fast path
+    def _on_work(self, pool: str) -> None:
+        if pool not in self.config.pools or pool in self._pending_fast or not self.is_leader:
+            return
+        self._pending_fast.add(pool)
+        task = asyncio.get_running_loop().create_task(self._fast_reconcile(pool))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fast_reconcile(self, pool: str) -> None:
+        try:
+            await asyncio.sleep(0.05)  # coalesce a burst of notifications into one reconcile
+            self._pending_fast.discard(pool)
+            if await self.leader.ensure():
+                await self.reconciler.reconcile_one(pool)
+        except Exception:
+            log.exception("fast reconcile of %s failed", pool)
+        finally:
+            self._pending_fast.discard(pool)
+
+    async def _listen_loop(self) -> None:
+        """Keep a LISTEN connection open; reconnect with backoff when it drops."""
+        delay = 0.5
+        while not self._stop.is_set():
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=5)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c, ev=lost: ev.set())
+                await conn.add_listener(
+                    NOTIFY_CHANNEL, lambda _c, _p, _ch, payload: self._on_work(str(payload))
+                )
+                delay = 0.5
+                stop_wait = asyncio.ensure_future(self._stop.wait())
+                lost_wait = asyncio.ensure_future(lost.wait())
+                try:
+                    while not (self._stop.is_set() or lost.is_set()):
+                        await asyncio.wait({stop_wait, lost_wait}, timeout=5)
+                        if not (self._stop.is_set() or lost.is_set()):
+                            await conn.fetchval("SELECT 1", timeout=3)  # notice silent breakage
+                finally:
+                    stop_wait.cancel()
+                    lost_wait.cancel()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.debug("listen connection: %s", type(exc).__name__)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.terminate()
+            if not self._stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), timeout=delay)
+                delay = min(delay * 2, 10)
+
+    # -------------------------------------------------------------- run
+    async def run(self) -> None:
+        await self.setup()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        server: uvicorn.Server | None = None
+        server_task: asyncio.Task[Any] | None = None
+        if self.http:
+            config = uvicorn.Config(
+                build_app(self),
+                host=self.settings.http_host,
+                port=self.settings.http_port,
+                log_level="warning",
+                lifespan="off",
+            )
+            server = uvicorn.Server(config)
+            server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+            server_task = asyncio.create_task(server.serve())
+        scheduler = AsyncIOScheduler()
+        common = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
+        scheduler.add_job(
+            self.tick, "interval", seconds=self.interval, next_run_time=dt.datetime.now(), **common
+        )
+        scheduler.add_job(self.reap, "interval", seconds=self.settings.reaper_interval_s, **common)
+        scheduler.add_job(
+            self.account_cost,
+            "interval",
+            seconds=self.settings.cost_interval_s,
+            next_run_time=dt.datetime.now(),
+            **common,
+        )
+        scheduler.add_job(self.retention, "interval", seconds=3600, **common)
+        scheduler.start()
+        listener = asyncio.create_task(self._listen_loop())
+        log.info(
+            "controller %s: provider=%s pools=%s interval=%.1fs%s http=%s",
+            self.controller_id,
+            self.provider.name,
+            ",".join(self.config.pools),
+            self.interval,
+            " DRY-RUN" if self.dry_run else "",
+            f"{self.settings.http_host}:{self.settings.http_port}" if self.http else "off",
+        )
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("controller: shutting down (finishing the tick in progress)")
+            scheduler.shutdown(wait=False)
+            await self._wait_running_jobs()
+            listener.cancel()
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(listener, *self._tasks, return_exceptions=True)
+            await self.account_cost()
+            if server is not None and server_task is not None:
+                server.should_exit = True
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(server_task, timeout=5)
+            await self.teardown()
+            log.info("controller: stopped")
+
+    async def _wait_running_jobs(self) -> None:
+        # A reconcile in progress holds its pool's lock: taking every lock waits it out.
+        for lock in self.reconciler._locks.values():
+            async with lock:
+                pass
+
+    async def run_once(self) -> tuple[bool, str]:
+        """``--once``: one reconcile of every pool; (ran, why not)."""
+        await self.setup()
+        try:
+            if not await self.leader.ensure():
+                return False, "another controller holds the leader lock (or the database is unreachable)"
+            await self.reap()
+            decisions = await self.reconciler.reconcile_all(await self._month_spend())
+            errors = [e for v in self.reconciler.views.values() for e in v.errors]
+            if len(decisions) != len(self.config.pools):
+                return False, "some pools could not be reconciled: " + "; ".join(errors)
+            return True, "; ".join(errors)
+        finally:
+            await self.teardown()

@@ -1,0 +1,309 @@
+"""The controller against a real PostgreSQL and the DataCrunch emulator (replicas are processes).
+
+The clock of the reconciler is injected where a test must step past a delay; everything else is
+real: the queue, the leader lock, the DataCrunch client speaking HTTP to the emulator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from controller.app import ControllerApp
+from controller.deployspec import load_file
+from controller.emulator.app import EmulatorConfig
+from controller.emulator.server import Emulator
+from controller.pools import PoolRules, PoolsConfig
+from controller.providers.datacrunch import DataCrunchClient, DataCrunchProvider, RetryPolicy
+from controller.queue import NewTask, Priority, Queue, ServerInfo
+from controller.settings import Settings
+from controller.store import ControllerStore
+from controller.tasktypes import types_for_pool
+
+ROOT = Path(__file__).resolve().parents[1]
+# Replicas that start and wait: these tests are about the controller, not the worker.
+SLEEPER = f"{sys.executable} -c 'import time; time.sleep(600)'"
+
+
+@pytest.fixture
+def emulator() -> Iterator[Emulator]:
+    emu = Emulator(EmulatorConfig(cold_start_s=0.05, grace_s=1.0, default_command=SLEEPER, tick_s=0.02))
+    emu.start()
+    try:
+        yield emu
+    finally:
+        emu.stop()
+
+
+def pools_config(**overrides: object) -> PoolsConfig:
+    base: dict[str, object] = {
+        "min_replicas": 0,
+        "max_replicas": 3,
+        "scale_up_threshold": 2,
+        "scale_up_delay": 30,
+        "scale_down_delay": 60,
+        "startup_timeout": 300,
+        "cold_start": 5,
+        "default_task_duration": 60,
+    }
+    base.update(overrides)
+    return PoolsConfig(
+        pools={
+            name: PoolRules(
+                name=name,
+                deployment=f"deck-{name}",
+                task_types=types_for_pool(name),
+                **base,  # type: ignore[arg-type]
+            )
+            for name in ("visual", "text")
+        },
+        reconcile_interval=1,
+    )
+
+
+def _client(emu: Emulator) -> DataCrunchClient:
+    return DataCrunchClient(
+        emu.base_url,
+        emu.client_id,
+        emu.client_secret,
+        retry=RetryPolicy(attempts=2, initial_s=0.01, max_s=0.05),
+    )
+
+
+async def _create_deployments(emu: Emulator) -> None:
+    client = _client(emu)
+    try:
+        for name in ("visual", "text"):
+            await client.create_deployment(load_file(ROOT / "deploy" / "datacrunch" / f"{name}.yaml"))
+    finally:
+        await client.aclose()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def deployments(emulator: Emulator) -> Emulator:
+    await _create_deployments(emulator)
+    return emulator
+
+
+def _settings(emu: Emulator, **extra: object) -> Settings:
+    return Settings(
+        provider="datacrunch",
+        datacrunch_base_url=emu.base_url,  # type: ignore[call-arg]
+        datacrunch_client_id=emu.client_id,  # type: ignore[call-arg]
+        datacrunch_client_secret=emu.client_secret,  # type: ignore[call-arg]
+        datacrunch_retry_attempts=2,
+        datacrunch_backoff_initial_s=0.01,
+        datacrunch_backoff_max_s=0.05,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+async def make_app(dsn: str, deployments: Emulator) -> AsyncIterator[object]:
+    apps: list[ControllerApp] = []
+
+    async def make(
+        config: PoolsConfig | None = None, *, dry_run: bool = False, **extra: object
+    ) -> ControllerApp:
+        app = ControllerApp(
+            _settings(deployments, **extra), config or pools_config(), dsn, dry_run=dry_run, http=False
+        )
+        await app.setup()
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        await app.teardown()
+
+
+async def _target(emu: Emulator, deployment: str) -> int:
+    client = _client(emu)
+    try:
+        return (await DataCrunchProvider(client).observe(deployment)).target
+    finally:
+        await client.aclose()
+
+
+async def _enqueue(
+    queue: Queue, n: int, task_type: str = "visual_analysis", priority: Priority = Priority.normal
+) -> None:
+    payload = {"document": "/tmp/deck.pdf", "first_page": 1, "last_page": 8}
+    if task_type != "visual_analysis":
+        payload = {"document": "/tmp/deck.pdf"}
+    await queue.enqueue_many([NewTask(task_type, payload, priority=priority) for _ in range(n)])
+
+
+async def test_scales_from_zero_on_queued_work(make_app, deployments: Emulator) -> None:  # type: ignore[no-untyped-def]
+    app = await make_app()
+    await app.tick()  # a fresh deployment (0..3) gets pinned to what the controller decides: 0
+    assert await _target(deployments, "deck-visual") == 0
+    await _enqueue(app.queue, 5)
+    assert await app.tick()
+    assert await _target(deployments, "deck-visual") >= 1
+    assert await _target(deployments, "deck-text") == 0
+    events = await app.store.events("visual")
+    assert events and events[0]["to_replicas"] >= 1 and events[0]["outcome"] == "applied"
+
+
+async def test_scale_up_beyond_one_waits_for_the_delay(make_app, deployments: Emulator) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock()
+    app = await make_app(pools_config(cold_start=1, default_task_duration=600, drain_target=60))
+    app.reconciler.clock = clock
+    await _enqueue(app.queue, 1)
+    await app.tick()
+    assert await _target(deployments, "deck-visual") == 1
+    await _enqueue(app.queue, 8)
+    clock.now += 1
+    await app.tick()
+    assert await _target(deployments, "deck-visual") == 1, "scaled up before scale_up_delay"
+    assert app.reconciler.views["visual"].last_decision["reason"] == "scale_up_pending"
+    clock.now += 31
+    await app.tick()
+    assert await _target(deployments, "deck-visual") > 1
+
+
+async def test_critical_task_scales_within_a_second(dsn: str, deployments: Emulator) -> None:
+    # A long tick interval: only the LISTEN/NOTIFY fast path can explain a quick reaction.
+    app = ControllerApp(_settings(deployments, reconcile_interval_s=60), pools_config(), dsn, http=False)
+    runner = asyncio.create_task(app.run())
+    try:
+        for _ in range(200):
+            if app.is_leader and app.reconciler.views["text"].at is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert app.is_leader
+        await asyncio.sleep(0.3)  # the LISTEN connection is up
+        started = time.monotonic()
+        await _enqueue(app.queue, 1, "startup_name_extraction", Priority.critical)
+        while await _target(deployments, "deck-text") == 0:
+            assert time.monotonic() - started < 5, "critical task did not scale the pool"
+            await asyncio.sleep(0.02)
+        elapsed = time.monotonic() - started
+        assert elapsed < 1.0, f"critical scale took {elapsed:.2f}s"
+    finally:
+        app.request_stop()
+        await asyncio.wait_for(runner, 30)
+
+
+async def test_scales_down_after_idle(make_app, deployments: Emulator) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock()
+    app = await make_app()
+    app.reconciler.clock = clock
+    await app.provider.set_replicas("deck-visual", 2)
+    await app.tick()
+    assert await _target(deployments, "deck-visual") == 2, "scaled down at once"
+    clock.now += 30
+    await app.tick()
+    assert await _target(deployments, "deck-visual") == 2, "scaled down before scale_down_delay"
+    clock.now += 31
+    await app.tick()
+    assert await _target(deployments, "deck-visual") == 0
+    reasons = {e["reason"] for e in await app.store.events("visual")}
+    assert "idle_timeout" in reasons
+
+
+async def test_holds_on_provider_errors(make_app, deployments: Emulator) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock()
+    app = await make_app()
+    app.reconciler.clock = clock
+    await app.provider.set_replicas("deck-visual", 2)
+    await app.tick()
+    deployments.set_faults(error=1.0)
+    try:
+        clock.now += 3600
+        await app.tick()
+        view = app.reconciler.views["visual"]
+        assert view.last_decision["reason"] == "hold_unknown"
+        assert view.errors and any("provider" in e for e in view.errors)
+    finally:
+        deployments.clear_faults()
+    assert await _target(deployments, "deck-visual") == 2
+
+
+async def test_holds_on_database_errors(make_app, deployments: Emulator, pg_server: str) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock()
+    app = await make_app()
+    app.reconciler.clock = clock
+    await app.provider.set_replicas("deck-visual", 2)
+    await app.tick()
+    # The queue becomes unreadable (a real error from the real server: its database is gone).
+    broken = await asyncpg.create_pool(pg_server, min_size=1, max_size=1)
+    assert broken is not None
+    await broken.close()
+    app.reconciler.queue = Queue(broken)
+    clock.now += 3600
+    decisions = await app.reconciler.reconcile_all()
+    assert decisions["visual"].reason == "hold_unknown"
+    assert decisions["visual"].desired == 2
+    assert await _target(deployments, "deck-visual") == 2
+
+
+async def test_dead_workers_tasks_are_requeued(make_app, db: asyncpg.Pool) -> None:  # type: ignore[no-untyped-def]
+    app = await make_app(heartbeat_timeout_s=1.0)
+    await _enqueue(app.queue, 2)
+    await app.queue.register_server(
+        ServerInfo(id="w-dead", pool="visual", status="active", max_concurrent_tasks=2)
+    )
+    claimed = await app.queue.claim("visual", "w-dead", 2, lease_s=3600)
+    assert len(claimed) == 2
+    await db.execute(
+        "UPDATE processing_servers SET last_heartbeat = now() - interval '1 minute' WHERE id = 'w-dead'"
+    )
+    await app.reap()
+    statuses = {t.id: (await app.queue.get_task(t.id))["status"] for t in claimed}  # type: ignore[index]
+    assert set(statuses.values()) == {"queued"}
+    servers = await app.queue.list_servers(include_dead=True)
+    assert [s.status for s in servers if s.id == "w-dead"] == ["dead"]
+    again = await app.queue.claim("visual", "w-next", 5)
+    assert sorted(t.id for t in again) == sorted(statuses)
+
+
+async def test_dry_run_changes_nothing(make_app, deployments: Emulator) -> None:  # type: ignore[no-untyped-def]
+    app = await make_app(dry_run=True)
+    await _enqueue(app.queue, 5)
+    await app.tick()
+    assert await _target(deployments, "deck-visual") == 0
+    events = await app.store.events("visual")
+    assert events and events[0]["outcome"] == "dry_run" and events[0]["to_replicas"] >= 1
+
+
+async def test_paused_pool_holds(make_app, deployments: Emulator) -> None:  # type: ignore[no-untyped-def]
+    app = await make_app()
+    await ControllerStore(app.pool).set_paused("visual", True, "test")
+    await _enqueue(app.queue, 5)
+    await app.tick()
+    assert await _target(deployments, "deck-visual") == 0
+    assert app.reconciler.views["visual"].paused
+    await ControllerStore(app.pool).set_paused("visual", False, "test")
+    await app.tick()
+    assert await _target(deployments, "deck-visual") >= 1
+
+
+async def test_only_the_leader_acts_and_a_standby_takes_over(make_app, deployments: Emulator) -> None:  # type: ignore[no-untyped-def]
+    first = await make_app()
+    second = await make_app()
+    assert await first.tick()
+    assert not await second.tick(), "two leaders at once"
+    assert first.is_leader and not second.is_leader
+    # The leader's session dies (as when its process is killed): the lock goes with it.
+    assert first.leader._conn is not None
+    first.leader._conn.terminate()
+    assert await second.tick(), "the standby did not take over"
+    assert second.is_leader
+    assert not await first.tick(), "the old leader acted while the standby leads"
+    assert not first.is_leader
