@@ -1,0 +1,321 @@
+"""The ``docker`` provider: worker containers on a self-hosted GPU box, through the Docker Engine.
+
+Each replica is a container created from the pool's image with labels (``gpuscale.deployment``,
+``gpuscale.pool``, ``gpuscale.replica``), the launch spec's env plus ``GPUSCALE_CONTAINER_ID`` and
+``GPUSCALE_POOL``, a GPU device request (a count or device ids), a restart policy and a stop grace
+period.  Replicas are found again by label, so a restarted controller picks up what is running.
+On a scale-down it stops idle replicas first (no running task), then the newest, and it removes
+exited containers.  docker-py is synchronous, so every engine call runs in a worker thread
+(``asyncio.to_thread``) and the controller's event loop never blocks on the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from controller.providers.base import (
+    REPLICA_RUNNING,
+    REPLICA_STARTING,
+    REPLICA_STOPPING,
+    CapacityError,
+    DeploymentNotFound,
+    LaunchSpec,
+    ProviderError,
+    ProviderState,
+    Replica,
+)
+from controller.providers.local import choose_victims
+
+log = logging.getLogger(__name__)
+
+LABEL_MANAGED = "gpuscale.managed"
+LABEL_DEPLOYMENT = "gpuscale.deployment"
+LABEL_POOL = "gpuscale.pool"
+LABEL_REPLICA = "gpuscale.replica"
+LABEL_STARTED = "gpuscale.started_at"
+
+_GONE = ("exited", "dead")
+
+
+def device_requests(gpus: str | None) -> list[Any]:
+    """Docker device requests for a GPU setting: "none"/"0"/"" → none, "all", a count, or ids."""
+    import docker.types
+
+    value = (gpus or "none").strip().lower()
+    if value in ("none", "0", ""):
+        return []
+    if value == "all":
+        return [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    if value.isdigit():
+        return [docker.types.DeviceRequest(count=int(value), capabilities=[["gpu"]])]
+    ids = [part.strip() for part in value.split(",") if part.strip()]
+    return [docker.types.DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
+
+
+def _restart_policy(policy: str) -> dict[str, Any]:
+    name, _, retries = policy.partition(":")
+    out: dict[str, Any] = {"Name": name or "no"}
+    if name == "on-failure":
+        out["MaximumRetryCount"] = int(retries or 3)
+    return out
+
+
+@dataclass
+class _Deployment:
+    spec: LaunchSpec
+    target: int = 0
+    paused: bool = False
+
+
+class DockerProvider:
+    """Replicas are containers on one Docker engine."""
+
+    name = "docker"
+
+    def __init__(
+        self,
+        launches: Mapping[str, LaunchSpec],
+        *,
+        base_url: str | None = None,
+        image_template: str = "gpuscale-{pool}:latest",
+        gpus: str = "1",
+        network_mode: str = "host",
+        restart_policy: str = "on-failure",
+        stop_grace_s: float = 60.0,
+        stop_on_close: bool = False,
+        client: Any = None,
+    ) -> None:
+        self._deployments = {name: _Deployment(spec) for name, spec in launches.items()}
+        self.base_url = base_url
+        self.image_template = image_template
+        self.gpus = gpus
+        self.network_mode = network_mode
+        self.restart_policy = restart_policy
+        self.stop_grace_s = stop_grace_s
+        self.stop_on_close = stop_on_close
+        self._client = client
+        self._stopping: dict[str, asyncio.Task[None]] = {}  # replica id → stop in flight
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"DockerProvider(base_url={self.base_url!r}, deployments={sorted(self._deployments)})"
+
+    # ------------------------------------------------------------------ engine (in threads)
+
+    def _docker(self) -> Any:
+        if self._client is None:
+            import docker
+
+            try:
+                self._client = (
+                    docker.DockerClient(base_url=self.base_url, timeout=30)
+                    if self.base_url
+                    else docker.from_env(timeout=30)
+                )
+            except docker.errors.DockerException as exc:
+                raise ProviderError(f"cannot reach the Docker engine: {exc}") from None
+        return self._client
+
+    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        import docker.errors
+        import requests.exceptions
+
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except docker.errors.APIError as exc:
+            raise ProviderError(f"docker engine: {exc.explanation or exc}") from None
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise ProviderError(f"docker engine unreachable: {exc}") from None
+
+    def _list_sync(self, deployment: str) -> list[Any]:
+        return list(
+            self._docker().containers.list(all=True, filters={"label": [f"{LABEL_DEPLOYMENT}={deployment}"]})
+        )
+
+    def _remove_sync(self, container: Any) -> None:
+        import docker.errors
+
+        try:
+            container.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+
+    def _stop_sync(self, container: Any) -> None:
+        import docker.errors
+
+        try:
+            # The engine sends the stop signal (SIGTERM), waits the grace period, then SIGKILLs.
+            container.stop(timeout=max(1, round(self.stop_grace_s)))
+        except docker.errors.NotFound:
+            return
+        self._remove_sync(container)
+
+    def _create_sync(self, deployment: str, dep: _Deployment, replica_id: str) -> None:
+        import docker.errors
+
+        spec = dep.spec
+        env = {}
+        if self.network_mode == "host":
+            env["GPUSCALE_WORKER_PORT"] = "0"  # replicas share the host's ports
+        env.update(spec.env)
+        env.update({"GPUSCALE_CONTAINER_ID": replica_id, "GPUSCALE_POOL": spec.pool})
+        gpus = spec.gpus if spec.gpus is not None else self.gpus
+        image = spec.image or self.image_template.format(pool=spec.pool, deployment=deployment)
+        client = self._docker()
+        container = client.containers.create(
+            image,
+            command=list(spec.command) or None,
+            name=replica_id,
+            labels={
+                LABEL_MANAGED: "true",
+                LABEL_DEPLOYMENT: deployment,
+                LABEL_POOL: spec.pool,
+                LABEL_REPLICA: replica_id,
+                LABEL_STARTED: f"{time.time():.3f}",
+            },
+            environment=env,
+            network_mode=self.network_mode,
+            restart_policy=_restart_policy(self.restart_policy),
+            device_requests=device_requests(gpus) or None,
+            stop_signal="SIGTERM",  # the grace period is given to each stop() call
+            detach=True,
+        )
+        try:
+            container.start()
+        except docker.errors.APIError as exc:
+            # Never leave a created-but-dead container behind.
+            self._remove_sync(container)
+            reason = str(exc.explanation or exc)
+            if "device driver" in reason or "gpu" in reason.lower():
+                raise CapacityError(
+                    f"docker engine cannot satisfy the GPU request (gpus={gpus}) for {deployment}: {reason}",
+                    code="gpu_unavailable",
+                ) from None
+            raise
+
+    # ------------------------------------------------------------------ reconcile
+
+    def _get(self, deployment: str) -> _Deployment:
+        try:
+            return self._deployments[deployment]
+        except KeyError:
+            raise DeploymentNotFound(f"docker provider has no deployment {deployment!r}") from None
+
+    def _begin_stop(self, container: Any, replica_id: str) -> None:
+        if replica_id in self._stopping:
+            return
+        task = asyncio.create_task(self._call(self._stop_sync, container), name=f"stop-{replica_id}")
+        self._stopping[replica_id] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._stopping.pop(replica_id, None)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("stopping replica %s failed: %s", replica_id, t.exception())
+
+        task.add_done_callback(done)
+
+    async def _reconcile(self, deployment: str, dep: _Deployment, idle: Collection[str] = ()) -> list[Any]:
+        containers = await self._call(self._list_sync, deployment)
+        live = []
+        for container in containers:
+            rid = container.labels.get(LABEL_REPLICA, container.name)
+            if rid in self._stopping:
+                continue
+            if container.status in _GONE or container.status == "created":
+                log.info("removing %s container %s (%s)", deployment, rid, container.status)
+                await self._call(self._remove_sync, container)
+                continue
+            live.append(container)
+        want = 0 if dep.paused else dep.target
+        if len(live) < want:
+            for _ in range(want - len(live)):
+                rid = f"{deployment}-{uuid.uuid4().hex[:8]}"
+                await self._call(self._create_sync, deployment, dep, rid)
+                log.info("started replica %s of %s", rid, deployment)
+        elif len(live) > want:
+            by_id = {c.labels.get(LABEL_REPLICA, c.name): c for c in live}
+            ranked = [(rid, _started(c)) for rid, c in by_id.items()]
+            for rid in choose_victims(ranked, len(live) - want, idle):
+                log.info("stopping replica %s of %s%s", rid, deployment, " (idle)" if rid in idle else "")
+                self._begin_stop(by_id[rid], rid)
+        return list(containers)
+
+    async def observe(self, deployment: str) -> ProviderState:
+        dep = self._get(deployment)
+        async with self._lock:
+            await self._reconcile(deployment, dep)
+            containers = await self._call(self._list_sync, deployment)
+        replicas = []
+        for c in containers:
+            rid = c.labels.get(LABEL_REPLICA, c.name)
+            if rid in self._stopping:
+                status = REPLICA_STOPPING
+            elif c.status == "running":
+                status = REPLICA_RUNNING
+            elif c.status in _GONE:
+                continue
+            else:
+                status = REPLICA_STARTING
+            replicas.append(Replica(rid, status, _started(c)))
+        replicas.sort(key=lambda r: r.started_at)
+        running = sum(1 for r in replicas if r.status == REPLICA_RUNNING)
+        if dep.paused:
+            status_word = "paused"
+        elif running >= dep.target:
+            status_word = "healthy"
+        else:
+            status_word = "degraded" if running else "initializing"
+        return ProviderState(
+            replicas=replicas, target=0 if dep.paused else dep.target, paused=dep.paused, status=status_word
+        )
+
+    async def set_replicas(self, deployment: str, desired: int, *, idle: Collection[str] = ()) -> None:
+        if desired < 0:
+            raise ValueError("desired replica count must be >= 0")
+        dep = self._get(deployment)
+        async with self._lock:
+            dep.target = desired
+            await self._reconcile(deployment, dep, idle)
+
+    async def pause(self, deployment: str) -> None:
+        dep = self._get(deployment)
+        async with self._lock:
+            dep.paused = True
+            await self._reconcile(deployment, dep)
+
+    async def resume(self, deployment: str) -> None:
+        dep = self._get(deployment)
+        async with self._lock:
+            dep.paused = False
+            await self._reconcile(deployment, dep)
+
+    async def wait_stopped(self) -> None:
+        """Wait for every stop in flight (tests, shutdown)."""
+        while self._stopping:
+            await asyncio.gather(*list(self._stopping.values()), return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Wait for stops in flight; with ``stop_on_close`` stop every replica first.  Containers
+        otherwise outlive the controller, as cloud replicas do, and are found again by label."""
+        if self.stop_on_close:
+            async with self._lock:
+                for name, dep in self._deployments.items():
+                    dep.paused = True
+                    await self._reconcile(name, dep)
+        await self.wait_stopped()
+        if self._client is not None:
+            await asyncio.to_thread(self._client.close)
+            self._client = None
+
+
+def _started(container: Any) -> float:
+    try:
+        return float(container.labels.get(LABEL_STARTED, 0.0))
+    except (TypeError, ValueError):
+        return 0.0
