@@ -64,7 +64,10 @@ def _register_all() -> None:
         module.register(app)
 
 
-_register_all()
+# Run as ``python -m controller.cli`` this file is ``__main__`` and the command modules import the
+# real ``controller.cli``: only that copy registers the commands, and ``__main__`` delegates to it.
+if __name__ != "__main__":
+    _register_all()
 
 
 def main() -> None:
@@ -81,4 +84,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from controller import cli as _cli
+
+    _cli.main()

@@ -1,0 +1,5 @@
+"""``python -m controller`` is ``gpuscale``."""
+
+from controller.cli import main
+
+main()
