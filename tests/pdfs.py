@@ -8,6 +8,7 @@ Others' tests may import these helpers.
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def make_deck(
     pdf = FPDF(orientation="L", unit="mm", format=(190.5, 338.7))  # 16:9 slides
     pdf.set_auto_page_break(False)
     pdf.set_title(f"{company} pitch deck")
+    # A fixed date keeps the bytes identical for identical arguments (tests compare them).
+    pdf.set_creation_date(dt.datetime(2025, 3, 1, tzinfo=dt.UTC))
     domain = company.lower().replace(" ", "") + ".example"
     for i in range(pages):
         title, body = SLIDES[i % len(SLIDES)]
