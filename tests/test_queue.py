@@ -306,3 +306,20 @@ async def test_purge_done_keeps_inputs_of_unfinished_tasks(db: asyncpg.Pool) -> 
     assert await q.purge_done(older_than_s=0, batch=1) == 1
     assert await q.purge_done(older_than_s=0) == 1
     assert "bench" not in await q.stats()  # counters follow deletes
+
+
+async def test_enqueue_dependent_while_dependency_completes(db: asyncpg.Pool) -> None:
+    """The dependency finishing while a dependent is being enqueued never strands the dependent."""
+    q = Queue(db)
+    for _ in range(40):
+        parent = await q.enqueue(noop())
+        await q.claim("bench", "s", 1)
+        child, completed = await asyncio.gather(
+            q.enqueue(noop(depends_on=[parent])), q.complete(parent, "s", {})
+        )
+        assert completed
+        row = await q.get_task(child)
+        assert row is not None and row["status"] == "queued" and row["pending_deps"] == 0, row
+        (c,) = await q.claim("bench", "s", 5)
+        assert c.id == child
+        await q.complete(child, "s", {})
