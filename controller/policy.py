@@ -139,6 +139,10 @@ class PoolState:
     replace_due_at: float | None = None  # when overdue replicas may be replaced (backoff)
     replaced_total: int = 0
     starting_ids: tuple[str, ...] = ()  # starting replicas seen last tick
+    # scale_down_delay: auto — per replica level, since when the work has not needed it (inf: gap
+    # already recorded as long), and the recent idle gaps seen (seconds; "long" = 2 × cold start).
+    gap_start: tuple[float | None, ...] = ()
+    idle_gaps: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -229,6 +233,58 @@ def _surplus_timers(prev: tuple[float, ...], surplus: int, now: float) -> tuple[
         return ()
     kept = prev[:surplus]
     return kept + (now,) * (surplus - len(kept))
+
+
+_MAX_GAPS = 64
+_MIN_GAPS = 3
+
+
+def _track_gaps(
+    state: PoolState, need: int, current: int, now: float, cold_start_s: float
+) -> tuple[tuple[float | None, ...], tuple[float, ...]]:
+    """Record idle gaps per replica level: level L is idle while the work needs fewer than L
+    replicas.  A gap ends when the work needs the level again, or counts as long once it passed
+    the cold start (beyond that, every idle timeout up to the cold start costs the same)."""
+    starts: list[float | None] = list(state.gap_start)
+    starts += [None] * (max(current, need) - len(starts))
+    gaps = list(state.idle_gaps)
+    for i, start in enumerate(starts):
+        level = i + 1
+        if need >= level:
+            if start is not None and math.isfinite(start):
+                gaps.append(now - start)
+            starts[i] = None
+        elif start is None:
+            if level <= current:
+                starts[i] = now
+        elif math.isfinite(start) and now - start > cold_start_s:
+            gaps.append(2 * cold_start_s)
+            starts[i] = math.inf
+    while starts and starts[-1] is None:
+        starts.pop()
+    return tuple(starts), tuple(gaps[-_MAX_GAPS:])
+
+
+def idle_timeout(rules: PoolRules, state: PoolState, tick_s: float = 10.0) -> float:
+    """The idle timeout in force: ``scale_down_delay``, or for ``auto`` the ski-rental choice.
+
+    Keeping an idle replica costs its price per second; stopping it costs a cold start when work
+    comes back.  Until a few idle gaps have been seen, wait one cold start (the break-even: never
+    more than twice the best idle cost).  Then pick the timeout T that would have cost least over
+    the recent gaps g: ``g`` when ``g <= T`` (kept, then used), else ``T + cold_start``."""
+    if not rules.scale_down_auto:
+        return rules.idle_timeout_s
+    c = rules.cold_start_s
+    gaps = state.idle_gaps
+    if len(gaps) < _MIN_GAPS:
+        return c
+    candidates = sorted({tick_s, c, *(g for g in gaps if tick_s < g < c)})
+
+    def cost(t: float) -> float:
+        return sum(g if g <= t else t + c for g in gaps)
+
+    # Ties go to the longer timeout: same cost, fewer cold starts for the work.
+    return min(candidates, key=lambda t: (cost(t), -t))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,20 +411,24 @@ def decide(
                 work_replicas(rules, q_work + r_work + blocked_work, tasks + blocked, ready), rules
             )
 
-    # Work due within the idle timeout keeps replicas that would otherwise be stopped.
+    # Work due within a cold start keeps the replicas it needs: idling until it arrives costs
+    # less than stopping now and starting again (what pre-warm would do).
     keep = target
-    if (
-        blocked
-        and rules.sizing == "work"
-        and (eta is None or eta <= rules.idle_timeout_s + rules.cold_start_s)
-    ):
+    if blocked and rules.sizing == "work" and (eta is None or eta <= rules.cold_start_s + tick_s):
         keep = max(
             keep,
             _clamp(work_replicas(rules, blocked_work, blocked, ready, start=1), rules),
         )
 
+    gap_start, idle_gaps = state.gap_start, state.idle_gaps
+    if rules.sizing == "work" and rules.scale_down_auto:
+        gap_start, idle_gaps = _track_gaps(
+            state, max(target, keep, prewarm_target, floor_running), current, now, rules.cold_start_s
+        )
     new = replace(
         state,
+        gap_start=gap_start,
+        idle_gaps=idle_gaps,
         startup_failures=failures,
         replace_due_at=replace_due_at,
         replaced_total=replaced_total,
@@ -487,7 +547,8 @@ def decide(
     floor = _clamp(max(keep, floor_running), rules)
     surplus = current - floor
     timers = _surplus_timers(state.surplus_since, surplus, now)
-    expired = sum(1 for t in timers if now - t >= rules.idle_timeout_s)
+    timeout = idle_timeout(rules, new, tick_s)
+    expired = sum(1 for t in timers if now - t >= timeout)
     if expired:
         desired = current - expired
         remaining = timers[expired:]
@@ -495,7 +556,7 @@ def decide(
         return done(
             desired,
             reason,
-            f"{expired} replica(s) surplus for {rules.idle_timeout_s:.0f}s: {current} → {desired}",
+            f"{expired} replica(s) idle for {timeout:.0f}s: {current} → {desired}",
             up_since=None,
             surplus_since=remaining,
         )
@@ -503,7 +564,7 @@ def decide(
         return done(
             current,
             SCALE_DOWN_PENDING,
-            f"{surplus} surplus replica(s), first stops in {rules.idle_timeout_s - (now - timers[0]):.0f}s",
+            f"{surplus} surplus replica(s), first stops in {timeout - (now - timers[0]):.0f}s",
             up_since=None,
             surplus_since=timers,
         )
