@@ -374,7 +374,6 @@ class _Sim:
     # --- the controller ---------------------------------------------------------------------
 
     def _observe(self, pool: int, now: float) -> tuple[PoolObservation, int]:
-        rules = self.rules[self.pool_names[pool]]
         est = self.estimator.expected
         by_rank = self.queued_by_rank[pool]
         queued_work = sum(est(self.tasks[i].type) for _, _, i in self.queues[pool])

@@ -39,8 +39,8 @@ def plot_result(result: SimResult, out: Path | str, *, title: str | None = None)
         ax.set_ylabel("tasks")
         ax.set_ylim(bottom=0)
         ax.set_title(
-            f"pool {pool.name}: {pool.replica_seconds / 3600:.1f} replica-h for {pool.busy_gpu_seconds / 3600:.1f} "
-            f"GPU-h of work, ${pool.cost_usd:.2f}",
+            f"pool {pool.name}: {pool.replica_seconds / 3600:.1f} replica-h for "
+            f"{pool.busy_gpu_seconds / 3600:.1f} GPU-h of work, ${pool.cost_usd:.2f}",
             fontsize=10,
         )
         h1, l1 = ax.get_legend_handles_labels()

@@ -59,8 +59,8 @@ def format_text(data: dict[str, Any]) -> str:
         f"policy {data['policy']}: {data['tasks']} tasks ({data['unfinished']} unfinished), "
         f"{data['decks']} decks over {data['period_days']:g} day(s)",
         "",
-        f"{'pool':<10}{'tasks':>7}{'replica-h':>11}{'busy GPU-h':>12}{'cost $':>10}{'floor $':>10}{'starts':>8}"
-        f"{'max':>5}",
+        f"{'pool':<10}{'tasks':>7}{'replica-h':>11}{'busy GPU-h':>12}{'cost $':>10}{'floor $':>10}"
+        f"{'starts':>8}{'max':>5}",
     ]
     for name, p in data["pools"].items():
         lines.append(
