@@ -97,7 +97,10 @@ class Provider(Protocol):
         """Pin the replica count of ``deployment`` to ``desired``; idempotent.
 
         ``idle`` holds replica ids known to be idle (no running task): a provider that can choose
-        which replicas to stop on a scale-down stops those first, then the newest."""
+        which replicas to stop on a scale-down stops those first, then the newest.  ``desired > 0``
+        resumes a paused deployment; ``desired == 0`` may pause it (DataCrunch, when 0/0 is
+        refused).  Raises :class:`DeploymentNotFound`, :class:`CapacityError` or
+        :class:`ProviderError`."""
         ...
 
     async def pause(self, deployment: str) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
 from collections.abc import Collection, Mapping
@@ -28,7 +29,7 @@ from typing import Any
 
 import httpx
 from pydantic import SecretStr
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_base
 
 from controller.metrics import PROVIDER_REQUEST_SECONDS, PROVIDER_REQUESTS
@@ -120,16 +121,15 @@ class _WaitRetryAfter(wait_base):
 
     def __init__(self, policy: RetryPolicy) -> None:
         self._policy = policy
-        self._fallback = wait_exponential_jitter(
-            initial=policy.initial_s, max=policy.max_s, jitter=policy.jitter_s
-        )
 
     def __call__(self, retry_state: Any) -> float:
+        policy = self._policy
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None:
-            return float(min(max(retry_after, 0.0), self._policy.max_retry_after_s))
-        return float(self._fallback(retry_state))
+            return float(min(max(retry_after, 0.0), policy.max_retry_after_s))
+        backoff = policy.initial_s * 2 ** max(retry_state.attempt_number - 1, 0)
+        return min(backoff, policy.max_s) + random.uniform(0.0, policy.jitter_s)
 
 
 def _parse_retry_after(value: str | None) -> float | None:

@@ -66,6 +66,16 @@ def _restart_policy(policy: str) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class _Box:
+    """What the provider needs of one container."""
+
+    id: str
+    replica: str
+    status: str  # the engine's state: created, running, restarting, exited, dead, ...
+    started_at: float
+
+
 @dataclass
 class _Deployment:
     spec: LaunchSpec
@@ -133,28 +143,41 @@ class DockerProvider:
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise ProviderError(f"docker engine unreachable: {exc}") from None
 
-    def _list_sync(self, deployment: str) -> list[Any]:
-        return list(
-            self._docker().containers.list(all=True, filters={"label": [f"{LABEL_DEPLOYMENT}={deployment}"]})
-        )
+    def _list_sync(self, deployment: str) -> list[_Box]:
+        # The low-level list is one call with labels and state: no per-container inspect that
+        # could race with a container being removed meanwhile.
+        rows = self._docker().api.containers(all=True, filters={"label": f"{LABEL_DEPLOYMENT}={deployment}"})
+        boxes = []
+        for row in rows:
+            labels = row.get("Labels") or {}
+            names = row.get("Names") or [row["Id"]]
+            boxes.append(
+                _Box(
+                    id=row["Id"],
+                    replica=labels.get(LABEL_REPLICA) or names[0].lstrip("/"),
+                    status=str(row.get("State") or "unknown"),
+                    started_at=_float(labels.get(LABEL_STARTED)),
+                )
+            )
+        return boxes
 
-    def _remove_sync(self, container: Any) -> None:
+    def _remove_sync(self, box: _Box) -> None:
         import docker.errors
 
         try:
-            container.remove(force=True)
+            self._docker().api.remove_container(box.id, force=True)
         except docker.errors.NotFound:
             pass
 
-    def _stop_sync(self, container: Any) -> None:
+    def _stop_sync(self, box: _Box) -> None:
         import docker.errors
 
         try:
             # The engine sends the stop signal (SIGTERM), waits the grace period, then SIGKILLs.
-            container.stop(timeout=max(1, round(self.stop_grace_s)))
+            self._docker().api.stop(box.id, timeout=max(1, round(self.stop_grace_s)))
         except docker.errors.NotFound:
             return
-        self._remove_sync(container)
+        self._remove_sync(box)
 
     def _create_sync(self, deployment: str, dep: _Deployment, replica_id: str) -> None:
         import docker.errors
@@ -190,7 +213,7 @@ class DockerProvider:
             container.start()
         except docker.errors.APIError as exc:
             # Never leave a created-but-dead container behind.
-            self._remove_sync(container)
+            self._remove_sync(_Box(container.id, replica_id, "created", 0.0))
             reason = str(exc.explanation or exc)
             if "device driver" in reason or "gpu" in reason.lower():
                 raise CapacityError(
@@ -207,10 +230,11 @@ class DockerProvider:
         except KeyError:
             raise DeploymentNotFound(f"docker provider has no deployment {deployment!r}") from None
 
-    def _begin_stop(self, container: Any, replica_id: str) -> None:
+    def _begin_stop(self, box: _Box) -> None:
+        replica_id = box.replica
         if replica_id in self._stopping:
             return
-        task = asyncio.create_task(self._call(self._stop_sync, container), name=f"stop-{replica_id}")
+        task = asyncio.create_task(self._call(self._stop_sync, box), name=f"stop-{replica_id}")
         self._stopping[replica_id] = task
 
         def done(t: asyncio.Task[None]) -> None:
@@ -220,18 +244,16 @@ class DockerProvider:
 
         task.add_done_callback(done)
 
-    async def _reconcile(self, deployment: str, dep: _Deployment, idle: Collection[str] = ()) -> list[Any]:
-        containers = await self._call(self._list_sync, deployment)
+    async def _reconcile(self, deployment: str, dep: _Deployment, idle: Collection[str] = ()) -> None:
         live = []
-        for container in containers:
-            rid = container.labels.get(LABEL_REPLICA, container.name)
-            if rid in self._stopping:
+        for box in await self._call(self._list_sync, deployment):
+            if box.replica in self._stopping:
                 continue
-            if container.status in _GONE or container.status == "created":
-                log.info("removing %s container %s (%s)", deployment, rid, container.status)
-                await self._call(self._remove_sync, container)
+            if box.status in _GONE or box.status == "created":
+                log.info("removing %s container %s (%s)", deployment, box.replica, box.status)
+                await self._call(self._remove_sync, box)
                 continue
-            live.append(container)
+            live.append(box)
         want = 0 if dep.paused else dep.target
         if len(live) < want:
             for _ in range(want - len(live)):
@@ -239,30 +261,28 @@ class DockerProvider:
                 await self._call(self._create_sync, deployment, dep, rid)
                 log.info("started replica %s of %s", rid, deployment)
         elif len(live) > want:
-            by_id = {c.labels.get(LABEL_REPLICA, c.name): c for c in live}
-            ranked = [(rid, _started(c)) for rid, c in by_id.items()]
+            by_id = {box.replica: box for box in live}
+            ranked = [(rid, box.started_at) for rid, box in by_id.items()]
             for rid in choose_victims(ranked, len(live) - want, idle):
                 log.info("stopping replica %s of %s%s", rid, deployment, " (idle)" if rid in idle else "")
-                self._begin_stop(by_id[rid], rid)
-        return list(containers)
+                self._begin_stop(by_id[rid])
 
     async def observe(self, deployment: str) -> ProviderState:
         dep = self._get(deployment)
         async with self._lock:
             await self._reconcile(deployment, dep)
-            containers = await self._call(self._list_sync, deployment)
+            boxes = await self._call(self._list_sync, deployment)
         replicas = []
-        for c in containers:
-            rid = c.labels.get(LABEL_REPLICA, c.name)
-            if rid in self._stopping:
+        for box in boxes:
+            if box.replica in self._stopping:
                 status = REPLICA_STOPPING
-            elif c.status == "running":
+            elif box.status == "running":
                 status = REPLICA_RUNNING
-            elif c.status in _GONE:
+            elif box.status in _GONE:
                 continue
             else:
                 status = REPLICA_STARTING
-            replicas.append(Replica(rid, status, _started(c)))
+            replicas.append(Replica(box.replica, status, box.started_at))
         replicas.sort(key=lambda r: r.started_at)
         running = sum(1 for r in replicas if r.status == REPLICA_RUNNING)
         if dep.paused:
@@ -281,6 +301,8 @@ class DockerProvider:
         dep = self._get(deployment)
         async with self._lock:
             dep.target = desired
+            if desired > 0:
+                dep.paused = False  # as on DataCrunch: scaling up resumes a paused deployment
             await self._reconcile(deployment, dep, idle)
 
     async def pause(self, deployment: str) -> None:
@@ -314,8 +336,8 @@ class DockerProvider:
             self._client = None
 
 
-def _started(container: Any) -> float:
+def _float(value: Any) -> float:
     try:
-        return float(container.labels.get(LABEL_STARTED, 0.0))
+        return float(value)
     except (TypeError, ValueError):
         return 0.0

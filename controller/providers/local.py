@@ -139,6 +139,8 @@ class LocalProvider:
         dep = self._get(deployment)
         async with self._lock:
             dep.target = desired
+            if desired > 0:
+                dep.paused = False  # as on DataCrunch: scaling up resumes a paused deployment
             await self._reconcile(deployment, dep, idle)
 
     async def pause(self, deployment: str) -> None:
