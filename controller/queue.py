@@ -89,6 +89,9 @@ class ClaimedTask:
     max_attempts: int
     depends_on: list[int]
     lease_expires_at: datetime
+    # Seconds between becoming claimable (enqueue, unblock, retry, requeue) and this claim, for
+    # the queue-wait metric; None if unknown.
+    queue_wait_s: float | None = None
 
 
 @dataclass
@@ -364,7 +367,8 @@ class Queue:
               FROM c
              WHERE t.id = c.id
             RETURNING t.id, t.task_type, t.pool, t.document_id, t.payload, t.priority::text,
-                      t.attempts, t.max_attempts, t.depends_on, t.lease_expires_at
+                      t.attempts, t.max_attempts, t.depends_on, t.lease_expires_at,
+                      extract(epoch FROM now() - t.queued_at)::float8 AS queue_wait_s
             """,
             pool,
             server_id,
@@ -383,6 +387,7 @@ class Queue:
                 max_attempts=r["max_attempts"],
                 depends_on=list(r["depends_on"]),
                 lease_expires_at=r["lease_expires_at"],
+                queue_wait_s=max(0.0, r["queue_wait_s"]) if r["queue_wait_s"] is not None else None,
             )
             for r in rows
         ]
@@ -444,13 +449,16 @@ class Queue:
                                      WHEN t.attempts >= t.max_attempts THEN 'dead'
                                      ELSE 'queued' END::gpuscale_task_status,
                        not_before = CASE WHEN $4 AND t.attempts < t.max_attempts
-                           THEN now() + make_interval(secs => least($6, $5 * power(2, t.attempts - 1))
-                                                             * (0.5 + random()))
-                           END,
-                       queued_at = CASE WHEN $4 AND t.attempts < t.max_attempts THEN now() END,
+                           THEN now() + b.delay END,
+                       -- claimable again when the backoff ends: that is when queue wait starts
+                       queued_at = CASE WHEN $4 AND t.attempts < t.max_attempts
+                           THEN now() + b.delay ELSE t.queued_at END,
                        finished_at = CASE WHEN NOT $4 OR t.attempts >= t.max_attempts THEN now() END,
                        error = $3, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-                 WHERE id = $1 AND status = 'running' AND lease_owner = $2
+                  FROM (SELECT make_interval(secs => least($6, $5 * power(2, q.attempts - 1))
+                                                     * (0.5 + random())) AS delay
+                          FROM processing_queue q WHERE q.id = $1) b
+                 WHERE t.id = $1 AND t.status = 'running' AND t.lease_owner = $2
                 RETURNING status::text
                 """,
                 task_id,
