@@ -45,6 +45,7 @@ async def test_enqueue_claim_complete_roundtrip(db: asyncpg.Pool) -> None:
     assert (
         c.attempts == 1 and c.payload == DOC and c.priority is Priority.normal and c.document_id == "deck-1"
     )
+    assert c.queue_wait_s is not None and 0 <= c.queue_wait_s < 60
     assert await q.claim("text", "srv-2", 5) == []
 
     assert await q.progress(tid, "srv-1", 40, "page 2/5")
