@@ -21,7 +21,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
@@ -176,6 +176,7 @@ class DataCrunchClient:
         retry: RetryPolicy | None = None,
         refresh_margin_s: float = 60.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if not client_id or not client_secret:
             raise ProviderError("DataCrunch client id and secret must both be set")
@@ -195,6 +196,7 @@ class DataCrunchClient:
         self._refresh: SecretStr | None = None
         self._expires_at = 0.0
         self._auth_lock = asyncio.Lock()
+        self._sleep = sleep  # the retry waits; tests record them instead of sleeping
 
     def __repr__(self) -> str:
         return f"DataCrunchClient(base_url={self.base_url!r})"
@@ -260,6 +262,7 @@ class DataCrunchClient:
                 retry=retry_if_exception(lambda e: isinstance(e, _Transient)),
                 stop=stop_after_attempt(max(1, policy.attempts)),
                 wait=_WaitRetryAfter(policy),
+                sleep=self._sleep,
                 reraise=True,
             ):
                 with attempt:
@@ -292,7 +295,8 @@ class DataCrunchClient:
             data = response.json()
             access = str(data["access_token"])
             refresh = data.get("refresh_token")
-            expires_in = float(data.get("expires_in") or 3600)
+            raw_expiry = data.get("expires_in")
+            expires_in = float(3600 if raw_expiry is None else raw_expiry)
         except (ValueError, KeyError, TypeError):
             raise ProviderError(f"POST {TOKEN_PATH}: unexpected answer (no access_token)") from None
         self._access = SecretStr(access)
