@@ -399,8 +399,12 @@ class Queue:
         """Push back the lease of every task ``server_id`` holds; returns how many."""
         lease = self.lease_s if lease_s is None else lease_s
         result = await self.pool.execute(
+            # SKIP LOCKED: a row being completed or failed right now needs no longer lease, and
+            # waiting for it could deadlock with a batched complete taking rows in another order.
             """UPDATE processing_queue SET lease_expires_at = now() + make_interval(secs => $2)
-                WHERE status = 'running' AND lease_owner = $1""",
+                WHERE id IN (SELECT id FROM processing_queue
+                              WHERE status = 'running' AND lease_owner = $1
+                                FOR UPDATE SKIP LOCKED)""",
             server_id,
             float(lease),
         )

@@ -324,3 +324,17 @@ async def test_enqueue_dependent_while_dependency_completes(db: asyncpg.Pool) ->
         (c,) = await q.claim("bench", "s", 5)
         assert c.id == child
         await q.complete(child, "s", {})
+
+
+async def test_concurrent_completions_sharing_dependents(db: asyncpg.Pool) -> None:
+    """Like a deck's page batches finishing at once: no deadlock, every dependent released once."""
+    q = Queue(db)
+    for _ in range(3):
+        parents = await q.enqueue_many([noop() for _ in range(8)])
+        children = await q.enqueue_many([noop(depends_on=parents) for _ in range(40)])
+        await q.claim("bench", "s", 8)
+        done = await asyncio.gather(*(q.complete(p, "s", {}) for p in parents))
+        assert all(done)
+        got = await q.claim("bench", "s", 100)
+        assert sorted(c.id for c in got) == children
+        await q.complete_many("s", [(c.id, {}) for c in got])
