@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import yaml
 
 from controller.demo import decks as deckgen
 from controller.demo.procs import ChildFailed, ProcessSet, free_port, gpuscale_cmd, wait_http
@@ -103,16 +105,15 @@ class Demo:
         self.data_dir = options.data_dir.absolute()
         self.log_dir = self.data_dir / "logs"
         self.pools: PoolsConfig = load_pools(options.pools_file)
-        # The demo runs the pools whose deployment it creates in the emulator (a pools file may
-        # also define, say, the bench pool, which has no deployment here).
-        from controller import deployspec
-
-        names = {deployspec.load_file(p)["name"] for p in options.deployment_files}
-        self.demo_pools = {n: r for n, r in self.pools.pools.items() if r.deployment in names}
+        # The demo's deployments: the production specs (one per pool, found by their
+        # GPUSCALE_POOL), named as the demo pools file names them.  A pool without a spec (say,
+        # the bench pool) is not part of the demo.
+        self.specs = _specs_by_pool(options.deployment_files)
+        self.demo_pools = {n: r for n, r in self.pools.pools.items() if n in self.specs}
         if not self.demo_pools:
             raise DemoError(
-                f"no pool of {options.pools_file} uses a deployment of "
-                f"{', '.join(map(str, options.deployment_files))} ({', '.join(sorted(names))})"
+                f"no pool of {options.pools_file} has a deployment spec among "
+                f"{', '.join(map(str, options.deployment_files))} (matched by their GPUSCALE_POOL env)"
             )
         self.procs: ProcessSet | None = None
         self.pg: Any = None  # EmbeddedPostgres
@@ -124,9 +125,10 @@ class Demo:
         self.emulator_url = ""
         self.ollama_url = ""
         self.client_id = "gpuscale-demo"
-        # Random per run: the emulator checks it like the real API; never printed.
-        self.client_secret = secrets.token_urlsafe(24)
-        self.worker_token = secrets.token_urlsafe(24)
+        # The emulator checks these like the real API; random per run unless given in the
+        # environment (tests pass known values to check they never leak); never printed.
+        self.client_secret = os.environ.get("DATACRUNCH_CLIENT_SECRET") or secrets.token_urlsafe(24)
+        self.worker_token = os.environ.get("GPUSCALE_WORKER_TOKEN") or secrets.token_urlsafe(24)
         self.decks: list[tuple[str, str, int]] = []  # (name, document_id, pages)
         self.started = 0.0
         self.snapshot = Snapshot()
@@ -234,13 +236,28 @@ class Demo:
         else:
             progress("starting the Ollama stand-in (python -m worker.standin)")
             port = free_port()
-            models = sorted({os.environ.get("GPUSCALE_VISUAL_MODEL", "gemma3:12b"),
-                             os.environ.get("GPUSCALE_TEXT_MODEL", "gemma3:12b")})  # fmt: skip
+            models = sorted(
+                {
+                    os.environ.get("GPUSCALE_VISUAL_MODEL", "gemma3:12b"),
+                    os.environ.get("GPUSCALE_TEXT_MODEL", "gemma3:12b"),
+                }
+            )
             standin = procs.start(
                 "ollama-standin",
-                [sys.executable, "-m", "worker.standin", "--port", str(port), "--models", ",".join(models),
-                 "--latency", f"{self.o.standin_latency_s:g}", "--load-latency", "0.5"],
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "worker.standin",
+                    "--port",
+                    str(port),
+                    "--models",
+                    ",".join(models),
+                    "--latency",
+                    f"{self.o.standin_latency_s:g}",
+                    "--load-latency",
+                    "0.5",
+                ],
+            )
             self.ollama_url = f"http://127.0.0.1:{port}"
             await asyncio.to_thread(wait_http, f"{self.ollama_url}/api/version", standin, timeout=30)
         procs.env["OLLAMA_HOST"] = self.ollama_url
@@ -255,10 +272,17 @@ class Demo:
         }
         emulator = procs.start(
             "emulator",
-            gpuscale_cmd("emulator", "--port", str(emu_port), "--cold-start", f"{self.o.replica_start_s:g}",
-                         "--log-dir", str(self.log_dir / "replicas")),
+            gpuscale_cmd(
+                "emulator",
+                "--port",
+                str(emu_port),
+                "--cold-start",
+                f"{self.o.replica_start_s:g}",
+                "--log-dir",
+                str(self.log_dir / "replicas"),
+            ),
             env=emu_env,
-        )  # fmt: skip
+        )
         await asyncio.to_thread(wait_http, f"{self.emulator_url}/_emulator/state", emulator, timeout=30)
         provider_env = {
             "DATACRUNCH_BASE_URL": f"{self.emulator_url}/v1",
@@ -266,9 +290,11 @@ class Demo:
             "DATACRUNCH_CLIENT_SECRET": self.client_secret,
         }
         progress("creating the deployments in the emulator (gpuscale deploy apply)")
-        deploy_args = ["deploy", "apply", *[str(p) for p in self.o.deployment_files]]
+        spec_files = self.write_specs()
         procs.env.update(provider_env)
-        await asyncio.to_thread(procs.run, "deploy-apply", gpuscale_cmd(*deploy_args))
+        await asyncio.to_thread(
+            procs.run, "deploy-apply", gpuscale_cmd("deploy", "apply", *map(str, spec_files))
+        )
 
         progress("starting the controller (gpuscale controller)")
         http_port = self.o.http_port or free_port()
@@ -286,15 +312,43 @@ class Demo:
         self.write_targets()
 
         progress(f"generating {self.o.decks} sample deck(s) into {self.data_dir / 'decks'}")
-        paths = await asyncio.to_thread(deckgen.write_decks, self.data_dir / "decks", self.o.decks,
-                                        pages=self.o.pages)  # fmt: skip
+        paths = await asyncio.to_thread(
+            deckgen.write_decks, self.data_dir / "decks", self.o.decks, pages=self.o.pages
+        )
         from controller.deck import submit_deck
 
         for path in paths:
-            sub = await submit_deck(self.queue, path, batch_pages=self.o.batch_pages,
-                                    document_id=f"demo-{self.run_id}-{path.stem}")  # fmt: skip
+            sub = await submit_deck(
+                self.queue,
+                path,
+                batch_pages=self.o.batch_pages,
+                document_id=f"demo-{self.run_id}-{path.stem}",
+            )
             self.decks.append((path.stem, sub.document_id, sub.pages))
         self.snapshot.header = self.header_lines()
+
+    def write_specs(self) -> list[Path]:
+        """The demo pools' deployment specs under ``<data-dir>/deploy/``, for ``deploy apply``."""
+        out_dir = self.data_dir / "deploy"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for name, rules in self.demo_pools.items():
+            spec = copy.deepcopy(self.specs[name])
+            spec["name"] = rules.deployment
+            # The worker runs as many tasks at once as the controller sizes the pool for.
+            env = [e for e in spec["containers"][0]["env"] if e["name"] != "GPUSCALE_WORKER_CONCURRENCY"]
+            env.append(
+                {
+                    "name": "GPUSCALE_WORKER_CONCURRENCY",
+                    "value_or_reference_to_secret": str(rules.tasks_per_replica),
+                    "type": "plain",
+                }
+            )
+            spec["containers"][0]["env"] = env
+            path = out_dir / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(spec, sort_keys=False))
+            paths.append(path)
+        return paths
 
     # ------------------------------------------------------------------ watching
 
@@ -349,6 +403,22 @@ class Demo:
             elif isinstance(items, dict):
                 api_by_pool = {str(k): v for k, v in items.items() if isinstance(v, dict)}
 
+        decisions: list[Decision] = []
+        events = api_events.get("events", []) if isinstance(api_events, dict) else []
+        for e in events if isinstance(events, list) else []:
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                decisions.append(
+                    Decision(
+                        at=float(e["at"]),
+                        pool=str(e["pool"]),
+                        from_replicas=e.get("from_replicas"),
+                        to_replicas=int(e["to_replicas"]),
+                        reason=str(e.get("reason", "")),
+                        detail=str(e.get("detail") or ""),
+                        outcome=str(e.get("outcome") or ""),
+                    )
+                )
+
         pools: list[PoolView] = []
         for name, rules in self.demo_pools.items():
             s = stats.get(name)
@@ -358,7 +428,12 @@ class Demo:
             )
             last = _first(api, "last_decision", "decision") or {}
             last_txt = ""
-            if isinstance(last, dict) and last:
+            change = next((d for d in decisions if d.pool == name), None)
+            if change is not None:
+                ago = max(0.0, time.time() - change.at)
+                frm = "·" if change.from_replicas is None else change.from_replicas
+                last_txt = f"{frm}→{change.to_replicas} {change.reason} ({ago:.0f}s ago)"
+            elif isinstance(last, dict) and last:
                 frm, to = (
                     last.get("from_replicas", last.get("current")),
                     last.get("to_replicas", last.get("desired")),
@@ -385,22 +460,6 @@ class Demo:
                     last_decision=last_txt,
                 )
             )
-
-        decisions: list[Decision] = []
-        events = api_events.get("events", []) if isinstance(api_events, dict) else []
-        for e in events if isinstance(events, list) else []:
-            with contextlib.suppress(KeyError, TypeError, ValueError):
-                decisions.append(
-                    Decision(
-                        at=float(e["at"]),
-                        pool=str(e["pool"]),
-                        from_replicas=e.get("from_replicas"),
-                        to_replicas=int(e["to_replicas"]),
-                        reason=str(e.get("reason", "")),
-                        detail=str(e.get("detail") or ""),
-                        outcome=str(e.get("outcome") or ""),
-                    )
-                )
 
         deck_views = []
         for name, doc_id, pages in self.decks:
@@ -463,8 +522,12 @@ class Demo:
             return
         groups = []
         if self.controller_url:
-            groups.append({"targets": [self.controller_url.removeprefix("http://")],
-                           "labels": {"job": "gpuscale-controller"}})  # fmt: skip
+            groups.append(
+                {
+                    "targets": [self.controller_url.removeprefix("http://")],
+                    "labels": {"job": "gpuscale-controller"},
+                }
+            )
         workers = sorted({addr for addr in (_server_metrics_addr(s) for s in servers or []) if addr})
         if workers:
             groups.append({"targets": workers, "labels": {"job": "gpuscale-worker"}})
@@ -600,6 +663,19 @@ class Demo:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _specs_by_pool(files: list[Path]) -> dict[str, dict[str, Any]]:
+    """Deployment specs keyed by the pool their container serves (its GPUSCALE_POOL env)."""
+    from controller import deployspec
+
+    out: dict[str, dict[str, Any]] = {}
+    for path in files:
+        spec = deployspec.load_file(path)
+        for item in spec["containers"][0].get("env") or []:
+            if item.get("name") == "GPUSCALE_POOL" and item.get("type") == "plain":
+                out[str(item["value_or_reference_to_secret"])] = spec
+    return out
 
 
 def _server_metrics_addr(server: Any) -> str | None:

@@ -70,8 +70,11 @@ def render_summary(s: Summary) -> RenderableType:
     totals = Table.grid(padding=(0, 2))
     totals.add_column(style="bold")
     totals.add_column()
-    totals.add_row("tasks", f"{s.tasks_done} done, {s.tasks_failed} failed, {s.tasks_unfinished} unfinished "
-                   f"of {s.tasks_total} ({s.decks} decks, {s.pages} pages)")  # fmt: skip
+    totals.add_row(
+        "tasks",
+        f"{s.tasks_done} done, {s.tasks_failed} failed, {s.tasks_unfinished} unfinished "
+        f"of {s.tasks_total} ({s.decks} decks, {s.pages} pages)",
+    )
     totals.add_row("wall time", f"{s.wall_s:.1f} s")
     totals.add_row("replica-seconds", f"{s.replica_seconds:.1f}")
     totals.add_row(
@@ -85,25 +88,16 @@ def render_summary(s: Summary) -> RenderableType:
         totals.add_row("logs", s.logs)
 
     pools = Table(title="Per pool", title_justify="left")
-    pools.add_column("pool", style="bold")
-    for col in (
-        "tasks done",
-        "failed",
-        "peak",
-        "final",
-        "replica-s",
-        "cost",
-        "cold starts",
-        "mean cold start",
-    ):
-        pools.add_column(col, justify="right")
+    pools.add_column("pool", style="bold", no_wrap=True)
+    for col in ("done", "failed", "peak", "final/min", "replica-s", "cost", "cold starts", "avg cold start"):
+        pools.add_column(col, justify="right", no_wrap=True)
     for name, p in s.pools.items():
         pools.add_row(
             name,
             str(p.tasks_done),
             str(p.tasks_failed),
             str(p.replicas_peak),
-            "?" if p.replicas_final is None else f"{p.replicas_final} (min {p.min_replicas})",
+            f"{'?' if p.replicas_final is None else p.replicas_final}/{p.min_replicas}",
             f"{p.replica_seconds:.1f}",
             _money(p.cost_usd),
             str(p.cold_starts),

@@ -79,15 +79,20 @@ def _mmss(seconds: float) -> str:
 
 
 def pools_table(snapshot: Snapshot) -> Table:
-    table = Table(title="Pools", title_justify="left", expand=True, pad_edge=False)
-    table.add_column("pool", style="bold")
+    table = Table(
+        title="Pools",
+        title_justify="left",
+        caption="replicas = desired (controller) / running (provider) / registered (workers)",
+        caption_justify="left",
+        expand=True,
+        pad_edge=False,
+    )
+    table.add_column("pool", style="bold", no_wrap=True)
     for col in ("queued", "running", "blocked", "done", "failed"):
-        table.add_column(col, justify="right")
-    table.add_column("desired", justify="right", style="cyan")
-    table.add_column("running replicas", justify="right", style="cyan")
-    table.add_column("registered", justify="right", style="cyan")
-    table.add_column("min–max", justify="center", style="dim")
-    table.add_column("last decision", overflow="fold")
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("replicas", justify="center", style="cyan", no_wrap=True)
+    table.add_column("min–max", justify="center", style="dim", no_wrap=True)
+    table.add_column("last decision", overflow="ellipsis", no_wrap=True, ratio=1, min_width=16)
     for p in snapshot.pools:
         name = p.name + (" (paused)" if p.paused else "")
         table.add_row(
@@ -97,9 +102,7 @@ def pools_table(snapshot: Snapshot) -> Table:
             str(p.blocked),
             str(p.done),
             Text(str(p.failed), style="red" if p.failed else ""),
-            _num(p.desired),
-            _num(p.provider),
-            str(p.registered),
+            f"{_num(p.desired)} / {_num(p.provider)} / {p.registered}",
             f"{p.min_replicas}–{p.max_replicas}",
             p.last_decision,
         )
