@@ -77,7 +77,7 @@ async def run_queue_bench(
     depth_rows: int | None = None,
 ) -> BenchResult:
     queue = Queue(pool)
-    await queue.purge_pool(BENCH_POOL)
+    await _reset(queue)
 
     enqueue_s = await _enqueue(queue, tasks, enqueue_batch, 1)
 
@@ -115,12 +115,18 @@ async def run_queue_bench(
     )
 
     if depth_rows:
-        await queue.purge_pool(BENCH_POOL)
+        await _reset(queue)
         await _enqueue(queue, depth_rows, 10_000, max(1, min(concurrency, 4)))
         result.depth_rows = depth_rows
         result.depth_read_ms_at_rows = await _median_ms(lambda: queue.depth(BENCH_POOL, 10_000), depth_reads)
         result.stats_read_ms_at_rows = await _median_ms(queue.stats, depth_reads)
         result.count_scan_ms_at_rows = await _median_ms(lambda: queue.depth_by_scan(BENCH_POOL), 5)
 
-    await queue.purge_pool(BENCH_POOL)
+    await _reset(queue)
     return result
+
+
+async def _reset(queue: Queue) -> None:
+    """Empty the scratch pool and vacuum, so every run starts from the same clean state."""
+    await queue.purge_pool(BENCH_POOL)
+    await queue.vacuum()

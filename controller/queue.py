@@ -726,6 +726,16 @@ class Queue:
         )
         return _rowcount(result)
 
+    async def vacuum(self) -> None:
+        """``VACUUM (ANALYZE)`` the queue tables: after a big purge, so the next claims do not
+        walk dead index entries.  Autovacuum does this in a long-running deployment; short-lived
+        processes on the embedded server (benchmarks) stop it before autovacuum gets a turn."""
+        await self.compact_counts()
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "VACUUM (ANALYZE) processing_queue, processing_task_deps, processing_queue_counts"
+            )
+
     async def compact_counts(self) -> int:
         """Fold the per-connection counter shards together (also done by :meth:`reap_expired`)."""
         return int(await self.pool.fetchval("SELECT gpuscale_compact_counts()") or 0)
