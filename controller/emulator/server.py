@@ -16,9 +16,11 @@ import atexit
 import contextlib
 import json
 import logging
+import signal
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -153,10 +155,27 @@ class Emulator:
         return result
 
 
+class _ForegroundServer(uvicorn.Server):
+    """uvicorn, but a SIGTERM/SIGINT that ends in a clean shutdown exits 0 instead of being
+    re-raised against the process once the replicas are stopped."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
 async def serve_forever(config: EmulatorConfig, host: str, port: int) -> None:
     """The ``gpuscale emulator`` command: uvicorn in the foreground; SIGINT/SIGTERM stop it
     and, through the app's lifespan, every replica."""
-    server = uvicorn.Server(
+    server = _ForegroundServer(
         uvicorn.Config(create_app(config), host=host, port=port, log_level="info", lifespan="on")
     )
     with contextlib.suppress(asyncio.CancelledError):
