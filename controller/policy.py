@@ -411,20 +411,13 @@ def decide(
                 work_replicas(rules, q_work + r_work + blocked_work, tasks + blocked, ready), rules
             )
 
-    # Work due within a cold start keeps the replicas it needs: idling until it arrives costs
-    # less than stopping now and starting again (what pre-warm would do).
-    keep = target
-    if blocked and rules.sizing == "work" and (eta is None or eta <= rules.cold_start_s + tick_s):
-        keep = max(
-            keep,
-            _clamp(work_replicas(rules, blocked_work, blocked, ready, start=1), rules),
-        )
+    # Work due within a cold start keeps the replicas pre-warm would start for it: idling until
+    # it arrives costs less than stopping now and starting again (and cannot flap with pre-warm).
+    keep = max(target, prewarm_target)
 
     gap_start, idle_gaps = state.gap_start, state.idle_gaps
     if rules.sizing == "work" and rules.scale_down_auto:
-        gap_start, idle_gaps = _track_gaps(
-            state, max(target, keep, prewarm_target, floor_running), current, now, rules.cold_start_s
-        )
+        gap_start, idle_gaps = _track_gaps(state, max(keep, floor_running), current, now, rules.cold_start_s)
     new = replace(
         state,
         gap_start=gap_start,
@@ -443,9 +436,19 @@ def decide(
             st = replace(st, last_change_at=now, last_direction=1 if desired > current else -1)
         return Decision(desired, current, reason, detail, st, replace_ids, target, extra)
 
+    # Outside [min, max] (rules changed): move into range at once.
+    # Tasks running on more replicas than the provider reports: never below them either.
+    lowest = _clamp(max(rules.min_replicas, floor_running), rules)
+    if current < lowest:
+        if floor_running > rules.min_replicas:
+            return done(lowest, RUNNING_NEED, f"{running} running tasks need {floor_running} replica(s)")
+        return done(lowest, MIN_REPLICAS, f"below min_replicas {rules.min_replicas}")
+    if current > rules.max_replicas:
+        return done(rules.max_replicas, MAX_REPLICAS, f"above max_replicas {rules.max_replicas}")
+
     if replace_ids:
         return done(
-            current,
+            max(current, floor_running),
             STARTUP_TIMEOUT,
             f"{len(replace_ids)} replica(s) not registered within {rules.startup_timeout_s:.0f}s: replacing "
             f"(failure #{failures})",
@@ -454,18 +457,12 @@ def decide(
         )
     if in_backoff:
         return done(
-            current,
+            max(current, floor_running),
             STARTUP_BACKOFF,
             f"{len(overdue)} replica(s) failed to start; next replacement after backoff",
             up_since=None,
             surplus_since=(),
         )
-
-    # Outside [min, max] (rules changed): move into range at once.
-    if current < rules.min_replicas:
-        return done(rules.min_replicas, MIN_REPLICAS, f"below min_replicas {rules.min_replicas}")
-    if current > rules.max_replicas:
-        return done(rules.max_replicas, MAX_REPLICAS, f"above max_replicas {rules.max_replicas}")
 
     # --- scale up -----------------------------------------------------------------------------
     up_target = max(target, prewarm_target)

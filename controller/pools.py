@@ -56,6 +56,8 @@ def parse_duration(value: Any) -> float:
         seconds = float(value)
     elif isinstance(value, str):
         text = value.strip().lower().replace(" ", "")
+        if text.startswith("-"):
+            raise ValueError(f"duration must not be negative, got {value!r}")
         try:
             seconds = float(text)
         except ValueError:

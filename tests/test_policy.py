@@ -1,0 +1,300 @@
+"""The scaling policy, one rule at a time (pure function: plain data in, plain data out)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from controller import policy as P
+from controller.policy import BudgetView, PoolObservation, PoolState, decide, idle_timeout
+from controller.pools import PoolRules
+
+
+def rules(**kw: Any) -> PoolRules:
+    base: dict[str, Any] = {
+        "name": "visual",
+        "task_types": ["visual_analysis", "slide_feedback"],
+        "min_replicas": 0,
+        "max_replicas": 6,
+        "scale_up_threshold": 2,
+        "scale_up_delay_s": 60,
+        "scale_down_delay_s": 120,
+        "startup_timeout_s": 300,
+        "tasks_per_replica": 2,
+        "cold_start_s": 120,
+        "drain_target_s": 600,
+        "default_task_duration_s": 200,
+    }
+    base.update(kw)
+    return PoolRules(**base)
+
+
+def obs(
+    queued: int | dict[str, int] | None = 0,
+    running: int | None = 0,
+    replicas: int | None = 0,
+    **kw: Any,
+) -> PoolObservation:
+    q = {"normal": queued} if isinstance(queued, int) else queued
+    return PoolObservation(queued=q, running=running, provider_replicas=replicas, **kw)
+
+
+def run(r: PoolRules, observations: list[tuple[float, PoolObservation]], state: PoolState | None = None):
+    state = state or PoolState()
+    out = []
+    for now, o in observations:
+        d = decide(r, o, state, now)
+        state = d.state
+        out.append(d)
+    return out
+
+
+def test_scale_from_zero_at_once_for_certain_work() -> None:
+    d = decide(rules(), obs(queued=1), PoolState(), 0.0)
+    assert (d.desired, d.reason) == (1, P.SCALE_FROM_ZERO)
+    assert d.direction == 1
+
+
+def test_sized_by_work_not_counts() -> None:
+    r = rules()
+    # Four 200 s batches: one replica = 120 s start + 800 s; two save 400 s > a cold start.
+    d = decide(r, obs(queued=4, queued_work_s=800), PoolState(), 0.0)
+    assert d.desired == 2
+    # Four 10 s tasks: a second replica would save nothing worth a cold start.
+    r4 = r.model_copy(update={"tasks_per_replica": 4})
+    d = decide(r4, obs(queued=4, queued_work_s=40), PoolState(), 0.0)
+    assert d.desired == 1
+    # A mountain of work goes to max_replicas and no further.
+    d = decide(r, obs(queued=60, queued_work_s=60 * 200), PoolState(), 0.0)
+    assert d.desired == 6
+
+
+def test_drain_time_counts_indivisible_tasks() -> None:
+    # 4 equal tasks: 3 replicas are no faster than 2 (someone still runs two).
+    assert P.drain_time(800, 4, 3, 3, 120) == P.drain_time(800, 4, 2, 2, 120) == 400
+    assert P.drain_time(800, 4, 4, 2, 120) == 200 + 120
+    assert P.drain_time(0, 0, 0, 0, 120) == 0
+
+
+def test_scale_up_waits_for_the_delay_on_a_running_pool() -> None:
+    r = rules()
+    busy = {"running": 4, "busy_replicas": 2, "running_work_s": 600}
+    out = run(
+        r,
+        [
+            (0.0, obs(queued=6, replicas=2, queued_work_s=1200, **busy)),
+            (30.0, obs(queued=6, replicas=2, queued_work_s=1200, **busy)),
+            (60.0, obs(queued=6, replicas=2, queued_work_s=1200, **busy)),
+        ],
+    )
+    assert [d.reason for d in out] == [P.SCALE_UP_PENDING, P.SCALE_UP_PENDING, P.QUEUE_ABOVE_THRESHOLD]
+    assert out[0].desired == out[1].desired == 2
+    assert out[2].desired > 2
+
+
+def test_condition_must_hold_continuously() -> None:
+    r = rules()
+    busy = {"running": 4, "busy_replicas": 2, "running_work_s": 600}
+    out = run(
+        r,
+        [
+            (0.0, obs(queued=6, replicas=2, queued_work_s=1200, **busy)),
+            (40.0, obs(queued=0, replicas=2, **busy)),  # backlog cleared: the clock restarts
+            (50.0, obs(queued=6, replicas=2, queued_work_s=1200, **busy)),
+            (100.0, obs(queued=6, replicas=2, queued_work_s=1200, **busy)),
+            (110.0, obs(queued=6, replicas=2, queued_work_s=1200, **busy)),
+        ],
+    )
+    assert [d.desired > 2 for d in out] == [False, False, False, False, True]
+
+
+def test_critical_scales_at_once() -> None:
+    r = rules()
+    busy = {"running": 4, "busy_replicas": 2, "running_work_s": 600}
+    d = decide(r, obs(queued={"critical": 1}, replicas=2, queued_work_s=200, **busy), PoolState(), 0.0)
+    assert (d.desired, d.reason) == (3, P.CRITICAL_TASK)
+    # The replica it asked for is starting: no runaway on the next tick.
+    d2 = decide(
+        r,
+        obs(queued={"critical": 1}, replicas=3, queued_work_s=200, starting=[("r3", 0.0)], **busy),
+        d.state,
+        10.0,
+    )
+    assert d2.desired == 3
+    # critical_immediate off: it waits like everything else.
+    crit = obs(queued={"critical": 1}, replicas=2, queued_work_s=200, **busy)
+    d3 = decide(r, crit, PoolState(), 0.0, critical_immediate=False)
+    assert d3.desired == 2
+
+
+def test_idle_replicas_stop_one_by_one_after_the_delay() -> None:
+    r = rules()
+    idle = {"busy_replicas": 0, "idle_replicas": 2}
+    out = run(
+        r,
+        [
+            (0.0, obs(replicas=2, **idle)),
+            (60.0, obs(replicas=2, **idle)),
+            (119.0, obs(replicas=2, **idle)),
+            (120.0, obs(replicas=2, **idle)),
+        ],
+    )
+    assert [d.desired for d in out] == [2, 2, 2, 0]
+    assert out[0].reason == P.SCALE_DOWN_PENDING
+    assert out[-1].reason == P.IDLE_TIMEOUT
+    # A replica that went idle later stops later: each has its own clock.
+    out = run(
+        r,
+        [
+            (0.0, obs(replicas=2, running=1, busy_replicas=1, running_work_s=100)),
+            (60.0, obs(replicas=2, busy_replicas=0)),
+            (120.0, obs(replicas=2, busy_replicas=0)),
+            (180.0, obs(replicas=1, busy_replicas=0)),
+        ],
+    )
+    assert [d.desired for d in out] == [2, 2, 1, 0]
+
+
+def test_never_below_running_need() -> None:
+    r = rules(scale_down_delay_s=0)
+    busy = {"running": 3, "busy_replicas": 3, "running_work_s": 30}
+    out = run(r, [(t, obs(replicas=4, **busy)) for t in (0.0, 500.0, 1000.0)])
+    assert all(d.desired >= 3 for d in out)
+    assert out[-1].desired == 3
+
+
+def test_min_replicas_kept_and_max_enforced() -> None:
+    d = decide(rules(min_replicas=1), obs(), PoolState(), 0.0)
+    assert (d.desired, d.reason) == (1, P.MIN_REPLICAS)
+    out = run(rules(min_replicas=1), [(t, obs(replicas=1)) for t in (0.0, 1000.0)])
+    assert [d.desired for d in out] == [1, 1]
+    d = decide(rules(max_replicas=2), obs(replicas=5), PoolState(), 0.0)
+    assert (d.desired, d.reason) == (2, P.MAX_REPLICAS)
+
+
+@pytest.mark.parametrize(
+    "missing", [{"queued": None}, {"running": None}, {"replicas": None}, {"queued": None, "replicas": None}]
+)
+def test_unknown_holds(missing: dict[str, Any]) -> None:
+    r = rules(scale_down_delay_s=0)
+    state = PoolState(desired=3, surplus_since=(0.0, 0.0))
+    args: dict[str, Any] = {"queued": 0, "running": 0, "replicas": 3}
+    args.update(missing)
+    d = decide(r, obs(**args), state, 10_000.0)
+    assert d.reason == P.HOLD_UNKNOWN
+    assert d.desired == 3
+    assert d.state.surplus_since == ()  # idle clocks restart once data is back
+    # Critical work with an unknown provider still holds: no blind scaling either way.
+    d = decide(r, obs(queued={"critical": 5}, replicas=None), state, 0.0)
+    assert d.desired == 3
+
+
+def test_prewarm_by_dependency() -> None:
+    r = rules(name="text", task_types=[], tasks_per_replica=4, default_task_duration_s=40)
+    far = obs(blocked_on_running=5, blocked_work_s=200, upstream_eta_s=400)
+    near = obs(blocked_on_running=5, blocked_work_s=200, upstream_eta_s=125)
+    assert decide(r, far, PoolState(), 0.0).desired == 0
+    d = decide(r, near, PoolState(), 0.0)
+    assert (d.desired, d.reason) == (1, P.PREWARM_DEPENDENCY)
+    # Unknown ETA: the upstream is running, assume it may finish any time.
+    assert decide(r, obs(blocked_on_running=1, blocked_work_s=40), PoolState(), 0.0).desired == 1
+    # The switch.
+    assert decide(r.model_copy(update={"prewarm": False}), near, PoolState(), 0.0).desired == 0
+
+
+def test_imminent_work_keeps_an_idle_replica() -> None:
+    r = rules(name="text", task_types=[], tasks_per_replica=4, scale_down_delay_s=0)
+    soon = obs(replicas=1, busy_replicas=0, blocked_on_running=2, blocked_work_s=80, upstream_eta_s=60)
+    later = obs(replicas=1, busy_replicas=0, blocked_on_running=2, blocked_work_s=80, upstream_eta_s=900)
+    assert [d.desired for d in run(r, [(0.0, soon), (10.0, soon)])] == [1, 1]
+    out = run(r, [(0.0, later), (10.0, later)])
+    assert out[-1].desired == 0
+
+
+def test_startup_timeout_replaces_then_backs_off() -> None:
+    r = rules(startup_backoff_s=60, max_startup_backoff_s=600)
+    starting = obs(queued=2, replicas=1, queued_work_s=400, starting=[("r1", 0.0)])
+    d = decide(r, starting, PoolState(), 299.0)
+    assert d.replace == () and d.reason != P.STARTUP_TIMEOUT
+    d = decide(r, starting, d.state, 300.0)
+    assert d.reason == P.STARTUP_TIMEOUT and d.replace == ("r1",)
+    assert d.desired == 1 and d.state.startup_failures == 1 and d.state.replaced_total == 1
+    # The replacement fails too: the next replacement waits out a backoff, holding scale-ups.
+    again = obs(queued=2, replicas=1, queued_work_s=400, starting=[("r2", 300.0)])
+    d = decide(r, again, d.state, 600.0)
+    assert d.reason == P.STARTUP_BACKOFF and d.replace == ()
+    d = decide(r, again, d.state, 630.0)
+    assert d.reason == P.STARTUP_BACKOFF
+    d = decide(r, again, d.state, 660.0)
+    assert d.reason == P.STARTUP_TIMEOUT and d.replace == ("r2",) and d.state.startup_failures == 2
+    # Third failure: twice the backoff.
+    third = obs(queued=2, replicas=1, queued_work_s=400, starting=[("r3", 660.0)])
+    d = decide(r, third, d.state, 960.0)
+    assert d.reason == P.STARTUP_BACKOFF
+    assert decide(r, third, d.state, 1079.0).reason == P.STARTUP_BACKOFF
+    d = decide(r, third, d.state, 1080.0)
+    assert d.reason == P.STARTUP_TIMEOUT
+    # One that comes up resets the count.
+    up = obs(queued=0, replicas=1, registered=1, running=1, busy_replicas=1)
+    d = decide(r, obs(queued=2, replicas=1, starting=[("r4", 1080.0)]), d.state, 1090.0)
+    d = decide(r, up, d.state, 1200.0)
+    assert d.state.startup_failures == 0
+
+
+def test_budget_caps_non_critical_scale_ups() -> None:
+    r = rules()
+    over = BudgetView(monthly_budget_usd=100, projected_usd=130)
+    under = BudgetView(monthly_budget_usd=100, projected_usd=50)
+    work = obs(queued=8, queued_work_s=1600)
+    assert decide(r, work, PoolState(), 0.0, budget=under).desired > 1
+    d = decide(r, work, PoolState(), 0.0, budget=over)
+    assert (d.desired, d.reason) == (1, P.BUDGET_CAP)  # work still finishes, one replica
+    assert "budget" in d.detail
+    crit = obs(queued={"critical": 8}, queued_work_s=1600)
+    assert decide(r, crit, PoolState(), 0.0, budget=over).reason == P.CRITICAL_TASK
+
+
+def test_max_step_up() -> None:
+    d = decide(rules(max_step_up=1), obs(queued=20, queued_work_s=4000), PoolState(), 0.0)
+    assert d.desired == 1
+
+
+def test_count_sizing_is_the_seeds_rule() -> None:
+    r = rules(sizing="count", scale_up_delay_s=120, scale_down_delay_s=600, tasks_per_replica=1)
+    out = run(r, [(0.0, obs(queued=2)), (60.0, obs(queued=2)), (120.0, obs(queued=2))])
+    assert [d.desired for d in out] == [0, 0, 2]
+    # Below the threshold: nothing (except at zero, after the delay, so a lone task is served).
+    out = run(r, [(0.0, obs(queued=1, replicas=1, running=1, busy_replicas=1))] * 1)
+    assert out[0].desired == 1
+    # Whole pool down after the queue has been empty for the delay.
+    out = run(r, [(0.0, obs(replicas=2)), (599.0, obs(replicas=2)), (600.0, obs(replicas=2))])
+    assert [d.desired for d in out] == [2, 2, 0]
+
+
+def test_auto_idle_timeout_learns_from_gaps() -> None:
+    r = rules(scale_down_delay_s="auto", cold_start_s=120)
+    assert idle_timeout(r, PoolState()) == 120  # break-even until it has seen a few gaps
+    # Work came back within 30 s or not for long: keep replicas 30 s.
+    assert idle_timeout(r, PoolState(idle_gaps=(20.0, 25.0, 30.0, 28.0, 240.0, 240.0))) == 30.0
+    # Work always came back within 30 s: any timeout from 30 s to 120 s costs the same; the longer
+    # one spares the work cold starts.
+    assert idle_timeout(r, PoolState(idle_gaps=(20.0, 25.0, 30.0, 28.0))) == 120.0
+    # Work never came back within a cold start: stop after one tick.
+    assert idle_timeout(r, PoolState(idle_gaps=(240.0,) * 5), tick_s=10) == 10.0
+    assert idle_timeout(rules(scale_down_delay_s=77), PoolState(idle_gaps=(240.0,) * 5)) == 77
+
+
+def test_auto_records_gaps() -> None:
+    r = rules(scale_down_delay_s="auto", cold_start_s=120)
+    busy = obs(replicas=1, running=1, busy_replicas=1, running_work_s=100)
+    idle = obs(replicas=1)
+    out = run(r, [(0.0, busy), (10.0, idle), (40.0, busy), (50.0, idle), (300.0, idle)])
+    assert out[2].state.idle_gaps == (30.0,)
+    assert out[-1].state.idle_gaps == (30.0, 240.0)  # the long one counted once it passed 120 s
+
+
+def test_same_inputs_same_output() -> None:
+    r = rules()
+    o = obs(queued={"normal": 3, "high": 1}, replicas=1, running=2, busy_replicas=1, queued_work_s=800)
+    assert decide(r, o, PoolState(), 5.0) == decide(r, o, PoolState(), 5.0)
