@@ -338,3 +338,37 @@ async def test_concurrent_completions_sharing_dependents(db: asyncpg.Pool) -> No
         got = await q.claim("bench", "s", 100)
         assert sorted(c.id for c in got) == children
         await q.complete_many("s", [(c.id, {}) for c in got])
+
+
+async def test_counters_match_a_full_count_after_a_mixed_workload(db: asyncpg.Pool) -> None:
+    q = Queue(db, retry_base_s=30)
+    ids = await q.enqueue_many([noop(priority=p) for p in ("normal", "high", "critical") * 20])
+    await q.enqueue_many([noop(depends_on=ids[:3]) for _ in range(5)])
+    deck = await q.enqueue(NewTask("slide_feedback", {"document": "/d.pdf"}, depends_on=[ids[10]]))
+    got = await q.claim("bench", "a", 30, lease_s=0.01)
+    await q.complete_many("a", [(t.id, {}) for t in got[:10]])
+    for t in got[10:15]:
+        await q.fail(t.id, "a", "x")  # backoff
+    for t in got[15:18]:
+        await q.fail(t.id, "a", "x", retryable=False)
+    await q.release(got[18].id, "a")
+    await q.cancel(ids[-1])
+    await q.cancel(deck)
+    await asyncio.sleep(0.05)
+    await q.reap_expired()
+    await q.purge_done(older_than_s=0, batch=4)
+
+    rows = await db.fetch(
+        "SELECT pool, status::text AS status, count(*) AS n FROM processing_queue GROUP BY 1, 2"
+    )
+    truth = {(r["pool"], r["status"]): r["n"] for r in rows}
+    stats = await q.stats()
+    for pool, s in stats.items():
+        assert s.queued_total + s.waiting_backoff == truth.get((pool, "queued"), 0)
+        for status in ("blocked", "running", "done", "failed", "dead", "cancelled"):
+            assert getattr(s, status) == truth.get((pool, status), 0), (pool, status)
+    assert stats["bench"].waiting_backoff == 5
+    assert stats["bench"].queued_total == await q.depth_by_scan("bench") == await q.depth("bench", 10_000)
+
+    await db.execute("TRUNCATE processing_queue CASCADE")
+    assert await q.stats() == {}
