@@ -140,6 +140,7 @@ class EmulatorState:
         self.file_secrets: dict[str, tuple[list[dict[str, str]], float]] = {}
         self.registry_credentials: dict[str, tuple[dict[str, Any], float]] = {}
         self.requests = 0
+        self.writes = 0  # authenticated POST/PATCH/DELETE calls: `deploy apply` tests count them
         self._random = random.Random(config.faults.seed)
         self._lock = asyncio.Lock()
         self._stops: set[asyncio.Task[None]] = set()
@@ -478,6 +479,7 @@ class EmulatorState:
             },
             "faults": self.faults.to_dict(),
             "requests": self.requests,
+            "writes": self.writes,
         }
 
 
@@ -514,6 +516,8 @@ def api(handler: Handler, *, auth: bool = True) -> Callable[[Request], Awaitable
             await state.apply_faults()
             if auth:
                 state.check_token(request.headers.get("authorization"))
+                if request.method != "GET":
+                    state.writes += 1
             return await handler(request, state)
         except ApiFailure as exc:
             return JSONResponse(

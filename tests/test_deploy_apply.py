@@ -1,0 +1,254 @@
+"""Deployment specs (deploy/datacrunch/*.yaml) and ``gpuscale deploy apply`` against the emulator.
+
+Each spec must be exactly the API's Deployment shape: it is loaded into the official SDK's
+``Deployment`` dataclass and every key of the file must survive the round trip (the SDK silently
+drops unknown keys, so an unknown field would vanish and fail the comparison).  ``deploy apply``
+runs as the real command line against the emulator: it creates, then changes nothing when equal,
+shows a diff and updates, never touches the controller's replica counts, and rejects bad files
+with exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from verda.containers._containers import Deployment
+
+from controller import deployspec
+from controller.emulator import Emulator, EmulatorConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = sorted((ROOT / "deploy" / "datacrunch").glob("*.yaml"))
+DEPLOYMENT_SPECS = [p for p in SPECS if p.name != "pools.yaml"]
+
+
+def assert_kept(original: Any, roundtrip: Any, path: str = "") -> None:
+    """Every key and value of ``original`` is present, unchanged, in ``roundtrip``."""
+    if isinstance(original, dict):
+        assert isinstance(roundtrip, dict), f"{path}: became {type(roundtrip).__name__}"
+        for key, value in original.items():
+            assert key in roundtrip, f"{path}.{key}: dropped by the SDK (not a Deployment field)"
+            assert_kept(value, roundtrip[key], f"{path}.{key}")
+    elif isinstance(original, list):
+        assert isinstance(roundtrip, list) and len(roundtrip) == len(original), f"{path}: list changed"
+        for i, (a, b) in enumerate(zip(original, roundtrip, strict=True)):
+            assert_kept(a, b, f"{path}[{i}]")
+    else:
+        assert roundtrip == original, f"{path}: {original!r} became {roundtrip!r}"
+
+
+def test_both_pools_have_a_spec() -> None:
+    assert {p.name for p in DEPLOYMENT_SPECS} >= {"visual.yaml", "text.yaml"}
+
+
+@pytest.mark.parametrize("path", DEPLOYMENT_SPECS, ids=lambda p: p.name)
+def test_spec_is_exactly_the_sdk_deployment_shape(path: Path) -> None:
+    raw = yaml.safe_load(path.read_text())
+    sdk = Deployment.from_dict(raw)
+    assert_kept(raw, sdk.to_dict())
+    deployspec.load_file(path)  # and our own strict loader agrees
+
+
+@pytest.mark.parametrize(
+    ("path", "gpu", "pool"),
+    [("visual.yaml", "H100", "visual"), ("text.yaml", "A100", "text")],
+)
+def test_spec_contents(path: str, gpu: str, pool: str) -> None:
+    spec = deployspec.load_file(ROOT / "deploy" / "datacrunch" / path)
+    (container,) = spec["containers"]
+    assert container["exposed_port"] == 8001
+    assert container["healthcheck"] == {"enabled": True, "port": 8001, "path": "/api/health"}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["GPUSCALE_POOL"] == {
+        "name": "GPUSCALE_POOL",
+        "value_or_reference_to_secret": pool,
+        "type": "plain",
+    }
+    for secret in ("GPUSCALE_DATABASE_URL", "GPUSCALE_WORKER_TOKEN"):
+        assert env[secret]["type"] == "secret"  # by reference, never the value
+        assert "://" not in env[secret]["value_or_reference_to_secret"]
+    assert spec["compute"] == {"name": gpu, "size": 1}
+    assert spec["scaling"]["min_replica_count"] == 0
+
+
+def test_an_unknown_field_fails(tmp_path: Path) -> None:
+    raw = yaml.safe_load((ROOT / "deploy" / "datacrunch" / "visual.yaml").read_text())
+    raw["containers"][0]["helthcheck"] = {"enabled": True}
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(AssertionError, match="helthcheck"):
+        assert_kept(raw, Deployment.from_dict(raw).to_dict())
+    with pytest.raises(deployspec.SpecError, match=r"typo.yaml: containers\[0\]\.helthcheck: unknown field"):
+        deployspec.load_file(bad)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d.pop("compute"), "compute: required"),
+        (lambda d: d["containers"][0].update(exposed_port="8001"), "exposed_port: expected an integer"),
+        (lambda d: d["containers"][0]["env"][0].update(type="clear"), "must be 'plain' or 'secret'"),
+        (lambda d: d["scaling"].update(min_replica_count=4), "min_replica_count <= max_replica_count"),
+        (lambda d: d.update(name="Deck Visual"), "not a valid deployment name"),
+    ],
+)
+def test_bad_specs_say_what_is_wrong(tmp_path: Path, mutate: Any, message: str) -> None:
+    raw = yaml.safe_load((ROOT / "deploy" / "datacrunch" / "visual.yaml").read_text())
+    mutate(raw)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(deployspec.SpecError, match=message):
+        deployspec.load_file(bad)
+
+
+def test_diff_ignores_defaults_read_only_fields_and_replica_counts() -> None:
+    spec = deployspec.load_file(ROOT / "deploy" / "datacrunch" / "visual.yaml")
+    live = {
+        **spec,
+        "created_at": "2026-01-01T00:00:00Z",
+        "endpoint_base_url": "https://x",
+        "scaling": {**spec["scaling"], "min_replica_count": 2, "max_replica_count": 2},
+    }
+    live["containers"] = [{**spec["containers"][0], "name": "deck-visual-0"}]
+    live["compute"] = {**spec["compute"], "is_available": True}
+    assert deployspec.diff(live, spec) == []
+    changed = {**spec, "compute": {"name": "H200", "size": 1}}
+    assert deployspec.diff(live, changed) == [("compute.name", "H100", "H200")]
+    body = deployspec.update_body(live, changed)
+    assert body["scaling"]["min_replica_count"] == 2 and body["compute"]["name"] == "H200"
+
+
+# ---------------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def emu() -> Iterator[Emulator]:
+    with Emulator(
+        EmulatorConfig(cold_start_s=0.1, grace_s=1.0, tick_s=0.02, default_command="true")
+    ) as emulator:
+        yield emulator
+
+
+def apply(emu: Emulator, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "DATACRUNCH_BASE_URL": emu.base_url,
+        "DATACRUNCH_CLIENT_ID": emu.client_id,
+        "DATACRUNCH_CLIENT_SECRET": emu.client_secret,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "controller.cli", "deploy", "apply", *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+def writes(emu: Emulator) -> int:
+    return int(emu.snapshot()["writes"])
+
+
+def test_apply_creates_then_changes_nothing(emu: Emulator) -> None:
+    files = [ROOT / "deploy" / "datacrunch" / "visual.yaml", ROOT / "deploy" / "datacrunch" / "text.yaml"]
+    dry = apply(emu, *files, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "deck-visual: create" in dry.stdout and "dry run" in dry.stdout
+    assert "+ compute.name = 'H100'" in dry.stdout
+    assert "deck-visual" not in emu.snapshot()["deployments"]
+
+    created = apply(emu, *files)
+    assert created.returncode == 0, created.stderr
+    assert set(emu.snapshot()["deployments"]) >= {"deck-visual", "deck-text"}
+
+    before = writes(emu)
+    again = apply(emu, *files)
+    assert again.returncode == 0, again.stderr
+    assert "deck-visual: unchanged" in again.stdout and "deck-text: unchanged" in again.stdout
+    assert writes(emu) == before  # nothing was written
+
+
+def test_apply_updates_with_a_diff_and_keeps_the_replica_counts(emu: Emulator, tmp_path: Path) -> None:
+    raw = yaml.safe_load((ROOT / "deploy" / "datacrunch" / "text.yaml").read_text())
+    raw["name"] = "deck-text-update"
+    first = tmp_path / "text.yaml"
+    first.write_text(yaml.safe_dump(raw))
+    assert apply(emu, first).returncode == 0
+    # The controller pins the count meanwhile.
+    pinned = {**raw["scaling"], "min_replica_count": 2, "max_replica_count": 2}
+    _admin_patch_scaling(emu, "deck-text-update", pinned)
+
+    raw["compute"]["name"] = "H100"
+    raw["containers"][0]["image"] = "registry.example.com/gpuscale/text:0.2.0"
+    first.write_text(yaml.safe_dump(raw))
+    dry = apply(emu, first, "--dry-run")
+    assert "update, 2 change(s)" in dry.stdout
+    assert "~ compute.name: 'A100' -> 'H100'" in dry.stdout
+    assert "~ containers[0].image: 'registry.example.com/gpuscale/text:0.1.0' -> " in dry.stdout
+    assert emu.snapshot()["deployments"]["deck-text-update"]["scaling"]["min_replica_count"] == 2
+
+    updated = apply(emu, first)
+    assert updated.returncode == 0, updated.stderr
+    state = emu.snapshot()["deployments"]["deck-text-update"]
+    assert state["scaling"] == {"min_replica_count": 2, "max_replica_count": 2}  # left to the controller
+    assert "unchanged" in apply(emu, first).stdout
+
+
+def _admin_patch_scaling(emu: Emulator, name: str, scaling: dict[str, Any]) -> None:
+    token = httpx.post(
+        f"{emu.base_url}/oauth2/token",
+        json={
+            "grant_type": "client_credentials",
+            "client_id": emu.client_id,
+            "client_secret": emu.client_secret,
+        },
+    ).json()["access_token"]
+    answer = httpx.patch(
+        f"{emu.base_url}/container-deployments/{name}/scaling",
+        json=scaling,
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert answer.status_code == 200, answer.text
+
+
+def test_apply_rejects_bad_files_with_exit_2(emu: Emulator, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: deck-x\ncontainers: []\ncompute: {name: H100, size: 1}\nbogus: 1\n")
+    result = apply(emu, bad)
+    assert result.returncode == 2
+    assert "bad.yaml: bogus: unknown field" in result.stderr
+    assert apply(emu, tmp_path / "missing.yaml").returncode == 2
+    assert "deck-x" not in emu.snapshot()["deployments"]
+
+
+def test_apply_reports_api_errors(emu: Emulator, tmp_path: Path) -> None:
+    raw = yaml.safe_load((ROOT / "deploy" / "datacrunch" / "visual.yaml").read_text())
+    raw["name"] = "deck-tpu"
+    raw["compute"]["name"] = "TPUv9"
+    spec = tmp_path / "tpu.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    result = apply(emu, spec)
+    assert result.returncode == 1
+    assert "TPUv9" in result.stderr and emu.client_secret not in result.stderr + result.stdout
+
+
+def test_apply_needs_credentials(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATACRUNCH_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "deploy", "apply", str(DEPLOYMENT_SPECS[0])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2 and "DATACRUNCH_CLIENT_ID" in result.stderr
