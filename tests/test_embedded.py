@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -141,3 +142,17 @@ def test_stale_postmaster_pid_with_reused_pid_is_recovered(pgdata: Path) -> None
         sleeper.kill()
         sleeper.wait()
     assert not EmbeddedPostgres(pgdata).running
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the server user and folder permissions only matter as root")
+def test_private_parent_folders_get_search_permission_only(tmp_path: Path) -> None:
+    private = tmp_path / "home"
+    private.mkdir(mode=0o700)
+    private.chmod(0o700)
+    a = Holder(private / "pg")
+    try:
+        assert ok(a.dsn)
+    finally:
+        a.leave()
+    mode = stat.S_IMODE(private.stat().st_mode)
+    assert mode == 0o711, oct(mode)  # others may pass through, not list it

