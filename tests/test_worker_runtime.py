@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from typing import Any
 
 import asyncpg
@@ -22,6 +23,7 @@ from worker.handlers import TaskContext
 from worker.handlers.noop import noop
 from worker.runtime import Worker
 from worker.settings import WorkerSettings
+from worker.standin import OllamaStandin
 
 
 def _settings(**kw: Any) -> WorkerSettings:
@@ -236,3 +238,58 @@ async def _servers_active(queue: Queue) -> bool:
 async def test_missing_schema_exits_1(empty_dsn: str) -> None:
     worker = Worker("bench", dsn=empty_dsn, settings=_settings())
     assert await worker.run() == 1
+
+
+async def test_busy_port_and_unreachable_database_exit_1(dsn: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        worker = Worker("bench", dsn=dsn, settings=_settings(worker_port=busy.getsockname()[1]))
+        assert await worker.run() == 1
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            closed = s.getsockname()[1]
+        worker = Worker("bench", dsn=f"postgresql://x@127.0.0.1:{closed}/x", settings=_settings())
+        assert await worker.run() == 1
+
+
+async def test_text_worker_waits_for_ollama_and_pulls_a_missing_model(db: asyncpg.Pool, dsn: str) -> None:
+    """Not ready while Ollama is down; once it is up, the missing model is pulled and warmed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = _settings(ollama_host=f"http://127.0.0.1:{port}", text_model="phi4:latest", ollama_timeout_s=5)
+    worker = Worker("text", dsn=dsn, settings=settings)
+    task = asyncio.create_task(worker.run())
+    try:
+        await _wait_for(lambda: _true(worker.http_port is not None))
+        url = f"http://127.0.0.1:{worker.http_port}/api/health"
+        async with httpx.AsyncClient() as client:
+
+            async def health() -> dict[str, Any]:
+                r = await client.get(url)
+                return {"code": r.status_code, **r.json()}
+
+            await _wait_for(lambda: _has(health, "status", "ollama_unreachable"))
+            [server] = await Queue(db).list_servers("text")
+            assert server.status == "starting" and server.models == ["phi4:latest"]
+            with OllamaStandin(port=port, models=[]) as standin:
+                await _wait_for(lambda: _has(health, "status", "ready"))
+                body = await health()
+                assert body["code"] == 200 and body["model_loaded"] is True
+                assert "phi4:latest" in standin.installed and standin.calls["/api/pull"] == 1
+                [server] = await Queue(db).list_servers("text")
+                assert server.status == "active"
+                worker.request_stop()
+                assert await asyncio.wait_for(task, 30) == 0
+    finally:
+        if not task.done():
+            worker.request_stop()
+            await asyncio.wait_for(task, 30)
+
+
+async def _has(fetch: Any, key: str, value: Any) -> bool:
+    try:
+        return (await fetch()).get(key) == value
+    except httpx.HTTPError:
+        return False

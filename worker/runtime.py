@@ -179,7 +179,10 @@ class Worker:
     # ------------------------------------------------------------------ start
 
     async def _start(self) -> None:
-        self._db = await connect_pool(self.dsn, min_size=1, max_size=self.slots + 3)
+        try:
+            self._db = await connect_pool(self.dsn, min_size=1, max_size=self.slots + 3)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StartupError(f"cannot connect to the database: {exc}") from None
         exists = await self._db.fetchval("SELECT to_regclass('processing_queue') IS NOT NULL")
         if not exists:
             raise StartupError("the database has no queue schema; run `gpuscale db migrate` first")
@@ -212,7 +215,14 @@ class Worker:
         )
 
     async def _start_http(self) -> None:
-        sock = bind_socket(self.settings.worker_host, self.settings.worker_port)
+        try:
+            sock = bind_socket(self.settings.worker_host, self.settings.worker_port)
+        except OSError as exc:
+            where = f"{self.settings.worker_host}:{self.settings.worker_port}"
+            raise StartupError(
+                f"cannot listen on {where}: {exc.strerror or exc} "
+                "(set GPUSCALE_WORKER_PORT; 0 picks a free port)"
+            ) from None
         self.http_port = sock.getsockname()[1]
         app = create_app(self.status, self.settings.worker_token)
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)

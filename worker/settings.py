@@ -9,7 +9,6 @@ tools use; the container id comes from ``GPUSCALE_CONTAINER_ID`` (set by the pro
 from __future__ import annotations
 
 import socket
-from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,8 +24,6 @@ DEFAULT_CONCURRENCY = {"visual": 1, "text": 2, "bench": 4}
 
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GPUSCALE_", extra="ignore", populate_by_name=True)
-
-    database_url: SecretStr | None = None
 
     # Ollama.
     ollama_host: str = Field(
@@ -67,9 +64,6 @@ class WorkerSettings(BaseSettings):
     worker_host: str = "0.0.0.0"
     worker_port: int = Field(default=8001, ge=0, le=65535, description="0 picks a free port")
     worker_token: SecretStr | None = None
-
-    log_level: str = "INFO"
-    log_format: Literal["text", "json"] = "text"
 
     def model_for(self, pool: str) -> str | None:
         """The Ollama model a pool uses, or None for pools that need no model."""
