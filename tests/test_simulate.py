@@ -1,0 +1,212 @@
+"""The replay simulator: exact small cases, the committed traces against the shipped pools file,
+the trace format and generator, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from controller.pools import PoolsConfig, load_pools, parse_pools
+from controller.simulate import TraceError, TraceTask, read_trace, simulate, write_trace
+from controller.simulate.generate import generate
+from controller.simulate.report import summary
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"
+SHIPPED = ROOT / "deploy/datacrunch/pools.yaml"
+H = "arrival_s,task_id,task_type,service_s,priority,depends_on\n"
+JSON_KEYS = {
+    "cost_usd",
+    "oracle_cost_usd",
+    "always_on_cost_usd",
+    "wait_p50_s",
+    "wait_p95_s",
+    "wait_max_s",
+    "graph_p50_s",
+    "graph_p95_s",
+    "tasks",
+    "decks",
+    "scale_events",
+    "pools",
+}
+
+
+def small_pools(**text: object) -> PoolsConfig:
+    common = {
+        "min_replicas": 0,
+        "max_replicas": 1,
+        "scale_up_delay": 0,
+        "scale_down_delay": 50,
+        "cold_start": 100,
+        "price_per_hour": 3.6,  # 0.001 $ per second: costs read as seconds
+    }
+    return parse_pools(
+        {
+            "visual_container_scaling": {**common, "tasks_per_replica": 2, "default_task_duration": 150},
+            "text_container_scaling": {**common, "tasks_per_replica": 1, "default_task_duration": 30, **text},
+        }
+    )
+
+
+def test_processor_sharing_cold_start_and_billing() -> None:
+    trace = [
+        TraceTask(0.0, "a", "visual_analysis", 100.0),
+        TraceTask(0.0, "b", "visual_analysis", 200.0),
+    ]
+    result = simulate(trace, small_pools(), tick_s=10)
+    # One replica from zero at t=0, ready at 100; both tasks share its GPU: a ends at 100 + 2×100,
+    # b runs alone for its last 100 s and ends at 400; the replica stops 50 s later.
+    data = summary(result)
+    assert data["tasks"] == 2 and data["unfinished"] == 0 and data["decks"] == 2
+    assert data["wait_p50_s"] == data["wait_max_s"] == 100.0
+    assert sorted(result.graph_times) == [300.0, 400.0]
+    assert result.pools["visual"].replica_seconds == pytest.approx(450.0)
+    assert data["cost_usd"] == pytest.approx(0.45)
+    assert data["oracle_cost_usd"] == pytest.approx(0.3)
+    assert data["scale_events"] == {"idle_timeout": 1, "scale_from_zero": 1}
+    # Always-on: max replicas for the whole day, from t = 0.
+    assert data["always_on_cost_usd"] == pytest.approx(2 * 86400 * 0.001)
+
+
+def test_prewarm_overlaps_the_cold_start_with_upstream_work() -> None:
+    trace = [
+        TraceTask(0.0, "v", "visual_analysis", 300.0),
+        TraceTask(0.0, "t", "deck_date_extraction", 30.0, depends_on=("v",)),
+    ]
+    config = small_pools()
+    warm = simulate(trace, config, policy="gpuscale", tick_s=10)
+    cold = simulate(trace, config, policy="no-prewarm", tick_s=10)
+    # Without pre-warm the text replica starts when v finishes (t=400): 100 s cold start + 30 s.
+    assert cold.graph_times == [pytest.approx(530.0)]
+    # With pre-warm it is requested ~a cold start before v's estimated end and is ready in time.
+    assert warm.graph_times[0] <= 440.0
+    assert warm.pools["text"].scale_events == {"idle_timeout": 1, "prewarm_dependency": 1}
+    # The text task waits for nothing with pre-warm, a whole cold start without.
+    assert min(warm.waits) <= 10.0
+    assert cold.waits == [100.0, 100.0]
+
+
+def test_priority_order_and_critical() -> None:
+    config = small_pools(max_replicas=2)
+    trace = [TraceTask(0.0, f"n{i}", "deck_date_extraction", 50.0) for i in range(4)]
+    trace.append(TraceTask(60.0, "c", "deck_date_extraction", 50.0, priority="critical"))
+    result = simulate(trace, config, tick_s=10)
+    assert result.unfinished == 0
+    assert result.pools["text"].scale_events.get("scale_from_zero") == 1
+
+
+def test_committed_traces_meet_the_targets_with_the_shipped_pools() -> None:
+    config = load_pools(SHIPPED)
+    for name in ("busy_day.csv", "quiet_week.csv"):
+        trace = read_trace(DATA / name)
+        data = summary(simulate(trace, config))
+        assert data["unfinished"] == 0
+        assert data["cost_usd"] <= 1.6 * data["oracle_cost_usd"], (name, data)
+        assert data["wait_p95_s"] <= 300, (name, data)
+        assert data["graph_p95_s"] <= 1200, (name, data)
+        assert data["cost_usd"] < data["always_on_cost_usd"] / 10
+        no_prewarm = summary(simulate(trace, config, policy="no-prewarm"))
+        assert no_prewarm["graph_p50_s"] > data["graph_p50_s"], name
+
+
+def test_always_on_costs_the_whole_period() -> None:
+    config = load_pools(SHIPPED)
+    trace = read_trace(DATA / "busy_day.csv")
+    data = summary(simulate(trace, config, policy="always-on"))
+    assert data["cost_usd"] == pytest.approx(data["always_on_cost_usd"])
+    assert data["unfinished"] == 0
+
+
+def test_generator_is_deterministic_and_realistic(tmp_path: Path) -> None:
+    a = generate("busy-day", seed=3)
+    assert a == generate("busy-day", seed=3)
+    assert a != generate("busy-day", seed=4)
+    decks = {t.task_id.split("-")[0] for t in a}
+    assert len(decks) == 30
+    batches = [t for t in a if t.task_type == "visual_analysis"]
+    per_page = sum(t.service_s for t in batches) / sum(1 for _ in batches) / 8
+    assert 15 < per_page < 30  # ~25 s a page (the last batch of a deck is shorter)
+    text = [t for t in a if t.task_type.startswith(("specialized", "company", "deck_date"))]
+    assert all(20 <= t.service_s <= 60 for t in text)
+    hours = [(t.arrival_s % 86400) / 3600 for t in a]
+    assert all(9 <= h < 18.5 for h in hours)
+    path = tmp_path / "t.csv"
+    write_trace(path, a)
+    assert read_trace(path) == a
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        ("", "empty file"),
+        ("a,b,c\n", "header must be"),
+        (H + "1,x,noop,1,normal\n", "expected 6 columns"),
+        (H + "soon,x,noop,1,normal,\n", "arrival_s must be"),
+        (H + "1,x,noop,-1,normal,\n", "service_s must be"),
+        (H + "1,x,noop,1,urgent,\n", "priority must be"),
+        (H + "1,x,noop,1,normal,y\n", "not a task listed"),
+        (
+            H + "1,x,noop,1,normal,\n1,x,noop,1,normal,\n",
+            "duplicate task_id",
+        ),
+    ],
+)
+def test_bad_traces(tmp_path: Path, content: str, words: str) -> None:
+    path = tmp_path / "trace.csv"
+    path.write_text(content)
+    with pytest.raises(TraceError) as info:
+        read_trace(path)
+    assert str(path) in str(info.value) and words in str(info.value)
+
+
+def test_unserved_task_type_is_an_error() -> None:
+    with pytest.raises(TraceError, match="no pool"):
+        simulate([TraceTask(0.0, "x", "noop", 1.0)], small_pools())
+
+
+def gpuscale(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "controller.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+
+
+def test_cli_month_json_and_plot(tmp_path: Path) -> None:
+    trace = tmp_path / "month.csv"
+    proc = gpuscale("trace", "generate", "--kind", "month", "--seed", "5", "--out", str(trace))
+    assert proc.returncode == 0, proc.stderr
+    assert "decks" in proc.stdout
+    plot = tmp_path / "month.png"
+    proc = gpuscale("simulate", "--trace", str(trace), "--pools", str(SHIPPED), "--json", "--plot", str(plot))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert JSON_KEYS <= set(data)
+    assert data["tasks"] > 3000 and data["unfinished"] == 0
+    print("month:", {k: data[k] for k in ("cost_vs_oracle", "wait_p95_s", "graph_p95_s", "sim_wall_s")})
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    quiet = str(DATA / "quiet_week.csv")
+    proc = gpuscale("simulate", "--trace", quiet, "--pools", str(SHIPPED), "--policy", "seeds")
+    assert proc.returncode == 0, proc.stderr
+    assert "oracle floor" in proc.stdout and "policy seeds" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--policy", "magic"], "--policy must be one of"),
+        (["--trace", "/nonexistent/trace.csv"], "cannot read trace"),
+    ],
+)
+def test_cli_bad_arguments_exit_2(args: list[str], words: str) -> None:
+    base = {"--trace": str(DATA / "quiet_week.csv"), "--pools": str(SHIPPED)}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    flat = [x for kv in base.items() for x in kv]
+    if "--policy" in args:
+        flat += ["--policy", "magic"]
+    proc = gpuscale("simulate", *flat)
+    assert proc.returncode == 2
+    assert words in proc.stderr
