@@ -181,3 +181,43 @@ def test_healthcheck_command_against_a_real_worker_api() -> None:
         free = s.getsockname()[1]
     r = _healthcheck(free)
     assert r.returncode == 1 and r.stdout.startswith("unreachable")
+
+
+async def test_healthcheck_finds_a_worker_on_a_free_port_through_its_port_file(
+    dsn: str, tmp_path: Path
+) -> None:
+    """GPUSCALE_WORKER_PORT=0 (Docker host networking): the worker writes its port down."""
+    import asyncio
+
+    from worker.runtime import Worker
+    from worker.settings import WorkerSettings
+
+    port_file = tmp_path / "worker.port"
+    env = {**os.environ, "GPUSCALE_WORKER_PORT": "0", "GPUSCALE_WORKER_PORT_FILE": str(port_file)}
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "worker.healthcheck"], env=env, capture_output=True, text=True, timeout=30
+        )
+
+    assert check().stdout.startswith("starting: no port file")
+    settings = WorkerSettings(
+        worker_host="127.0.0.1",
+        worker_port=0,
+        worker_port_file=port_file,
+        heartbeat_interval_s=0.2,
+        poll_interval_s=0.2,
+    )
+    worker = Worker("bench", dsn=dsn, settings=settings)
+    task = asyncio.create_task(worker.run())
+    try:
+        for _ in range(300):
+            if worker.status.ready:
+                break
+            await asyncio.sleep(0.05)
+        assert int(port_file.read_text()) == worker.http_port
+        r = await asyncio.to_thread(check)
+        assert r.returncode == 0 and r.stdout.strip() == "ready"
+    finally:
+        worker.request_stop()
+        assert await asyncio.wait_for(task, 30) == 0

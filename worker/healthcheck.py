@@ -1,6 +1,7 @@
 """The container health check: ``python -m worker.healthcheck`` exits 0 when the worker is ready.
 
-It asks the worker's own ``GET /api/health`` on loopback (port ``GPUSCALE_WORKER_PORT``, 8001) and
+It asks the worker's own ``GET /api/health`` on loopback (port ``GPUSCALE_WORKER_PORT``, 8001, or
+the port the worker wrote to ``GPUSCALE_WORKER_PORT_FILE`` when that is 0) and
 uses only the standard library, so a check every few seconds costs a few milliseconds of CPU.
 """
 
@@ -15,6 +16,15 @@ import urllib.request
 
 def main() -> int:
     port = os.environ.get("GPUSCALE_WORKER_PORT", "8001") or "8001"
+    port_file = os.environ.get("GPUSCALE_WORKER_PORT_FILE")
+    if port == "0" and port_file:
+        # The worker picked a free port and wrote it down.
+        try:
+            with open(port_file) as fh:
+                port = fh.read().strip()
+        except OSError:
+            print("starting: no port file yet")
+            return 1
     url = f"http://127.0.0.1:{port}/api/health"
     try:
         with urllib.request.urlopen(url, timeout=4) as resp:  # a fixed loopback URL

@@ -224,6 +224,11 @@ class Worker:
                 "(set GPUSCALE_WORKER_PORT; 0 picks a free port)"
             ) from None
         self.http_port = sock.getsockname()[1]
+        if self.settings.worker_port_file is not None:
+            try:
+                self.settings.worker_port_file.write_text(f"{self.http_port}\n")
+            except OSError as exc:
+                log.warning("cannot write the port file %s: %s", self.settings.worker_port_file, exc)
         app = create_app(self.status, self.settings.worker_token)
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
         self._http = EmbeddedServer(config)

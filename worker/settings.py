@@ -9,6 +9,7 @@ tools use; the container id comes from ``GPUSCALE_CONTAINER_ID`` (set by the pro
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -64,6 +65,9 @@ class WorkerSettings(BaseSettings):
     worker_host: str = "0.0.0.0"
     worker_port: int = Field(default=8001, ge=0, le=65535, description="0 picks a free port")
     worker_token: SecretStr | None = None
+    # Where the worker writes the port it listens on (the container health check reads it when
+    # GPUSCALE_WORKER_PORT is 0, e.g. Docker host networking with several replicas).
+    worker_port_file: Path | None = None
 
     def model_for(self, pool: str) -> str | None:
         """The Ollama model a pool uses, or None for pools that need no model."""
