@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from docker_engine import BUSYBOX_IMAGE, DockerEngine, docker_engine  # noqa: F401
+from docker_engine import BUSYBOX_IMAGE, DockerEngine, docker_engine
 from provider_kit import SH_STANDIN, STANDIN, STUBBORN, no_processes, replica_env, replica_pids, until
 
 from controller.emulator import Emulator, EmulatorConfig
@@ -26,6 +26,7 @@ from controller.providers.local import LocalProvider
 
 POOL = "visual"
 _names = itertools.count()
+FIXTURES = (docker_engine,)  # the session fixture, used through request.getfixturevalue
 
 
 @dataclass
