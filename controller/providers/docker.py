@@ -81,6 +81,7 @@ class _Deployment:
     spec: LaunchSpec
     target: int = 0
     paused: bool = False
+    last_error: str | None = None  # why the last attempt to start a replica failed
 
 
 class DockerProvider:
@@ -270,7 +271,12 @@ class DockerProvider:
     async def observe(self, deployment: str) -> ProviderState:
         dep = self._get(deployment)
         async with self._lock:
-            await self._reconcile(deployment, dep)
+            try:
+                await self._reconcile(deployment, dep)
+            except ProviderError as exc:
+                # Observing must still work when replicas cannot start: report it in the status.
+                dep.last_error = str(exc)
+                log.warning("%s: %s", deployment, exc)
             boxes = await self._call(self._list_sync, deployment)
         replicas = []
         for box in boxes:
@@ -289,6 +295,8 @@ class DockerProvider:
             status_word = "paused"
         elif running >= dep.target:
             status_word = "healthy"
+        elif dep.last_error:
+            status_word = "unhealthy"
         else:
             status_word = "degraded" if running else "initializing"
         return ProviderState(
@@ -303,7 +311,12 @@ class DockerProvider:
             dep.target = desired
             if desired > 0:
                 dep.paused = False  # as on DataCrunch: scaling up resumes a paused deployment
-            await self._reconcile(deployment, dep, idle)
+            try:
+                await self._reconcile(deployment, dep, idle)
+            except ProviderError as exc:
+                dep.last_error = str(exc)
+                raise
+            dep.last_error = None
 
     async def pause(self, deployment: str) -> None:
         dep = self._get(deployment)

@@ -23,6 +23,7 @@ from controller.providers.base import (
     REPLICA_STOPPING,
     DeploymentNotFound,
     LaunchSpec,
+    ProviderError,
     ProviderState,
     Replica,
     worker_command,
@@ -46,6 +47,7 @@ class _Deployment:
     spec: LaunchSpec
     target: int = 0
     paused: bool = False
+    last_error: str | None = None  # why the last attempt to start a replica failed
     replicas: dict[str, ProcessReplica] = field(default_factory=dict)
 
 
@@ -117,7 +119,12 @@ class LocalProvider:
     async def observe(self, deployment: str) -> ProviderState:
         dep = self._get(deployment)
         async with self._lock:
-            await self._reconcile(deployment, dep)
+            try:
+                await self._reconcile(deployment, dep)
+            except ProviderError as exc:
+                # Observing must still work when replicas cannot start: report it in the status.
+                dep.last_error = str(exc)
+                log.warning("%s: %s", deployment, exc)
         replicas = [
             Replica(r.id, REPLICA_STOPPING if r.stopping else REPLICA_RUNNING, r.started_at)
             for r in sorted(dep.replicas.values(), key=lambda r: r.started_at)
@@ -127,6 +134,8 @@ class LocalProvider:
             status = "paused"
         elif live >= dep.target:
             status = "healthy"
+        elif dep.last_error:
+            status = "unhealthy"
         else:
             status = "degraded" if live else "initializing"
         return ProviderState(
@@ -141,7 +150,12 @@ class LocalProvider:
             dep.target = desired
             if desired > 0:
                 dep.paused = False  # as on DataCrunch: scaling up resumes a paused deployment
-            await self._reconcile(deployment, dep, idle)
+            try:
+                await self._reconcile(deployment, dep, idle)
+            except ProviderError as exc:
+                dep.last_error = str(exc)
+                raise
+            dep.last_error = None
 
     async def pause(self, deployment: str) -> None:
         dep = self._get(deployment)

@@ -1,0 +1,112 @@
+"""The local provider beyond the shared contract: process groups, logs, env, bad commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from provider_kit import STANDIN, no_processes, replica_env, until
+
+from controller.cli import ConfigError
+from controller.providers import LaunchSpec, ProviderError, make_provider, worker_command
+from controller.providers.datacrunch import DataCrunchProvider
+from controller.providers.docker import DockerProvider
+from controller.providers.local import LocalProvider, choose_victims
+from controller.settings import Settings
+
+# The leader starts a child that ignores SIGTERM, then exits 0 on SIGTERM itself, abandoning it.
+ABANDONS_A_CHILD = (
+    sys.executable,
+    "-c",
+    "import signal, subprocess, sys, time\n"
+    "subprocess.Popen([sys.executable, '-c', 'import signal, time\\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\nwhile True: time.sleep(0.2)'])\n"
+    "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+    "while True: time.sleep(0.2)\n",
+)
+
+
+async def test_children_of_a_replica_are_stopped_with_it() -> None:
+    provider = LocalProvider({"deck-a": LaunchSpec("visual", command=ABANDONS_A_CHILD)}, stop_grace_s=5)
+    await provider.set_replicas("deck-a", 1)
+    (rid,) = provider.pids("deck-a")
+
+    async def two_processes() -> bool:
+        return len(replica_env(rid)) == 2
+
+    await until(two_processes, "the replica and its child")
+    await provider.set_replicas("deck-a", 0)
+    await no_processes({rid}, timeout_s=10)
+    await provider.aclose()
+
+
+async def test_env_logs_and_port(tmp_path: Path) -> None:
+    command = (
+        sys.executable,
+        "-c",
+        "import os, time\n"
+        "print('hello from', os.environ['GPUSCALE_CONTAINER_ID'], flush=True)\n"
+        "time.sleep(60)",
+    )
+    provider = LocalProvider(
+        {"deck-a": LaunchSpec("text", command=command, env={"GPUSCALE_DATABASE_URL": "postgresql://x/y"})},
+        stop_grace_s=1,
+        log_dir=tmp_path,
+        base_env={"PATH": "/usr/bin:/bin", "UNRELATED": "kept"},
+    )
+    await provider.set_replicas("deck-a", 1)
+    (rid,) = provider.pids("deck-a")
+    log = tmp_path / f"{rid}.log"
+
+    async def logged() -> bool:
+        return log.exists() and f"hello from {rid}" in log.read_text()
+
+    await until(logged, "the replica's log line")
+    (env,) = replica_env(rid)
+    assert env["GPUSCALE_POOL"] == "text" and env["GPUSCALE_DATABASE_URL"] == "postgresql://x/y"
+    assert env["GPUSCALE_WORKER_PORT"] == "0" and env["UNRELATED"] == "kept"
+    await provider.aclose()
+    await no_processes({rid})
+
+
+async def test_a_command_that_cannot_start_is_a_clear_error() -> None:
+    provider = LocalProvider({"deck-a": LaunchSpec("visual", command=("/nonexistent/gpuscale-worker",))})
+    with pytest.raises(ProviderError, match=r"cannot start replica deck-a-.*nonexistent"):
+        await provider.set_replicas("deck-a", 1)
+    state = await provider.observe("deck-a")  # observing still works, and says what is wrong
+    assert state.replicas == [] and state.target == 1 and state.status == "unhealthy"
+    await provider.aclose()
+
+
+def test_the_default_command_is_the_worker() -> None:
+    argv = worker_command("visual")
+    assert argv[-3:] == ("worker", "--pool", "visual")
+    result = subprocess.run([*argv[:-2], "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_choose_victims_prefers_idle_then_newest() -> None:
+    live = [("a", 1.0), ("b", 2.0), ("c", 3.0), ("d", 4.0)]
+    assert choose_victims(live, 2, idle=["a", "b"]) == ["b", "a"]
+    assert choose_victims(live, 2) == ["d", "c"]
+    assert choose_victims(live, 3, idle=["b"]) == ["b", "d", "c"]
+    assert choose_victims(live, 0, idle=["a"]) == []
+    assert choose_victims(live, 2, idle=["zzz"]) == ["d", "c"]  # unknown ids are ignored
+
+
+async def test_make_provider_builds_each_back_end() -> None:
+    launches = {"deck-a": LaunchSpec("visual", command=STANDIN)}
+    local = make_provider(Settings(provider="local"), launches)
+    assert isinstance(local, LocalProvider)
+    docker = make_provider(Settings(provider="docker", docker_host="unix:///nonexistent.sock"), launches)
+    assert isinstance(docker, DockerProvider) and docker.base_url == "unix:///nonexistent.sock"
+    dc = make_provider(
+        Settings(provider="datacrunch", datacrunch_client_id="id", datacrunch_client_secret="not-shown")
+    )
+    assert isinstance(dc, DataCrunchProvider) and "not-shown" not in repr(dc)
+    with pytest.raises(ConfigError):
+        make_provider(Settings.model_construct(provider="gcp"), launches)  # type: ignore[arg-type]
+    for provider in (local, docker, dc):
+        await provider.aclose()
