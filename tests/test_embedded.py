@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,9 +57,17 @@ class Holder:
         return self.proc.wait(timeout=30)
 
 
+def _scratch() -> Path:
+    # Not pytest's tmp_path: every pytest session that starts (other suites running at the same
+    # time included) resets /tmp/pytest-of-<user> to mode 700, which would lock the server's
+    # system user out of a data directory below it.
+    return Path(tempfile.mkdtemp(prefix="gpuscale-embedded-"))
+
+
 @pytest.fixture(scope="module")
-def pgdata(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    path = tmp_path_factory.mktemp("embedded") / "pg"
+def pgdata() -> Iterator[Path]:
+    root = _scratch()
+    path = root / "pg"
     yield path
     # Whatever happened in the tests, leave no server behind.
     if EmbeddedPostgres(path).running:
@@ -65,6 +75,7 @@ def pgdata(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         srv.start()
         (path / ".handle_pids.json").write_text(json.dumps([os.getpid()]))
         srv.stop()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 async def query_ok(dsn: str) -> bool:
@@ -145,8 +156,9 @@ def test_stale_postmaster_pid_with_reused_pid_is_recovered(pgdata: Path) -> None
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the server user and folder permissions only matter as root")
-def test_private_parent_folders_get_search_permission_only(tmp_path: Path) -> None:
-    private = tmp_path / "home"
+def test_private_parent_folders_get_search_permission_only() -> None:
+    root = _scratch()
+    private = root / "home"
     private.mkdir(mode=0o700)
     private.chmod(0o700)
     a = Holder(private / "pg")
@@ -155,4 +167,5 @@ def test_private_parent_folders_get_search_permission_only(tmp_path: Path) -> No
     finally:
         a.leave()
     mode = stat.S_IMODE(private.stat().st_mode)
+    shutil.rmtree(root, ignore_errors=True)
     assert mode == 0o711, oct(mode)  # others may pass through, not list it
