@@ -9,6 +9,7 @@ waits for ``healthcare_classification``; the three specialized analyses wait for
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ TEXT_AFTER_VISUAL = (
     "funding_amount_extraction",
     "deck_date_extraction",
 )
+_PDFIUM_LOCK = threading.Lock()
 SPECIALIZED = ("specialized_clinical", "specialized_regulatory", "specialized_science")
 
 
@@ -54,14 +56,16 @@ def count_pages(pdf: Path) -> int:
 
     import pypdfium2
 
-    try:
-        doc = pypdfium2.PdfDocument(str(pdf))
-    except pypdfium2.PdfiumError as exc:
-        raise DeckError(f"{pdf}: corrupt or unreadable PDF ({exc})") from None
-    try:
-        pages = len(doc)
-    finally:
-        doc.close()
+    # pdfium is not thread-safe, and submissions run it in worker threads.
+    with _PDFIUM_LOCK:
+        try:
+            doc = pypdfium2.PdfDocument(str(pdf))
+        except pypdfium2.PdfiumError as exc:
+            raise DeckError(f"{pdf}: corrupt or unreadable PDF ({exc})") from None
+        try:
+            pages = len(doc)
+        finally:
+            doc.close()
     if pages < 1:
         raise DeckError(f"{pdf}: the PDF has no pages")
     return pages
