@@ -28,8 +28,9 @@ How it decides, per pool (``sizing: work``, the default):
 * **Budget.**  When projected monthly spend exceeds the budget, non-critical scale-ups are capped
   (a pool at zero with queued work still gets one replica, so work finishes, slowly).
 * **No flapping.**  An up needs the condition for ``scale_up_delay`` (or new certain work); a down
-  needs the surplus for ``scale_down_delay``; the two conditions exclude each other, so without new
-  work a decision never reverses the previous one within the delays.
+  needs the surplus for ``scale_down_delay`` and comes no sooner than ``max(scale_up_delay,
+  cold_start)`` after an up; the two conditions exclude each other, so a decision never reverses
+  the previous one within the delays.
 
 ``sizing: count`` is the seeds' rule, kept as a baseline: tasks waiting ≥ threshold for the delay
 → ``ceil(tasks / tasks_per_replica)``; the queue empty for ``scale_down_delay`` → back to the
@@ -39,9 +40,9 @@ running need (zero when idle).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Final
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Final
 
 from controller.pools import PoolRules
 
@@ -144,6 +145,26 @@ class PoolState:
     gap_start: tuple[float | None, ...] = ()
     idle_gaps: tuple[float, ...] = ()
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form, for the controller to persist between runs (``inf`` becomes -1)."""
+        out = asdict(self)
+        out["gap_start"] = [(-1.0 if v is not None and math.isinf(v) else v) for v in self.gap_start]
+        for key in ("surplus_since", "starting_ids", "idle_gaps"):
+            out[key] = list(out[key])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PoolState:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored, missing ones take defaults."""
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in data.items() if k in known}
+        for key in ("surplus_since", "starting_ids", "idle_gaps"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
+        if "gap_start" in kw:
+            kw["gap_start"] = tuple(math.inf if v == -1.0 else v for v in kw["gap_start"])
+        return cls(**kw)
+
 
 @dataclass(frozen=True)
 class BudgetView:
@@ -172,6 +193,34 @@ class Decision:
     @property
     def direction(self) -> int:
         return (self.desired > self.current) - (self.desired < self.current)
+
+
+class DurationEstimator:
+    """Expected solo duration (GPU-seconds alone on a replica) per task type: the pools file's
+    value at first, then an exponentially weighted mean of observed durations.
+
+    Not part of :func:`decide` (which sees only the resulting work estimates); the controller and
+    the simulator keep one and feed it finished tasks."""
+
+    def __init__(self, pools: Iterable[PoolRules], alpha: float = 0.2, fallback_s: float = 60.0) -> None:
+        self._alpha = alpha
+        self._fallback = fallback_s
+        self._mean: dict[str, float] = {}
+        for rules in pools:
+            for t in rules.task_types:
+                self._mean[t] = rules.duration_for(t)
+
+    def expected(self, task_type: str) -> float:
+        return self._mean.get(task_type, self._fallback)
+
+    def observe(self, task_type: str, seconds: float) -> None:
+        if not math.isfinite(seconds) or seconds < 0:
+            return
+        old = self._mean.get(task_type)
+        self._mean[task_type] = seconds if old is None else old + self._alpha * (seconds - old)
+
+    def snapshot(self) -> dict[str, float]:
+        return dict(self._mean)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +312,11 @@ def _track_gaps(
     while starts and starts[-1] is None:
         starts.pop()
     return tuple(starts), tuple(gaps[-_MAX_GAPS:])
+
+
+def _min_hold(rules: PoolRules) -> float:
+    """After a scale-up, no scale-down for this long: the new replicas get to start and serve."""
+    return max(rules.scale_up_delay_s, rules.cold_start_s)
 
 
 def idle_timeout(rules: PoolRules, state: PoolState, tick_s: float = 10.0) -> float:
@@ -546,6 +600,11 @@ def decide(
     timers = _surplus_timers(state.surplus_since, surplus, now)
     timeout = idle_timeout(rules, new, tick_s)
     expired = sum(1 for t in timers if now - t >= timeout)
+    # A replica just asked for gets to start before it can be given back: no reversal of a
+    # scale-up within _min_hold (no flapping, even with a short learned idle timeout).
+    if expired and state.last_direction > 0 and state.last_change_at is not None:
+        if now - state.last_change_at < _min_hold(rules):
+            expired = 0
     if expired:
         desired = current - expired
         remaining = timers[expired:]

@@ -298,3 +298,30 @@ def test_same_inputs_same_output() -> None:
     r = rules()
     o = obs(queued={"normal": 3, "high": 1}, replicas=1, running=2, busy_replicas=1, queued_work_s=800)
     assert decide(r, o, PoolState(), 5.0) == decide(r, o, PoolState(), 5.0)
+
+
+def test_state_round_trips_through_json() -> None:
+    import json
+    import math
+
+    state = PoolState(
+        desired=2,
+        up_since=5.0,
+        surplus_since=(1.0, 2.0),
+        starting_ids=("a",),
+        gap_start=(None, math.inf, 7.0),
+        idle_gaps=(3.0, 240.0),
+    )
+    assert PoolState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
+    assert PoolState.from_dict({"desired": 1, "unknown_key": 3}) == PoolState(desired=1)
+
+
+def test_duration_estimator_learns() -> None:
+    est = P.DurationEstimator([rules(task_durations_s={"visual_analysis": 100})], alpha=0.5)
+    assert est.expected("visual_analysis") == 100
+    assert est.expected("slide_feedback") == 200  # the pool's default
+    est.observe("visual_analysis", 200)
+    assert est.expected("visual_analysis") == 150
+    est.observe("visual_analysis", float("nan"))
+    assert est.expected("visual_analysis") == 150
+    assert est.expected("unknown") == 60.0

@@ -210,3 +210,15 @@ def test_cli_bad_arguments_exit_2(args: list[str], words: str) -> None:
     proc = gpuscale("simulate", *flat)
     assert proc.returncode == 2
     assert words in proc.stderr
+
+
+def test_budget_caps_scale_ups_and_says_so() -> None:
+    config = load_pools(SHIPPED)
+    trace = read_trace(DATA / "busy_day.csv")
+    free = summary(simulate(trace, config, budget_usd=10_000))
+    tight = summary(simulate(trace, config, budget_usd=100))  # a busy day every day would cost ~$250
+    assert "budget_cap" not in free["scale_events"]
+    assert tight["scale_events"].get("budget_cap", 0) > 0
+    assert tight["unfinished"] == 0  # capped, not stopped: the work still finishes
+    assert tight["cost_usd"] < free["cost_usd"]
+    assert tight["graph_p95_s"] > free["graph_p95_s"]

@@ -29,6 +29,12 @@ def simulate(
     tick: float | None = typer.Option(
         None, "--tick", min=0.1, help="Controller reconcile interval in seconds (default: the pools file's)."
     ),
+    budget: float | None = typer.Option(
+        None,
+        "--budget",
+        min=0.01,
+        help="Monthly budget in USD (default: the pools file's).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     plot: Path | None = typer.Option(
         None, "--plot", help="Write a PNG of queue depth and replicas per pool."
@@ -50,7 +56,9 @@ def simulate(
     try:
         config = load_pools(pools)
         tasks = read_trace(trace)
-        result = run_sim(tasks, config, policy=policy, cold_start_s=cold_start, tick_s=tick)
+        result = run_sim(
+            tasks, config, policy=policy, cold_start_s=cold_start, tick_s=tick, budget_usd=budget
+        )
     except (PoolsFileError, TraceError) as exc:
         raise fail(str(exc)) from None
     data = summary(result)

@@ -30,38 +30,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.policy import PoolObservation, PoolState, decide
+from controller.policy import BudgetView, DurationEstimator, PoolObservation, PoolState, decide
 from controller.pools import PoolRules, PoolsConfig
 from controller.simulate.trace import TraceError, TraceTask
 
 POLICIES = ("gpuscale", "no-prewarm", "always-on", "seeds")
 DAY_S = 86400.0
+MONTH_S = 30 * DAY_S
 _RANK = {"critical": 0, "high": 1, "normal": 2}
 _PRIO_NAME = ("critical", "high", "normal")
 _EPS = 1e-6
 
 PENDING, BLOCKED, QUEUED, RUNNING, DONE = range(5)
-
-
-class DurationEstimator:
-    """Expected solo duration per task type: the pools file's value, then an exponentially
-    weighted mean of observed durations (what a controller can learn from finished tasks)."""
-
-    def __init__(self, config: PoolsConfig, alpha: float = 0.2) -> None:
-        self._alpha = alpha
-        self._mean: dict[str, float] = {}
-        self._default: dict[str, float] = {}
-        for rules in config.pools.values():
-            for t in rules.task_types:
-                self._mean[t] = rules.duration_for(t)
-                self._default[t] = rules.default_task_duration_s
-
-    def expected(self, task_type: str) -> float:
-        return self._mean.get(task_type, 60.0)
-
-    def observe(self, task_type: str, seconds: float) -> None:
-        old = self._mean.get(task_type)
-        self._mean[task_type] = seconds if old is None else old + self._alpha * (seconds - old)
 
 
 class _Task:
@@ -233,6 +213,7 @@ class _Sim:
         policy: str,
         cold_start_s: float | None,
         tick_s: float,
+        budget_usd: float | None = None,
     ) -> None:
         self.policy = policy
         self.config = config
@@ -260,7 +241,7 @@ class _Sim:
             self.tasks.append(task)
         self._graphs()
         self.arrivals = sorted(range(len(self.tasks)), key=lambda i: (self.tasks[i].arrival, i))
-        self.estimator = DurationEstimator(config)
+        self.estimator = DurationEstimator(config.pools.values())
         n_pools = len(self.pool_names)
         self.queues: list[list[tuple[int, float, int]]] = [[] for _ in range(n_pools)]
         self.queued_by_rank: list[list[int]] = [[0, 0, 0] for _ in range(n_pools)]
@@ -269,6 +250,11 @@ class _Sim:
         self.all_replicas: list[_Replica] = []
         self.busy: set[_Replica] = set()
         self.states = [PoolState() for _ in range(n_pools)]
+        # Spend so far, kept incrementally (for the monthly budget projection).
+        self.budget_usd = config.monthly_budget_usd if budget_usd is None else budget_usd
+        self.closed_cost = 0.0
+        self.alive_count = [0] * n_pools
+        self.alive_req_sum = [0.0] * n_pools
         self.results = {
             name: PoolResult(name=name, price_per_hour=self.rules[name].price_per_hour)
             for name in self.pool_names
@@ -441,6 +427,8 @@ class _Sim:
         rep = _Replica(f"{self.pool_names[pool]}-{self.seq}", pool, now, now + rules.cold_start_s)
         self.replicas[pool].append(rep)
         self.all_replicas.append(rep)
+        self.alive_count[pool] += 1
+        self.alive_req_sum[pool] += now
         self.results[self.pool_names[pool]].replicas_started += 1
 
     def _stop_replicas(self, pool: int, count: int, now: float) -> None:
@@ -457,11 +445,28 @@ class _Sim:
             self.busy.discard(rep)
             rep.stopped_at = now
             reps.remove(rep)
+            self.alive_count[pool] -= 1
+            self.alive_req_sum[pool] -= rep.requested_at
+            self.closed_cost += (
+                (now - rep.requested_at) * self.rules[self.pool_names[pool]].price_per_hour / 3600
+            )
+
+    def _budget(self, now: float) -> BudgetView | None:
+        """Spend so far, extrapolated linearly to a 30-day month (from at least one day of data)."""
+        if self.budget_usd is None:
+            return None
+        spent = self.closed_cost
+        for pool, name in enumerate(self.pool_names):
+            alive_s = self.alive_count[pool] * now - self.alive_req_sum[pool]
+            spent += alive_s * self.rules[name].price_per_hour / 3600
+        projected = spent * MONTH_S / max(now, DAY_S)
+        return BudgetView(monthly_budget_usd=self.budget_usd, projected_usd=projected)
 
     def _tick(self, now: float) -> bool:
         """One controller tick; returns True when the whole system is at rest."""
         self.ticks += 1
         at_rest = True
+        budget = self._budget(now)
         for pool, name in enumerate(self.pool_names):
             rules = self.rules[name]
             result = self.results[name]
@@ -477,6 +482,7 @@ class _Sim:
                     now,
                     critical_immediate=self.config.critical_immediate,
                     tick_s=self.tick_s,
+                    budget=budget,
                 )
                 self.states[pool] = decision.state
                 desired, reason = decision.desired, decision.reason
@@ -596,15 +602,19 @@ def simulate(
     policy: str = "gpuscale",
     cold_start_s: float | None = None,
     tick_s: float | None = None,
+    budget_usd: float | None = None,
 ) -> SimResult:
-    """Replay ``trace`` against ``policy`` with the pools in ``config``; see the module doc."""
+    """Replay ``trace`` against ``policy`` with the pools in ``config``; see the module doc.
+
+    ``budget_usd`` overrides the pools file's ``monthly_budget_usd``: the spend so far,
+    extrapolated to 30 days, is handed to the policy as its :class:`BudgetView` each tick."""
     import time
 
     started = time.perf_counter()
     tick = config.reconcile_interval_s if tick_s is None else tick_s
     if tick <= 0:
         raise ValueError("tick must be > 0")
-    result = _Sim(trace, config, policy, cold_start_s, tick).run()
+    result = _Sim(trace, config, policy, cold_start_s, tick, budget_usd).run()
     result.wall_s = time.perf_counter() - started
     return result
 
