@@ -372,3 +372,16 @@ async def test_counters_match_a_full_count_after_a_mixed_workload(db: asyncpg.Po
 
     await db.execute("TRUNCATE processing_queue CASCADE")
     assert await q.stats() == {}
+
+
+async def test_graph_cycles_and_bad_local_refs_refused(db: asyncpg.Pool) -> None:
+    q = Queue(db)
+    with pytest.raises(InvalidTask, match="cycle"):
+        await q.enqueue_graph([noop(), noop(), noop()], [[2], [0], [1]])
+    with pytest.raises(InvalidTask, match="out of range"):
+        await q.enqueue_graph([noop(), noop()], [[], [5]])
+    with pytest.raises(InvalidTask, match="JSON object"):
+        await q.enqueue(NewTask("noop", ["not", "a", "dict"]))  # type: ignore[arg-type]
+    assert await count_rows(db) == (0, 0)
+    a, b, c = await q.enqueue_graph([noop(), noop(), noop()], [[2], [], [1]])  # forward refs are fine
+    assert [(await q.get_task(i))["status"] for i in (a, b, c)] == ["blocked", "queued", "blocked"]  # type: ignore[index]
