@@ -96,6 +96,9 @@ async def test_gpu_request_is_sent_and_the_refusal_is_clear(docker_engine: Docke
     assert "GPU request (gpus=2)" in message and named in message
     assert "could not select device driver" in message  # the engine's own words
     assert containers(docker_engine, named) == []  # the created container was removed again
+    state = await provider.observe(named)  # observing still works and says what is wrong
+    assert state.status == "unhealthy" and state.replicas == [] and state.target == 1
+    assert containers(docker_engine, named) == []
     await provider.aclose()
 
 
