@@ -45,8 +45,15 @@ def assert_kept(original: Any, roundtrip: Any, path: str = "") -> None:
         assert roundtrip == original, f"{path}: {original!r} became {roundtrip!r}"
 
 
-def test_both_pools_have_a_spec() -> None:
+def test_both_pools_have_a_spec_named_like_their_pool_rules() -> None:
     assert {p.name for p in DEPLOYMENT_SPECS} >= {"visual.yaml", "text.yaml"}
+    rules = yaml.safe_load((ROOT / "deploy" / "datacrunch" / "pools.yaml").read_text())
+    wanted = {
+        rules[key]["deployment"]
+        for key in rules
+        if isinstance(rules[key], dict) and "deployment" in rules[key]
+    }
+    assert wanted == {deployspec.load_file(p)["name"] for p in DEPLOYMENT_SPECS}
 
 
 @pytest.mark.parametrize("path", DEPLOYMENT_SPECS, ids=lambda p: p.name)
@@ -96,7 +103,7 @@ def test_an_unknown_field_fails(tmp_path: Path) -> None:
         (lambda d: d.pop("compute"), "compute: required"),
         (lambda d: d["containers"][0].update(exposed_port="8001"), "exposed_port: expected an integer"),
         (lambda d: d["containers"][0]["env"][0].update(type="clear"), "must be 'plain' or 'secret'"),
-        (lambda d: d["scaling"].update(min_replica_count=4), "min_replica_count <= max_replica_count"),
+        (lambda d: d["scaling"].update(min_replica_count=9), "min_replica_count <= max_replica_count"),
         (lambda d: d.update(name="Deck Visual"), "not a valid deployment name"),
     ],
 )
@@ -162,18 +169,18 @@ def test_apply_creates_then_changes_nothing(emu: Emulator) -> None:
     files = [ROOT / "deploy" / "datacrunch" / "visual.yaml", ROOT / "deploy" / "datacrunch" / "text.yaml"]
     dry = apply(emu, *files, "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert "deck-visual: create" in dry.stdout and "dry run" in dry.stdout
+    assert "gpuscale-visual: create" in dry.stdout and "dry run" in dry.stdout
     assert "+ compute.name = 'H100'" in dry.stdout
-    assert "deck-visual" not in emu.snapshot()["deployments"]
+    assert "gpuscale-visual" not in emu.snapshot()["deployments"]
 
     created = apply(emu, *files)
     assert created.returncode == 0, created.stderr
-    assert set(emu.snapshot()["deployments"]) >= {"deck-visual", "deck-text"}
+    assert set(emu.snapshot()["deployments"]) >= {"gpuscale-visual", "gpuscale-text"}
 
     before = writes(emu)
     again = apply(emu, *files)
     assert again.returncode == 0, again.stderr
-    assert "deck-visual: unchanged" in again.stdout and "deck-text: unchanged" in again.stdout
+    assert "gpuscale-visual: unchanged" in again.stdout and "gpuscale-text: unchanged" in again.stdout
     assert writes(emu) == before  # nothing was written
 
 
