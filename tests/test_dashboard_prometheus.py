@@ -8,10 +8,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
+import pytest
 from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler, make_server
 from prometheus_server import PrometheusServer, prometheus_server, write_file_sd  # noqa: F401
@@ -61,3 +66,150 @@ def test_fixture_scrapes_static_and_file_sd_targets(prometheus_server, tmp_path:
         http_a.shutdown()
         http_b.shutdown()
     assert prom.proc is not None  # still running until the fixture stops it
+
+
+# --- the dashboard during a headless demo -----------------------------------------------------------
+DASHBOARD = ROOT / "deploy" / "grafana" / "gpuscale.json"
+# Grafana's variables as a person looking at the whole demo would have them.
+VARS = {"$__rate_interval": "30s", "$__interval": "2s", "$__range": "1h", "$pool": ".*"}
+# Percentiles from histograms whose every observation can happen before Prometheus first scrapes
+# the series: a labelled series is born with its first observation, and rate() cannot see the step
+# from "absent" to 1.  Worker replicas are found through service discovery seconds after they
+# start claiming, and the controller observes a pool's cold starts all at once on its first
+# scale-up.  Pre-initialising the label sets at process start (and exporting queue wait from the
+# long-lived controller) lets these show numbers in short runs; until then they may be NaN-only.
+NAN_TOLERATED = (
+    "Queue wait by task type",
+    "Cold start (replica requested → registered)",
+    "Task duration by task type",
+)
+CLIENT_SECRET = "demo-client-secret-5b0d7e1f"
+WORKER_TOKEN = "demo-worker-token-93a4c2aa"
+
+
+def dashboard_queries() -> dict[str, str]:
+    """{"panel title / refId": expr with the variables substituted} for every panel query."""
+    dash = json.loads(DASHBOARD.read_text())
+    out = {}
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for var, value in VARS.items():
+                expr = expr.replace(var, value)
+            out[f"{panel['title']} / {target['refId']}"] = expr
+    return out
+
+
+def _has_finite_value(result: list[dict]) -> bool:
+    for item in result:
+        value = item.get("value", [0, "NaN"])[1]
+        if value not in ("NaN", "+Inf", "-Inf"):
+            return True
+    return False
+
+
+def _processes_with_env(entry: str) -> list[int]:
+    pids = []
+    needle = entry.encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_headless_demo_every_dashboard_panel_has_data(prometheus_server, tmp_path: Path) -> None:  # noqa: F811
+    """One headless demo, scraped by a real Prometheus every second:
+
+    - the demo exits 0 and its JSON says every task is done and every pool is back to 0;
+    - every query of every dashboard panel, evaluated through /api/v1/query while the demo runs,
+      returned a (finite) value at least once;
+    - nothing is left running, and no secret shows in a log, the summary or a metric label.
+    """
+    targets = tmp_path / "targets.json"
+    write_file_sd(targets, {})
+    # The demo keeps this file_sd file up to date: the controller, and each worker as it registers.
+    prom = prometheus_server(file_sd=targets, rule_files=[ALERTS])
+    data_dir = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUSCALE_", "DATACRUNCH_"))}
+    env.update({"DATACRUNCH_CLIENT_SECRET": CLIENT_SECRET, "GPUSCALE_WORKER_TOKEN": WORKER_TOKEN})
+    argv = [
+        sys.executable, "-c", "from controller.cli import main; main()", "demo", "--headless", "--json",
+        "--decks", "2", "--latency", "0.2", "--timeout", "200", "--data-dir", str(data_dir),
+        "--prometheus-targets", str(targets),
+    ]  # fmt: skip
+    queries = dashboard_queries()
+    nonempty: dict[str, bool] = dict.fromkeys(queries, False)
+    finite: dict[str, bool] = dict.fromkeys(queries, False)
+    errors: dict[str, str] = {}
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    started = time.monotonic()
+    try:
+        while proc.poll() is None:
+            for name, expr in queries.items():
+                if finite[name] or name in errors:
+                    continue
+                try:
+                    result = prom.query(expr)
+                except ValueError as exc:  # a PromQL error: the panel is broken
+                    errors[name] = str(exc)
+                    continue
+                nonempty[name] = nonempty[name] or bool(result)
+                finite[name] = _has_finite_value(result)
+            time.sleep(1.0)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.communicate(timeout=60)
+    wall = time.monotonic() - started
+    assert proc.returncode == 0, (
+        f"demo exited {proc.returncode}\nstdout:\n{stdout}\nstderr:\n{stderr[-6000:]}"
+    )
+    summary = json.loads(stdout)
+    print(f"demo wall {wall:.1f}s; summary: {json.dumps({k: summary[k] for k in list(summary)[:12]})}")
+    assert summary["ok"] is True
+    assert summary["tasks_total"] > 0
+    assert summary["tasks_done"] == summary["tasks_total"]
+    assert summary["tasks_failed"] == 0
+    assert summary["replicas_final"] == {"visual": 0, "text": 0}
+    assert summary["wall_s"] > 0 and summary["cold_starts"] >= 2
+    assert "Ollama STAND-IN" in stderr
+
+    assert errors == {}
+    # The issue's criterion: every panel query returned data while the demo ran.
+    missing = sorted(name for name, ok in nonempty.items() if not ok)
+    assert missing == [], f"dashboard queries that never returned data: {missing}"
+    # Stricter: a number, not only NaN (a rate over a window where the series did not move).
+    nan_only = sorted(name for name, ok in finite.items() if not ok)
+    print(f"{len(queries)} dashboard queries; NaN-only during this run: {nan_only}")
+    unexpected = [n for n in nan_only if not n.startswith(NAN_TOLERATED)]
+    assert unexpected == [], f"dashboard queries that never returned a number: {unexpected}"
+
+    # Nothing left running: no process carries the demo's data dir in its environment.
+    assert _processes_with_env(f"GPUSCALE_DATA_DIR={data_dir.absolute()}") == []
+    # No secret anywhere it could leak: logs, the summary, metric labels.
+    texts = [stdout, stderr] + [p.read_text(errors="replace") for p in data_dir.rglob("*.log")]
+    for secret in (CLIENT_SECRET, WORKER_TOKEN):
+        assert not any(secret in t for t in texts), "a secret leaked into the demo's output or logs"
+    for label in prom_labels(prom):
+        for secret in (CLIENT_SECRET, WORKER_TOKEN):
+            assert secret not in label
+
+
+def prom_labels(prom: PrometheusServer) -> list[str]:
+    """Every label value Prometheus holds."""
+    import httpx
+
+    values = []
+    for name in httpx.get(f"{prom.url}/api/v1/labels", timeout=10).json()["data"]:
+        values += httpx.get(f"{prom.url}/api/v1/label/{name}/values", timeout=10).json()["data"]
+    return values

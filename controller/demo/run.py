@@ -308,8 +308,10 @@ class Demo:
                 "GPUSCALE_HTTP_PORT": str(http_port),
             },
         )
-        await asyncio.to_thread(wait_http, f"{self.controller_url}/readyz", controller, timeout=60)
+        # Listed before it is ready: Prometheus' discovery takes a few seconds to pick it up, and
+        # the first scale-up happens soon after the decks arrive.
         self.write_targets()
+        await asyncio.to_thread(wait_http, f"{self.controller_url}/readyz", controller, timeout=60)
 
         progress(f"generating {self.o.decks} sample deck(s) into {self.data_dir / 'decks'}")
         paths = await asyncio.to_thread(
@@ -431,8 +433,8 @@ class Demo:
             change = next((d for d in decisions if d.pool == name), None)
             if change is not None:
                 ago = max(0.0, time.time() - change.at)
-                frm = "·" if change.from_replicas is None else change.from_replicas
-                last_txt = f"{frm}→{change.to_replicas} {change.reason} ({ago:.0f}s ago)"
+                before = "·" if change.from_replicas is None else str(change.from_replicas)
+                last_txt = f"{before}→{change.to_replicas} {change.reason} ({ago:.0f}s ago)"
             elif isinstance(last, dict) and last:
                 frm, to = (
                     last.get("from_replicas", last.get("current")),
