@@ -414,6 +414,15 @@ async def test_zero_falls_back_to_pause_when_refused(api: Any, client: DataCrunc
     assert m["calls"][-2:] == ["patch", "pause"]
 
 
+async def test_zero_refused_in_capacity_words_still_pauses(api: Any, client: DataCrunchClient) -> None:
+    m = mock_deployment(api, lo=2, hi=2)
+    api.patch(f"{DEP_PATH}/scaling").mock(
+        return_value=error(400, "invalid_request", "below the replica limit")
+    )
+    await DataCrunchProvider(client).set_replicas(DEP, 0)
+    assert m["pause"].call_count == 1
+
+
 async def test_scaling_up_from_paused_resumes_first(api: Any, client: DataCrunchClient) -> None:
     m = mock_deployment(api, lo=1, hi=1, status="paused")
     await DataCrunchProvider(client).set_replicas(DEP, 2)

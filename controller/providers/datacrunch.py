@@ -524,8 +524,9 @@ class DataCrunchProvider:
                 return
             try:
                 await self.client.patch_scaling(deployment, _pin(scaling, 0))
-            except ApiError as exc:
-                if not 400 <= exc.status_code < 500:
+            except (ApiError, CapacityError) as exc:
+                # Any refusal of 0/0 (a 4xx, whatever its wording) means: pause instead.
+                if not 400 <= (exc.status_code or 0) < 500:
                     raise
                 log.info("DataCrunch refused 0/0 for %s (%s); pausing instead", deployment, exc.message)
                 await self.client.pause(deployment)
