@@ -139,7 +139,7 @@ class PoolState:
     startup_failures: int = 0  # consecutive startup timeouts (reset by a successful start)
     replace_due_at: float | None = None  # when overdue replicas may be replaced (backoff)
     replaced_total: int = 0
-    starting_ids: tuple[str, ...] = ()  # starting replicas seen last tick
+    last_registered: int | None = None  # registered replicas seen last tick
     # scale_down_delay: auto — per replica level, since when the work has not needed it (inf: gap
     # already recorded as long), and the recent idle gaps seen (seconds; "long" = 2 × cold start).
     gap_start: tuple[float | None, ...] = ()
@@ -149,7 +149,7 @@ class PoolState:
         """JSON-safe form, for the controller to persist between runs (``inf`` becomes -1)."""
         out = asdict(self)
         out["gap_start"] = [(-1.0 if v is not None and math.isinf(v) else v) for v in self.gap_start]
-        for key in ("surplus_since", "starting_ids", "idle_gaps"):
+        for key in ("surplus_since", "idle_gaps"):
             out[key] = list(out[key])
         return out
 
@@ -158,7 +158,7 @@ class PoolState:
         """Inverse of :meth:`to_dict`; unknown keys are ignored, missing ones take defaults."""
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in data.items() if k in known}
-        for key in ("surplus_since", "starting_ids", "idle_gaps"):
+        for key in ("surplus_since", "idle_gaps"):
             if key in kw:
                 kw[key] = tuple(kw[key])
         if "gap_start" in kw:
@@ -399,8 +399,12 @@ def decide(
     # --- startup timeouts, with backoff -------------------------------------------------------
     overdue = tuple(rid for rid, t0 in obs.starting if now - t0 >= rules.startup_timeout_s)
     failures = state.startup_failures
-    # A replica that was starting last tick and is gone now without being replaced came up.
-    if any(rid not in starting_ids for rid in state.starting_ids) and not overdue:
+    # More replicas registered than last tick: starts work again, forget past failures.
+    if (
+        obs.registered is not None
+        and state.last_registered is not None
+        and obs.registered > state.last_registered
+    ):
         failures = 0
     replace_ids: tuple[str, ...] = ()
     replace_due_at = state.replace_due_at
@@ -479,7 +483,7 @@ def decide(
         startup_failures=failures,
         replace_due_at=replace_due_at,
         replaced_total=replaced_total,
-        starting_ids=starting_ids,
+        last_registered=obs.registered if obs.registered is not None else state.last_registered,
     )
     extra = {"queued": float(queued), "running": float(running), "floor_running": float(floor_running)}
 

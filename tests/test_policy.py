@@ -214,30 +214,37 @@ def test_imminent_work_keeps_an_idle_replica() -> None:
 
 def test_startup_timeout_replaces_then_backs_off() -> None:
     r = rules(startup_backoff_s=60, max_startup_backoff_s=600)
-    starting = obs(queued=2, replicas=1, queued_work_s=400, starting=[("r1", 0.0)])
-    d = decide(r, starting, PoolState(), 299.0)
+
+    def starting(rid: str, at: float) -> PoolObservation:
+        return obs(queued=2, replicas=1, registered=0, queued_work_s=400, starting=[(rid, at)])
+
+    d = decide(r, starting("r1", 0.0), PoolState(), 299.0)
     assert d.replace == () and d.reason != P.STARTUP_TIMEOUT
-    d = decide(r, starting, d.state, 300.0)
+    d = decide(r, starting("r1", 0.0), d.state, 300.0)
     assert d.reason == P.STARTUP_TIMEOUT and d.replace == ("r1",)
     assert d.desired == 1 and d.state.startup_failures == 1 and d.state.replaced_total == 1
-    # The replacement fails too: the next replacement waits out a backoff, holding scale-ups.
-    again = obs(queued=2, replicas=1, queued_work_s=400, starting=[("r2", 300.0)])
-    d = decide(r, again, d.state, 600.0)
+    # The controller replaced it with r2; ticks go by while r2 starts (and never registers).
+    for t in range(310, 600, 10):
+        d = decide(r, starting("r2", 300.0), d.state, float(t))
+        assert d.reason != P.STARTUP_TIMEOUT
+    assert d.state.startup_failures == 1
+    # r2 fails too: the next replacement waits out a backoff, holding scale-ups meanwhile.
+    d = decide(r, starting("r2", 300.0), d.state, 600.0)
     assert d.reason == P.STARTUP_BACKOFF and d.replace == ()
-    d = decide(r, again, d.state, 630.0)
-    assert d.reason == P.STARTUP_BACKOFF
-    d = decide(r, again, d.state, 660.0)
+    d = decide(r, starting("r2", 300.0), d.state, 630.0)
+    assert d.reason == P.STARTUP_BACKOFF and d.desired == 1
+    d = decide(r, starting("r2", 300.0), d.state, 660.0)
     assert d.reason == P.STARTUP_TIMEOUT and d.replace == ("r2",) and d.state.startup_failures == 2
-    # Third failure: twice the backoff.
-    third = obs(queued=2, replicas=1, queued_work_s=400, starting=[("r3", 660.0)])
-    d = decide(r, third, d.state, 960.0)
+    # r3 fails as well: twice the backoff.
+    d = decide(r, starting("r3", 660.0), d.state, 670.0)
+    d = decide(r, starting("r3", 660.0), d.state, 960.0)
     assert d.reason == P.STARTUP_BACKOFF
-    assert decide(r, third, d.state, 1079.0).reason == P.STARTUP_BACKOFF
-    d = decide(r, third, d.state, 1080.0)
-    assert d.reason == P.STARTUP_TIMEOUT
-    # One that comes up resets the count.
+    assert decide(r, starting("r3", 660.0), d.state, 1079.0).reason == P.STARTUP_BACKOFF
+    d = decide(r, starting("r3", 660.0), d.state, 1080.0)
+    assert d.reason == P.STARTUP_TIMEOUT and d.state.replaced_total == 3
+    # r4 comes up (one more replica registered): the failure count resets.
+    d = decide(r, starting("r4", 1080.0), d.state, 1090.0)
     up = obs(queued=0, replicas=1, registered=1, running=1, busy_replicas=1)
-    d = decide(r, obs(queued=2, replicas=1, starting=[("r4", 1080.0)]), d.state, 1090.0)
     d = decide(r, up, d.state, 1200.0)
     assert d.state.startup_failures == 0
 
@@ -308,7 +315,7 @@ def test_state_round_trips_through_json() -> None:
         desired=2,
         up_since=5.0,
         surplus_since=(1.0, 2.0),
-        starting_ids=("a",),
+        last_registered=1,
         gap_start=(None, math.inf, 7.0),
         idle_gaps=(3.0, 240.0),
     )
