@@ -63,11 +63,10 @@ def replica_env(replica_id: str) -> list[dict[str, str]]:
 
 
 async def until(
-    fn: Callable[[], Awaitable[T]], what: str, timeout_s: float = 30.0, every_s: float = 0.05
+    fn: Callable[[], Awaitable[T | None]], what: str, timeout_s: float = 30.0, every_s: float = 0.05
 ) -> T:
     """Poll ``fn`` until it returns something truthy; fail with ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    last: T | None = None
     while True:
         last = await fn()
         if last:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from provider_kit import STANDIN, no_processes, replica_env, until
+from pydantic import SecretStr
 
 from controller.cli import ConfigError
 from controller.providers import LaunchSpec, ProviderError, make_provider, worker_command
@@ -103,7 +104,9 @@ async def test_make_provider_builds_each_back_end() -> None:
     docker = make_provider(Settings(provider="docker", docker_host="unix:///nonexistent.sock"), launches)
     assert isinstance(docker, DockerProvider) and docker.base_url == "unix:///nonexistent.sock"
     dc = make_provider(
-        Settings(provider="datacrunch", datacrunch_client_id="id", datacrunch_client_secret="not-shown")
+        Settings(
+            provider="datacrunch", datacrunch_client_id="id", datacrunch_client_secret=SecretStr("not-shown")
+        )
     )
     assert isinstance(dc, DataCrunchProvider) and "not-shown" not in repr(dc)
     with pytest.raises(ConfigError):
