@@ -354,13 +354,15 @@ async def test_cli_serves_and_stops_its_replicas_on_sigterm(tmp_path: Path) -> N
         "0.1",
         "--grace",
         "2",
+        "--client-id",
+        "cli-flag-id",
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
     try:
         client = DataCrunchClient(
-            f"http://127.0.0.1:{port}/v1", "cli-id", "cli-secret", retry=RetryPolicy(attempts=1)
+            f"http://127.0.0.1:{port}/v1", "cli-flag-id", "cli-secret", retry=RetryPolicy(attempts=1)
         )
 
         async def up() -> bool:

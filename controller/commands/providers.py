@@ -115,6 +115,13 @@ def emulator(
     ),
     stop_order: str = typer.Option("random", "--stop-order", help="Which replica a scale-down stops."),
     log_dir: Path = typer.Option(None, "--log-dir", help="Write each replica's output to DIR/<id>.log."),
+    client_id: str = typer.Option(
+        None,
+        "--client-id",
+        help="OAuth2 client id it accepts (default GPUSCALE_EMULATOR_CLIENT_ID, DATACRUNCH_CLIENT_ID or "
+        "'emulator'); the secret comes from GPUSCALE_EMULATOR_CLIENT_SECRET or DATACRUNCH_CLIENT_SECRET "
+        "(default 'emulator-secret'), never from a flag.",
+    ),
 ) -> None:
     """Serve an emulator of the DataCrunch container API on loopback.
 
@@ -138,7 +145,7 @@ def emulator(
         if not sep or not name:
             raise fail(f"--secret expects NAME=VALUE, got {name!r}")
         secrets[name] = value
-    client_id = settings.emulator_client_id or settings.datacrunch_client_id or "emulator"
+    client_id = client_id or settings.emulator_client_id or settings.datacrunch_client_id or "emulator"
     secret_value = settings.emulator_client_secret or settings.datacrunch_client_secret
     config = EmulatorConfig(
         client_id=client_id,
