@@ -395,8 +395,14 @@ class Queue:
         out.sort(key=lambda t: (order[t.priority], t.id))
         return out
 
-    async def extend_leases(self, server_id: str, *, lease_s: float | None = None) -> int:
-        """Push back the lease of every task ``server_id`` holds; returns how many."""
+    async def extend_leases(
+        self, server_id: str, *, lease_s: float | None = None, task_ids: Sequence[int] | None = None
+    ) -> int:
+        """Push back the lease of the tasks ``server_id`` holds; returns how many.
+
+        ``task_ids``: only these (the tasks the worker is really still working on).  A worker that
+        gave up on a task — say its completion could not be written — must not keep that task's
+        lease alive, or the reaper would never hand it to someone else."""
         lease = self.lease_s if lease_s is None else lease_s
         result = await self.pool.execute(
             # SKIP LOCKED: a row being completed or failed right now needs no longer lease, and
@@ -404,9 +410,11 @@ class Queue:
             """UPDATE processing_queue SET lease_expires_at = now() + make_interval(secs => $2)
                 WHERE id IN (SELECT id FROM processing_queue
                               WHERE status = 'running' AND lease_owner = $1
+                                AND ($3::bigint[] IS NULL OR id = ANY($3::bigint[]))
                                 FOR UPDATE SKIP LOCKED)""",
             server_id,
             float(lease),
+            None if task_ids is None else list(task_ids),
         )
         return _rowcount(result)
 

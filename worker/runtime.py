@@ -52,6 +52,16 @@ log = logging.getLogger("worker")
 _DEPENDENCY_DEPTH = 4
 # Bounded time for the last database calls of a drain (release, deregister).
 _SHUTDOWN_DB_TIMEOUT_S = 10.0
+# Errors that mean "the connection is gone or the server is (re)starting", worth retrying: a
+# restart of PostgreSQL ends sessions with 57P01 and refuses new ones with 57P03 for a moment.
+_CONNECTION_TROUBLE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.CrashShutdownError,
+)
 
 
 class StartupError(RuntimeError):
@@ -517,7 +527,7 @@ class Worker:
         for i in range(attempts):
             try:
                 return await call()
-            except (OSError, asyncpg.InterfaceError, asyncpg.exceptions.ConnectionDoesNotExistError) as exc:
+            except _CONNECTION_TROUBLE as exc:
                 if i == attempts - 1:
                     raise
                 log.warning("database call failed (%s); retrying in %.1fs", exc, delay)
@@ -550,7 +560,7 @@ class Worker:
     async def heartbeat(self) -> None:
         """Extend the leases of held tasks and report load; re-register if we were declared dead."""
         try:
-            await self.queue.extend_leases(self.server_id)
+            await self.queue.extend_leases(self.server_id, task_ids=list(self._running))
             known = await self.queue.server_heartbeat(
                 self.server_id, current_load=len(self._running), status=self._server_status
             )
