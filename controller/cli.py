@@ -44,7 +44,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
     log_level: str = typer.Option("INFO", "--log-level", envvar="GPUSCALE_LOG_LEVEL", help="Log level."),
     log_format: str = typer.Option(
         "text", "--log-format", envvar="GPUSCALE_LOG_FORMAT", help="Log format: text or json."
