@@ -322,7 +322,7 @@ def bench_queue(
 ) -> None:
     """Enqueue and drain no-op tasks through the real claim/complete path; print throughput.
 
-    Uses the ``bench`` pool as scratch space (emptied before and after)."""
+    Uses the "bench" pool as scratch space: emptied (and vacuumed) before and after."""
     from controller.bench import run_queue_bench
 
     async def run() -> Any:
