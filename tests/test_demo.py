@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pypdfium2 as pdfium
+import pytest
 from rich.console import Console
 
 from controller.deck import count_pages
@@ -209,3 +211,69 @@ def test_kill_leftovers_kills_only_this_runs_processes() -> None:
         for p in (mine, other):
             p.kill()
             p.wait()
+
+
+def test_one_demo_per_data_dir(tmp_path: Path) -> None:
+    from controller.demo.run import Demo, DemoError, DemoOptions
+
+    options = DemoOptions(data_dir=tmp_path, pools_file=ROOT / "deploy/demo/pools.yaml")
+    options.deployment_files = [ROOT / p for p in options.deployment_files]
+    first, second = Demo(options), Demo(options)
+    first._lock()
+    try:
+        second._lock()
+    except DemoError as exc:
+        assert "another demo is running" in str(exc)
+    else:
+        raise AssertionError("two demos locked the same data dir")
+    finally:
+        first._lock_fh.close()
+    second._lock()  # free again once the first let go
+    second._lock_fh.close()
+
+
+def _with_env(entry: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if entry.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_ctrl_c_mid_run_stops_everything(tmp_path: Path) -> None:
+    """SIGINT while replicas run: exit 130, and no process of the run is left (replicas included)."""
+    data_dir = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUSCALE_", "DATACRUNCH_"))}
+    proc = subprocess.Popen(
+        [*GPUSCALE, "demo", "--headless", "--decks", "1", "--latency", "1", "--data-dir", str(data_dir)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    marker = f"GPUSCALE_DATA_DIR={data_dir.absolute()}"
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # wait until the visual pool has replicas running
+            lines.append(line)
+            if "visual: 0 →" in line:
+                break
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(_with_env(marker)) < 4:
+            time.sleep(0.2)
+        running = _with_env(marker)
+        assert len(running) >= 4, "".join(lines)  # stand-in, emulator, controller, replica(s)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, "".join(lines) + out
+    assert "everything was stopped" in out
+    assert _with_env(marker) == []
+    assert not [p for p in running if Path(f"/proc/{p}").exists()]

@@ -48,7 +48,7 @@ def demo(
         2.0, "--replica-start", min=0, max=600, help="Seconds the emulator takes to start a container."
     ),
     latency: float = typer.Option(
-        0.3, "--latency", min=0, max=60, help="Seconds per Ollama stand-in answer (one page, one prompt)."
+        1.0, "--latency", min=0, max=60, help="Seconds per Ollama stand-in answer (one page, one prompt)."
     ),
     targets_file: Path | None = typer.Option(
         None,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import fcntl
 import json
 import logging
 import os
@@ -67,7 +68,7 @@ class DemoOptions:
     http_port: int = 0  # controller HTTP port; 0: a free one
     emulator_port: int = 0
     replica_start_s: float = 2.0  # the emulator's simulated container start (before the worker runs)
-    standin_latency_s: float = 0.3  # seconds per stand-in inference call
+    standin_latency_s: float = 1.0  # seconds per stand-in inference call
     batch_pages: int = 8
     targets_file: Path | None = None  # write Prometheus file_sd targets (controller and workers)
     refresh_s: float = 0.5
@@ -138,6 +139,7 @@ class Demo:
         self.peak: dict[str, int] = {}
         self._last_sample = 0.0
         self.leftovers: list[int] = []
+        self._lock_fh: Any = None
 
     # ------------------------------------------------------------------ setup
 
@@ -214,9 +216,22 @@ class Demo:
             await admin.close()
         self.dsn = self.pg.dsn(DEMO_DB)
 
+    def _lock(self) -> None:
+        """One demo per data directory: a second one would drop the first one's database."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fh = (self.data_dir / "demo.lock").open("w")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise DemoError(
+                f"another demo is running in {self.data_dir}; wait for it or use --data-dir"
+            ) from None
+        self._lock_fh = fh
+
     async def start(self, progress: Callable[[str], None] = lambda _msg: None) -> None:
         self.started = time.monotonic()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock()
         for old in self.log_dir.glob("*.log") if self.log_dir.exists() else []:
             old.unlink()
         progress("starting the embedded PostgreSQL")
@@ -659,6 +674,9 @@ class Demo:
         if self.o.targets_file is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.o.targets_file.write_text("[]")
+        if self._lock_fh is not None:
+            self._lock_fh.close()  # releases the lock
+            self._lock_fh = None
 
     async def __aenter__(self) -> Demo:
         return self
