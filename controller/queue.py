@@ -836,6 +836,15 @@ class Queue:
             for r in rows
         ]
 
+    async def purge_dead_servers(self, *, older_than_s: float) -> int:
+        """Delete registry rows of servers declared dead more than ``older_than_s`` ago."""
+        result = await self.pool.execute(
+            """DELETE FROM processing_servers
+                WHERE status = 'dead' AND updated_at < now() - make_interval(secs => $1)""",
+            float(older_than_s),
+        )
+        return _rowcount(result)
+
     async def reap_dead_servers(self, timeout_s: float) -> list[str]:
         """Servers silent for ``timeout_s`` become ``dead``; their tasks go back to the queue
         (the interrupted attempt counts, so a task that keeps killing servers ends ``dead``)."""

@@ -88,3 +88,7 @@ async def test_silent_server_is_reaped_and_its_tasks_requeued(db: asyncpg.Pool) 
     assert rd["status"] == "failed" and f"dependency {b}" in rd["error"]
     (again,) = await q.claim("bench", "alive", 5)
     assert again.id == a and again.attempts == 2
+
+    assert await q.purge_dead_servers(older_than_s=3600) == 0
+    assert await q.purge_dead_servers(older_than_s=0) == 1
+    assert [s.id for s in await q.list_servers(include_dead=True)] == ["alive"]
