@@ -259,10 +259,6 @@ class ControllerApp:
     # -------------------------------------------------------------- run
     async def run(self) -> None:
         await self.setup()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self.request_stop)
         server: uvicorn.Server | None = None
         server_task: asyncio.Task[Any] | None = None
         if self.http:
@@ -274,8 +270,18 @@ class ControllerApp:
                 lifespan="off",
             )
             server = uvicorn.Server(config)
-            server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
             server_task = asyncio.create_task(server.serve())
+            # uvicorn captures SIGINT/SIGTERM while it serves; ours go in after it started, so a
+            # signal stops the controller in order (tick, lock, then the HTTP server).
+            while not server.started and not server_task.done():
+                await asyncio.sleep(0.01)
+            if server_task.done():
+                await server_task  # raises why it could not start (e.g. the port is taken)
+                raise OSError(f"HTTP server on port {self.settings.http_port} did not start")
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
         scheduler = AsyncIOScheduler()
         common = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
         scheduler.add_job(

@@ -264,7 +264,7 @@ class Reconciler:
 
         paused = observed.paused is None or name in observed.paused
         outcome, error = await self._act(rules, decision, provider_state, observed.servers, paused, errors)
-        await self._record(rules, decision, provider_state, outcome, error)
+        await self._record(rules, decision, provider_state, outcome, error, errors)
 
         view.paused = bool(observed.paused is not None and name in observed.paused)
         if stats is not None:
@@ -355,6 +355,7 @@ class Reconciler:
         provider_state: ProviderState | None,
         outcome: str,
         error: str | None,
+        errors: Sequence[str] = (),
     ) -> None:
         name = rules.name
         current = provider_state.target if provider_state is not None else None
@@ -375,8 +376,8 @@ class Reconciler:
         frm = "?" if current is None else str(current)
         msg = "pool=%s %s → %d reason=%s outcome=%s: %s"
         args = (name, frm, decision.desired, decision.reason, outcome, decision.detail)
-        if error:
-            log.warning(msg + " error=%s", *args, error)
+        if error or (decision.reason == "hold_unknown" and errors):
+            log.warning(msg + " error=%s", *args, error or "; ".join(errors))
         else:
             log.info(msg, *args)
         try:

@@ -57,7 +57,7 @@ def pools_config(**overrides: object) -> PoolsConfig:
         pools={
             name: PoolRules(
                 name=name,
-                deployment=f"deck-{name}",
+                deployment=f"gpuscale-{name}",
                 task_types=types_for_pool(name),
                 **base,  # type: ignore[arg-type]
             )
@@ -151,11 +151,11 @@ async def _enqueue(
 async def test_scales_from_zero_on_queued_work(make_app, deployments: Emulator) -> None:  # type: ignore[no-untyped-def]
     app = await make_app()
     await app.tick()  # a fresh deployment (0..3) gets pinned to what the controller decides: 0
-    assert await _target(deployments, "deck-visual") == 0
+    assert await _target(deployments, "gpuscale-visual") == 0
     await _enqueue(app.queue, 5)
     assert await app.tick()
-    assert await _target(deployments, "deck-visual") >= 1
-    assert await _target(deployments, "deck-text") == 0
+    assert await _target(deployments, "gpuscale-visual") >= 1
+    assert await _target(deployments, "gpuscale-text") == 0
     events = await app.store.events("visual")
     assert events and events[0]["to_replicas"] >= 1 and events[0]["outcome"] == "applied"
 
@@ -166,15 +166,15 @@ async def test_scale_up_beyond_one_waits_for_the_delay(make_app, deployments: Em
     app.reconciler.clock = clock
     await _enqueue(app.queue, 1)
     await app.tick()
-    assert await _target(deployments, "deck-visual") == 1
+    assert await _target(deployments, "gpuscale-visual") == 1
     await _enqueue(app.queue, 8)
     clock.now += 1
     await app.tick()
-    assert await _target(deployments, "deck-visual") == 1, "scaled up before scale_up_delay"
+    assert await _target(deployments, "gpuscale-visual") == 1, "scaled up before scale_up_delay"
     assert app.reconciler.views["visual"].last_decision["reason"] == "scale_up_pending"
     clock.now += 31
     await app.tick()
-    assert await _target(deployments, "deck-visual") > 1
+    assert await _target(deployments, "gpuscale-visual") > 1
 
 
 async def test_critical_task_scales_within_a_second(dsn: str, deployments: Emulator) -> None:
@@ -190,7 +190,7 @@ async def test_critical_task_scales_within_a_second(dsn: str, deployments: Emula
         await asyncio.sleep(0.3)  # the LISTEN connection is up
         started = time.monotonic()
         await _enqueue(app.queue, 1, "startup_name_extraction", Priority.critical)
-        while await _target(deployments, "deck-text") == 0:
+        while await _target(deployments, "gpuscale-text") == 0:
             assert time.monotonic() - started < 5, "critical task did not scale the pool"
             await asyncio.sleep(0.02)
         elapsed = time.monotonic() - started
@@ -204,15 +204,15 @@ async def test_scales_down_after_idle(make_app, deployments: Emulator) -> None: 
     clock = Clock()
     app = await make_app()
     app.reconciler.clock = clock
-    await app.provider.set_replicas("deck-visual", 2)
+    await app.provider.set_replicas("gpuscale-visual", 2)
     await app.tick()
-    assert await _target(deployments, "deck-visual") == 2, "scaled down at once"
+    assert await _target(deployments, "gpuscale-visual") == 2, "scaled down at once"
     clock.now += 30
     await app.tick()
-    assert await _target(deployments, "deck-visual") == 2, "scaled down before scale_down_delay"
+    assert await _target(deployments, "gpuscale-visual") == 2, "scaled down before scale_down_delay"
     clock.now += 31
     await app.tick()
-    assert await _target(deployments, "deck-visual") == 0
+    assert await _target(deployments, "gpuscale-visual") == 0
     reasons = {e["reason"] for e in await app.store.events("visual")}
     assert "idle_timeout" in reasons
 
@@ -221,7 +221,7 @@ async def test_holds_on_provider_errors(make_app, deployments: Emulator) -> None
     clock = Clock()
     app = await make_app()
     app.reconciler.clock = clock
-    await app.provider.set_replicas("deck-visual", 2)
+    await app.provider.set_replicas("gpuscale-visual", 2)
     await app.tick()
     deployments.set_faults(error=1.0)
     try:
@@ -232,14 +232,14 @@ async def test_holds_on_provider_errors(make_app, deployments: Emulator) -> None
         assert view.errors and any("provider" in e for e in view.errors)
     finally:
         deployments.clear_faults()
-    assert await _target(deployments, "deck-visual") == 2
+    assert await _target(deployments, "gpuscale-visual") == 2
 
 
 async def test_holds_on_database_errors(make_app, deployments: Emulator, pg_server: str) -> None:  # type: ignore[no-untyped-def]
     clock = Clock()
     app = await make_app()
     app.reconciler.clock = clock
-    await app.provider.set_replicas("deck-visual", 2)
+    await app.provider.set_replicas("gpuscale-visual", 2)
     await app.tick()
     # The queue becomes unreadable (a real error from the real server: its database is gone).
     broken = await asyncpg.create_pool(pg_server, min_size=1, max_size=1)
@@ -250,7 +250,7 @@ async def test_holds_on_database_errors(make_app, deployments: Emulator, pg_serv
     decisions = await app.reconciler.reconcile_all()
     assert decisions["visual"].reason == "hold_unknown"
     assert decisions["visual"].desired == 2
-    assert await _target(deployments, "deck-visual") == 2
+    assert await _target(deployments, "gpuscale-visual") == 2
 
 
 async def test_dead_workers_tasks_are_requeued(make_app, db: asyncpg.Pool) -> None:  # type: ignore[no-untyped-def]
@@ -277,7 +277,7 @@ async def test_dry_run_changes_nothing(make_app, deployments: Emulator) -> None:
     app = await make_app(dry_run=True)
     await _enqueue(app.queue, 5)
     await app.tick()
-    assert await _target(deployments, "deck-visual") == 0
+    assert await _target(deployments, "gpuscale-visual") == 0
     events = await app.store.events("visual")
     assert events and events[0]["outcome"] == "dry_run" and events[0]["to_replicas"] >= 1
 
@@ -287,11 +287,11 @@ async def test_paused_pool_holds(make_app, deployments: Emulator) -> None:  # ty
     await ControllerStore(app.pool).set_paused("visual", True, "test")
     await _enqueue(app.queue, 5)
     await app.tick()
-    assert await _target(deployments, "deck-visual") == 0
+    assert await _target(deployments, "gpuscale-visual") == 0
     assert app.reconciler.views["visual"].paused
     await ControllerStore(app.pool).set_paused("visual", False, "test")
     await app.tick()
-    assert await _target(deployments, "deck-visual") >= 1
+    assert await _target(deployments, "gpuscale-visual") >= 1
 
 
 async def test_only_the_leader_acts_and_a_standby_takes_over(make_app, deployments: Emulator) -> None:  # type: ignore[no-untyped-def]

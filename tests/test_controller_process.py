@@ -30,7 +30,7 @@ visual_container_scaling:
   scale_up_delay: 5s
   scale_down_delay: 30s
   startup_timeout: 60s
-  deployment: deck-visual
+  deployment: gpuscale-visual
   cold_start: 2s
   price_per_hour: 0.5
 text_container_scaling:
@@ -40,7 +40,7 @@ text_container_scaling:
   scale_up_delay: 5s
   scale_down_delay: 30s
   startup_timeout: 60s
-  deployment: deck-text
+  deployment: gpuscale-text
   cold_start: 2s
   price_per_hour: 0.8
 """
@@ -160,7 +160,7 @@ def test_ops_api_and_clean_sigterm(ctl_env: dict[str, str], tmp_path: Path) -> N
             time.sleep(0.1)
         by_name = {p["name"]: p for p in pools["pools"]}
         assert set(by_name) == {"visual", "text"}
-        assert by_name["visual"]["deployment"] == "deck-visual"
+        assert by_name["visual"]["deployment"] == "gpuscale-visual"
         assert by_name["visual"]["replicas_provider"] == 0
         assert by_name["visual"]["last_decision"]["reason"]
         assert by_name["visual"]["rules"]["max_replicas"] == 2

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 import asyncpg
+import asyncpg.pool
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def load_migrations() -> list[Migration]:
     return out
 
 
-async def migrate(conn: asyncpg.Connection) -> list[Migration]:
+async def migrate(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> list[Migration]:
     """Apply the pending migrations; returns those applied (empty when up to date)."""
     applied: list[Migration] = []
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
