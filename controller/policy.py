@@ -23,8 +23,10 @@ How it decides, per pool (``sizing: work``, the default):
   ``scale_down_delay`` (``auto``: its cold start, the ski-rental break-even).
 * **Unknown is not zero.**  A missing observation (database or provider error) holds the current
   count and never scales down.
-* **Startup timeout.**  A replica not registered within ``startup_timeout`` is reported in
-  ``replace``; repeated failures back off exponentially, holding scale-ups meanwhile.
+* **Startup timeout.**  A replica not registered within ``startup_timeout`` has failed: its id
+  is in ``replace`` (the caller stops it, then brings the count to ``desired``).  The first
+  failure is replaced at once; repeated failures back off exponentially (no new replicas
+  meanwhile), then probe with one replica at a time until one registers.
 * **Budget.**  When projected monthly spend exceeds the budget, non-critical scale-ups are capped
   (a pool at zero with queued work still gets one replica, so work finishes, slowly).
 * **No flapping.**  An up needs the condition for ``scale_up_delay`` (or new certain work); a down
@@ -137,7 +139,7 @@ class PoolState:
     last_change_at: float | None = None
     last_direction: int = 0  # +1 up, -1 down, 0 none yet
     startup_failures: int = 0  # consecutive startup timeouts (reset by a successful start)
-    replace_due_at: float | None = None  # when overdue replicas may be replaced (backoff)
+    backoff_until: float | None = None  # no new replicas before this (after repeated failures)
     replaced_total: int = 0
     last_registered: int | None = None  # registered replicas seen last tick
     # scale_down_delay: auto — per replica level, since when the work has not needed it (inf: gap
@@ -185,6 +187,7 @@ class Decision:
     reason: str
     detail: str
     state: PoolState
+    # Replicas that failed to start: stop these, then bring the count to ``desired``.
     replace: tuple[str, ...] = ()
     # What the work alone asks for (before delays, budget, step limits), for metrics and status.
     target: int = 0
@@ -407,24 +410,21 @@ def decide(
     ):
         failures = 0
     replace_ids: tuple[str, ...] = ()
-    replace_due_at = state.replace_due_at
     replaced_total = state.replaced_total
-    in_backoff = False
+    backoff_until = state.backoff_until
     if overdue:
-        if replace_due_at is None:
-            delay = 0.0
-            if failures > 0:
-                delay = min(rules.startup_backoff_s * 2 ** (failures - 1), rules.max_startup_backoff_s)
-            replace_due_at = now + delay
-        if now >= replace_due_at:
-            replace_ids = overdue
-            failures += 1
-            replaced_total += len(overdue)
-            replace_due_at = None
-        else:
-            in_backoff = True
-    else:
-        replace_due_at = None
+        # Failed: stop them.  The first failure is replaced at once; after that, the next try
+        # waits startup_backoff × 2^(n-2) (up to max_startup_backoff), then probes with one.
+        replace_ids = overdue
+        failures += 1
+        replaced_total += len(overdue)
+        delay = 0.0
+        if failures > 1:
+            delay = min(rules.startup_backoff_s * 2 ** (failures - 2), rules.max_startup_backoff_s)
+        backoff_until = now + delay if delay > 0 else None
+    if backoff_until is not None and now >= backoff_until:
+        backoff_until = None
+    in_backoff = backoff_until is not None
 
     # --- running need: never below the replicas holding running tasks -------------------------
     busy = obs.busy_replicas if obs.busy_replicas is not None else 0
@@ -481,7 +481,7 @@ def decide(
         gap_start=gap_start,
         idle_gaps=idle_gaps,
         startup_failures=failures,
-        replace_due_at=replace_due_at,
+        backoff_until=backoff_until,
         replaced_total=replaced_total,
         last_registered=obs.registered if obs.registered is not None else state.last_registered,
     )
@@ -505,22 +505,18 @@ def decide(
         return done(rules.max_replicas, MAX_REPLICAS, f"above max_replicas {rules.max_replicas}")
 
     if replace_ids:
-        return done(
-            max(current, floor_running),
-            STARTUP_TIMEOUT,
-            f"{len(replace_ids)} replica(s) not registered within {rules.startup_timeout_s:.0f}s: replacing "
-            f"(failure #{failures})",
-            up_since=None,
-            surplus_since=(),
-        )
-    if in_backoff:
-        return done(
-            max(current, floor_running),
-            STARTUP_BACKOFF,
-            f"{len(overdue)} replica(s) failed to start; next replacement after backoff",
-            up_since=None,
-            surplus_since=(),
-        )
+        if in_backoff:
+            keep_n = _clamp(max(current - len(replace_ids), floor_running), rules)
+            detail = (
+                f"{len(replace_ids)} replica(s) not registered within {rules.startup_timeout_s:.0f}s "
+                f"(failure #{failures} in a row): stopping them, next try in {backoff_until - now:.0f}s"
+            )
+        else:
+            keep_n = current
+            detail = (
+                f"{len(replace_ids)} replica(s) not registered in {rules.startup_timeout_s:.0f}s: replacing"
+            )
+        return done(keep_n, STARTUP_TIMEOUT, detail, surplus_since=())
 
     # --- scale up -----------------------------------------------------------------------------
     up_target = max(target, prewarm_target)
@@ -543,6 +539,21 @@ def decide(
                 reason, proposed = PREWARM_DEPENDENCY, prewarm_target
             else:
                 proposed = prewarm_target
+        if reason is not None and failures > 0:
+            # Starts have been failing: no new replica during the backoff, then one probe at a
+            # time until one registers (a broken image must not burn a whole pool's worth).
+            if in_backoff or obs.starting:
+                wait = (
+                    f"{backoff_until - now:.0f}s of backoff left" if backoff_until else "a probe is starting"
+                )
+                return done(
+                    current,
+                    STARTUP_BACKOFF,
+                    f"{failures} failed start(s) in a row; {wait}",
+                    up_since=up_since,
+                    surplus_since=(),
+                )
+            proposed = current + 1
         if reason is not None:
             proposed = max(proposed, current + 1)
             if rules.max_step_up is not None and reason != CRITICAL_TASK:

@@ -215,38 +215,46 @@ def test_imminent_work_keeps_an_idle_replica() -> None:
 def test_startup_timeout_replaces_then_backs_off() -> None:
     r = rules(startup_backoff_s=60, max_startup_backoff_s=600)
 
-    def starting(rid: str, at: float) -> PoolObservation:
-        return obs(queued=2, replicas=1, registered=0, queued_work_s=400, starting=[(rid, at)])
+    def starting(*reps: tuple[str, float], replicas: int | None = None) -> PoolObservation:
+        n = len(reps) if replicas is None else replicas
+        return obs(queued=4, replicas=n, registered=0, queued_work_s=800, starting=list(reps))
 
-    d = decide(r, starting("r1", 0.0), PoolState(), 299.0)
+    d = decide(r, starting(("r1", 0.0), ("r2", 0.0)), PoolState(), 299.0)
     assert d.replace == () and d.reason != P.STARTUP_TIMEOUT
-    d = decide(r, starting("r1", 0.0), d.state, 300.0)
-    assert d.reason == P.STARTUP_TIMEOUT and d.replace == ("r1",)
-    assert d.desired == 1 and d.state.startup_failures == 1 and d.state.replaced_total == 1
-    # The controller replaced it with r2; ticks go by while r2 starts (and never registers).
+    # First failure: stop both, start two new ones at once.
+    d = decide(r, starting(("r1", 0.0), ("r2", 0.0)), d.state, 300.0)
+    assert d.reason == P.STARTUP_TIMEOUT and d.replace == ("r1", "r2") and d.desired == 2
+    assert d.state.startup_failures == 1 and d.state.replaced_total == 2
+    # Ticks go by while r3, r4 start (and never register): no more starts meanwhile.
     for t in range(310, 600, 10):
-        d = decide(r, starting("r2", 300.0), d.state, float(t))
-        assert d.reason != P.STARTUP_TIMEOUT
-    assert d.state.startup_failures == 1
-    # r2 fails too: the next replacement waits out a backoff, holding scale-ups meanwhile.
-    d = decide(r, starting("r2", 300.0), d.state, 600.0)
-    assert d.reason == P.STARTUP_BACKOFF and d.replace == ()
-    d = decide(r, starting("r2", 300.0), d.state, 630.0)
-    assert d.reason == P.STARTUP_BACKOFF and d.desired == 1
-    d = decide(r, starting("r2", 300.0), d.state, 660.0)
-    assert d.reason == P.STARTUP_TIMEOUT and d.replace == ("r2",) and d.state.startup_failures == 2
-    # r3 fails as well: twice the backoff.
-    d = decide(r, starting("r3", 660.0), d.state, 670.0)
-    d = decide(r, starting("r3", 660.0), d.state, 960.0)
+        d = decide(r, starting(("r3", 300.0), ("r4", 300.0)), d.state, float(t))
+        assert d.reason != P.STARTUP_TIMEOUT and d.desired == 2
+    # Second failure: stop them, no replacement for 60 s (desired drops), scale-ups held.
+    d = decide(r, starting(("r3", 300.0), ("r4", 300.0)), d.state, 600.0)
+    assert d.reason == P.STARTUP_TIMEOUT and d.replace == ("r3", "r4") and d.desired == 0
+    assert "next try in 60s" in d.detail
+    for t in (610.0, 650.0):
+        d = decide(r, starting(), d.state, t)
+        assert (d.reason, d.desired) == (P.STARTUP_BACKOFF, 0)
+    # Backoff over: one probe, not the two the work asks for.
+    d = decide(r, starting(), d.state, 660.0)
+    assert (d.reason, d.desired) == (P.SCALE_FROM_ZERO, 1)
+    for t in (670.0, 800.0):  # past scale_up_delay too: still one at a time
+        d = decide(r, starting(("r5", 660.0)), d.state, t)
+        assert d.desired == 1
     assert d.reason == P.STARTUP_BACKOFF
-    assert decide(r, starting("r3", 660.0), d.state, 1079.0).reason == P.STARTUP_BACKOFF
-    d = decide(r, starting("r3", 660.0), d.state, 1080.0)
-    assert d.reason == P.STARTUP_TIMEOUT and d.state.replaced_total == 3
-    # r4 comes up (one more replica registered): the failure count resets.
-    d = decide(r, starting("r4", 1080.0), d.state, 1090.0)
-    up = obs(queued=0, replicas=1, registered=1, running=1, busy_replicas=1)
+    # The probe fails: twice the backoff.
+    d = decide(r, starting(("r5", 660.0)), d.state, 960.0)
+    assert d.reason == P.STARTUP_TIMEOUT and d.desired == 0 and "next try in 120s" in d.detail
+    assert decide(r, starting(), d.state, 1079.0).desired == 0
+    d = decide(r, starting(), d.state, 1080.0)
+    assert d.desired == 1
+    # The next probe comes up (one more replica registered): failures reset, the work gets its 2.
+    d = decide(r, starting(("r6", 1080.0)), d.state, 1090.0)
+    up = obs(queued=3, replicas=1, registered=1, running=1, busy_replicas=1, queued_work_s=600)
     d = decide(r, up, d.state, 1200.0)
     assert d.state.startup_failures == 0
+    assert d.desired == 2  # the up-condition has held since the probe was asked for
 
 
 def test_budget_caps_non_critical_scale_ups() -> None:

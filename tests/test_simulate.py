@@ -222,3 +222,18 @@ def test_budget_caps_scale_ups_and_says_so() -> None:
     assert tight["unfinished"] == 0  # capped, not stopped: the work still finishes
     assert tight["cost_usd"] < free["cost_usd"]
     assert tight["graph_p95_s"] > free["graph_p95_s"]
+
+
+def test_failed_starts_are_replaced_and_back_off() -> None:
+    config = load_pools(SHIPPED)
+    trace = read_trace(DATA / "busy_day.csv")
+    data = summary(simulate(trace, config, startup_failure_rate=0.2, seed=3))
+    assert data["unfinished"] == 0
+    assert data["scale_events"].get("startup_timeout", 0) > 0
+    # Every start fails: nothing finishes, and the backoff keeps the bill small (one probe at a
+    # time, mostly waiting) instead of a pool's worth of replicas restarted every 5 minutes.
+    broken = simulate(read_trace(DATA / "quiet_week.csv")[:40], config, startup_failure_rate=1.0)
+    assert broken.unfinished == 40
+    hours = broken.end_s / 3600
+    per_hour = broken.cost_usd / hours
+    assert per_hour < 0.25 * (0.5 + 0.8)

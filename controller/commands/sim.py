@@ -35,6 +35,10 @@ def simulate(
         min=0.01,
         help="Monthly budget in USD (default: the pools file's).",
     ),
+    startup_failure_rate: float = typer.Option(
+        0.0, "--startup-failure-rate", min=0.0, max=1.0, help="Chance that a new replica never registers."
+    ),
+    seed: int = typer.Option(1, "--seed", help="Random seed for --startup-failure-rate."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     plot: Path | None = typer.Option(
         None, "--plot", help="Write a PNG of queue depth and replicas per pool."
@@ -57,7 +61,14 @@ def simulate(
         config = load_pools(pools)
         tasks = read_trace(trace)
         result = run_sim(
-            tasks, config, policy=policy, cold_start_s=cold_start, tick_s=tick, budget_usd=budget
+            tasks,
+            config,
+            policy=policy,
+            cold_start_s=cold_start,
+            tick_s=tick,
+            budget_usd=budget,
+            startup_failure_rate=startup_failure_rate,
+            seed=seed,
         )
     except (PoolsFileError, TraceError) as exc:
         raise fail(str(exc)) from None

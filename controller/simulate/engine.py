@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -214,8 +215,12 @@ class _Sim:
         cold_start_s: float | None,
         tick_s: float,
         budget_usd: float | None = None,
+        startup_failure_rate: float = 0.0,
+        seed: int = 1,
     ) -> None:
         self.policy = policy
+        self.failure_rate = startup_failure_rate
+        self.rng = random.Random(seed)
         self.config = config
         self.rules = rules_for_policy(config, policy, cold_start_s)
         self.pool_names = list(self.rules)
@@ -424,7 +429,10 @@ class _Sim:
     def _start_replica(self, pool: int, now: float) -> None:
         rules = self.rules[self.pool_names[pool]]
         self.seq += 1
-        rep = _Replica(f"{self.pool_names[pool]}-{self.seq}", pool, now, now + rules.cold_start_s)
+        ready_at = now + rules.cold_start_s
+        if self.failure_rate and self.rng.random() < self.failure_rate:
+            ready_at = math.inf  # never registers: the policy must notice and replace it
+        rep = _Replica(f"{self.pool_names[pool]}-{self.seq}", pool, now, ready_at)
         self.replicas[pool].append(rep)
         self.all_replicas.append(rep)
         self.alive_count[pool] += 1
@@ -432,24 +440,25 @@ class _Sim:
         self.results[self.pool_names[pool]].replicas_started += 1
 
     def _stop_replicas(self, pool: int, count: int, now: float) -> None:
-        reps = self.replicas[pool]
         # Cancel starting replicas first (newest first), then idle ones, then busy ones.
-        order = sorted(reps, key=lambda r: (r.ready_at <= now, len(r.tasks), -r.requested_at))
+        order = sorted(self.replicas[pool], key=lambda r: (r.ready_at <= now, len(r.tasks), -r.requested_at))
         for rep in order[:count]:
-            for task in list(rep.tasks):
-                # Handed back to the queue; its work so far is lost.
-                rep.tasks.remove(task)
-                task.replica = None
-                task.remaining = task.service
-                self._make_ready(task, now)
-            self.busy.discard(rep)
-            rep.stopped_at = now
-            reps.remove(rep)
-            self.alive_count[pool] -= 1
-            self.alive_req_sum[pool] -= rep.requested_at
-            self.closed_cost += (
-                (now - rep.requested_at) * self.rules[self.pool_names[pool]].price_per_hour / 3600
-            )
+            self._stop(rep, now)
+
+    def _stop(self, rep: _Replica, now: float) -> None:
+        pool = rep.pool
+        for task in list(rep.tasks):
+            # Handed back to the queue; its work so far is lost.
+            rep.tasks.remove(task)
+            task.replica = None
+            task.remaining = task.service
+            self._make_ready(task, now)
+        self.busy.discard(rep)
+        rep.stopped_at = now
+        self.replicas[pool].remove(rep)
+        self.alive_count[pool] -= 1
+        self.alive_req_sum[pool] -= rep.requested_at
+        self.closed_cost += (now - rep.requested_at) * self.rules[self.pool_names[pool]].price_per_hour / 3600
 
     def _budget(self, now: float) -> BudgetView | None:
         """Spend so far, extrapolated linearly to a 30-day month (from at least one day of data)."""
@@ -486,6 +495,13 @@ class _Sim:
                 )
                 self.states[pool] = decision.state
                 desired, reason = decision.desired, decision.reason
+                for rid in decision.replace:
+                    failed = next((r for r in self.replicas[pool] if r.id == rid), None)
+                    if failed is not None:
+                        self._stop(failed, now)
+                        self._start_replica(pool, now)
+                        result.scale_events[reason] = result.scale_events.get(reason, 0) + 1
+                current = len(self.replicas[pool])
                 if reason not in ("hold",) or obs.starting:
                     at_rest = False
             if desired != current:
@@ -526,7 +542,7 @@ class _Sim:
                 heapq.heappop(ready_heap)
             t_ready = ready_heap[0] if ready_heap else math.inf
             t_next = min(t_arr, t_comp, t_ready, next_tick)
-            if t_next == math.inf or (ai >= n and t_next > last_event + 7 * DAY_S):
+            if t_next == math.inf or (ai >= n and t_next > last_event + DAY_S):
                 break  # done, or stuck (work no pool can serve): report it as unfinished
             self._advance(t_next - now)
             now = t_next
@@ -603,18 +619,24 @@ def simulate(
     cold_start_s: float | None = None,
     tick_s: float | None = None,
     budget_usd: float | None = None,
+    startup_failure_rate: float = 0.0,
+    seed: int = 1,
 ) -> SimResult:
     """Replay ``trace`` against ``policy`` with the pools in ``config``; see the module doc.
 
     ``budget_usd`` overrides the pools file's ``monthly_budget_usd``: the spend so far,
-    extrapolated to 30 days, is handed to the policy as its :class:`BudgetView` each tick."""
+    extrapolated to 30 days, is handed to the policy as its :class:`BudgetView` each tick.
+    ``startup_failure_rate``: the chance that a requested replica never registers (drawn with
+    ``seed``), so startup timeouts, replacements and their backoff show in the replay."""
+    if not 0.0 <= startup_failure_rate <= 1.0:
+        raise ValueError("startup_failure_rate must be within [0, 1]")
     import time
 
     started = time.perf_counter()
     tick = config.reconcile_interval_s if tick_s is None else tick_s
     if tick <= 0:
         raise ValueError("tick must be > 0")
-    result = _Sim(trace, config, policy, cold_start_s, tick, budget_usd).run()
+    result = _Sim(trace, config, policy, cold_start_s, tick, budget_usd, startup_failure_rate, seed).run()
     result.wall_s = time.perf_counter() - started
     return result
 
