@@ -37,6 +37,7 @@ from controller import tasktypes
 NOTIFY_CHANNEL = "gpuscale_work"
 SERVER_STATUSES = ("starting", "active", "draining", "dead")
 _ID_SEQ = "processing_queue_id_seq"
+_MAX_TEXT = 16 * 1024  # error and progress texts are cut to this many characters
 
 
 class Priority(StrEnum):
@@ -426,7 +427,7 @@ class Queue:
             task_id,
             server_id,
             pct,
-            message,
+            message[:_MAX_TEXT],
         )
         return _rowcount(result) == 1
 
@@ -440,7 +441,10 @@ class Queue:
         results: list[str] = []
         for task_id, result in items:
             ids.append(task_id)
-            results.append(json.dumps(result, separators=(",", ":")))
+            try:
+                results.append(json.dumps(result, separators=(",", ":"), allow_nan=False))
+            except (TypeError, ValueError) as exc:
+                raise QueueError(f"result of task {task_id} is not JSON-serializable: {exc}") from None
         if not ids:
             return []
         rows = await self.pool.fetch(
@@ -475,7 +479,7 @@ class Queue:
                 """,
                 task_id,
                 server_id,
-                error,
+                error[:_MAX_TEXT],
                 retryable,
                 float(self.retry_base_s),
                 float(self.retry_max_s),

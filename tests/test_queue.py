@@ -14,6 +14,7 @@ from controller.queue import (
     NewTask,
     Priority,
     Queue,
+    QueueError,
     TaskStatus,
     listen,
 )
@@ -385,3 +386,15 @@ async def test_graph_cycles_and_bad_local_refs_refused(db: asyncpg.Pool) -> None
     assert await count_rows(db) == (0, 0)
     a, b, c = await q.enqueue_graph([noop(), noop(), noop()], [[2], [], [1]])  # forward refs are fine
     assert [(await q.get_task(i))["status"] for i in (a, b, c)] == ["blocked", "queued", "blocked"]  # type: ignore[index]
+
+
+async def test_unserializable_result_refused_and_long_errors_cut(db: asyncpg.Pool) -> None:
+    q = Queue(db)
+    tid = await q.enqueue(noop())
+    await q.claim("bench", "s", 1)
+    with pytest.raises(QueueError, match="not JSON-serializable"):
+        await q.complete(tid, "s", {"score": float("nan")})
+    assert (await q.get_task(tid))["status"] == "running"  # type: ignore[index]
+    assert await q.fail(tid, "s", "x" * 100_000, retryable=False) is TaskStatus.failed
+    row = await q.get_task(tid)
+    assert row is not None and 1000 < len(row["error"]) < 100_000
