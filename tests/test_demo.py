@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pypdfium2 as pdfium
 import pytest
+import yaml
 from rich.console import Console
 
 from controller.deck import count_pages
@@ -277,3 +278,37 @@ def test_ctrl_c_mid_run_stops_everything(tmp_path: Path) -> None:
     assert "everything was stopped" in out
     assert _with_env(marker) == []
     assert not [p for p in running if Path(f"/proc/{p}").exists()]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(150)
+def test_ollama_host_uses_the_given_ollama_and_starts_no_stand_in(tmp_path: Path) -> None:
+    """--ollama-host: the workers talk to that server (here a stand-in this test runs itself,
+    standing for a real Ollama) and the demo starts no stand-in of its own."""
+    from worker.standin import OllamaStandin
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUSCALE_", "DATACRUNCH_"))}
+    # The demo's pools with a short idle timeout: this test is about Ollama, not about waiting.
+    pools = yaml.safe_load((ROOT / "deploy/demo/pools.yaml").read_text())
+    for key, rules in pools.items():
+        if key.endswith("_scaling") and isinstance(rules, dict):
+            rules["scale_down_delay"] = "3s"
+    pools_file = tmp_path / "pools.yaml"
+    pools_file.write_text(yaml.safe_dump(pools))
+    with OllamaStandin(latency_s=0.05) as ollama:
+        url = ollama.url
+        out = subprocess.run(
+            [*GPUSCALE, "demo", "--headless", "--json", "--decks", "1", "--pages", "3",
+             "--pools", str(pools_file), "--ollama-host", url, "--data-dir", str(tmp_path / "demo"),
+             "--timeout", "120"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=140,
+        )  # fmt: skip
+        calls = dict(ollama.calls)
+    assert out.returncode == 0, out.stderr[-4000:]
+    summary = json.loads(out.stdout)
+    assert summary["tasks_done"] == summary["tasks_total"] == 11  # 1 batch + feedback + 9 text
+    assert summary["ollama"] == url
+    assert f"real Ollama at {url}" in out.stderr
+    assert "STAND-IN" not in out.stderr
+    assert not (tmp_path / "demo" / "logs" / "ollama-standin.log").exists()
+    assert sum(n for path, n in calls.items() if path in ("/api/chat", "/api/generate")) >= 11

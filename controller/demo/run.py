@@ -52,6 +52,24 @@ log = logging.getLogger(__name__)
 DEMO_DB = "gpuscale_demo"
 RUN_MARKER = "GPUSCALE_DEMO_RUN"
 FINAL = ("done", "failed", "dead", "cancelled")
+_NOT_INHERITED = (
+    "DATACRUNCH_",
+    "OLLAMA_HOST",
+    "GPUSCALE_DATABASE_URL",
+    "GPUSCALE_PG_DIR",
+    "GPUSCALE_DATA_DIR",
+    "GPUSCALE_POOLS_FILE",
+    "GPUSCALE_PROVIDER",
+    "GPUSCALE_HTTP_",
+    "GPUSCALE_EMULATOR_",
+    "GPUSCALE_DOCKER_",
+    "GPUSCALE_LOCAL_",
+    "GPUSCALE_WORKER_",
+    "GPUSCALE_CONTAINER_ID",
+    "GPUSCALE_SERVER_ID",
+    "GPUSCALE_POOL",
+    "GPUSCALE_CONCURRENCY",
+)
 
 
 @dataclass
@@ -178,10 +196,11 @@ class Demo:
 
     def base_env(self) -> dict[str, str]:
         env = dict(os.environ)
-        # Children must not start their own embedded server nor read a user's settings for another
-        # system: everything they need is set here.
+        # Children must not use a user's settings that point at another system (a database, a
+        # cloud account, a pools file): the demo sets those itself.  Everything else passes
+        # through, e.g. GPUSCALE_VISUAL_MODEL / GPUSCALE_TEXT_MODEL for a real Ollama.
         for key in list(env):
-            if key.startswith(("GPUSCALE_", "DATACRUNCH_")) or key == "OLLAMA_HOST":
+            if key.startswith(_NOT_INHERITED):
                 del env[key]
         env.update(
             {
