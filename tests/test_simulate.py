@@ -237,3 +237,12 @@ def test_failed_starts_are_replaced_and_back_off() -> None:
     hours = broken.end_s / 3600
     per_hour = broken.cost_usd / hours
     assert per_hour < 0.25 * (0.5 + 0.8)
+
+
+def test_replays_are_deterministic() -> None:
+    config = load_pools(SHIPPED)
+    trace = read_trace(DATA / "busy_day.csv")
+    a, b = summary(simulate(trace, config)), summary(simulate(trace, config))
+    a.pop("sim_wall_s")
+    b.pop("sim_wall_s")
+    assert a == b

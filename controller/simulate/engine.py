@@ -253,7 +253,8 @@ class _Sim:
         self.blocked: list[set[int]] = [set() for _ in range(n_pools)]
         self.replicas: list[list[_Replica]] = [[] for _ in range(n_pools)]
         self.all_replicas: list[_Replica] = []
-        self.busy: set[_Replica] = set()
+        # Replicas holding tasks, in insertion order (a dict, not a set: replays are deterministic).
+        self.busy: dict[_Replica, None] = {}
         self.states = [PoolState() for _ in range(n_pools)]
         # Spend so far, kept incrementally (for the monthly budget projection).
         self.budget_usd = config.monthly_budget_usd if budget_usd is None else budget_usd
@@ -310,7 +311,7 @@ class _Sim:
         assert rep is not None
         rep.tasks.remove(task)
         if not rep.tasks:
-            self.busy.discard(rep)
+            self.busy.pop(rep, None)
         task.replica = None
         task.status = DONE
         task.end_at = now
@@ -342,7 +343,7 @@ class _Sim:
                 task.start_at = now
                 self.waits.append(now - task.ready_at)
             rep.tasks.append(task)
-            self.busy.add(rep)
+            self.busy[rep] = None
             if len(rep.tasks) >= tpr:
                 free.remove(rep)
 
@@ -453,7 +454,7 @@ class _Sim:
             task.replica = None
             task.remaining = task.service
             self._make_ready(task, now)
-        self.busy.discard(rep)
+        self.busy.pop(rep, None)
         rep.stopped_at = now
         self.replicas[pool].remove(rep)
         self.alive_count[pool] -= 1
@@ -547,7 +548,7 @@ class _Sim:
             self._advance(t_next - now)
             now = t_next
             # Completions (all that end now, within rounding).
-            for rep in [r for r in self.busy]:
+            for rep in list(self.busy):
                 for task in [t for t in rep.tasks if t.remaining <= _EPS * max(1.0, t.service)]:
                     self._complete(task, now)
                     last_event = now
