@@ -113,6 +113,14 @@ def test_committed_traces_meet_the_targets_with_the_shipped_pools() -> None:
         assert no_prewarm["graph_p50_s"] > data["graph_p50_s"], name
 
 
+def test_targets_hold_with_counts_only() -> None:
+    """A controller that reports counts without work estimates still meets the targets."""
+    config = load_pools(SHIPPED)
+    data = summary(simulate(read_trace(DATA / "busy_day.csv"), config, counts_only=True))
+    assert data["cost_usd"] <= 1.6 * data["oracle_cost_usd"]
+    assert data["wait_p95_s"] <= 300 and data["graph_p95_s"] <= 1200
+
+
 def test_always_on_costs_the_whole_period() -> None:
     config = load_pools(SHIPPED)
     trace = read_trace(DATA / "busy_day.csv")

@@ -39,6 +39,9 @@ def simulate(
         0.0, "--startup-failure-rate", min=0.0, max=1.0, help="Chance that a new replica never registers."
     ),
     seed: int = typer.Option(1, "--seed", help="Random seed for --startup-failure-rate."),
+    counts_only: bool = typer.Option(
+        False, "--counts-only", help="Give the policy task counts only, no work estimates."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     plot: Path | None = typer.Option(
         None, "--plot", help="Write a PNG of queue depth and replicas per pool."
@@ -69,6 +72,7 @@ def simulate(
             budget_usd=budget,
             startup_failure_rate=startup_failure_rate,
             seed=seed,
+            counts_only=counts_only,
         )
     except (PoolsFileError, TraceError) as exc:
         raise fail(str(exc)) from None

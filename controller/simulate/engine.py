@@ -28,7 +28,7 @@ import heapq
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from controller.policy import BudgetView, DurationEstimator, PoolObservation, PoolState, decide
@@ -217,8 +217,10 @@ class _Sim:
         budget_usd: float | None = None,
         startup_failure_rate: float = 0.0,
         seed: int = 1,
+        counts_only: bool = False,
     ) -> None:
         self.policy = policy
+        self.counts_only = counts_only
         self.failure_rate = startup_failure_rate
         self.rng = random.Random(seed)
         self.config = config
@@ -425,6 +427,9 @@ class _Sim:
             blocked_work_s=blocked_work,
             upstream_eta_s=eta,
         )
+        if self.counts_only:
+            # What a controller that counts tasks but does not estimate their work would see.
+            obs = replace(obs, queued_work_s=None, running_work_s=None, blocked_work_s=None)
         return obs, len(self.blocked[pool])
 
     def _start_replica(self, pool: int, now: float) -> None:
@@ -622,13 +627,16 @@ def simulate(
     budget_usd: float | None = None,
     startup_failure_rate: float = 0.0,
     seed: int = 1,
+    counts_only: bool = False,
 ) -> SimResult:
     """Replay ``trace`` against ``policy`` with the pools in ``config``; see the module doc.
 
     ``budget_usd`` overrides the pools file's ``monthly_budget_usd``: the spend so far,
     extrapolated to 30 days, is handed to the policy as its :class:`BudgetView` each tick.
     ``startup_failure_rate``: the chance that a requested replica never registers (drawn with
-    ``seed``), so startup timeouts, replacements and their backoff show in the replay."""
+    ``seed``), so startup timeouts, replacements and their backoff show in the replay.
+    ``counts_only``: the policy gets task counts but no work estimates (it then sizes with each
+    pool's ``default_task_duration``)."""
     if not 0.0 <= startup_failure_rate <= 1.0:
         raise ValueError("startup_failure_rate must be within [0, 1]")
     import time
@@ -637,7 +645,9 @@ def simulate(
     tick = config.reconcile_interval_s if tick_s is None else tick_s
     if tick <= 0:
         raise ValueError("tick must be > 0")
-    result = _Sim(trace, config, policy, cold_start_s, tick, budget_usd, startup_failure_rate, seed).run()
+    result = _Sim(
+        trace, config, policy, cold_start_s, tick, budget_usd, startup_failure_rate, seed, counts_only
+    ).run()
     result.wall_s = time.perf_counter() - started
     return result
 
