@@ -505,7 +505,7 @@ def decide(
         return done(rules.max_replicas, MAX_REPLICAS, f"above max_replicas {rules.max_replicas}")
 
     if replace_ids:
-        if in_backoff:
+        if backoff_until is not None:
             keep_n = _clamp(max(current - len(replace_ids), floor_running), rules)
             detail = (
                 f"{len(replace_ids)} replica(s) not registered within {rules.startup_timeout_s:.0f}s "
