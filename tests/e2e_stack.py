@@ -1,0 +1,306 @@
+"""The end-to-end tests' stack: real processes around the test's PostgreSQL.
+
+:class:`Stack` starts the DataCrunch emulator (``gpuscale emulator``, replicas are real
+``gpuscale worker`` processes), creates the deployments with ``gpuscale deploy apply``, and runs
+one or more ``gpuscale controller`` processes with the ``datacrunch`` provider pointed at the
+emulator, all with short leases and heartbeats so that failures heal within seconds.  Work is
+``noop`` tasks on the ``bench`` pool (no Ollama needed).  It also installs an audit trigger that
+records every status change into or out of ``done``, so tests can prove that no task was
+completed twice, and it knows the secrets it handed out so tests can search for them.
+
+Every child carries ``GPUSCALE_DEMO_RUN=<id>``; :meth:`Stack.stop` stops them and kills (and
+reports) anything of the run still alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import yaml
+
+from controller import deployspec
+from controller.demo.procs import Child, ProcessSet, free_port, gpuscale_cmd, wait_http
+from controller.demo.run import RUN_MARKER, kill_leftovers
+from controller.queue import NewTask, Priority, Queue
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT_SECRET = "e2e-client-secret-0c1f9a77"
+WORKER_TOKEN = "e2e-worker-token-5d2b8e10"
+BENCH = "e2e-bench"
+
+POOLS = """
+bench_scaling:
+  min_replicas: 0
+  max_replicas: 4
+  scale_up_threshold: 1
+  scale_up_delay: 1s
+  scale_down_delay: 5s
+  startup_timeout: 30s
+  tasks_per_replica: 4
+  deployment: e2e-bench
+  cold_start: 2s
+  default_task_duration: 0.5s
+  drain_target: 5s
+  startup_backoff: 2s
+  max_startup_backoff: 10s
+visual_container_scaling:
+  min_replicas: 0
+  max_replicas: 1
+  deployment: e2e-visual
+text_container_scaling:
+  min_replicas: 0
+  max_replicas: 1
+  deployment: e2e-text
+reconcile_interval: 1s
+"""
+
+AUDIT_SQL = """
+CREATE TABLE e2e_done_audit (
+    task_id bigint NOT NULL,
+    old_status text NOT NULL,
+    new_status text NOT NULL,
+    old_result jsonb,
+    new_result jsonb,
+    at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE FUNCTION e2e_done_audit_fn() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.status::text = 'done' OR OLD.status::text = 'done' THEN
+        INSERT INTO e2e_done_audit (task_id, old_status, new_status, old_result, new_result)
+        VALUES (NEW.id, OLD.status::text, NEW.status::text, OLD.result, NEW.result);
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER e2e_done_audit AFTER UPDATE ON processing_queue
+    FOR EACH ROW EXECUTE FUNCTION e2e_done_audit_fn();
+"""
+
+
+def _spec(pool: str, name: str, concurrency: int) -> dict[str, Any]:
+    spec = deployspec.load_file(ROOT / "deploy" / "datacrunch" / "visual.yaml")
+    spec["name"] = name
+    env = [
+        e for e in spec["containers"][0]["env"] if e["name"] not in ("GPUSCALE_POOL", "GPUSCALE_LOG_FORMAT")
+    ]
+    env += [
+        {"name": "GPUSCALE_POOL", "value_or_reference_to_secret": pool, "type": "plain"},
+        {
+            "name": "GPUSCALE_WORKER_CONCURRENCY",
+            "value_or_reference_to_secret": str(concurrency),
+            "type": "plain",
+        },
+    ]
+    spec["containers"][0]["env"] = env
+    return spec
+
+
+@dataclass
+class Outcome:
+    statuses: dict[str, int]
+    attempts: int
+    entered_done: list[int]  # task ids, once per transition into 'done'
+    touched_after_done: list[dict[str, Any]]  # audit rows of updates to a task already done
+
+
+class Stack:
+    def __init__(self, dsn: str, workdir: Path, *, pools_yaml: str = POOLS, controllers: int = 1) -> None:
+        self.dsn = dsn
+        self.workdir = workdir
+        self.pools_yaml = pools_yaml
+        self.n_controllers = controllers
+        self.run_id = uuid.uuid4().hex[:12]
+        self.log_dir = workdir / "logs"
+        self.emulator = ""
+        self.controller_urls: dict[str, str] = {}  # child name -> http://127.0.0.1:port
+        self.controllers: dict[str, Child] = {}
+        self.expected_dead: set[str] = set()  # children a test killed on purpose
+        self.http = httpx.AsyncClient(timeout=5.0)
+        self.db: asyncpg.Pool | None = None
+        self.queue: Queue | None = None
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUSCALE_", "DATACRUNCH_"))}
+        env.update(
+            {
+                RUN_MARKER: self.run_id,
+                "GPUSCALE_DATABASE_URL": dsn,
+                "GPUSCALE_WORKER_TOKEN": WORKER_TOKEN,
+                "GPUSCALE_WORKER_HOST": "127.0.0.1",
+                "GPUSCALE_WORKER_PORT": "0",
+                # Short leases and heartbeats, so a dead worker's tasks come back within seconds.
+                "GPUSCALE_LEASE_SECONDS": "3",
+                "GPUSCALE_HEARTBEAT_INTERVAL_S": "0.5",
+                "GPUSCALE_POLL_INTERVAL_S": "0.5",
+                "GPUSCALE_DRAIN_GRACE_S": "5",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        self.procs = ProcessSet(self.log_dir, env)
+
+    async def start(self) -> None:
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            await conn.execute(AUDIT_SQL)
+        finally:
+            await conn.close()
+        pools_file = self.workdir / "pools.yaml"
+        pools_file.write_text(self.pools_yaml)
+        spec_files = []
+        for pool, name, conc in (("bench", BENCH, 4), ("visual", "e2e-visual", 1), ("text", "e2e-text", 1)):
+            path = self.workdir / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(_spec(pool, name, conc), sort_keys=False))
+            spec_files.append(path)
+
+        port = free_port()
+        self.emulator = f"http://127.0.0.1:{port}"
+        emu = self.procs.start(
+            "emulator",
+            gpuscale_cmd("emulator", "--port", str(port), "--cold-start", "1", "--grace", "8",
+                         "--log-dir", str(self.log_dir / "replicas")),
+            env={"GPUSCALE_EMULATOR_CLIENT_ID": "e2e", "GPUSCALE_EMULATOR_CLIENT_SECRET": CLIENT_SECRET},
+        )  # fmt: skip
+        await asyncio.to_thread(wait_http, f"{self.emulator}/_emulator/state", emu, timeout=30)
+        self.procs.env.update(
+            {
+                "DATACRUNCH_BASE_URL": f"{self.emulator}/v1",
+                "DATACRUNCH_CLIENT_ID": "e2e",
+                "DATACRUNCH_CLIENT_SECRET": CLIENT_SECRET,
+            }
+        )
+        await asyncio.to_thread(
+            self.procs.run, "deploy-apply", gpuscale_cmd("deploy", "apply", *map(str, spec_files))
+        )
+        self.controller_env = {
+            "GPUSCALE_POOLS_FILE": str(pools_file),
+            "GPUSCALE_PROVIDER": "datacrunch",
+            "GPUSCALE_HEARTBEAT_TIMEOUT_S": "3",
+            "GPUSCALE_REAPER_INTERVAL_S": "1",
+        }
+        for i in range(self.n_controllers):
+            self.start_controller(f"controller-{i + 1}")
+        for name, child in self.controllers.items():
+            await asyncio.to_thread(wait_http, f"{self.controller_urls[name]}/readyz", child, timeout=60)
+        self.db = await asyncpg.create_pool(self.dsn, min_size=1, max_size=3)
+        assert self.db is not None
+        self.queue = Queue(self.db)
+
+    def start_controller(self, name: str) -> Child:
+        port = free_port()
+        child = self.procs.start(
+            name, gpuscale_cmd("controller", "--http-port", str(port)), env=self.controller_env
+        )
+        self.controllers[name] = child
+        self.controller_urls[name] = f"http://127.0.0.1:{port}"
+        return child
+
+    # ------------------------------------------------------------------ work
+
+    async def enqueue_noop(self, n: int, *, seed: int = 7, low: float = 0.2, high: float = 1.2) -> list[int]:
+        assert self.queue is not None
+        rnd = random.Random(seed)
+        tasks = [
+            NewTask(
+                "noop",
+                {"sleep_s": round(rnd.uniform(low, high), 2)},
+                priority=Priority.high if i % 10 == 0 else Priority.normal,
+                max_attempts=25,  # a task may be caught in several failures; it must still finish
+            )
+            for i in range(n)
+        ]
+        return await self.queue.enqueue_many(tasks)
+
+    async def unfinished(self, ids: Sequence[int]) -> int:
+        assert self.db is not None
+        return int(
+            await self.db.fetchval(
+                "SELECT count(*) FROM processing_queue WHERE id = ANY($1::bigint[])"
+                " AND status NOT IN ('done', 'failed', 'dead', 'cancelled')",
+                list(ids),
+            )
+        )
+
+    async def claimable(self, pool: str = "bench") -> int:
+        assert self.db is not None
+        return int(
+            await self.db.fetchval(
+                "SELECT count(*) FROM processing_queue WHERE pool = $1 AND status = 'queued'"
+                " AND (not_before IS NULL OR not_before <= now())",
+                pool,
+            )
+        )
+
+    async def replicas(self, deployment: str = BENCH) -> list[dict[str, Any]]:
+        state = (await self.http.get(f"{self.emulator}/_emulator/state")).json()
+        return list(state["deployments"].get(deployment, {}).get("replicas", []))
+
+    async def wait_replicas_zero(
+        self, timeout_s: float = 60.0, deployment: str = BENCH
+    ) -> list[dict[str, Any]]:
+        for _ in range(int(timeout_s / 0.5)):
+            left = await self.replicas(deployment)
+            if not left:
+                return []
+            await asyncio.sleep(0.5)
+        return await self.replicas(deployment)
+
+    def check_alive(self) -> None:
+        for child in self.procs.dead():
+            if child.name in self.expected_dead:
+                continue
+            raise AssertionError(f"{child.name} exited with {child.proc.returncode}:\n{child.log_tail()}")
+
+    async def outcome(self, ids: Sequence[int]) -> Outcome:
+        assert self.db is not None
+        rows = await self.db.fetch(
+            "SELECT status::text AS status, attempts FROM processing_queue WHERE id = ANY($1::bigint[])",
+            list(ids),
+        )
+        audit = await self.db.fetch(
+            "SELECT task_id, old_status, new_status FROM e2e_done_audit WHERE task_id = ANY($1::bigint[])",
+            list(ids),
+        )
+        statuses: dict[str, int] = {}
+        for r in rows:
+            statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+        return Outcome(
+            statuses=statuses,
+            attempts=sum(r["attempts"] for r in rows),
+            entered_done=[
+                a["task_id"] for a in audit if a["new_status"] == "done" and a["old_status"] != "done"
+            ],
+            touched_after_done=[dict(a) for a in audit if a["old_status"] == "done"],
+        )
+
+    # ------------------------------------------------------------------ secrets
+
+    async def api_texts(self) -> list[str]:
+        """Every ops answer a person or Prometheus could read from the live controllers."""
+        texts = []
+        for url in self.controller_urls.values():
+            for path in ("/metrics", "/api/pools", "/api/servers", "/api/events?limit=200", "/readyz"):
+                try:
+                    texts.append((await self.http.get(url + path)).text)
+                except httpx.HTTPError:
+                    pass
+        return texts
+
+    def log_texts(self) -> list[str]:
+        return [p.read_text(errors="replace") for p in self.log_dir.rglob("*.log")]
+
+    # ------------------------------------------------------------------ the end
+
+    async def stop(self) -> list[int]:
+        """Stop everything; returns the pids of processes of this run that had to be killed after."""
+        if self.db is not None:
+            await self.db.close()
+            self.db = None
+        await self.http.aclose()
+        await asyncio.to_thread(self.procs.stop_all)
+        return kill_leftovers(self.run_id)
