@@ -42,6 +42,12 @@ def simulate(
     counts_only: bool = typer.Option(
         False, "--counts-only", help="Give the policy task counts only, no work estimates."
     ),
+    period_days: float | None = typer.Option(
+        None,
+        "--period-days",
+        min=0.01,
+        help="Trace period for the always-on cost (default: whole days spanned).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     plot: Path | None = typer.Option(
         None, "--plot", help="Write a PNG of queue depth and replicas per pool."
@@ -73,6 +79,7 @@ def simulate(
             startup_failure_rate=startup_failure_rate,
             seed=seed,
             counts_only=counts_only,
+            period_s=None if period_days is None else period_days * 86400.0,
         )
     except (PoolsFileError, TraceError) as exc:
         raise fail(str(exc)) from None

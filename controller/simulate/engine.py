@@ -39,7 +39,6 @@ POLICIES = ("gpuscale", "no-prewarm", "always-on", "seeds")
 DAY_S = 86400.0
 MONTH_S = 30 * DAY_S
 _RANK = {"critical": 0, "high": 1, "normal": 2}
-_PRIO_NAME = ("critical", "high", "normal")
 _EPS = 1e-6
 
 PENDING, BLOCKED, QUEUED, RUNNING, DONE = range(5)
@@ -218,8 +217,10 @@ class _Sim:
         startup_failure_rate: float = 0.0,
         seed: int = 1,
         counts_only: bool = False,
+        period_s: float | None = None,
     ) -> None:
         self.policy = policy
+        self.period_s = period_s
         self.counts_only = counts_only
         self.failure_rate = startup_failure_rate
         self.rng = random.Random(seed)
@@ -584,6 +585,8 @@ class _Sim:
                     break
         end = max(now, last_event)
         period = max(DAY_S, math.ceil(max(last_event, end) / DAY_S - 1e-9) * DAY_S)
+        if self.period_s is not None:
+            period = max(self.period_s, end)
         for rep in self.all_replicas:
             stop = rep.stopped_at
             if stop is None:
@@ -628,6 +631,7 @@ def simulate(
     startup_failure_rate: float = 0.0,
     seed: int = 1,
     counts_only: bool = False,
+    period_s: float | None = None,
 ) -> SimResult:
     """Replay ``trace`` against ``policy`` with the pools in ``config``; see the module doc.
 
@@ -636,7 +640,8 @@ def simulate(
     ``startup_failure_rate``: the chance that a requested replica never registers (drawn with
     ``seed``), so startup timeouts, replacements and their backoff show in the replay.
     ``counts_only``: the policy gets task counts but no work estimates (it then sizes with each
-    pool's ``default_task_duration``)."""
+    pool's ``default_task_duration``).  ``period_s``: the trace's period for the always-on cost
+    (default: the whole days it spans; a quiet week that ends on a Friday spans five)."""
     if not 0.0 <= startup_failure_rate <= 1.0:
         raise ValueError("startup_failure_rate must be within [0, 1]")
     import time
@@ -646,7 +651,16 @@ def simulate(
     if tick <= 0:
         raise ValueError("tick must be > 0")
     result = _Sim(
-        trace, config, policy, cold_start_s, tick, budget_usd, startup_failure_rate, seed, counts_only
+        trace,
+        config,
+        policy,
+        cold_start_s,
+        tick,
+        budget_usd,
+        startup_failure_rate,
+        seed,
+        counts_only,
+        period_s,
     ).run()
     result.wall_s = time.perf_counter() - started
     return result
