@@ -251,3 +251,41 @@ def test_pool_pause_and_resume_cli(ctl_env: dict[str, str]) -> None:
     out = run("resume", "visual")
     assert out.returncode == 0 and "resumed" in out.stdout
     json.dumps(out.stdout)
+
+
+def test_status_shows_the_controllers_view(ctl_env: dict[str, str], tmp_path: Path) -> None:
+    port = free_port()
+    proc = start_controller(ctl_env, port, tmp_path / "ctl.log")
+    try:
+        wait_ready(port)
+        wait_role(port, "leader")
+        time.sleep(1.5)  # a couple of ticks
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "controller.cli",
+                "status",
+                "--json",
+                "--controller",
+                f"http://127.0.0.1:{port}",
+            ],
+            env=ctl_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        pools = json.loads(out.stdout)["pools"]
+        assert pools["visual"]["replicas"] == "0/0/0"
+        assert "(" in pools["visual"]["decision"]
+        table = subprocess.run(
+            [sys.executable, "-m", "controller.cli", "status", "--controller", f"http://127.0.0.1:{port}"],
+            env={**ctl_env, "COLUMNS": "200"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert table.returncode == 0 and "replicas" in table.stdout and "decision" in table.stdout
+    finally:
+        assert stop(proc) == 0

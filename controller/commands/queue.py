@@ -290,18 +290,101 @@ def _since(iso: str | None) -> float | None:
     return (datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds()
 
 
-def status(as_json: bool = typer.Option(False, "--json", help="Print the same data as JSON.")) -> None:
-    """Show pools (blocked / queued / running / done / failed / dead) and servers."""
+async def controller_status(q: Queue, controller_url: str | None) -> dict[str, dict[str, Any]]:
+    """Per pool: the controller's live view (replicas desired / provider / registered, last
+    decision) from its ``/api/pools`` when it answers, else the last recorded decision and the
+    pause flag from the database.  Keys become extra columns of the status table."""
+    import httpx
 
-    async def run() -> dict[str, Any]:
+    from controller.store import ControllerStore
+
+    out: dict[str, dict[str, Any]] = {}
+    store = ControllerStore(q.pool)
+    paused = await store.paused_pools()
+    for event in reversed(await store.events(None, 200)):
+        out.setdefault(event["pool"], {})["decision"] = f"{event['to_replicas']} ({event['reason']})"
+    if controller_url:
+        try:
+            async with httpx.AsyncClient(timeout=2) as client:
+                answer = (await client.get(controller_url.rstrip("/") + "/api/pools")).json()
+            for p in answer.get("pools", []):
+                row = out.setdefault(p["name"], {})
+                row["replicas"] = "/".join(
+                    "?" if p.get(k) is None else str(p[k])
+                    for k in ("replicas_desired", "replicas_provider", "replicas_registered")
+                )
+                d = p.get("last_decision") or {}
+                if d:
+                    row["decision"] = f"{d.get('desired')} ({d.get('reason')})"
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass  # no controller answering here: the database's view is all there is
+    for name in paused:
+        out.setdefault(name, {})["paused"] = "yes"
+    return out
+
+
+def status(
+    as_json: bool = typer.Option(False, "--json", help="Print the same data as JSON."),
+    watch: float | None = typer.Option(
+        None, "--watch", min=0.5, help="Refresh every N seconds until Ctrl-C (e.g. --watch 2)."
+    ),
+    controller_url: str | None = typer.Option(
+        None,
+        "--controller",
+        help="Controller HTTP API for live replica counts (default http://GPUSCALE_HTTP_HOST:GPUSCALE_HTTP_PORT).",
+    ),
+) -> None:
+    """Show pools (blocked / queued / running / done / failed / dead, replicas desired/provider/
+    registered, last decision) and servers."""
+    from controller.settings import get_settings
+
+    if controller_url is None:
+        settings = get_settings()
+        controller_url = f"http://{settings.http_host}:{settings.http_port}"
+
+    async def collect(q: Queue) -> dict[str, Any]:
+        data = await collect_status(q)
+        for name, extra in (await controller_status(q, controller_url)).items():
+            if name in data["pools"]:
+                data["pools"][name].update(extra)
+        return data
+
+    async def once() -> dict[str, Any]:
         async with open_queue(max_size=2) as q:
-            return await collect_status(q)
+            return await collect(q)
 
-    data = run_db(run)
-    if as_json:
-        typer.echo(json.dumps(data, indent=2))
-    else:
-        render_status(data)
+    if watch is None:
+        data = run_db(once)
+        if as_json:
+            typer.echo(json.dumps(data, indent=2))
+        else:
+            render_status(data)
+        return
+
+    async def loop() -> None:
+        from rich.console import Console, Group
+        from rich.live import Live
+
+        console = Console()
+        async with open_queue(max_size=2) as q:
+            with Live(console=console, auto_refresh=False) as live:
+                while True:
+                    data = await collect(q)
+                    if as_json:
+                        live.update(json.dumps(data, indent=2), refresh=True)
+                    else:
+                        capture = Console(width=console.width, record=True)
+                        with capture.capture() as cap:
+                            render_status(data, capture)
+                        from rich.text import Text
+
+                        live.update(Group(Text.from_ansi(cap.get())), refresh=True)
+                    await asyncio.sleep(watch)
+
+    try:
+        run_db(loop)
+    except KeyboardInterrupt:
+        pass
 
 
 # ----------------------------------------------------------------------------------- bench

@@ -63,7 +63,7 @@ async def migrate(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", m.version, m.name
                 )
-            log.info("applied migration %04d_%s", m.version, m.name)
+            log.debug("applied migration %04d_%s", m.version, m.name)
             applied.append(m)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
