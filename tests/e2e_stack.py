@@ -278,6 +278,28 @@ class Stack:
             touched_after_done=[dict(a) for a in audit if a["old_status"] == "done"],
         )
 
+    async def metric(self, controller: str, name: str) -> list[tuple[dict[str, str], float]]:
+        """Samples of one metric from one controller's /metrics ([] when it does not answer)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            text = (await self.http.get(self.controller_urls[controller] + "/metrics")).text
+        except httpx.HTTPError:
+            return []
+        return [
+            (dict(sample.labels), float(sample.value))
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name
+        ]
+
+    async def role(self, controller: str) -> str | None:
+        """'leader' or 'standby' from /readyz, None when it does not answer."""
+        try:
+            return str((await self.http.get(self.controller_urls[controller] + "/readyz")).json()["role"])
+        except (httpx.HTTPError, ValueError, KeyError):
+            return None
+
     # ------------------------------------------------------------------ secrets
 
     async def api_texts(self) -> list[str]:
