@@ -300,9 +300,10 @@ class Reconciler:
         left_h = (nxt - today).total_seconds() / 3600
         elapsed_h = max(1.0, (today - start).total_seconds() / 3600)
         spent = sum(spend.values())
-        rate = sum(self.provider_counts.get(n, 0) * r.price_per_hour for n, r in self.config.pools.items())
-        # Projection: current run rate to month end, or the month's pace so far if that is higher.
-        projected = spent + max(rate, spent / elapsed_h) * left_h
+        # Projection: the month's pace so far, carried to month end.  Not the current run rate: a
+        # busy hour's rate extrapolated over the rest of the month would cap every burst.  The
+        # first day counts as a whole day so one early burst does not look like a month of them.
+        projected = spent + spent / max(elapsed_h, 24.0) * left_h
         return BudgetView(monthly_budget_usd=budget, projected_usd=projected)
 
     async def _act(
@@ -318,8 +319,10 @@ class Reconciler:
             return "hold", None
         if paused:
             return "paused", None
-        changing = decision.desired != provider_state.target or not provider_state.pinned
-        if not changing and not decision.replace:
+        changing = (
+            bool(decision.replace) or decision.desired != provider_state.target or not provider_state.pinned
+        )
+        if not changing:
             return "unchanged", None
         if self.dry_run:
             return "dry_run", None
@@ -328,25 +331,23 @@ class Reconciler:
         deployment = rules.deployment or rules.name
         try:
             if decision.replace:
-                await self._replace(deployment, decision.replace)
-            if changing:
-                idle = [
-                    s.container_id
-                    for s in servers or ()
-                    if s.pool == rules.name and s.current_load == 0 and s.container_id
-                ]
-                await self.provider.set_replicas(deployment, decision.desired, idle=idle)
+                await self._replace(deployment, provider_state.target, decision.replace)
+            idle = [
+                s.container_id
+                for s in servers or ()
+                if s.pool == rules.name and s.current_load == 0 and s.container_id
+            ]
+            await self.provider.set_replicas(deployment, decision.desired, idle=idle)
         except Exception as exc:
             log.warning("pool %s: provider call failed: %s: %s", rules.name, type(exc).__name__, exc)
             return "error", f"{type(exc).__name__}: {exc}"
         return "applied", None
 
-    async def _replace(self, deployment: str, replica_ids: Sequence[str]) -> None:
-        replace_fn = getattr(self.provider, "replace_replicas", None)
-        if replace_fn is not None:
-            await replace_fn(deployment, list(replica_ids))
-        else:
-            log.warning("provider %s cannot replace single replicas; reported only", self.provider.name)
+    async def _replace(self, deployment: str, current: int, replica_ids: Sequence[str]) -> None:
+        """Stop replicas that never registered.  Providers that choose whom to stop (local,
+        docker) stop exactly these; the DataCrunch cloud picks itself, so there a healthy replica
+        may go instead — the count comes back either way when the caller sets ``desired``."""
+        await self.provider.set_replicas(deployment, max(0, current - len(replica_ids)), idle=replica_ids)
 
     async def _record(
         self,
@@ -365,7 +366,9 @@ class Reconciler:
             m.SCALE_EVENTS.labels(name, direction, decision.reason).inc()
         if decision.replace:
             m.REPLACEMENTS.labels(name).inc(len(decision.replace))
-        noteworthy = changed or decision.reason in _NOTEWORTHY_HOLDS or error is not None
+        noteworthy = (
+            changed or outcome == "applied" or decision.reason in _NOTEWORTHY_HOLDS or error is not None
+        )
         key = (decision.desired, decision.reason)
         if not noteworthy:
             self._last_logged.pop(name, None)
@@ -376,10 +379,18 @@ class Reconciler:
         frm = "?" if current is None else str(current)
         msg = "pool=%s %s → %d reason=%s outcome=%s: %s"
         args = (name, frm, decision.desired, decision.reason, outcome, decision.detail)
+        fields = {
+            "pool": name,
+            "from": current,
+            "to": decision.desired,
+            "reason": decision.reason,
+            "outcome": outcome,
+        }
         if error or (decision.reason == "hold_unknown" and errors):
-            log.warning(msg + " error=%s", *args, error or "; ".join(errors))
+            fields["error"] = error or "; ".join(errors)
+            log.warning(msg + " error=%s", *args, fields["error"], extra={"fields": fields})
         else:
-            log.info(msg, *args)
+            log.info(msg, *args, extra={"fields": fields})
         try:
             await self.store.record_event(
                 ScalingEvent(

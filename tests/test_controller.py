@@ -307,3 +307,51 @@ async def test_only_the_leader_acts_and_a_standby_takes_over(make_app, deploymen
     assert second.is_leader
     assert not await first.tick(), "the old leader acted while the standby leads"
     assert not first.is_leader
+
+
+async def test_replica_that_never_registers_is_replaced(make_app, deployments: Emulator) -> None:  # type: ignore[no-untyped-def]
+    from controller import metrics as m
+
+    deployments.set_faults(unhealthy="gpuscale-visual")  # replicas stay 'starting' forever
+    clock = Clock()
+    app = await make_app(pools_config(startup_timeout=10, startup_backoff=30))
+    app.reconciler.clock = clock
+    await _enqueue(app.queue, 1)
+    await app.tick()
+    assert await _target(deployments, "gpuscale-visual") == 1
+    first = {r.id for r in (await app.provider.observe("gpuscale-visual")).replicas}
+    assert len(first) == 1
+    before = m.REPLACEMENTS.labels("visual")._value.get()
+    clock.now += 11
+    await app.tick()
+    assert app.reconciler.views["visual"].last_decision["reason"] == "startup_timeout"
+    assert m.REPLACEMENTS.labels("visual")._value.get() == before + 1
+    now_ids = {r.id for r in (await app.provider.observe("gpuscale-visual")).replicas}
+    assert not (first & now_ids), "the replica that never registered is still there"
+    reasons = [e["reason"] for e in await app.store.events("visual")]
+    assert "startup_timeout" in reasons
+
+
+async def test_budget_caps_non_critical_scale_ups(make_app, deployments: Emulator) -> None:  # type: ignore[no-untyped-def]
+    import datetime as dt
+
+    config = pools_config(cold_start=1, default_task_duration=600, drain_target=60)
+    config = config.model_copy(update={"monthly_budget_usd": 1.0})
+    clock = Clock()
+    app = await make_app(config)
+    app.reconciler.clock = clock
+    await app.store.add_spend("visual", 50.0, 3600.0, dt.datetime.now(dt.UTC))  # far over pace
+    await _enqueue(app.queue, 8)
+    await app.tick()
+    # A pool at zero with queued work still gets one replica, so work finishes, slowly.
+    assert await _target(deployments, "gpuscale-visual") == 1
+    clock.now += 31  # past scale_up_delay (30 s), well within startup_timeout
+    await app.tick()
+    assert await _target(deployments, "gpuscale-visual") == 1
+    decision = app.reconciler.views["visual"].last_decision
+    assert decision["reason"] == "budget_cap", decision
+    # A critical task is not capped.
+    await _enqueue(app.queue, 3, priority=Priority.critical)
+    clock.now += 1
+    await app.tick()
+    assert await _target(deployments, "gpuscale-visual") > 1

@@ -289,3 +289,18 @@ def test_status_shows_the_controllers_view(ctl_env: dict[str, str], tmp_path: Pa
         assert table.returncode == 0 and "replicas" in table.stdout and "decision" in table.stdout
     finally:
         assert stop(proc) == 0
+
+
+def test_json_logs_one_object_per_decision(ctl_env: dict[str, str]) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "--log-format", "json", "controller", "--once"],
+        env=ctl_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stderr.splitlines() if line.strip()]
+    decisions = [rec for rec in lines if rec.get("reason")]
+    assert {rec["pool"] for rec in decisions} == {"visual", "text"}
+    assert all({"from", "to", "outcome", "level", "ts"} <= rec.keys() for rec in decisions)
