@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -342,7 +341,10 @@ def test_cli_rejects_a_bad_fault_spec() -> None:
     assert result.returncode == 2 and "unknown fault 'bogus'" in result.stderr
 
 
-async def test_cli_serves_and_stops_its_replicas_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+async def test_cli_serves_and_never_orphans_its_replicas(how: str) -> None:
+    """SIGTERM: a clean shutdown stops every replica.  SIGKILL: nothing runs in the emulator any
+    more, yet the kernel's parent-death signal still ends its replicas."""
     port = _free_port()
     env = {**os.environ, "DATACRUNCH_CLIENT_ID": "cli-id", "DATACRUNCH_CLIENT_SECRET": "cli-secret"}
     proc = await asyncio.create_subprocess_exec(
@@ -376,17 +378,23 @@ async def test_cli_serves_and_stops_its_replicas_on_sigterm(tmp_path: Path) -> N
         await client.create_deployment(body("cli-deck"))
         await DataCrunchProvider(client).set_replicas("cli-deck", 2)
         replicas = await running(client, "cli-deck", 2)
+        await until(lambda: _all_up({r["id"] for r in replicas}), "both replica processes")
         await client.aclose()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
         raw, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
         output = raw.decode()
-        assert proc.returncode == 0, output
-        assert "DATACRUNCH_BASE_URL=http://127.0.0.1:" in output and "cli-secret" not in output
-        await no_processes({r["id"] for r in replicas}, timeout_s=5)
+        if how == "sigterm":
+            assert proc.returncode == 0, output
+            assert "DATACRUNCH_BASE_URL=http://127.0.0.1:" in output and "cli-secret" not in output
+        await no_processes({r["id"] for r in replicas}, timeout_s=10)
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def _all_up(ids: set[str]) -> bool:
+    return all(replica_env(rid) for rid in ids)
 
 
 def test_snapshot_is_json(emu: Emulator) -> None:

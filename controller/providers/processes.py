@@ -10,17 +10,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from controller.providers.base import ProviderError
 
 log = logging.getLogger(__name__)
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """On Linux, a pre-exec hook that makes the kernel SIGTERM the replica if the process (the
+    thread) that started it dies without stopping it, e.g. a SIGKILLed controller or emulator:
+    even then no worker is left orphaned.  Resolved once here, so the hook itself only makes
+    one C call between fork and exec."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+    sigterm = int(signal.SIGTERM)
+
+    def hook() -> None:
+        prctl(pr_set_pdeathsig, sigterm, 0, 0, 0)
+
+    return hook
+
+
+_PREEXEC = _parent_death_signal()
 
 
 @dataclass
@@ -70,6 +95,7 @@ async def spawn(
             stdout=stdout,
             stderr=asyncio.subprocess.STDOUT if stdout is not None else None,
             start_new_session=True,
+            preexec_fn=_PREEXEC,  # one pre-resolved C call between fork and exec
         )
     except OSError as exc:
         raise ProviderError(f"cannot start replica {replica_id}: {argv[0]}: {exc.strerror or exc}") from None
