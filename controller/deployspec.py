@@ -294,4 +294,8 @@ def update_body(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[
     live = normalize_scaling(current.get("scaling"))
     for key in REPLICA_COUNTS:
         body["scaling"][key] = live[key]
+    # Keep the system-managed container names, as the SDK does when it updates what it read.
+    for container, existing in zip(body["containers"], current.get("containers") or [], strict=False):
+        if isinstance(existing, dict) and existing.get("name"):
+            container["name"] = existing["name"]
     return body

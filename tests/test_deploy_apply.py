@@ -131,6 +131,8 @@ def test_diff_ignores_defaults_read_only_fields_and_replica_counts() -> None:
     assert deployspec.diff(live, changed) == [("compute.name", "H100", "H200")]
     body = deployspec.update_body(live, changed)
     assert body["scaling"]["min_replica_count"] == 2 and body["compute"]["name"] == "H200"
+    assert body["containers"][0]["name"] == "deck-visual-0"
+    deployspec.validate(body)  # still exactly the API's shape
 
 
 # ---------------------------------------------------------------------- the command
