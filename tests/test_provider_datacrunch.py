@@ -411,7 +411,22 @@ async def test_zero_uses_0_0(api: Any, client: DataCrunchClient) -> None:
 async def test_zero_falls_back_to_pause_when_refused(api: Any, client: DataCrunchClient) -> None:
     m = mock_deployment(api, lo=2, hi=2, patch_status=400)
     await DataCrunchProvider(client).set_replicas(DEP, 0)
-    assert m["calls"][-2:] == ["patch", "pause"]
+    # 0/0 refused; 1/1 (so a later resume starts at most one replica) refused too; pause.
+    assert m["calls"][-3:] == ["patch", "patch", "pause"]
+    assert bodies(m["patch"]) == [scaling(0, 0), scaling(1, 1)]
+
+
+async def test_refused_zero_pins_one_before_pausing(api: Any, client: DataCrunchClient) -> None:
+    m = mock_deployment(api, lo=3, hi=3)
+    m["patch"].mock(
+        side_effect=[
+            error(400, "invalid_request", "min_replica_count must be >= 1"),
+            httpx.Response(200, json=scaling(1, 1)),
+        ]
+    )
+    await DataCrunchProvider(client).set_replicas(DEP, 0)
+    assert bodies(m["patch"]) == [scaling(0, 0), scaling(1, 1)]
+    assert m["pause"].call_count == 1
 
 
 async def test_zero_refused_in_capacity_words_still_pauses(api: Any, client: DataCrunchClient) -> None:

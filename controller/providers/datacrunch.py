@@ -529,12 +529,22 @@ class DataCrunchProvider:
                 if not 400 <= (exc.status_code or 0) < 500:
                     raise
                 log.info("DataCrunch refused 0/0 for %s (%s); pausing instead", deployment, exc.message)
-                await self.client.pause(deployment)
+                await self._pin_one_then_pause(deployment, scaling)
             return
         if paused:
             await self.client.resume(deployment)
         if not pinned:
             await self.client.patch_scaling(deployment, _pin(scaling, desired))
+
+    async def _pin_one_then_pause(self, deployment: str, scaling: Mapping[str, Any]) -> None:
+        """Pause, after pinning 1/1 when the count is higher: ``resume`` then restarts at most one
+        replica, so scaling up again after it never starts more than asked for and cut back."""
+        if scaling["min_replica_count"] != 1 or scaling["max_replica_count"] != 1:
+            try:
+                await self.client.patch_scaling(deployment, _pin(scaling, 1))
+            except (ApiError, CapacityError) as exc:
+                log.info("DataCrunch refused 1/1 for %s too (%s)", deployment, exc)
+        await self.client.pause(deployment)
 
     async def pause(self, deployment: str) -> None:
         if await self.client.get_status(deployment) != "paused":
