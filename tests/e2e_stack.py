@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -35,6 +36,9 @@ from controller.queue import NewTask, Priority, Queue
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_SECRET = "e2e-client-secret-0c1f9a77"
 WORKER_TOKEN = "e2e-worker-token-5d2b8e10"
+DB_PASSWORD = "e2e-db-password-7e41b2c9"
+DB_USER = "gpuscale_e2e"
+SECRETS = (CLIENT_SECRET, WORKER_TOKEN, DB_PASSWORD)
 BENCH = "e2e-bench"
 
 POOLS = """
@@ -148,8 +152,19 @@ class Stack:
         conn = await asyncpg.connect(self.dsn)
         try:
             await conn.execute(AUDIT_SQL)
+            # Every process connects as a role with a password, so a DSN printed anywhere would
+            # show it (the embedded server trusts local connections; the password still travels).
+            exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", DB_USER)
+            if not exists:
+                await conn.execute(f"CREATE ROLE {DB_USER} LOGIN SUPERUSER PASSWORD '{DB_PASSWORD}'")
         finally:
             await conn.close()
+        parts = urlsplit(self.dsn)
+        host = parts.netloc.rpartition("@")[2]
+        self.dsn = urlunsplit(
+            (parts.scheme, f"{DB_USER}:{DB_PASSWORD}@{host}", parts.path, parts.query, parts.fragment)
+        )
+        self.procs.env["GPUSCALE_DATABASE_URL"] = self.dsn
         pools_file = self.workdir / "pools.yaml"
         pools_file.write_text(self.pools_yaml)
         spec_files = []
@@ -303,15 +318,34 @@ class Stack:
     # ------------------------------------------------------------------ secrets
 
     async def api_texts(self) -> list[str]:
-        """Every ops answer a person or Prometheus could read from the live controllers."""
+        """Every ops answer a person or Prometheus could read: the live controllers' and the
+        registered workers' HTTP APIs."""
+        urls = [
+            url + path
+            for url in self.controller_urls.values()
+            for path in ("/metrics", "/api/pools", "/api/servers", "/api/events?limit=200", "/readyz")
+        ]
+        if self.queue is not None:
+            for server in await self.queue.list_servers():
+                port = (server.capabilities or {}).get("http_port")
+                if port:
+                    urls += [f"http://127.0.0.1:{port}{path}" for path in ("/metrics", "/api/health")]
         texts = []
-        for url in self.controller_urls.values():
-            for path in ("/metrics", "/api/pools", "/api/servers", "/api/events?limit=200", "/readyz"):
-                try:
-                    texts.append((await self.http.get(url + path)).text)
-                except httpx.HTTPError:
-                    pass
+        for url in urls:
+            try:
+                texts.append((await self.http.get(url)).text)
+            except httpx.HTTPError:
+                pass
         return texts
+
+    def leaked(self, texts: list[str]) -> list[str]:
+        """Which secrets (by name) show up in any of ``texts``."""
+        names = {
+            "client secret": CLIENT_SECRET,
+            "worker token": WORKER_TOKEN,
+            "database password": DB_PASSWORD,
+        }
+        return sorted(name for name, value in names.items() if any(value in t for t in texts))
 
     def log_texts(self) -> list[str]:
         return [p.read_text(errors="replace") for p in self.log_dir.rglob("*.log")]
