@@ -1,0 +1,25 @@
+"""Leases: a heartbeat keeps alive only the tasks the worker still works on."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from controller.queue import NewTask, Queue
+
+
+async def test_heartbeat_only_extends_leases_of_tasks_still_held(db: asyncpg.Pool) -> None:
+    """A worker that gave up on a task (its outcome could not be written, say during a database
+    restart) must let that task's lease run out, so the reaper hands it to another worker."""
+    q = Queue(db)
+    a = await q.enqueue(NewTask("noop", {}))
+    b = await q.enqueue(NewTask("noop", {}))
+    assert len(await q.claim("bench", "w1", 2, lease_s=0.5)) == 2
+    await q.extend_leases("w1", lease_s=3600, task_ids=[a])
+    await asyncio.sleep(0.8)
+    assert await q.reap_expired() == 1
+    assert (await q.get_task(a))["status"] == "running"  # type: ignore[index]
+    assert (await q.get_task(b))["status"] == "queued"  # type: ignore[index]
+    # Without a list, every task the server holds is extended (the old behaviour, still valid).
+    assert await q.extend_leases("w1", lease_s=3600) == 1
