@@ -142,7 +142,7 @@ class EmulatorState:
         self.requests = 0
         self.writes = 0  # authenticated POST/PATCH/DELETE calls: `deploy apply` tests count them
         self._random = random.Random(config.faults.seed)
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()  # held by the reconciler and by every mutating API call
         self._stops: set[asyncio.Task[None]] = set()
         # Every process ever started and not yet reaped, for kill_all() at exit.
         self.procs: dict[str, ProcessReplica] = {}
@@ -286,7 +286,7 @@ class EmulatorState:
         for replica in list(dep.replicas.values()):
             self._stop_replica(dep, replica)
 
-    async def delete(self, name: str) -> None:
+    def delete(self, name: str) -> None:
         dep = self.get(name)
         del self.deployments[name]
         # Answer at once, as the cloud does; the replicas stop in the background.
@@ -360,68 +360,72 @@ class EmulatorState:
         return (starting + running)[:count]
 
     async def reconcile(self) -> None:
-        async with self._lock:
-            now = time.time()
-            total_live = sum(
-                1 for d in self.deployments.values() for r in d.replicas.values() if not r.stopping
-            )
-            for dep in list(self.deployments.values()):
-                # Forget replicas whose process has ended (stopped, or crashed: then replaced).
-                for replica in list(dep.replicas.values()):
-                    if replica.proc is not None and replica.proc.exited:
-                        if not replica.stopping:
-                            log.warning(
-                                "emulator: replica %s exited (code %s)",
-                                replica.id,
-                                replica.proc.process.returncode,
-                            )
-                            processes.kill_now(replica.proc)
-                            self.procs.pop(replica.id, None)
-                        elif replica.proc.stop_task is not None and not replica.proc.stop_task.done():
-                            continue
-                        del dep.replicas[replica.id]
-                        total_live -= 0 if replica.stopping else 1
-                # Start the processes of replicas whose cold start is over.
-                unhealthy = self.faults.is_unhealthy(dep.name)
-                for replica in dep.replicas.values():
-                    if (
-                        replica.proc is None
-                        and replica.failed is None
-                        and not unhealthy
-                        and replica.ready_at <= now
-                    ):
-                        try:
-                            replica.proc = await processes.spawn(
-                                replica.id,
-                                self._command(dep),
-                                self._env(dep, replica.id),
-                                log_dir=self.config.log_dir,
-                            )
-                            self.procs[replica.id] = replica.proc
-                        except ProviderError as exc:
-                            replica.failed = str(exc)
-                            log.error("emulator: %s", exc)
-                # Scale toward the pinned count, within the quota.
-                live = [r for r in dep.replicas.values() if not r.stopping and r.failed is None]
-                for replica in [r for r in dep.replicas.values() if r.failed is not None]:
-                    # A replica that cannot start is retried after another cold start.
-                    if now - replica.created_at > self.config.cold_start_s + 1:
-                        del dep.replicas[replica.id]
-                desired = 0 if dep.paused else int(dep.scaling["min_replica_count"])
-                allowed = desired
-                if self.faults.quota is not None:
-                    allowed = max(0, min(desired, self.faults.quota - (total_live - len(live))))
-                if len(live) < allowed:
-                    for _ in range(allowed - len(live)):
-                        rid = f"{dep.name}-{uuid.uuid4().hex[:10]}"
-                        dep.replicas[rid] = EmuReplica(rid, now, now + self.config.cold_start_s)
-                        total_live += 1
-                elif len(live) > desired:
-                    for replica in self._pick_victims(live, len(live) - desired):
-                        log.info("emulator: scaling %s down, stopping %s", dep.name, replica.id)
-                        self._stop_replica(dep, replica)
-                        total_live -= 1
-                dep.status = self._status(dep, desired, allowed, unhealthy)
+        """One pass of the replica reconciler (takes the state lock)."""
+        async with self.lock:
+            await self.reconcile_locked()
+
+    async def reconcile_locked(self) -> None:
+        """One reconciler pass; the caller holds the state lock (every mutating API call does,
+        see :func:`api`), so nothing changes a deployment while a pass awaits a process start."""
+        now = time.time()
+        total_live = sum(1 for d in self.deployments.values() for r in d.replicas.values() if not r.stopping)
+        for dep in list(self.deployments.values()):
+            # Forget replicas whose process has ended (stopped, or crashed: then replaced).
+            for replica in list(dep.replicas.values()):
+                if replica.proc is not None and replica.proc.exited:
+                    if not replica.stopping:
+                        log.warning(
+                            "emulator: replica %s exited (code %s)",
+                            replica.id,
+                            replica.proc.process.returncode,
+                        )
+                        processes.kill_now(replica.proc)
+                        self.procs.pop(replica.id, None)
+                    elif replica.proc.stop_task is not None and not replica.proc.stop_task.done():
+                        continue
+                    del dep.replicas[replica.id]
+                    total_live -= 0 if replica.stopping else 1
+            # Start the processes of replicas whose cold start is over.
+            unhealthy = self.faults.is_unhealthy(dep.name)
+            for replica in dep.replicas.values():
+                if (
+                    replica.proc is None
+                    and replica.failed is None
+                    and not unhealthy
+                    and replica.ready_at <= now
+                ):
+                    try:
+                        replica.proc = await processes.spawn(
+                            replica.id,
+                            self._command(dep),
+                            self._env(dep, replica.id),
+                            log_dir=self.config.log_dir,
+                        )
+                        self.procs[replica.id] = replica.proc
+                    except ProviderError as exc:
+                        replica.failed = str(exc)
+                        log.error("emulator: %s", exc)
+            # Scale toward the pinned count, within the quota.
+            live = [r for r in dep.replicas.values() if not r.stopping and r.failed is None]
+            for replica in [r for r in dep.replicas.values() if r.failed is not None]:
+                # A replica that cannot start is retried after another cold start.
+                if now - replica.created_at > self.config.cold_start_s + 1:
+                    del dep.replicas[replica.id]
+            desired = 0 if dep.paused else int(dep.scaling["min_replica_count"])
+            allowed = desired
+            if self.faults.quota is not None:
+                allowed = max(0, min(desired, self.faults.quota - (total_live - len(live))))
+            if len(live) < allowed:
+                for _ in range(allowed - len(live)):
+                    rid = f"{dep.name}-{uuid.uuid4().hex[:10]}"
+                    dep.replicas[rid] = EmuReplica(rid, now, now + self.config.cold_start_s)
+                    total_live += 1
+            elif len(live) > desired:
+                for replica in self._pick_victims(live, len(live) - desired):
+                    log.info("emulator: scaling %s down, stopping %s", dep.name, replica.id)
+                    self._stop_replica(dep, replica)
+                    total_live -= 1
+            dep.status = self._status(dep, desired, allowed, unhealthy)
 
     @staticmethod
     def _status(dep: EmuDeployment, desired: int, allowed: int, unhealthy: bool) -> str:
@@ -446,10 +450,14 @@ class EmulatorState:
 
     async def shutdown(self) -> None:
         """Stop every replica (SIGTERM, grace, SIGKILL) and wait for them."""
-        async with self._lock:
+        async with self.lock:
             for dep in self.deployments.values():
                 for replica in list(dep.replicas.values()):
                     self._stop_replica(dep, replica)
+            # Anything else still alive (whatever its deployment became) goes too.
+            for proc in list(self.procs.values()):
+                task = processes.begin_stop(proc, self.config.grace_s)
+                self._stops.add(task)
         if self._stops:
             await asyncio.gather(*list(self._stops), return_exceptions=True)
 
@@ -516,9 +524,13 @@ def api(handler: Handler, *, auth: bool = True) -> Callable[[Request], Awaitable
             await state.apply_faults()
             if auth:
                 state.check_token(request.headers.get("authorization"))
-                if request.method != "GET":
-                    state.writes += 1
-            return await handler(request, state)
+            if request.method == "GET":
+                return await handler(request, state)
+            if auth:
+                state.writes += 1
+            # Changes are serialised with the reconciler: one lock for every mutation.
+            async with state.lock:
+                return await handler(request, state)
         except ApiFailure as exc:
             return JSONResponse(
                 {"code": exc.code, "message": exc.message}, status_code=exc.status, headers=exc.headers
@@ -554,7 +566,7 @@ async def list_deployments(request: Request, state: EmulatorState) -> Response:
 
 async def create_deployment(request: Request, state: EmulatorState) -> Response:
     dep = state.create(await _body(request))
-    await state.reconcile()
+    await state.reconcile_locked()
     return _json(state.render(dep), 201)
 
 
@@ -564,12 +576,12 @@ async def get_deployment(request: Request, state: EmulatorState) -> Response:
 
 async def patch_deployment(request: Request, state: EmulatorState) -> Response:
     dep = state.update(request.path_params["name"], await _body(request))
-    await state.reconcile()
+    await state.reconcile_locked()
     return _json(state.render(dep))
 
 
 async def delete_deployment(request: Request, state: EmulatorState) -> Response:
-    await state.delete(request.path_params["name"])
+    state.delete(request.path_params["name"])
     return _empty()
 
 
@@ -588,7 +600,7 @@ async def get_scaling(request: Request, state: EmulatorState) -> Response:
 
 async def patch_scaling(request: Request, state: EmulatorState) -> Response:
     scaling = state.set_scaling(request.path_params["name"], await _body(request))
-    await state.reconcile()
+    await state.reconcile_locked()
     return _json(scaling)
 
 
@@ -611,7 +623,7 @@ async def purge_queue(request: Request, state: EmulatorState) -> Response:
 
 async def pause(request: Request, state: EmulatorState) -> Response:
     state.get(request.path_params["name"]).paused = True
-    await state.reconcile()
+    await state.reconcile_locked()
     return _empty()
 
 
@@ -620,7 +632,7 @@ async def resume(request: Request, state: EmulatorState) -> Response:
     if dep.paused:
         state._check_capacity(dep.name, dep.scaling["min_replica_count"], 0)
     dep.paused = False
-    await state.reconcile()
+    await state.reconcile_locked()
     return _empty()
 
 
