@@ -78,9 +78,10 @@ def demo(
         standin_latency_s=latency,
         targets_file=targets_file,
     )
-    headless = headless or json_out
     # With --json, stdout carries only the JSON document; everything else goes to stderr.
     console = Console(stderr=json_out)
+    # A live view needs a terminal; piped into a file it would show nothing until the end.
+    headless = headless or json_out or not console.is_terminal
     code = asyncio.run(_main(options, console, headless=headless, json_out=json_out))
     raise typer.Exit(code)
 
