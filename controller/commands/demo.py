@@ -57,11 +57,12 @@ def demo(
     ),
 ) -> None:
     """Run the whole loop locally: PostgreSQL, emulator, Ollama stand-in, controller, sample decks."""
-    from controller.demo.run import DemoOptions
+    from controller.demo.run import DemoOptions, shipped
     from controller.pools import PoolsFileError, load_pools
 
     if ollama_host is not None and not ollama_host.startswith(("http://", "https://")):
         raise fail(f"--ollama-host must be an http(s) URL, not {ollama_host!r}")
+    pools_file = shipped(pools_file)
     try:
         load_pools(pools_file)
     except PoolsFileError as exc:

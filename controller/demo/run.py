@@ -93,6 +93,19 @@ class DemoOptions:
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
+# The source checkout this module runs from (an editable install), for the shipped deploy files.
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def shipped(path: Path) -> Path:
+    """``path`` as given when it exists (relative to the current directory), else the same
+    relative path in the source checkout, so ``gpuscale demo`` also works from another folder."""
+    if path.exists() or path.is_absolute():
+        return path
+    candidate = SOURCE_ROOT / path
+    return candidate if candidate.exists() else path
+
+
 class DemoError(RuntimeError):
     """The demo could not start or run; the message says which part and why."""
 
@@ -120,6 +133,8 @@ class Demo:
 
     def __init__(self, options: DemoOptions) -> None:
         self.o = options
+        options.pools_file = shipped(options.pools_file)
+        options.deployment_files = [shipped(p) for p in options.deployment_files]
         self.run_id = uuid.uuid4().hex[:12]
         self.data_dir = options.data_dir.absolute()
         self.log_dir = self.data_dir / "logs"
