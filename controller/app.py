@@ -273,7 +273,7 @@ class ControllerApp:
             server_task = asyncio.create_task(server.serve())
             # uvicorn captures SIGINT/SIGTERM while it serves; ours go in after it started, so a
             # signal stops the controller in order (tick, lock, then the HTTP server).
-            while not server.started and not server_task.done():
+            while not server.started and not server_task.done():  # noqa: ASYNC110 (uvicorn has no event)
                 await asyncio.sleep(0.01)
             if server_task.done():
                 await server_task  # raises why it could not start (e.g. the port is taken)

@@ -32,9 +32,7 @@ OLDEST_QUEUED_AGE = Gauge(
 )
 REPLICAS_DESIRED = Gauge("gpuscale_replicas_desired", "Replica count the policy decided.", ["pool"])
 REPLICAS_PROVIDER = Gauge("gpuscale_replicas_provider", "Replicas the provider reports.", ["pool"])
-REPLICAS_REGISTERED = Gauge(
-    "gpuscale_replicas_registered", "Workers registered and heartbeating.", ["pool"]
-)
+REPLICAS_REGISTERED = Gauge("gpuscale_replicas_registered", "Workers registered and heartbeating.", ["pool"])
 REPLICAS_STARTING = Gauge(
     "gpuscale_replicas_starting", "Replicas the provider reports that have not registered yet.", ["pool"]
 )
