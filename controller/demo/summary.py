@@ -89,7 +89,7 @@ def render_summary(s: Summary) -> RenderableType:
 
     pools = Table(title="Per pool", title_justify="left")
     pools.add_column("pool", style="bold", no_wrap=True)
-    for col in ("done", "failed", "peak", "final/min", "replica-s", "cost", "cold starts", "avg cold start"):
+    for col in ("done", "failed", "peak", "end/min", "replica-s", "cost", "cold starts", "avg cold"):
         pools.add_column(col, justify="right", no_wrap=True)
     for name, p in s.pools.items():
         pools.add_row(
