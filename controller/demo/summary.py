@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -87,10 +88,10 @@ def render_summary(s: Summary) -> RenderableType:
     if s.logs:
         totals.add_row("logs", s.logs)
 
-    pools = Table(title="Per pool", title_justify="left")
-    pools.add_column("pool", style="bold", no_wrap=True)
-    for col in ("done", "failed", "peak", "end/min", "replica-s", "cost", "cold starts", "avg cold"):
-        pools.add_column(col, justify="right", no_wrap=True)
+    pools = Table(title="Per pool", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    pools.add_column("pool", style="bold", no_wrap=True, min_width=6)
+    for col in ("done", "failed", "peak", "end/min", "replica-s", "cost", "cold starts", "avg cold start"):
+        pools.add_column(col, justify="right")
     for name, p in s.pools.items():
         pools.add_row(
             name,
