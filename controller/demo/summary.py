@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -88,20 +87,13 @@ def render_summary(s: Summary) -> RenderableType:
     if s.logs:
         totals.add_row("logs", s.logs)
 
-    pools = Table(title="Per pool", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    pools.add_column("pool", style="bold", no_wrap=True, min_width=6)
-    for col in ("done", "failed", "peak", "end/min", "replica-s", "cost", "cold starts", "avg cold start"):
-        pools.add_column(col, justify="right")
     for name, p in s.pools.items():
-        pools.add_row(
-            name,
-            str(p.tasks_done),
-            str(p.tasks_failed),
-            str(p.replicas_peak),
-            f"{'?' if p.replicas_final is None else p.replicas_final}/{p.min_replicas}",
-            f"{p.replica_seconds:.1f}",
-            _money(p.cost_usd),
-            str(p.cold_starts),
-            "·" if p.cold_start_mean_s is None else f"{p.cold_start_mean_s:.1f} s",
+        final = "?" if p.replicas_final is None else str(p.replicas_final)
+        cold = "" if p.cold_start_mean_s is None else f", avg {p.cold_start_mean_s:.1f} s"
+        totals.add_row(
+            f"pool {name}",
+            f"{p.tasks_done} done, {p.tasks_failed} failed · peak {p.replicas_peak} replicas, "
+            f"{final} at the end (min {p.min_replicas}) · {p.replica_seconds:.1f} replica-s, {_money(p.cost_usd)} · "
+            f"{p.cold_starts} cold starts{cold}",
         )
-    return Group(Text("Summary", style="bold underline"), totals, pools, verdict)
+    return Group(Text("Summary", style="bold underline"), totals, verdict)
