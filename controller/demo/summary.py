@@ -93,7 +93,7 @@ def render_summary(s: Summary) -> RenderableType:
         totals.add_row(
             f"pool {name}",
             f"{p.tasks_done} done, {p.tasks_failed} failed · peak {p.replicas_peak} replicas, "
-            f"{final} at the end (min {p.min_replicas}) · {p.replica_seconds:.1f} replica-s, {_money(p.cost_usd)} · "
-            f"{p.cold_starts} cold starts{cold}",
+            f"{final} at the end (min {p.min_replicas}) · {p.replica_seconds:.1f} replica-s, "
+            f"{_money(p.cost_usd)} · {p.cold_starts} cold starts{cold}",
         )
     return Group(Text("Summary", style="bold underline"), totals, verdict)
