@@ -24,13 +24,12 @@ from controller.providers.base import (
     REPLICA_STARTING,
     REPLICA_STOPPING,
     CapacityError,
-    DeploymentNotFound,
     LaunchSpec,
     ProviderError,
     ProviderState,
     Replica,
 )
-from controller.providers.local import choose_victims
+from controller.providers.pinned import PinnedDeployment, PinnedProvider, choose_victims, state_of
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +75,7 @@ class _Box:
     started_at: float
 
 
-@dataclass
-class _Deployment:
-    spec: LaunchSpec
-    target: int = 0
-    paused: bool = False
-    last_error: str | None = None  # why the last attempt to start a replica failed
-
-
-class DockerProvider:
+class DockerProvider(PinnedProvider[PinnedDeployment]):
     """Replicas are containers on one Docker engine."""
 
     name = "docker"
@@ -102,7 +93,7 @@ class DockerProvider:
         stop_on_close: bool = False,
         client: Any = None,
     ) -> None:
-        self._deployments = {name: _Deployment(spec) for name, spec in launches.items()}
+        super().__init__({name: PinnedDeployment(spec) for name, spec in launches.items()})
         self.base_url = base_url
         self.image_template = image_template
         self.gpus = gpus
@@ -112,7 +103,6 @@ class DockerProvider:
         self.stop_on_close = stop_on_close
         self._client = client
         self._stopping: dict[str, asyncio.Task[None]] = {}  # replica id → stop in flight
-        self._lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"DockerProvider(base_url={self.base_url!r}, deployments={sorted(self._deployments)})"
@@ -180,7 +170,7 @@ class DockerProvider:
             return
         self._remove_sync(box)
 
-    def _create_sync(self, deployment: str, dep: _Deployment, replica_id: str) -> None:
+    def _create_sync(self, deployment: str, dep: PinnedDeployment, replica_id: str) -> None:
         import docker.errors
 
         spec = dep.spec
@@ -225,12 +215,6 @@ class DockerProvider:
 
     # ------------------------------------------------------------------ reconcile
 
-    def _get(self, deployment: str) -> _Deployment:
-        try:
-            return self._deployments[deployment]
-        except KeyError:
-            raise DeploymentNotFound(f"docker provider has no deployment {deployment!r}") from None
-
     def _begin_stop(self, box: _Box) -> None:
         replica_id = box.replica
         if replica_id in self._stopping:
@@ -245,7 +229,7 @@ class DockerProvider:
 
         task.add_done_callback(done)
 
-    async def _reconcile(self, deployment: str, dep: _Deployment, idle: Collection[str] = ()) -> None:
+    async def _reconcile(self, deployment: str, dep: PinnedDeployment, idle: Collection[str] = ()) -> None:
         live = []
         for box in await self._call(self._list_sync, deployment):
             if box.replica in self._stopping:
@@ -271,12 +255,7 @@ class DockerProvider:
     async def observe(self, deployment: str) -> ProviderState:
         dep = self._get(deployment)
         async with self._lock:
-            try:
-                await self._reconcile(deployment, dep)
-            except ProviderError as exc:
-                # Observing must still work when replicas cannot start: report it in the status.
-                dep.last_error = str(exc)
-                log.warning("%s: %s", deployment, exc)
+            await self._reconcile_for_observe(deployment, dep)
             boxes = await self._call(self._list_sync, deployment)
         replicas = []
         for box in boxes:
@@ -290,45 +269,7 @@ class DockerProvider:
                 status = REPLICA_STARTING
             replicas.append(Replica(box.replica, status, box.started_at))
         replicas.sort(key=lambda r: r.started_at)
-        running = sum(1 for r in replicas if r.status == REPLICA_RUNNING)
-        if dep.paused:
-            status_word = "paused"
-        elif running >= dep.target:
-            status_word = "healthy"
-        elif dep.last_error:
-            status_word = "unhealthy"
-        else:
-            status_word = "degraded" if running else "initializing"
-        return ProviderState(
-            replicas=replicas, target=0 if dep.paused else dep.target, paused=dep.paused, status=status_word
-        )
-
-    async def set_replicas(self, deployment: str, desired: int, *, idle: Collection[str] = ()) -> None:
-        if desired < 0:
-            raise ValueError("desired replica count must be >= 0")
-        dep = self._get(deployment)
-        async with self._lock:
-            dep.target = desired
-            if desired > 0:
-                dep.paused = False  # as on DataCrunch: scaling up resumes a paused deployment
-            try:
-                await self._reconcile(deployment, dep, idle)
-            except ProviderError as exc:
-                dep.last_error = str(exc)
-                raise
-            dep.last_error = None
-
-    async def pause(self, deployment: str) -> None:
-        dep = self._get(deployment)
-        async with self._lock:
-            dep.paused = True
-            await self._reconcile(deployment, dep)
-
-    async def resume(self, deployment: str) -> None:
-        dep = self._get(deployment)
-        async with self._lock:
-            dep.paused = False
-            await self._reconcile(deployment, dep)
+        return state_of(replicas, dep)
 
     async def wait_stopped(self) -> None:
         """Wait for every stop in flight (tests, shutdown)."""

@@ -21,37 +21,25 @@ from controller.providers import processes
 from controller.providers.base import (
     REPLICA_RUNNING,
     REPLICA_STOPPING,
-    DeploymentNotFound,
     LaunchSpec,
-    ProviderError,
     ProviderState,
     Replica,
     worker_command,
 )
+from controller.providers.pinned import PinnedDeployment, PinnedProvider, choose_victims, state_of
 from controller.providers.processes import ProcessReplica
+
+__all__ = ["LocalProvider", "choose_victims"]  # choose_victims: re-exported for its old importers
 
 log = logging.getLogger(__name__)
 
 
-def choose_victims(live: list[tuple[str, float]], count: int, idle: Collection[str] = ()) -> list[str]:
-    """Which ``count`` replicas to stop: idle ones first, then the newest (ties: by id).
-
-    ``live`` is ``(replica_id, started_at)`` of the replicas not already stopping."""
-    idle_set = set(idle)
-    ranked = sorted(live, key=lambda item: (item[0] not in idle_set, -item[1], item[0]))
-    return [rid for rid, _ in ranked[: max(count, 0)]]
-
-
 @dataclass
-class _Deployment:
-    spec: LaunchSpec
-    target: int = 0
-    paused: bool = False
-    last_error: str | None = None  # why the last attempt to start a replica failed
+class _Deployment(PinnedDeployment):
     replicas: dict[str, ProcessReplica] = field(default_factory=dict)
 
 
-class LocalProvider:
+class LocalProvider(PinnedProvider[_Deployment]):
     """Replicas are local processes, started from each deployment's :class:`LaunchSpec`."""
 
     name = "local"
@@ -64,21 +52,14 @@ class LocalProvider:
         log_dir: Path | None = None,
         base_env: Mapping[str, str] | None = None,
     ) -> None:
-        self._deployments = {name: _Deployment(spec) for name, spec in launches.items()}
+        super().__init__({name: _Deployment(spec) for name, spec in launches.items()})
         self.stop_grace_s = stop_grace_s
         self.log_dir = log_dir
         self._base_env = dict(os.environ if base_env is None else base_env)
-        self._lock = asyncio.Lock()
         self._closed = False
 
     def __repr__(self) -> str:
         return f"LocalProvider(deployments={sorted(self._deployments)})"
-
-    def _get(self, deployment: str) -> _Deployment:
-        try:
-            return self._deployments[deployment]
-        except KeyError:
-            raise DeploymentNotFound(f"local provider has no deployment {deployment!r}") from None
 
     def _reap(self, dep: _Deployment) -> None:
         for rid, replica in list(dep.replicas.items()):
@@ -119,55 +100,12 @@ class LocalProvider:
     async def observe(self, deployment: str) -> ProviderState:
         dep = self._get(deployment)
         async with self._lock:
-            try:
-                await self._reconcile(deployment, dep)
-            except ProviderError as exc:
-                # Observing must still work when replicas cannot start: report it in the status.
-                dep.last_error = str(exc)
-                log.warning("%s: %s", deployment, exc)
+            await self._reconcile_for_observe(deployment, dep)
         replicas = [
             Replica(r.id, REPLICA_STOPPING if r.stopping else REPLICA_RUNNING, r.started_at)
             for r in sorted(dep.replicas.values(), key=lambda r: r.started_at)
         ]
-        live = sum(1 for r in replicas if r.status == REPLICA_RUNNING)
-        if dep.paused:
-            status = "paused"
-        elif live >= dep.target:
-            status = "healthy"
-        elif dep.last_error:
-            status = "unhealthy"
-        else:
-            status = "degraded" if live else "initializing"
-        return ProviderState(
-            replicas=replicas, target=0 if dep.paused else dep.target, paused=dep.paused, status=status
-        )
-
-    async def set_replicas(self, deployment: str, desired: int, *, idle: Collection[str] = ()) -> None:
-        if desired < 0:
-            raise ValueError("desired replica count must be >= 0")
-        dep = self._get(deployment)
-        async with self._lock:
-            dep.target = desired
-            if desired > 0:
-                dep.paused = False  # as on DataCrunch: scaling up resumes a paused deployment
-            try:
-                await self._reconcile(deployment, dep, idle)
-            except ProviderError as exc:
-                dep.last_error = str(exc)
-                raise
-            dep.last_error = None
-
-    async def pause(self, deployment: str) -> None:
-        dep = self._get(deployment)
-        async with self._lock:
-            dep.paused = True
-            await self._reconcile(deployment, dep)
-
-    async def resume(self, deployment: str) -> None:
-        dep = self._get(deployment)
-        async with self._lock:
-            dep.paused = False
-            await self._reconcile(deployment, dep)
+        return state_of(replicas, dep)
 
     def pids(self, deployment: str) -> dict[str, int]:
         """Replica id → process id (tests and the demo use it to look for orphans)."""
