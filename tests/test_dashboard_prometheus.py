@@ -166,6 +166,8 @@ def test_headless_demo_every_dashboard_panel_has_data(prometheus_server, tmp_pat
                 finite[name] = _has_finite_value(result)
             time.sleep(1.0)
         stdout, stderr = proc.communicate(timeout=30)
+        # The alert rules were evaluated against the demo's real series without an error.
+        rule_health = {r["name"]: (r.get("health"), r.get("lastError", "")) for r in prom.rules()}
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -193,6 +195,9 @@ def test_headless_demo_every_dashboard_panel_has_data(prometheus_server, tmp_pat
     print(f"{len(queries)} dashboard queries; NaN-only during this run: {nan_only}")
     unexpected = [n for n in nan_only if not n.startswith(NAN_TOLERATED)]
     assert unexpected == [], f"dashboard queries that never returned a number: {unexpected}"
+
+    broken = {name: h for name, h in rule_health.items() if h[0] != "ok"}
+    assert broken == {}, f"alert rules that failed to evaluate on the demo's series: {broken}"
 
     # Nothing left running: no process carries the demo's data dir in its environment.
     assert _processes_with_env(f"GPUSCALE_DATA_DIR={data_dir.absolute()}") == []
