@@ -77,6 +77,7 @@ class ControllerApp:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_cost: float | None = None
         self._spend_cache: dict[str, float] | None = None
+        self._timings_since: dt.datetime | None = None
         self.pool: asyncpg.Pool | None = None
         self.http_port: int | None = None
 
@@ -148,10 +149,35 @@ class ControllerApp:
     async def tick(self) -> bool:
         """One reconcile of every pool, if this process is the leader; returns whether it ran."""
         if not await self.leader.ensure():
+            self._timings_since = None
             return False
         spend = await self._month_spend()
         await self.reconciler.reconcile_all(spend)
+        await self.export_task_timings()
         return True
+
+    async def export_task_timings(self) -> None:
+        """Feed the fleet-wide queue-wait / duration histograms and the failure counter from the
+        tasks finished since the last tick.  Only the leader exports, from when it became leader,
+        so summing over controllers never counts a task twice."""
+        try:
+            if self._timings_since is None:
+                self._timings_since = await self._queue.pool.fetchval("SELECT now()")
+                return
+            rows = await self._queue.finished_since(self._timings_since)
+        except Exception as exc:
+            log.debug("task timings: %s", type(exc).__name__)
+            return
+        for r in rows:
+            pool, tt = r["pool"], r["task_type"]
+            if r["wait_s"] is not None and r["wait_s"] >= 0:
+                m.QUEUE_WAIT_SECONDS.labels(pool, tt).observe(r["wait_s"])
+            if r["duration_s"] is not None and r["duration_s"] >= 0:
+                m.TASK_DURATION_SECONDS.labels(pool, tt).observe(r["duration_s"])
+            if r["status"] != "done":
+                m.TASK_FAILURES.labels(pool, tt).inc()
+        if rows:
+            self._timings_since = rows[-1]["finished_at"]
 
     async def _month_spend(self) -> dict[str, float] | None:
         if self.config.monthly_budget_usd is None:

@@ -68,3 +68,25 @@ OBSERVE_ERRORS = Counter(
     "Observations that failed (the pool held its replicas), by source.",
     ["pool", "source"],
 )
+
+# Fleet-wide task timings, exported by the leader from the queue (finished tasks), so they do not
+# depend on scraping short-lived workers in time; workers keep their own gpuscale_worker_* copies.
+_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+QUEUE_WAIT_SECONDS = Histogram(
+    "gpuscale_queue_wait_seconds",
+    "Time a finished task waited claimable before its last attempt started.",
+    ["pool", "task_type"],
+    buckets=_WAIT_BUCKETS,
+)
+TASK_DURATION_SECONDS = Histogram(
+    "gpuscale_task_duration_seconds",
+    "Duration of a finished task's last attempt (claim to done/failed).",
+    ["pool", "task_type"],
+    buckets=_DURATION_BUCKETS,
+)
+TASK_FAILURES = Counter(
+    "gpuscale_task_failures_total",
+    "Tasks that ended failed or dead.",
+    ["pool", "task_type"],
+)

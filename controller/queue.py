@@ -580,6 +580,22 @@ class Queue:
 
     # ------------------------------------------------------------------ reads
 
+    async def finished_since(self, after: datetime, *, limit: int = 5000) -> list[dict[str, Any]]:
+        """Tasks that finished (done, failed, dead) after ``after``, oldest first, with their queue
+        wait and the duration of their last attempt — for fleet-wide timing metrics."""
+        rows = await self.pool.fetch(
+            """SELECT pool, task_type, status::text AS status, finished_at,
+                      extract(epoch FROM started_at - queued_at)::float8 AS wait_s,
+                      extract(epoch FROM finished_at - started_at)::float8 AS duration_s
+                 FROM processing_queue
+                WHERE finished_at > $1 AND status IN ('done', 'failed', 'dead')
+                ORDER BY finished_at
+                LIMIT $2""",
+            after,
+            limit,
+        )
+        return [dict(r) for r in rows]
+
     async def get_task(self, task_id: int) -> dict[str, Any] | None:
         row = await self.pool.fetchrow(
             f"SELECT {_TASK_COLUMNS} FROM processing_queue WHERE id = $1",

@@ -83,7 +83,9 @@ def upstream_eta(
         if s.running == 0 and s.queued_total == 0:
             continue
         seen = True
-        dur = rules.default_task_duration_s
+        # The counts are not split by task type: take the mean of the pool's expected durations.
+        known = list(rules.task_durations_s.values())
+        dur = sum(known) / len(known) if known else rules.default_task_duration_s
         work = s.queued_total * dur + s.running * dur / 2
         eta = max(eta, work / max(1, replicas.get(name, 0)))
     return eta if seen else None
@@ -165,6 +167,19 @@ class Reconciler:
         self._cold_seen: set[str] = set()
         self._dead_seen: dict[str, int] = {}
         self._last_logged: dict[str, tuple[int, str]] = {}
+        # Every series exists from the first scrape (at 0), so rate() sees the first event too.
+        for name, r in config.pools.items():
+            for child in (
+                m.COLD_START_SECONDS,
+                m.RECONCILE_SECONDS,
+                m.REPLACEMENTS,
+                m.SPEND_USD,
+                m.TASKS_DEAD,
+            ):
+                child.labels(name)
+            for tt in r.task_types:
+                for fam in (m.QUEUE_WAIT_SECONDS, m.TASK_DURATION_SECONDS, m.TASK_FAILURES):
+                    fam.labels(name, tt)
 
     # ------------------------------------------------------------------ observe
     async def observe(self) -> Observed:

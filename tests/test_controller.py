@@ -359,3 +359,42 @@ async def test_budget_caps_non_critical_scale_ups(make_app, deployments: Emulato
     clock.now += 1
     await app.tick()
     assert await _target(deployments, "gpuscale-visual") > 1
+
+
+async def test_leader_exports_fleet_task_timings(make_app, deployments: Emulator) -> None:  # type: ignore[no-untyped-def]
+    from controller import metrics as m
+
+    app = await make_app()
+    await app.tick()  # becomes leader; timings count from here
+    hist = m.TASK_DURATION_SECONDS.labels("visual", "visual_analysis")
+    failures = m.TASK_FAILURES.labels("visual", "visual_analysis")
+    count_before = sum(b.get() for b in hist._buckets)
+    fail_before = failures._value.get()
+    await _enqueue(app.queue, 2)
+    claimed = await app.queue.claim("visual", "w1", 2)
+    await asyncio.sleep(0.05)
+    assert await app.queue.complete(claimed[0].id, "w1", {"ok": True})
+    await app.queue.fail(claimed[1].id, "w1", "broken", retryable=False)
+    await app.tick()
+    assert sum(b.get() for b in hist._buckets) == count_before + 2
+    assert failures._value.get() == fail_before + 1
+    await app.tick()  # nothing new: nothing counted twice
+    assert sum(b.get() for b in hist._buckets) == count_before + 2
+
+
+def test_upstream_eta_uses_per_type_durations() -> None:
+    from controller.queue import PoolStats
+    from controller.reconcile import upstream_eta
+
+    config = pools_config(default_task_duration=60)
+    visual = config.pools["visual"].model_copy(
+        update={"task_durations_s": {"visual_analysis": 10.0, "slide_feedback": 4.0}}
+    )
+    config = config.model_copy(update={"pools": {**config.pools, "visual": visual}})
+    stats = {
+        "visual": PoolStats("visual", {}, 0, 2, 0, 0, None, 0, 0, 0),  # type: ignore[arg-type]
+        "text": PoolStats("text", {}, 0, 0, 5, 5, None, 0, 0, 0),  # type: ignore[arg-type]
+    }
+    # Two running visual tasks (mean expected 7 s, half done) on two replicas: ~3.5 s away.
+    assert upstream_eta("text", config, stats, {"visual": 2}) == pytest.approx(3.5)
+    assert upstream_eta("visual", config, stats, {"text": 0}) is None

@@ -129,5 +129,5 @@ def test_list_pull_delete_models(api: Api, standin: OllamaStandin) -> None:
 def test_metrics_are_prometheus_text(api: Api) -> None:
     r = api.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    assert "# TYPE gpuscale_task_duration_seconds histogram" in r.text
+    assert "# TYPE gpuscale_worker_task_duration_seconds histogram" in r.text
     assert "# TYPE gpuscale_worker_tasks_total counter" in r.text

@@ -107,7 +107,7 @@ async def test_noop_tasks_are_claimed_and_done(db: asyncpg.Pool, dsn: str) -> No
         async with httpx.AsyncClient() as client:
             text = (await client.get(f"http://127.0.0.1:{w.http_port}/metrics")).text
         assert 'gpuscale_worker_tasks_total{outcome="done",pool="bench",task_type="noop"}' in text
-        assert "gpuscale_queue_wait_seconds_count" in text
+        assert "gpuscale_worker_queue_wait_seconds_count" in text
     assert await queue.list_servers("bench") == []  # deregistered on the way out
 
 
@@ -233,6 +233,108 @@ async def test_declared_dead_worker_drops_its_tasks_and_registers_again(db: asyn
 
 async def _servers_active(queue: Queue) -> bool:
     return [s.status for s in await queue.list_servers()] == ["active"]
+
+
+async def test_declared_dead_worker_hands_back_tasks_without_spending_an_attempt(
+    db: asyncpg.Pool, dsn: str
+) -> None:
+    """Declared dead while its tasks still say running under its lease: the worker releases them,
+    so a task on its last attempt is queued again (not reaped to dead) and finished later."""
+    calls = 0
+
+    async def handler(ctx: TaskContext) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(600)  # the first run hangs until the worker drops it
+        return await noop(ctx)
+
+    queue = Queue(db)
+    [tid] = await queue.enqueue_many([NewTask("noop", {}, max_attempts=1)])
+    worker = Worker(
+        "bench",
+        dsn=dsn,
+        settings=_settings(lease_seconds=1.0, heartbeat_interval_s=0.2),
+        handlers={"noop": handler},
+    )
+    async with Running(worker):
+        await _wait_for(lambda: _true_status(db, tid, "running"))
+        # Declared dead without the controller requeueing its tasks: the row still says running.
+        await db.execute("UPDATE processing_servers SET status = 'dead'")
+
+        async def finished() -> bool:
+            await queue.reap_expired()  # what the controller does meanwhile: a held lease runs out
+            return await _all_final(db, [tid])
+
+        await _wait_for(finished)
+    row = await db.fetchrow("SELECT status::text, attempts, error FROM processing_queue WHERE id = $1", tid)
+    assert (row["status"], row["attempts"], row["error"]) == ("done", 1, None)
+    assert calls == 2
+
+
+async def test_heartbeat_survives_an_unexpected_error(
+    db: asyncpg.Pool, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = Worker("bench", dsn=dsn, settings=_settings(heartbeat_interval_s=0.1))
+    async with Running(worker) as w:
+        real = w.queue.server_heartbeat
+        beats: list[str] = []
+
+        async def flaky(server_id: str, **kw: Any) -> bool:
+            if not beats:
+                beats.append("raised")
+                raise RuntimeError("unexpected")
+            beats.append("ok")
+            return await real(server_id, **kw)
+
+        monkeypatch.setattr(w.queue, "server_heartbeat", flaky)
+        await _wait_for(lambda: _true(beats.count("ok") >= 3))
+        assert beats[0] == "raised"
+
+
+async def test_heartbeat_survives_listen_failing_on_a_closed_connection(
+    db: asyncpg.Pool, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection closes between connect and LISTEN (InterfaceError): heartbeats go on and
+    the listener is opened again at a later beat."""
+    import worker.runtime as runtime
+
+    real_listen = runtime.listen
+    attempts: list[str] = []
+
+    async def flaky_listen(conn: asyncpg.Connection, callback: Any) -> None:
+        if not attempts:
+            attempts.append("failed")
+            await conn.close()
+            await conn.execute("LISTEN gpuscale_work")  # raises InterfaceError: connection is closed
+        attempts.append("ok")
+        await real_listen(conn, callback)
+
+    worker = Worker("bench", dsn=dsn, settings=_settings(heartbeat_interval_s=0.1))
+    async with Running(worker) as w:
+        real_beat = w.queue.server_heartbeat
+        beats = 0
+
+        async def counting(server_id: str, **kw: Any) -> bool:
+            nonlocal beats
+            beats += 1
+            return await real_beat(server_id, **kw)
+
+        monkeypatch.setattr(w.queue, "server_heartbeat", counting)
+        monkeypatch.setattr(runtime, "listen", flaky_listen)
+        assert w._listen_conn is not None
+        await w._listen_conn.close()  # the next heartbeat opens a new listener
+
+        async def relistening() -> bool:
+            conn = w._listen_conn
+            return attempts == ["failed", "ok"] and conn is not None and not conn.is_closed()
+
+        await _wait_for(relistening)
+        seen = beats
+        await _wait_for(lambda: _true(beats >= seen + 3))
+        # And LISTEN works again: a new task wakes the worker long before its poll interval would.
+        [tid] = await Queue(db).enqueue_many([NewTask("noop", {})])
+        await _wait_for(lambda: _all_final(db, [tid]), timeout_s=10)
 
 
 async def test_missing_schema_exits_1(empty_dsn: str) -> None:

@@ -23,21 +23,22 @@ TASKS = Counter(
     registry=REGISTRY,
 )
 QUEUE_WAIT = Histogram(
-    "gpuscale_queue_wait_seconds",
-    "Time a task waited queued before this worker claimed it.",
+    "gpuscale_worker_queue_wait_seconds",
+    "Time a task waited queued before this worker claimed it (fleet-wide: the controller's "
+    "gpuscale_queue_wait_seconds).",
     ["pool", "task_type"],
     buckets=_WAIT_BUCKETS,
     registry=REGISTRY,
 )
 TASK_DURATION = Histogram(
-    "gpuscale_task_duration_seconds",
+    "gpuscale_worker_task_duration_seconds",
     "Time from claim to completion or failure of a task on this worker.",
     ["pool", "task_type"],
     buckets=_DURATION_BUCKETS,
     registry=REGISTRY,
 )
 TASK_FAILURES = Counter(
-    "gpuscale_task_failures",
+    "gpuscale_worker_task_failures",
     "Task attempts that failed on this worker (retryable or not, timeouts included).",
     ["pool", "task_type"],
     registry=REGISTRY,
