@@ -256,14 +256,19 @@ class Worker:
         )
 
     async def _open_listener(self) -> None:
+        conn: asyncpg.Connection | None = None
         try:
             conn = await asyncpg.connect(self.dsn)
             await listen(conn, self._on_notify)
             self._listen_conn = conn
-        except (OSError, asyncpg.PostgresError) as exc:
-            # Polling still finds the work; the heartbeat tries to listen again.
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # InterfaceError: the connection closed between connect and LISTEN (e.g. PostgreSQL
+            # restarting).  Polling still finds the work; the next heartbeat tries to listen again.
             log.warning("LISTEN failed (%s); polling every %.1fs", exc, self.settings.poll_interval_s)
             self._listen_conn = None
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 5)
 
     def _on_notify(self, pool: str) -> None:
         if pool == self.pool:
@@ -376,9 +381,17 @@ class Worker:
                 outcome = "released" if released else "lost"
                 log.info("task %s (%s) handed back during drain", task.id, tt)
             else:
+                # Declared dead while alive.  If the controller did not requeue the task (its row
+                # may still say running, leased to us), hand it back now: otherwise it waits for
+                # the lease to run out and the reaper spends the attempt (a last attempt ends
+                # dead).  release() only touches a task still running under our lease, and we
+                # skip it when a fresh claim of the same task (under our new registration)
+                # already replaced this runner, so that claim is never undone.
+                if self._running.get(task.id) is current:
+                    await self._release(task.id)
                 outcome = "lost"
             metrics.TASKS.labels(**labels, outcome=outcome).inc()
-            self._finished(task.id)
+            self._finished(task.id, current)
             return
         self._reporting.add(task.id)
         try:
@@ -421,10 +434,13 @@ class Worker:
         finally:
             self._reporting.discard(task.id)
         metrics.TASKS.labels(**labels, outcome=outcome).inc()
-        self._finished(task.id)
+        self._finished(task.id, asyncio.current_task())
 
-    def _finished(self, task_id: int) -> None:
-        self._running.pop(task_id, None)
+    def _finished(self, task_id: int, runner: asyncio.Task[Any] | None) -> None:
+        # Only drop our own entry: after a "lost" cancel the same task id may have been claimed
+        # again and be running in a newer asyncio task.
+        if self._running.get(task_id) is runner:
+            del self._running[task_id]
         metrics.RUNNING.labels(**self._labels).set(len(self._running))
         self._wake.set()  # a slot is free
 
@@ -555,7 +571,13 @@ class Worker:
         interval = self.settings.heartbeat_interval_s
         while True:
             await asyncio.sleep(interval)
-            await self.heartbeat()
+            try:
+                await self.heartbeat()
+            except Exception:
+                # One bad beat must not end the loop: without heartbeats the leases run out and
+                # the controller reaps a healthy worker.  Log it and beat again next interval.
+                metrics.HEARTBEATS.labels(pool=self.pool, result="error").inc()
+                log.exception("heartbeat failed unexpectedly; carrying on")
 
     async def heartbeat(self) -> None:
         """Extend the leases of held tasks and report load; re-register if we were declared dead."""
