@@ -24,6 +24,7 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -78,6 +79,7 @@ class ControllerApp:
         self._last_cost: float | None = None
         self._spend_cache: dict[str, float] | None = None
         self._timings_since: dt.datetime | None = None
+        self._stopping = False
         self.pool: asyncpg.Pool | None = None
         self.http_port: int | None = None
 
@@ -230,7 +232,9 @@ class ControllerApp:
 
     # -------------------------------------------------------------- fast path
     def _on_work(self, pool: str) -> None:
-        if pool not in self.config.pools or pool in self._pending_fast or not self.is_leader:
+        if self._stopping or pool not in self.config.pools or pool in self._pending_fast:
+            return
+        if not self.is_leader:
             return
         self._pending_fast.add(pool)
         task = asyncio.get_running_loop().create_task(self._fast_reconcile(pool))
@@ -242,7 +246,7 @@ class ControllerApp:
             await asyncio.sleep(0.05)  # coalesce a burst of notifications into one reconcile
             self._pending_fast.discard(pool)
             if await self.leader.ensure():
-                await self.reconciler.reconcile_one(pool)
+                await self.reconciler.reconcile_one(pool, self._spend_cache)
         except Exception:
             log.exception("fast reconcile of %s failed", pool)
         finally:
@@ -310,18 +314,19 @@ class ControllerApp:
                 loop.add_signal_handler(sig, self.request_stop)
         scheduler = AsyncIOScheduler()
         common = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
+        job = self._tracked
         scheduler.add_job(
-            self.tick, "interval", seconds=self.interval, next_run_time=dt.datetime.now(), **common
+            job(self.tick), "interval", seconds=self.interval, next_run_time=dt.datetime.now(), **common
         )
-        scheduler.add_job(self.reap, "interval", seconds=self.settings.reaper_interval_s, **common)
+        scheduler.add_job(job(self.reap), "interval", seconds=self.settings.reaper_interval_s, **common)
         scheduler.add_job(
-            self.account_cost,
+            job(self.account_cost),
             "interval",
             seconds=self.settings.cost_interval_s,
             next_run_time=dt.datetime.now(),
             **common,
         )
-        scheduler.add_job(self.retention, "interval", seconds=3600, **common)
+        scheduler.add_job(job(self.retention), "interval", seconds=3600, **common)
         scheduler.start()
         listener = asyncio.create_task(self._listen_loop())
         log.info(
@@ -337,12 +342,14 @@ class ControllerApp:
             await self._stop.wait()
         finally:
             log.info("controller: shutting down (finishing the tick in progress)")
+            self._stopping = True  # no new fast-path reconciles
+            scheduler.pause()
+            # apscheduler's shutdown cancels running coroutine jobs: let them finish first, so a
+            # provider call is never cut in half and every decision is recorded.
+            await self._wait_running_jobs(limit_s=60)
             scheduler.shutdown(wait=False)
-            await self._wait_running_jobs()
             listener.cancel()
-            for t in list(self._tasks):
-                t.cancel()
-            await asyncio.gather(listener, *self._tasks, return_exceptions=True)
+            await asyncio.gather(listener, return_exceptions=True)
             await self.account_cost()
             if server is not None and server_task is not None:
                 server.should_exit = True
@@ -351,11 +358,29 @@ class ControllerApp:
             await self.teardown()
             log.info("controller: stopped")
 
-    async def _wait_running_jobs(self) -> None:
-        # A reconcile in progress holds its pool's lock: taking every lock waits it out.
-        for lock in self.reconciler._locks.values():
-            async with lock:
-                pass
+    def _tracked(self, fn: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+        """Wrap a periodic job so shutdown can wait for the run in progress."""
+
+        async def run() -> Any:
+            task = asyncio.current_task()
+            assert task is not None
+            self._tasks.add(task)
+            try:
+                return await fn()
+            finally:
+                self._tasks.discard(task)
+
+        run.__name__ = getattr(fn, "__name__", "job")
+        return run
+
+    async def _wait_running_jobs(self, limit_s: float) -> None:
+        """Wait for the jobs and fast-path reconciles in progress (not for new ones)."""
+        pending = {t for t in self._tasks if t is not asyncio.current_task()}
+        if pending:
+            _done, late = await asyncio.wait(pending, timeout=limit_s)
+            for t in late:
+                log.warning("controller: a job did not finish within %.0fs; cancelling it", limit_s)
+                t.cancel()
 
     async def run_once(self) -> tuple[bool, str]:
         """``--once``: one reconcile of every pool; (ran, why not)."""

@@ -370,7 +370,9 @@ def decide(
             held = state.desired
         else:
             held = rules.min_replicas
-        held = _clamp(max(held, state.desired or 0), rules)
+        # Hold what runs now.  Not the last decision when it differs: that would apply a change
+        # (say a scale-up whose provider call failed) on data we do not have.
+        held = _clamp(held, rules)
         missing = [
             name
             for name, value in (

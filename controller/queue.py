@@ -729,9 +729,10 @@ class Queue:
         return _rowcount(result)
 
     async def purge_done(self, *, older_than_s: float, batch: int = 10_000) -> int:
-        """Delete up to ``batch`` finished tasks (done, failed, dead, cancelled) that finished
-        more than ``older_than_s`` ago; returns how many.  A finished task that an unfinished
-        task still depends on is kept, since its result is that task's input."""
+        """Delete up to ``batch`` ``done`` tasks that finished more than ``older_than_s`` ago;
+        returns how many.  Failed, dead and cancelled tasks stay: they are the dead letters ops
+        look into.  A done task that an unfinished task still depends on is kept, since its
+        result is that task's input."""
         result = await self.pool.execute(
             """
             DELETE FROM processing_queue
@@ -739,7 +740,7 @@ class Queue:
                 SELECT q.id FROM processing_queue q
                  WHERE q.finished_at IS NOT NULL
                    AND q.finished_at < now() - make_interval(secs => $1)
-                   AND q.status IN ('done', 'failed', 'dead', 'cancelled')
+                   AND q.status = 'done'
                    AND NOT EXISTS (
                         SELECT 1 FROM processing_task_deps d
                           JOIN processing_queue t ON t.id = d.task_id

@@ -111,17 +111,22 @@ def build_observation(
         busy_n = sum(1 for s in live if s.current_load > 0)
         if provider is not None:
             known = {s.container_id for s in servers if s.pool == rules.name and s.container_id}
+            # A replica the provider reports as failed will never register: it counts as overdue
+            # at once (started at epoch 0), so the startup-timeout path replaces it.
             starting = [
-                (r.id, r.started_at)
+                (r.id, 0.0 if r.status == "failed" else r.started_at)
                 for r in provider.replicas
-                if r.id not in known and r.status not in ("stopping", "failed")
+                if r.id not in known and r.status != "stopping"
             ]
     queued: dict[str, int] | None = None
     if stats is not None:
         queued = {str(p): int(n) for p, n in stats.queued.items()}
+    # Without the server list the controller cannot tell busy replicas from idle ones: it must not
+    # scale down on that, so the running work counts as unknown (the policy then holds).
+    running = stats.running if stats is not None and servers is not None else None
     obs = PoolObservation(
         queued=queued,
-        running=stats.running if stats is not None else None,
+        running=running,
         provider_replicas=provider.target if provider is not None else None,
         registered=registered,
         starting=tuple(starting),
@@ -228,9 +233,11 @@ class Reconciler:
                 out[name] = res
         return out
 
-    async def reconcile_one(self, name: str) -> Decision | None:
+    async def reconcile_one(
+        self, name: str, budget_spend: Mapping[str, float] | None = None
+    ) -> Decision | None:
         """Fast path (a notification): observe and reconcile just this pool."""
-        return await self.reconcile_pool(name, await self.observe(), None)
+        return await self.reconcile_pool(name, await self.observe(), budget_spend)
 
     async def reconcile_pool(
         self, name: str, observed: Observed, budget_spend: Mapping[str, float] | None

@@ -398,3 +398,39 @@ def test_upstream_eta_uses_per_type_durations() -> None:
     # Two running visual tasks (mean expected 7 s, half done) on two replicas: ~3.5 s away.
     assert upstream_eta("text", config, stats, {"visual": 2}) == pytest.approx(3.5)
     assert upstream_eta("visual", config, stats, {"text": 0}) is None
+
+
+async def test_sigterm_lets_the_provider_call_in_progress_finish(dsn: str, deployments: Emulator) -> None:
+    app = ControllerApp(_settings(deployments, reconcile_interval_s=60), pools_config(), dsn, http=False)
+    runner = asyncio.create_task(app.run())
+    try:
+        for _ in range(200):
+            if app.is_leader and app.reconciler.views["visual"].at is not None:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # the LISTEN connection is up
+        deployments.set_faults(slow=0.7)  # every API answer takes 0.7 s
+        await _enqueue(app.queue, 3)  # the fast path starts a reconcile of 'visual'
+        await asyncio.sleep(1.0)  # ... which is now inside its (slow) provider calls
+        app.request_stop()
+        await asyncio.wait_for(runner, 60)
+    finally:
+        deployments.clear_faults()
+        if not runner.done():
+            app.request_stop()
+            await asyncio.wait_for(runner, 60)
+    assert await _target(deployments, "gpuscale-visual") >= 1, "the scale-up was cut off by the shutdown"
+
+
+def test_unknown_server_list_holds_instead_of_scaling_down() -> None:
+    from controller.policy import PoolState, decide
+    from controller.providers.base import ProviderState, Replica
+    from controller.queue import PoolStats
+    from controller.reconcile import build_observation
+
+    rules = pools_config().pools["visual"]
+    stats = PoolStats("visual", {}, 0, 3, 0, 0, None, 0, 0, 0)  # type: ignore[arg-type]
+    provider = ProviderState(replicas=[Replica(f"r{i}", "running", 0.0) for i in range(3)], target=3)
+    obs, _ = build_observation(rules, stats, None, provider, None)
+    decision = decide(rules, obs, PoolState(), 10_000.0)
+    assert decision.reason == "hold_unknown" and decision.desired == 3

@@ -135,8 +135,9 @@ def test_never_down_on_unknown(rules: PoolRules, o: PoolObservation, state: Pool
     d = decide(rules, o, state, 2000.0)
     assert d.reason == P.HOLD_UNKNOWN
     if o.provider_replicas is not None:
-        assert d.desired >= min(o.provider_replicas, rules.max_replicas)
-    if state.desired is not None:
+        # Exactly what runs (within the rules' bounds): no change is applied on missing data.
+        assert d.desired == max(rules.min_replicas, min(o.provider_replicas, rules.max_replicas))
+    elif state.desired is not None:
         assert d.desired >= min(state.desired, rules.max_replicas)
 
 
