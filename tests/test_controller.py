@@ -434,3 +434,22 @@ def test_unknown_server_list_holds_instead_of_scaling_down() -> None:
     obs, _ = build_observation(rules, stats, None, provider, None)
     decision = decide(rules, obs, PoolState(), 10_000.0)
     assert decision.reason == "hold_unknown" and decision.desired == 3
+
+
+async def test_text_pool_is_prewarmed_while_its_visual_inputs_run(make_app, deployments: Emulator) -> None:  # type: ignore[no-untyped-def]
+    app = await make_app(pools_config(cold_start=120, default_task_duration=60))
+    batch = await app.queue.enqueue(
+        NewTask("visual_analysis", {"document": "/tmp/deck.pdf", "first_page": 1, "last_page": 8})
+    )
+    await app.queue.enqueue(
+        NewTask("startup_name_extraction", {"document": "/tmp/deck.pdf"}, depends_on=[batch])
+    )
+    await app.queue.register_server(
+        ServerInfo(id="v1", pool="visual", status="active", max_concurrent_tasks=1)
+    )
+    assert [t.id for t in await app.queue.claim("visual", "v1", 1)] == [batch]
+    await app.tick()
+    # The extraction cannot run yet, but its input is running and will be done in about 30 s,
+    # within the text pool's 120 s cold start: start a text replica now.
+    assert await _target(deployments, "gpuscale-text") == 1
+    assert app.reconciler.views["text"].last_decision["reason"] == "prewarm_dependency"

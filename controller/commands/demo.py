@@ -45,7 +45,7 @@ def demo(
         0, "--http-port", min=0, max=65535, help="Controller HTTP port (0: a free one)."
     ),
     replica_start: float = typer.Option(
-        2.0, "--replica-start", min=0, max=600, help="Seconds the emulator takes to start a container."
+        8.0, "--replica-start", min=0, max=600, help="Seconds the emulator takes to start a container."
     ),
     latency: float = typer.Option(
         1.0, "--latency", min=0, max=60, help="Seconds per Ollama stand-in answer (one page, one prompt)."

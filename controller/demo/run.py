@@ -85,7 +85,7 @@ class DemoOptions:
     timeout_s: float = 600.0
     http_port: int = 0  # controller HTTP port; 0: a free one
     emulator_port: int = 0
-    replica_start_s: float = 2.0  # the emulator's simulated container start (before the worker runs)
+    replica_start_s: float = 8.0  # the emulator's simulated container start (before the worker runs)
     standin_latency_s: float = 1.0  # seconds per stand-in inference call
     batch_pages: int = 8
     targets_file: Path | None = None  # write Prometheus file_sd targets (controller and workers)
