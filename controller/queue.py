@@ -596,6 +596,15 @@ class Queue:
         )
         return [dict(r) for r in rows]
 
+    async def running_by_server(self) -> dict[str, int]:
+        """Tasks running per lease owner (server id): who is busy right now, fresher than the
+        load a worker last reported in its heartbeat."""
+        rows = await self.pool.fetch(
+            """SELECT lease_owner, count(*) AS n FROM processing_queue
+                WHERE status = 'running' AND lease_owner IS NOT NULL GROUP BY 1"""
+        )
+        return {r["lease_owner"]: int(r["n"]) for r in rows}
+
     async def get_task(self, task_id: int) -> dict[str, Any] | None:
         row = await self.pool.fetchrow(
             f"SELECT {_TASK_COLUMNS} FROM processing_queue WHERE id = $1",

@@ -10,6 +10,7 @@ cannot read its queue or its provider never scales down.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import math
@@ -65,6 +66,7 @@ class Observed:
     servers: list[ServerInfo] | None
     paused: set[str] | None
     errors: list[str] = field(default_factory=list)
+    at: float = field(default_factory=time.monotonic)  # when it was read, to skip stale ones
 
 
 def upstream_eta(
@@ -172,6 +174,7 @@ class Reconciler:
         self._cold_seen: set[str] = set()
         self._dead_seen: dict[str, int] = {}
         self._last_logged: dict[str, tuple[int, str]] = {}
+        self._observed_at: dict[str, float] = {}
         # Every series exists from the first scrape (at 0), so rate() sees the first event too.
         for name, r in config.pools.items():
             for child in (
@@ -201,6 +204,9 @@ class Reconciler:
                 m.OBSERVE_ERRORS.labels(pool, "queue").inc()
         try:
             servers = await self.queue.list_servers()
+            # Busy or idle from the tasks each server holds now, not from its last heartbeat.
+            held = await self.queue.running_by_server()
+            servers = [dataclasses.replace(s, current_load=held.get(s.id, 0)) for s in servers]
         except Exception as exc:
             servers = None
             errors.append(f"servers: {type(exc).__name__}")
@@ -244,6 +250,10 @@ class Reconciler:
     ) -> Decision | None:
         rules = self.config.pools[name]
         async with self._locks[name]:
+            if self._observed_at.get(name, float("-inf")) > observed.at:
+                # A fast-path reconcile ran on newer data while this one waited for the lock.
+                observed = await self.observe()
+            self._observed_at[name] = observed.at
             started = time.perf_counter()
             try:
                 return await self._reconcile_locked(rules, observed, budget_spend)

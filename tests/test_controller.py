@@ -453,3 +453,18 @@ async def test_text_pool_is_prewarmed_while_its_visual_inputs_run(make_app, depl
     # within the text pool's 120 s cold start: start a text replica now.
     assert await _target(deployments, "gpuscale-text") == 1
     assert app.reconciler.views["text"].last_decision["reason"] == "prewarm_dependency"
+
+
+async def test_busy_replicas_come_from_held_tasks_not_the_last_heartbeat(make_app) -> None:  # type: ignore[no-untyped-def]
+    app = await make_app()
+    for sid in ("a", "b"):
+        await app.queue.register_server(
+            ServerInfo(
+                id=sid, pool="visual", container_id=f"r-{sid}", status="active", max_concurrent_tasks=2
+            )
+        )
+    await _enqueue(app.queue, 1)
+    assert len(await app.queue.claim("visual", "a", 1)) == 1  # its heartbeat still says load 0
+    observed = await app.reconciler.observe()
+    assert observed.servers is not None
+    assert {s.id: s.current_load for s in observed.servers} == {"a": 1, "b": 0}
