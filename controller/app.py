@@ -80,6 +80,7 @@ class ControllerApp:
         self._spend_cache: dict[str, float] | None = None
         self._timings_since: dt.datetime | None = None
         self._stopping = False
+        self._leading = False  # whether the last tick ran as leader (load saved state on a change)
         self.pool: asyncpg.Pool | None = None
         self.http_port: int | None = None
 
@@ -150,12 +151,22 @@ class ControllerApp:
     # -------------------------------------------------------------- jobs
     async def tick(self) -> bool:
         """One reconcile of every pool, if this process is the leader; returns whether it ran."""
-        if not await self.leader.ensure():
-            self._timings_since = None
+        if not await self._lead():
             return False
         spend = await self._month_spend()
         await self.reconciler.reconcile_all(spend)
         await self.export_task_timings()
+        return True
+
+    async def _lead(self) -> bool:
+        """Whether this process may act now; on becoming leader, take over the saved policy state."""
+        if not await self.leader.ensure():
+            self._timings_since = None
+            self._leading = False
+            return False
+        if not self._leading:
+            self._leading = True
+            await self.reconciler.load_states()
         return True
 
     async def export_task_timings(self) -> None:
@@ -245,7 +256,7 @@ class ControllerApp:
         try:
             await asyncio.sleep(0.05)  # coalesce a burst of notifications into one reconcile
             self._pending_fast.discard(pool)
-            if await self.leader.ensure():
+            if await self._lead():
                 await self.reconciler.reconcile_one(pool, self._spend_cache)
         except Exception:
             log.exception("fast reconcile of %s failed", pool)

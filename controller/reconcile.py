@@ -189,6 +189,20 @@ class Reconciler:
                 for fam in (m.QUEUE_WAIT_SECONDS, m.TASK_DURATION_SECONDS, m.TASK_FAILURES):
                     fam.labels(name, tt)
 
+    async def load_states(self) -> None:
+        """Take over the policy memory a previous leader saved (on becoming leader)."""
+        try:
+            saved = await self.store.load_pool_states()
+        except Exception as exc:
+            log.warning("could not load the saved policy state: %s", type(exc).__name__)
+            return
+        for name, data in saved.items():
+            if name in self.states:
+                try:
+                    self.states[name] = PoolState.from_dict(data)
+                except (TypeError, ValueError):
+                    log.warning("pool %s: saved policy state unreadable; starting afresh", name)
+
     # ------------------------------------------------------------------ observe
     async def observe(self) -> Observed:
         errors: list[str] = []
@@ -292,6 +306,11 @@ class Reconciler:
             tick_s=self.config.reconcile_interval_s,
         )
         self.states[name] = decision.state
+        if not self.dry_run:
+            try:
+                await self.store.save_pool_state(name, decision.state.to_dict(), self.controller_id)
+            except Exception as exc:  # the memory is a help, not a must: the next tick saves it
+                log.debug("pool %s: could not save the policy state: %s", name, type(exc).__name__)
         self._observe_metrics(name, stats, obs, decision, counts, observed.servers, provider_state)
 
         paused = observed.paused is None or name in observed.paused

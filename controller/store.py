@@ -7,6 +7,7 @@ The task queue's SQL lives in :mod:`controller.queue`; this module owns the tabl
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,20 @@ class ControllerStore:
             usd,
             replica_seconds,
         )
+
+    async def save_pool_state(self, pool: str, state: dict[str, Any], controller_id: str) -> None:
+        await self.pool.execute(
+            """INSERT INTO pool_state (pool, state, controller_id) VALUES ($1, $2::jsonb, $3)
+               ON CONFLICT (pool) DO UPDATE
+                  SET state = EXCLUDED.state, controller_id = EXCLUDED.controller_id, updated_at = now()""",
+            pool,
+            json.dumps(state),
+            controller_id,
+        )
+
+    async def load_pool_states(self) -> dict[str, dict[str, Any]]:
+        rows = await self.pool.fetch("SELECT pool, state FROM pool_state")
+        return {r["pool"]: json.loads(r["state"]) for r in rows}
 
     async def month_spend(self, now: dt.datetime) -> dict[str, float]:
         rows = await self.pool.fetch("SELECT pool, usd FROM pool_spend WHERE month = $1", month_start(now))

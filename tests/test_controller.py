@@ -468,3 +468,25 @@ async def test_busy_replicas_come_from_held_tasks_not_the_last_heartbeat(make_ap
     observed = await app.reconciler.observe()
     assert observed.servers is not None
     assert {s.id: s.current_load for s in observed.servers} == {"a": 1, "b": 0}
+
+
+async def test_a_new_leader_takes_over_the_policy_memory(make_app, deployments: Emulator) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock()
+    first = await make_app()
+    first.reconciler.clock = clock
+    await first.provider.set_replicas("gpuscale-visual", 2)
+    await first.tick()  # visual: 2 idle replicas, the idle timers start now
+    clock.now += 45
+    await first.tick()
+    assert await _target(deployments, "gpuscale-visual") == 2
+    assert first.leader._conn is not None
+    first.leader._conn.terminate()
+    second = await make_app()
+    second.reconciler.clock = clock
+    clock.now += 20  # 65 s idle in all: past the 60 s delay only if the timers were carried over
+    for _ in range(50):
+        if await second.tick():
+            break
+        await asyncio.sleep(0.1)
+    assert second.is_leader
+    assert await _target(deployments, "gpuscale-visual") < 2, "the new leader restarted the idle timers"
