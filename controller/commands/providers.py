@@ -19,8 +19,9 @@ def _show(value: Any) -> str:
 
 async def _apply(files: list[Path], dry_run: bool) -> int:
     from controller import deployspec
+    from controller.cli import ConfigError
+    from controller.providers import datacrunch_client
     from controller.providers.base import ProviderError
-    from controller.providers.datacrunch import DataCrunchClient, RetryPolicy
     from controller.settings import get_settings
 
     try:
@@ -32,20 +33,10 @@ async def _apply(files: list[Path], dry_run: bool) -> int:
     if duplicates:
         raise fail(f"deployment {', '.join(duplicates)} is defined in more than one file")
 
-    settings = get_settings()
-    if not settings.datacrunch_client_id or settings.datacrunch_client_secret is None:
-        raise fail("deploy apply needs DATACRUNCH_CLIENT_ID and DATACRUNCH_CLIENT_SECRET")
-    client = DataCrunchClient(
-        settings.datacrunch_base_url,
-        settings.datacrunch_client_id,
-        settings.datacrunch_client_secret,
-        timeout_s=settings.datacrunch_timeout_s,
-        retry=RetryPolicy(
-            attempts=settings.datacrunch_retry_attempts,
-            initial_s=settings.datacrunch_backoff_initial_s,
-            max_s=settings.datacrunch_backoff_max_s,
-        ),
-    )
+    try:
+        client = datacrunch_client(get_settings(), purpose="deploy apply")
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
     suffix = " (dry run: nothing changed)" if dry_run else ""
     try:
         for spec, path in zip(specs, files, strict=True):

@@ -21,6 +21,7 @@ from controller.providers.base import (
 )
 
 if TYPE_CHECKING:
+    from controller.providers.datacrunch import DataCrunchClient
     from controller.settings import Settings
 
 __all__ = [
@@ -31,9 +32,32 @@ __all__ = [
     "ProviderError",
     "ProviderState",
     "Replica",
+    "datacrunch_client",
     "make_provider",
     "worker_command",
 ]
+
+
+def datacrunch_client(settings: Settings, *, purpose: str) -> DataCrunchClient:
+    """A DataCrunch API client from the settings (credentials, timeouts, retries).
+
+    Raises ``ConfigError`` naming ``purpose`` when the credentials are missing."""
+    from controller.cli import ConfigError
+    from controller.providers.datacrunch import DataCrunchClient, RetryPolicy
+
+    if not settings.datacrunch_client_id or settings.datacrunch_client_secret is None:
+        raise ConfigError(f"{purpose} needs DATACRUNCH_CLIENT_ID and DATACRUNCH_CLIENT_SECRET")
+    return DataCrunchClient(
+        settings.datacrunch_base_url,
+        settings.datacrunch_client_id,
+        settings.datacrunch_client_secret,
+        timeout_s=settings.datacrunch_timeout_s,
+        retry=RetryPolicy(
+            attempts=settings.datacrunch_retry_attempts,
+            initial_s=settings.datacrunch_backoff_initial_s,
+            max_s=settings.datacrunch_backoff_max_s,
+        ),
+    )
 
 
 def make_provider(settings: Settings, launches: Mapping[str, LaunchSpec] | None = None) -> Provider:
@@ -46,22 +70,9 @@ def make_provider(settings: Settings, launches: Mapping[str, LaunchSpec] | None 
 
     launches = dict(launches or {})
     if settings.provider == "datacrunch":
-        from controller.providers.datacrunch import DataCrunchClient, DataCrunchProvider, RetryPolicy
+        from controller.providers.datacrunch import DataCrunchProvider
 
-        if not settings.datacrunch_client_id or settings.datacrunch_client_secret is None:
-            raise ConfigError("provider 'datacrunch' needs DATACRUNCH_CLIENT_ID and DATACRUNCH_CLIENT_SECRET")
-        client = DataCrunchClient(
-            settings.datacrunch_base_url,
-            settings.datacrunch_client_id,
-            settings.datacrunch_client_secret,
-            timeout_s=settings.datacrunch_timeout_s,
-            retry=RetryPolicy(
-                attempts=settings.datacrunch_retry_attempts,
-                initial_s=settings.datacrunch_backoff_initial_s,
-                max_s=settings.datacrunch_backoff_max_s,
-            ),
-        )
-        return DataCrunchProvider(client)
+        return DataCrunchProvider(datacrunch_client(settings, purpose="provider 'datacrunch'"))
     if settings.provider == "docker":
         from controller.providers.docker import DockerProvider
 
