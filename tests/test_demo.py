@@ -7,6 +7,7 @@ tests/test_dashboard_prometheus.py (one run checks both, to keep CI short).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -312,3 +313,51 @@ def test_ollama_host_uses_the_given_ollama_and_starts_no_stand_in(tmp_path: Path
     assert "STAND-IN" not in out.stderr
     assert not (tmp_path / "demo" / "logs" / "ollama-standin.log").exists()
     assert sum(n for path, n in calls.items() if path in ("/api/chat", "/api/generate")) >= 11
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(90)
+def test_second_ctrl_c_while_stopping_still_stops_everything(tmp_path: Path) -> None:
+    """A Ctrl-C that arrives while the demo is already stopping is only noted: the stop runs to the
+    end (children, leftovers, database, targets file, lock), and the exit status is still 130."""
+    import fcntl
+
+    data_dir = tmp_path / "demo"
+    targets = tmp_path / "targets.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUSCALE_", "DATACRUNCH_"))}
+    proc = subprocess.Popen(
+        [*GPUSCALE, "demo", "--headless", "--decks", "1", "--pages", "2", "--latency", "0.2",
+         "--data-dir", str(data_dir), "--prometheus-targets", str(targets)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    marker = f"GPUSCALE_DATA_DIR={data_dir.absolute()}"
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the loop is running once the first progress line shows
+            lines.append(line)
+            if line.startswith("[") and len([x for x in lines if x.startswith("[")]) == 1:
+                proc.send_signal(signal.SIGINT)  # the first Ctrl-C starts the stop
+            if "stopping everything" in line:
+                proc.send_signal(signal.SIGINT)  # the second lands while children are stopping
+                break
+        assert "stopping everything" in lines[-1], "".join(lines)
+        running = _with_env(marker)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        pg_pid = data_dir / "pg" / "postmaster.pid"
+        if pg_pid.exists():  # a stop cut short leaves the database running: do not leak it
+            with contextlib.suppress(Exception):
+                os.kill(int(pg_pid.read_text().split()[0]), signal.SIGQUIT)
+    out = "".join(lines) + out
+    assert proc.returncode == 130, out
+    assert "everything was stopped" in out
+    assert _with_env(marker) == []
+    assert not [p for p in running if Path(f"/proc/{p}").exists()]
+    assert json.loads(targets.read_text()) == [], out  # the last step of the stop ran
+    assert not pg_pid.exists(), out  # the embedded PostgreSQL was stopped
+    with (data_dir / "demo.lock").open("w") as fh:  # and the data dir is free for the next demo
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

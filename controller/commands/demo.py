@@ -11,7 +11,9 @@ import asyncio
 import json
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -98,10 +100,14 @@ async def _main(options: object, console: Console, *, headless: bool, json_out: 
     main_task = asyncio.current_task()
     assert main_task is not None
     interrupted: list[int] = []
+    stopping = False
 
     def interrupt(sig: int) -> None:
         interrupted.append(sig)
-        main_task.cancel()
+        # Once the stop has begun, a further Ctrl-C is only noted: cancelling now would make
+        # asyncio.run cancel the stop half-way (database, leftovers, lock never cleaned up).
+        if not stopping:
+            main_task.cancel()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, interrupt, sig)
@@ -150,8 +156,9 @@ async def _main(options: object, console: Console, *, headless: bool, json_out: 
                     snap = await demo.run(lambda s: live.update(render(s)))
             summary = await demo.summary(snap)
         finally:
+            stopping = True
             console.print("· stopping everything", highlight=False)
-            await asyncio.shield(demo.stop())
+            await _stop_to_the_end(demo.stop(), main_task)
             if summary is not None and demo.leftovers:
                 summary.ok = False
                 summary.problems.append(f"{len(demo.leftovers)} leftover process(es) had to be killed")
@@ -171,6 +178,24 @@ async def _main(options: object, console: Console, *, headless: bool, json_out: 
     else:
         console.print(render_summary(summary))
     return 0 if summary.ok else 1
+
+
+async def _stop_to_the_end(stop: Coroutine[Any, Any, None], main_task: asyncio.Task[Any]) -> None:
+    """Run ``stop`` to completion even if this task is cancelled meanwhile.
+
+    A cancel requested just before the stop began (a signal racing the end of the run) would
+    otherwise end the wait early, and asyncio.run would then cancel the stop itself.  Such a cancel
+    is taken back: the run's outcome stands, and the stop finishes.
+    """
+    task = asyncio.ensure_future(stop)
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise
+            main_task.uncancel()
+    task.result()
 
 
 def register(app: typer.Typer) -> None:
