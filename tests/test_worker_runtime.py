@@ -18,9 +18,10 @@ import pytest
 
 from controller import tasktypes
 from controller.queue import NewTask, Queue
-from worker.errors import TaskError
+from worker.errors import InvalidAnswer, OllamaError, TaskError
 from worker.handlers import TaskContext
 from worker.handlers.noop import noop
+from worker.ollama_client import ModelNotFound
 from worker.runtime import Worker
 from worker.settings import WorkerSettings
 from worker.standin import OllamaStandin
@@ -392,3 +393,55 @@ async def _has(fetch: Any, key: str, value: Any) -> bool:
         return (await fetch()).get(key) == value
     except httpx.HTTPError:
         return False
+
+
+class _NoModelOllama:
+    """An Ollama whose model is missing and whose pulls always fail (no registry reachable)."""
+
+    def __init__(self) -> None:
+        self.warms = 0
+        self.pulls = 0
+
+    async def warm(self, model: str) -> None:
+        self.warms += 1
+        if self.warms > 200:
+            # Without back-off the loop would spin here forever; stop it so the test fails.
+            raise AssertionError("the warm-up loop spins without waiting")
+        await asyncio.sleep(0)
+        raise ModelNotFound(f"warm {model}: model not found on Ollama")
+
+    async def pull(self, model: str) -> str:
+        self.pulls += 1
+        await asyncio.sleep(0)
+        raise OllamaError(f"pull {model}: Ollama answered 500: registry unreachable")
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_missing_model_whose_pull_fails_gives_up_at_the_deadline(dsn: str) -> None:
+    fake = _NoModelOllama()
+    settings = _settings(text_model="phi4:latest", warm_timeout_s=0.6)
+    worker = Worker("text", dsn=dsn, settings=settings, ollama=fake)  # type: ignore[arg-type]
+    assert await asyncio.wait_for(worker.run(), 30) == 1
+    # Back-off (0.25 s, 0.5 s, ...) bounds the attempts: a handful, not thousands.
+    assert 1 <= fake.warms <= 5 and 1 <= fake.pulls <= 5
+    assert "pulling it failed" in worker.status.detail and "registry unreachable" in worker.status.detail
+
+
+async def test_invalid_model_answer_keeps_the_raw_text_in_the_error(db: asyncpg.Pool, dsn: str) -> None:
+    raw = '{"slept_s": "a lot", ' + "x" * 20_000
+
+    async def handler(ctx: TaskContext) -> dict[str, Any]:
+        raise InvalidAnswer("model answer is not JSON (Expecting value at char 0)", raw=raw)
+
+    queue = Queue(db)
+    [tid] = await queue.enqueue_many([NewTask("noop", {}, max_attempts=1)])
+    worker = Worker("bench", dsn=dsn, settings=_settings(), handlers={"noop": handler})
+    async with Running(worker):
+        await _wait_for(lambda: _all_final(db, [tid]))
+    row = await db.fetchrow("SELECT status::text, error FROM processing_queue WHERE id = $1", tid)
+    assert row["status"] == "dead"  # retryable: the attempts ran out
+    message, _, kept = row["error"].partition("\nraw answer: ")
+    assert message == "model answer is not JSON (Expecting value at char 0)"
+    assert kept == raw[:12_000]

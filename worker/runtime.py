@@ -50,6 +50,8 @@ log = logging.getLogger("worker")
 # How far up the dependency graph handlers look for their inputs (visual → classification →
 # template → specialised is three levels).
 _DEPENDENCY_DEPTH = 4
+# How much of a model's invalid answer a task's error keeps (the queue stores 16 KiB at most).
+_RAW_ANSWER_IN_ERROR = 12_000
 # Bounded time for the last database calls of a drain (release, deregister).
 _SHUTDOWN_DB_TIMEOUT_S = 10.0
 # Errors that mean "the connection is gone or the server is (re)starting", worth retrying: a
@@ -275,29 +277,46 @@ class Worker:
             self._wake.set()
 
     async def _warm(self) -> bool:
-        """Load the pool's model; True when ready, False if it did not load in time or we stop."""
+        """Load the pool's model; True when ready, False if it did not load in time or we stop.
+
+        A missing model is pulled once; right after a successful pull it is warmed again at once
+        (even past the deadline: a big pull may outlast ``warm_timeout_s``).  Every other failure,
+        a failed pull included, waits with back-off and counts against the deadline, so an Ollama
+        that cannot get the model never makes this loop spin.
+        """
         if self.ollama is None or self.model is None:
             return True
         self.status.detail = f"loading model {self.model}"
         deadline = time.monotonic() + self.settings.warm_timeout_s
         delay = 0.25
         last_error = ""
+        pulled = False  # after a successful pull, "not found" is a real problem, not a cue
         while not self._stop.is_set():
+            problem = ""
             try:
                 await self.ollama.warm(self.model)
                 log.info("model %s loaded", self.model)
                 return True
-            except ModelNotFound:
-                log.warning("model %s is not installed; pulling it", self.model)
-                self.status.detail = f"pulling model {self.model}"
-                with contextlib.suppress(OllamaError):
-                    await self.ollama.pull(self.model)
-                continue
+            except ModelNotFound as exc:
+                if pulled:
+                    problem = f"model {self.model} still not found after pulling it: {exc}"
+                else:
+                    log.warning("model %s is not installed; pulling it", self.model)
+                    self.status.detail = f"pulling model {self.model}"
+                    try:
+                        await self.ollama.pull(self.model)
+                        log.info("model %s pulled", self.model)
+                        pulled = True  # warm it again at once (problem stays empty)
+                    except OllamaError as pull_exc:
+                        problem = f"model {self.model} is not installed and pulling it failed: {pull_exc}"
             except OllamaError as exc:
-                if str(exc) != last_error:
-                    log.warning("waiting for Ollama: %s", exc)
-                    last_error = str(exc)
-                self.status.detail = f"waiting for Ollama: {exc}"
+                problem = f"waiting for Ollama: {exc}"
+            if not problem:
+                continue
+            if problem != last_error:
+                log.warning("%s", problem)
+                last_error = problem
+            self.status.detail = problem
             if time.monotonic() + delay > deadline:
                 return False
             with contextlib.suppress(TimeoutError):
@@ -425,7 +444,7 @@ class Worker:
                     task.id,
                     tt,
                     outcome,
-                    error,
+                    error.partition("\nraw answer: ")[0],  # the raw answer stays in the database
                     extra=_fields(task_id=task.id, task_type=tt, outcome=outcome, retryable=retryable),
                 )
         except Exception as exc:  # the database is gone for good: the lease will run out and requeue
@@ -488,7 +507,12 @@ class Worker:
                 return None, f"{task.task_type} timed out after {timeout_s:g}s (its time limit)", True
             return None, f"handler raised TimeoutError: {exc}", True
         except TaskError as exc:
-            return None, str(exc) or type(exc).__name__, exc.retryable
+            error = str(exc) or type(exc).__name__
+            if exc.raw:
+                # An answer that did not validate: keep the model's text for diagnosis (the
+                # message holds only its start); the queue caps the whole error at 16 KiB.
+                error += "\nraw answer: " + exc.raw[:_RAW_ANSWER_IN_ERROR]
+            return None, error, exc.retryable
         except asyncio.CancelledError:
             raise
         except Exception as exc:
