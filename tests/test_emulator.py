@@ -255,6 +255,7 @@ async def test_secrets_resolve_from_the_emulator_environment(
     client: DataCrunchClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("EMU_TEST_DB_URL", "postgresql://from-env/db")
+    monkeypatch.setenv("DATACRUNCH_CLIENT_SECRET", "emulator-own-credential")
     name = f"emu-{next(_names)}"
     env = [
         {"name": "GPUSCALE_POOL", "value_or_reference_to_secret": "text", "type": "plain"},
@@ -278,6 +279,8 @@ async def test_secrets_resolve_from_the_emulator_environment(
         assert proc_env["GPUSCALE_CONTAINER_ID"] == replica["id"]
         assert proc_env["GPUSCALE_WORKER_PORT"] == "0"  # replicas share this machine's ports
         assert proc_env.get("GPUSCALE_WORKER_TOKEN") != "undefined-secret"
+        # A container sees its deployment's env, not the emulator's own API credentials.
+        assert "DATACRUNCH_CLIENT_SECRET" not in proc_env
     finally:
         await client.delete_deployment(name)
 

@@ -536,3 +536,14 @@ async def test_every_call_is_counted_and_timed_without_credentials(
     ) >= 1
     exposition = generate_latest().decode()
     assert SECRET not in exposition and "tok-metrics" not in exposition and CLIENT_ID not in exposition
+
+
+async def test_refused_zero_from_a_minimum_of_zero_pauses_without_starting_a_replica(
+    api: Any, client: DataCrunchClient
+) -> None:
+    # A fresh deployment (0..6) the cloud refuses to pin at 0/0: pinning 1/1 first would start
+    # (and bill) a GPU replica only to pause it.
+    m = mock_deployment(api, lo=0, hi=6, patch_status=400)
+    await DataCrunchProvider(client).set_replicas(DEP, 0)
+    assert bodies(m["patch"]) == [scaling(0, 0)]
+    assert m["pause"].call_count == 1

@@ -134,7 +134,9 @@ def emulator(
     for item in secret:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            raise fail(f"--secret expects NAME=VALUE, got {name!r}")
+            raise fail(
+                "--secret expects NAME=VALUE (an item had no '=' or no name; not shown: it may be a secret)"
+            )
         secrets[name] = value
     client_id = client_id or settings.emulator_client_id or settings.datacrunch_client_id or "emulator"
     secret_value = settings.emulator_client_secret or settings.datacrunch_client_secret

@@ -43,6 +43,8 @@ from controller.providers.processes import ProcessReplica
 log = logging.getLogger(__name__)
 
 DEFAULT_COMMAND = "{python} -m controller.cli worker --pool {pool}"
+# The emulator's (and the controller's) API credentials: not passed on to replicas.
+_PRIVATE_ENV = ("DATACRUNCH_", "GPUSCALE_EMULATOR_", "GPUSCALE_DATACRUNCH_")
 COMPUTE_RESOURCES = ("H100", "H200", "A100", "L40S", "RTX6000Ada", "RTXA6000", "B200")
 COMPUTE_SIZES = (1, 2, 4, 8)
 
@@ -310,7 +312,9 @@ class EmulatorState:
         ]
 
     def _env(self, dep: EmuDeployment, replica_id: str) -> dict[str, str]:
-        base = dict(os.environ if self.config.base_env is None else self.config.base_env)
+        source = os.environ if self.config.base_env is None else self.config.base_env
+        # A cloud container sees only its deployment's env: never the emulator's own credentials.
+        base = {k: v for k, v in source.items() if not k.startswith(_PRIVATE_ENV)}
         # In the cloud each replica has its own network namespace; here they share one, so each
         # worker picks a free port for its HTTP server unless the deployment says otherwise.
         base["GPUSCALE_WORKER_PORT"] = "0"

@@ -341,7 +341,8 @@ class DataCrunchClient:
                 # Another call may already have re-authenticated while we waited for the lock.
                 if self._access is not None and self._access is not stale:
                     return
-                self._access = None
+                # The stale token stays in place until the new one arrives: a concurrent call
+                # waking from a back-off must still find a token to send (and get its own 401).
                 await self._authenticate()
             elif self._access is None:
                 await self._authenticate()
@@ -537,9 +538,10 @@ class DataCrunchProvider:
             await self.client.patch_scaling(deployment, _pin(scaling, desired))
 
     async def _pin_one_then_pause(self, deployment: str, scaling: Mapping[str, Any]) -> None:
-        """Pause, after pinning 1/1 when the count is higher: ``resume`` then restarts at most one
-        replica, so scaling up again after it never starts more than asked for and cut back."""
-        if scaling["min_replica_count"] != 1 or scaling["max_replica_count"] != 1:
+        """Pause, after pinning 1/1 when the minimum is higher: ``resume`` then restarts at most
+        one replica, so scaling up again after it never starts more than asked for and cut back.
+        With a minimum of 0 or 1 pinning first would only start (and bill) a replica to pause it."""
+        if scaling["min_replica_count"] > 1:
             try:
                 await self.client.patch_scaling(deployment, _pin(scaling, 1))
             except (ApiError, CapacityError) as exc:
