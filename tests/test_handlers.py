@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from worker.errors import DocumentError, InvalidAnswer, MissingInput, OllamaError
+from worker.errors import DocumentError, InvalidAnswer, MissingInput, OllamaError, TaskError
 from worker.handlers import HANDLERS, TaskContext
 from worker.handlers.base import deck_text, merge_visual_pages
 from worker.ollama_client import OllamaClient
@@ -458,3 +458,38 @@ async def test_text_handler_invalid_answer() -> None:
         await HANDLERS["funding_amount_extraction"](
             _ctx("funding_amount_extraction", {"document": "/d.pdf"}, [_visual(1, [1])])
         )
+
+
+@pytest.mark.parametrize(
+    ("task_type", "payload", "expected"),
+    [
+        ("visual_analysis", {"document": "deck.pdf", "first_page": 0, "last_page": 4}, "first_page"),
+        ("visual_analysis", {"document": "deck.pdf", "first_page": 1}, "last_page: Field required"),
+        ("visual_analysis", {"document": "d.pdf", "first_page": 1, "last_page": 2, "pages": 3}, "pages"),
+        ("slide_feedback", {"doc": "deck.pdf"}, "document: Field required"),
+        ("noop", {"sleep_s": "soon"}, "sleep_s"),
+    ],
+)
+@respx.mock
+async def test_malformed_payload_fails_without_retry(
+    task_type: str, payload: dict[str, Any], expected: str
+) -> None:
+    """The same payload fails the same way every time: not worth another attempt."""
+    chat = respx.post(f"{HOST}/api/chat").mock(return_value=_chat(_slide_answer(1)))
+    with pytest.raises(TaskError) as info:
+        await HANDLERS[task_type](_ctx(task_type, payload))
+    assert info.value.retryable is False
+    assert f"invalid {task_type} payload" in str(info.value) and expected in str(info.value)
+    assert not chat.called
+
+
+async def test_non_pdf_content_is_not_echoed_in_the_error(tmp_path: Path) -> None:
+    """A file that is not a PDF (e.g. /proc/self/environ named by mistake) must not leak into the
+    task's error, which ends up in the database and the API."""
+    path = tmp_path / "environ"
+    path.write_bytes(b"AWS_SECRET_ACCESS_KEY=abc123\x00HOME=/root\x00")
+    with pytest.raises(DocumentError) as info:
+        await fetch_pdf(str(path), max_bytes=10_000)
+    message = str(info.value)
+    assert "not a PDF (no %PDF- header)" in message
+    assert "AWS" not in message and "abc123" not in message and "HOME" not in message

@@ -38,8 +38,9 @@ class RenderedPage:
 def _check_magic(data: bytes, document: str) -> None:
     # The header may follow a little junk (the spec allows up to 1024 bytes before it).
     if PDF_MAGIC not in data[:1024]:
-        head = data[:16]
-        raise DocumentError(f"{document}: not a PDF (starts with {head!r})")
+        # Never echo the content: the error is stored and served, and a wrong path (a config
+        # file, /proc/self/environ) would leak what it holds.
+        raise DocumentError(f"{document}: not a PDF (no %PDF- header)")
 
 
 async def fetch_pdf(document: str, *, max_bytes: int, timeout_s: float = 60.0) -> bytes:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from worker.errors import MissingInput, TaskError
 from worker.ollama_client import OllamaClient
@@ -21,6 +21,7 @@ from worker.settings import WorkerSettings
 
 ProgressFn = Callable[[float, str], Awaitable[None]]
 DepsFn = Callable[[], Awaitable[list[dict[str, Any]]]]
+P = TypeVar("P", bound=BaseModel)
 
 
 async def _no_progress(percent: float, message: str) -> None:
@@ -57,6 +58,23 @@ class TaskContext:
 
 
 Handler = Callable[[TaskContext], Awaitable[dict[str, Any]]]
+
+
+def parse_payload(ctx: TaskContext, model: type[P]) -> P:
+    """The task's payload as ``model``; a payload that does not fit fails the task for good.
+
+    The same payload fails the same way on every attempt, so retrying it would only burn the
+    attempts (and GPU time): the error is not retryable and names what is wrong.
+    """
+    try:
+        return model.model_validate(ctx.payload)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(payload)'}: {e['msg']}" for e in exc.errors()[:5]
+        )
+        raise TaskError(
+            f"invalid {ctx.task_type} payload ({exc.error_count()} errors): {problems}", retryable=False
+        ) from None
 
 
 def merge_visual_pages(deps: Iterable[dict[str, Any]]) -> list[PageAnalysis]:

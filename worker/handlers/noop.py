@@ -11,12 +11,12 @@ from typing import Any
 
 from controller.tasktypes import NoopPayload
 from worker.errors import TaskError
-from worker.handlers.base import TaskContext
+from worker.handlers.base import TaskContext, parse_payload
 from worker.results import NoopResult
 
 
 async def noop(ctx: TaskContext) -> dict[str, Any]:
-    payload = NoopPayload.model_validate(ctx.payload)
+    payload = parse_payload(ctx, NoopPayload)
     # Sleep in a few steps so progress moves and a drain sees a task that is visibly running.
     steps = max(1, min(10, int(payload.sleep_s)))
     for i in range(steps):

@@ -13,7 +13,7 @@ from typing import Any
 
 from controller.tasktypes import DocumentPayload, VisualAnalysisPayload
 from worker.errors import TaskError
-from worker.handlers.base import TaskContext, merge_visual_pages
+from worker.handlers.base import TaskContext, merge_visual_pages, parse_payload
 from worker.pdf import fetch_pdf, open_pdf
 from worker.results import (
     PageAnalysis,
@@ -65,7 +65,7 @@ def _dpi(ctx: TaskContext, requested: int | None) -> int:
 async def visual_analysis(ctx: TaskContext) -> dict[str, Any]:
     """Describe pages ``first_page..last_page`` of the document, one vision call per page."""
     ollama, model = ctx.require_ollama()
-    payload = VisualAnalysisPayload.model_validate(ctx.payload)
+    payload = parse_payload(ctx, VisualAnalysisPayload)
     dpi = _dpi(ctx, payload.dpi)
     await ctx.progress(0.0, "fetching document")
     data = await fetch_pdf(
@@ -120,7 +120,7 @@ async def visual_analysis(ctx: TaskContext) -> dict[str, Any]:
 async def slide_feedback(ctx: TaskContext) -> dict[str, Any]:
     """Feedback per slide from the merged descriptions of the deck's visual batches."""
     ollama, model = ctx.require_ollama()
-    payload = DocumentPayload.model_validate(ctx.payload)
+    payload = parse_payload(ctx, DocumentPayload)
     pages = merge_visual_pages(await ctx.dependency_results())
     if not pages:
         raise TaskError("the visual analysis found no pages in the document", retryable=False)
