@@ -131,3 +131,20 @@ def test_metrics_are_prometheus_text(api: Api) -> None:
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     assert "# TYPE gpuscale_worker_task_duration_seconds histogram" in r.text
     assert "# TYPE gpuscale_worker_tasks_total counter" in r.text
+
+
+def test_health_says_when_keep_alive_unloaded_the_model(api: Api, standin: OllamaStandin) -> None:
+    """Ollama unloaded the idle model: the worker still works (the next task reloads it), so 200,
+    but it does not claim the model is loaded."""
+    load = {"model": "gemma3:12b", "prompt": "", "stream": False}
+    httpx.post(f"{standin.url}/api/generate", json=load)
+    api.status.ready = True
+    r = api.get("/api/health")
+    assert (r.status_code, r.json()["status"], r.json()["model_loaded"]) == (200, "ready", True)
+    httpx.post(f"{standin.url}/api/generate", json={**load, "keep_alive": 0})  # what expiry does
+    r = api.get("/api/health")
+    assert r.status_code == 200
+    assert r.json()["status"] == "model_unloaded" and r.json()["model_loaded"] is False
+    assert r.json()["ready"] is True
+    httpx.post(f"{standin.url}/api/generate", json=load)  # the next task loads it again
+    assert api.get("/api/health").json()["status"] == "ready"

@@ -1,8 +1,11 @@
 """The worker's HTTP API (port 8001 by default): the container health check and model management.
 
 * ``GET /api/health`` — 200 ``{"status": "ready", ...}`` once the model is loaded and the worker
-  claims tasks; 503 while starting, draining, or when Ollama does not answer.  The body always
-  says which, with the model, whether it is loaded, and the current load.
+  claims tasks; 503 while starting, draining, or when Ollama does not answer.  After warming,
+  Ollama may unload an idle model (``keep_alive`` ran out): the worker still claims tasks and the
+  next one loads the model again, so that is still 200, but the status says ``model_unloaded``
+  rather than claim a loaded model.  The body always says which, with the model, whether it is
+  loaded, whether the worker is claiming (``ready``), and the current load.
 * ``GET /api/models``, ``POST /api/models/{name}`` (pull), ``DELETE /api/models/{name}`` — need
   ``Authorization: Bearer $GPUSCALE_WORKER_TOKEN`` (compared in constant time); 401 otherwise,
   and always 401 when no token is configured (model management is then off).
@@ -100,11 +103,14 @@ def create_app(status: WorkerStatus, token: SecretStr | None) -> Starlette:
             state = "ollama_unreachable"
         elif not status.ready:
             state = "starting"
+        elif body["model_loaded"] is False:
+            state = "model_unloaded"  # unloaded by keep_alive; the next task reloads it
         else:
             state = "ready"
         body["status"] = state
+        body["ready"] = status.ready and not (status.draining or status.stopping)
         body["detail"] = status.detail
-        return JSONResponse(body, status_code=200 if state == "ready" else 503)
+        return JSONResponse(body, status_code=200 if state in ("ready", "model_unloaded") else 503)
 
     def _no_ollama() -> JSONResponse | None:
         if status.ollama is None:
