@@ -17,6 +17,7 @@ import respx
 from worker.errors import InvalidAnswer, OllamaError
 from worker.ollama_client import ModelNotFound, OllamaClient, parse_answer, same_model
 from worker.results import StartupName
+from worker.standin import OllamaStandin
 
 HOST = "http://ollama.test:11434"
 
@@ -36,6 +37,11 @@ def chat_answer(content: str, model: str = "gemma3:12b") -> dict[str, object]:
         "eval_count": 64,
         "eval_duration": 3_812_345_678,
     }
+
+
+def _ndjson(*lines: dict[str, object]) -> bytes:
+    """A streamed Ollama answer: one JSON object a line."""
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
 
 
 @pytest.fixture
@@ -159,7 +165,7 @@ async def test_model_management_calls(client: OllamaClient) -> None:
             ]
         }
     )
-    pull = respx.post(f"{HOST}/api/pull").respond(json={"status": "success"})
+    pull = respx.post(f"{HOST}/api/pull").respond(content=_ndjson({"status": "success"}))
     warm = respx.post(f"{HOST}/api/generate").respond(
         json={
             "model": "gemma3:12b",
@@ -175,7 +181,7 @@ async def test_model_management_calls(client: OllamaClient) -> None:
     assert not await client.is_loaded("phi4")
     assert await client.pull("phi4:latest") == "success"
     pull_body = json.loads(pull.calls.last.request.content)
-    assert pull_body["model"] == "phi4:latest" and pull_body["stream"] is False
+    assert pull_body["model"] == "phi4:latest" and pull_body["stream"] is True
     await client.warm("gemma3:12b")
     warm_body = json.loads(warm.calls.last.request.content)
     assert warm_body["prompt"] == "" and warm_body["keep_alive"] == "30m"
@@ -198,3 +204,69 @@ async def test_unreachable_ollama_is_a_clear_retryable_error() -> None:
 def test_same_model() -> None:
     assert same_model("phi4", "phi4:latest")
     assert not same_model("gemma3:12b", "gemma3:27b")
+
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+@respx.mock
+async def test_pull_follows_the_progress_stream(client: OllamaClient) -> None:
+    route = respx.post(f"{HOST}/api/pull").respond(
+        headers={"content-type": "application/x-ndjson"},
+        content=_ndjson(
+            {"status": "pulling manifest"},
+            {"status": f"pulling {DIGEST[7:19]}", "digest": DIGEST, "total": 8_149_190_253, "completed": 0},
+            {
+                "status": f"pulling {DIGEST[7:19]}",
+                "digest": DIGEST,
+                "total": 8_149_190_253,
+                "completed": 8_149_190_253,
+            },
+            {"status": "verifying sha256 digest"},
+            {"status": "writing manifest"},
+            {"status": "success"},
+        ),
+    )
+    assert await client.pull("gemma3:12b") == "success"
+    body = json.loads(route.calls.last.request.content)
+    assert body["model"] == "gemma3:12b" and body["stream"] is True
+
+
+@respx.mock
+async def test_pull_error_in_the_stream_is_a_clear_error(client: OllamaClient) -> None:
+    respx.post(f"{HOST}/api/pull").respond(
+        content=_ndjson(
+            {"status": "pulling manifest"},
+            {"error": "pull model manifest: file does not exist"},
+        )
+    )
+    with pytest.raises(OllamaError) as info:
+        await client.pull("no-such-model:1b")
+    assert str(info.value) == (
+        "pull no-such-model:1b: Ollama reported an error while pulling: "
+        "pull model manifest: file does not exist"
+    )
+
+
+@respx.mock
+async def test_pull_stream_that_stops_before_success_is_an_error(client: OllamaClient) -> None:
+    respx.post(f"{HOST}/api/pull").respond(
+        content=_ndjson({"status": "pulling manifest"}, {"status": f"pulling {DIGEST[7:19]}"})
+    )
+    with pytest.raises(OllamaError, match="ended before success"):
+        await client.pull("gemma3:12b")
+    respx.post(f"{HOST}/api/pull").respond(content=b'{"status": "pulling manifest"}\n<html>proxy error')
+    with pytest.raises(OllamaError, match="malformed progress"):
+        await client.pull("gemma3:12b")
+
+
+async def test_pull_longer_than_the_request_timeout_succeeds() -> None:
+    """A real HTTP Ollama whose pull takes twice the client's timeout, with progress all along: a
+    streamed pull only needs each progress line within the timeout (a big model's download)."""
+    with OllamaStandin(models=[], pull_latency_s=2.0) as standin:
+        client = OllamaClient(standin.url, timeout_s=1.0)  # a line every 0.5 s
+        try:
+            assert await client.pull("gemma3:12b") == "success"
+            assert "gemma3:12b" in standin.installed
+        finally:
+            await client.close()

@@ -116,11 +116,34 @@ class OllamaClient:
         return any(same_model(model, m) for m in await self.loaded_models())
 
     async def pull(self, model: str) -> str:
+        """Pull (download) a model, following Ollama's progress stream; returns ``"success"``.
+
+        Streamed on purpose: a non-streamed pull is one response that arrives only when the whole
+        download is done, so a model of several GB outlasts the request timeout, and Ollama
+        cancels the pull when the client hangs up.  Streamed, the timeout applies between
+        progress lines, which Ollama sends all along while it works.
+        """
+        what = f"pull {model}"
+        status = ""
         try:
-            resp = await self._client.pull(model, stream=False)
-        except (ollama.ResponseError, ConnectionError, httpx.HTTPError) as exc:
-            raise self._wrap(exc, f"pull {model}") from None
-        return str(resp.status or "")
+            progress = await self._client.pull(model, stream=True)
+            async for part in progress:
+                if part.status and part.status != status:
+                    status = part.status
+                    log.debug("%s: %s", what, status)
+        except ollama.ResponseError as exc:
+            if exc.status_code == -1:  # an {"error": ...} line in the middle of the stream
+                raise OllamaError(f"{what}: Ollama reported an error while pulling: {exc.error}") from None
+            raise self._wrap(exc, what) from None
+        except (ConnectionError, httpx.HTTPError) as exc:
+            raise self._wrap(exc, what) from None
+        except ValueError as exc:  # a progress line that is not JSON (or not a progress object)
+            raise OllamaError(f"{what}: malformed progress from Ollama: {type(exc).__name__}") from None
+        if status != "success":
+            raise OllamaError(
+                f"{what}: the progress stream ended before success (last: {status or 'nothing'})"
+            )
+        return status
 
     async def delete(self, model: str) -> None:
         try:
