@@ -227,3 +227,41 @@ def test_bad_pool_exits_2(fakes: Fakes) -> None:
     out, _ = proc.communicate(timeout=10)
     assert proc.returncode == 2 and b"GPUSCALE_POOL must be visual or text" in out
     assert fakes.events() == []
+
+
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+def test_sigterm_just_before_the_worker_pid_is_known_still_stops_the_worker(
+    fakes: Fakes, shell: str, tmp_path: Path
+) -> None:
+    """A SIGTERM after the last STOPPING check but before ``WORKER_PID=$!`` finds no worker to
+    forward to.  That window is a few instructions wide, so a signal from outside cannot hit it
+    reliably; instead the test runs a copy of the script that signals itself exactly there (``kill``
+    is a builtin and leaves ``$!`` alone).  The worker must still be stopped, and promptly."""
+    text = ENTRYPOINT.read_text()
+    assert text.count("\nWORKER_PID=$!\n") == 1
+    script = tmp_path / "entrypoint-race.sh"
+    script.write_text(text.replace("\nWORKER_PID=$!\n", '\nkill -TERM "$$"\nWORKER_PID=$!\n'))
+    proc = subprocess.Popen(
+        [shell, str(script), "fake-worker", "--pool", "visual"],
+        env=fakes.env(GPUSCALE_WARM="0"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    fakes.procs.append(proc)
+    try:
+        out, _ = proc.communicate(timeout=10)  # without the fix the worker runs on: a timeout
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the worker was not stopped: {fakes.events()}") from None
+    assert b"stop signal before the worker started" in out, out.decode()
+    events = fakes.events()
+    assert "ollama TERM" in events, events
+    # Neither the worker nor Ollama is left.  (A fake killed mid-`sleep 0.1` orphans that sleep
+    # for a moment, hence the short wait.)
+    deadline = time.monotonic() + 2
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _group_alive(proc.pid)
+    # If the worker got as far as its own handler it drained, and did so before Ollama stopped.
+    if "worker TERM" in events:
+        assert _index(events, "worker drained") < _index(events, "ollama TERM")

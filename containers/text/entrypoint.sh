@@ -133,6 +133,12 @@ else
 fi
 WORKER_PID=$!
 log "worker started (pid $WORKER_PID)"
+# A stop signal that came after the check above but before WORKER_PID was set found no worker to
+# forward to; forward it now, or the worker would run on until the platform's SIGKILL.
+if [ "$STOPPING" -eq 1 ]; then
+    log "stop signal came while the worker was starting: draining it"
+    kill -TERM "$WORKER_PID" 2>/dev/null || true
+fi
 
 # `wait` returns early when a trapped signal arrives; keep waiting until the worker has exited.
 status=0
