@@ -62,6 +62,14 @@ class ControllerStore:
         )
         return [{**dict(r), "at": r["at"].timestamp()} for r in rows]
 
+    async def last_events(self) -> dict[str, dict[str, Any]]:
+        """The latest recorded decision of every pool."""
+        rows = await self.pool.fetch(
+            """SELECT DISTINCT ON (pool) pool, to_replicas, reason, outcome, extract(epoch FROM at) AS at
+                 FROM scaling_events ORDER BY pool, at DESC, id DESC"""
+        )
+        return {r["pool"]: dict(r) for r in rows}
+
     async def set_paused(self, pool: str, paused: bool, by: str) -> None:
         await self.pool.execute(
             """INSERT INTO pool_control (pool, paused, updated_by) VALUES ($1, $2, $3)

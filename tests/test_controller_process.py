@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from controller.demo.procs import free_port
 from controller.emulator.app import EmulatorConfig
 from controller.emulator.server import Emulator
 
@@ -44,12 +44,6 @@ text_container_scaling:
   cold_start: 2s
   price_per_hour: 0.8
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -91,7 +91,7 @@ def controller(
 
 
 def _set_paused(pool: str, paused: bool, pools_file: Path | None) -> None:
-    from controller.db import Database, migrate
+    from controller.commands.queue import open_queue, run_db
     from controller.store import ControllerStore
 
     config = _load_config(pools_file)
@@ -99,12 +99,12 @@ def _set_paused(pool: str, paused: bool, pools_file: Path | None) -> None:
         raise fail(f"unknown pool {pool!r}; pools: {', '.join(config.pools)}")
 
     async def run() -> None:
-        async with Database(max_size=2) as db:
-            async with db.acquire() as conn:
-                await migrate(conn)
-            await ControllerStore(db).set_paused(pool, paused, f"{getpass.getuser()}@{socket.gethostname()}")
+        async with open_queue(max_size=2) as q:
+            await ControllerStore(q.pool).set_paused(
+                pool, paused, f"{getpass.getuser()}@{socket.gethostname()}"
+            )
 
-    asyncio.run(run())
+    run_db(run)
     typer.echo(f"pool {pool}: {'paused (replicas stay as they are)' if paused else 'resumed'}")
 
 

@@ -301,8 +301,8 @@ async def controller_status(q: Queue, controller_url: str | None) -> dict[str, d
     out: dict[str, dict[str, Any]] = {}
     store = ControllerStore(q.pool)
     paused = await store.paused_pools()
-    for event in reversed(await store.events(None, 200)):
-        out.setdefault(event["pool"], {})["decision"] = f"{event['to_replicas']} ({event['reason']})"
+    for pool, event in (await store.last_events()).items():
+        out.setdefault(pool, {})["decision"] = f"{event['to_replicas']} ({event['reason']})"
     if controller_url:
         try:
             async with httpx.AsyncClient(timeout=2) as client:
