@@ -443,14 +443,30 @@ class OllamaStandin:
             "eval_duration": max(0, total_ns - load_ns) // 2,
         }
 
-    async def chat(self, request: Request) -> Response:
-        self._count("/api/chat")
+    async def _model_request(self, request: Request, path: str) -> tuple[dict[str, Any], str] | Response:
+        """Count the call, parse the body, check the model is installed: (body, model), or the
+        error answer to send."""
+        self._count(path)
         body = await self._body(request)
         if isinstance(body, JSONResponse):
             return body
         model = _norm(str(body.get("model") or ""))
         if model not in self.installed:
             return self._not_found(model)
+        return body, model
+
+    @staticmethod
+    def _reply(body: dict[str, Any], answer: dict[str, Any]) -> Response:
+        """Ollama streams NDJSON unless ``stream`` is false; a finished answer is one line."""
+        if body.get("stream", True):
+            return StreamingResponse(_one_line(answer), media_type="application/x-ndjson")
+        return JSONResponse(answer)
+
+    async def chat(self, request: Request) -> Response:
+        parsed = await self._model_request(request, "/api/chat")
+        if isinstance(parsed, Response):
+            return parsed
+        body, model = parsed
         messages = body.get("messages") or []
         if not isinstance(messages, list):
             return JSONResponse({"error": "messages must be a list"}, status_code=400)
@@ -465,18 +481,13 @@ class OllamaStandin:
             "done_reason": "stop",
             **self._counters(text, content, load_ns, total_ns),
         }
-        if body.get("stream", True):
-            return StreamingResponse(_one_line(answer), media_type="application/x-ndjson")
-        return JSONResponse(answer)
+        return self._reply(body, answer)
 
     async def generate(self, request: Request) -> Response:
-        self._count("/api/generate")
-        body = await self._body(request)
-        if isinstance(body, JSONResponse):
-            return body
-        model = _norm(str(body.get("model") or ""))
-        if model not in self.installed:
-            return self._not_found(model)
+        parsed = await self._model_request(request, "/api/generate")
+        if isinstance(parsed, Response):
+            return parsed
+        body, model = parsed
         prompt = str(body.get("prompt") or "")
         if not prompt and not body.get("images"):
             # An empty prompt only loads (or, with keep_alive 0, unloads) the model.
@@ -503,9 +514,7 @@ class OllamaStandin:
                 "done_reason": "stop",
                 **self._counters(text, content, load_ns, total_ns),
             }
-        if body.get("stream", True):
-            return StreamingResponse(_one_line(answer), media_type="application/x-ndjson")
-        return JSONResponse(answer)
+        return self._reply(body, answer)
 
 
 async def _one_line(answer: dict[str, Any]) -> AsyncIterator[bytes]:
