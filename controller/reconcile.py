@@ -478,8 +478,6 @@ class Reconciler:
             before = self._dead_seen.get(name)
             if before is not None and stats.dead > before:
                 m.TASKS_DEAD.labels(name).inc(stats.dead - before)
-            elif before is None:
-                m.TASKS_DEAD.labels(name).inc(0)
             self._dead_seen[name] = stats.dead
         if provider_state is not None:
             m.REPLICAS_PROVIDER.labels(name).set(provider_state.target)
