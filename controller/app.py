@@ -37,7 +37,7 @@ from controller.db import connect_pool, migrate
 from controller.leader import LeaderElector
 from controller.pools import PoolsConfig
 from controller.providers import LaunchSpec, Provider, make_provider
-from controller.queue import NOTIFY_CHANNEL, Queue
+from controller.queue import Queue, listen
 from controller.reconcile import PoolView, Reconciler
 from controller.settings import Settings
 from controller.store import ControllerStore
@@ -272,9 +272,7 @@ class ControllerApp:
                 conn = await asyncpg.connect(self.dsn, timeout=5)
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, ev=lost: ev.set())
-                await conn.add_listener(
-                    NOTIFY_CHANNEL, lambda _c, _p, _ch, payload: self._on_work(str(payload))
-                )
+                await listen(conn, self._on_work)
                 delay = 0.5
                 stop_wait = asyncio.ensure_future(self._stop.wait())
                 lost_wait = asyncio.ensure_future(lost.wait())
