@@ -13,8 +13,8 @@ test:  ## the whole test suite (starts its own PostgreSQL, Docker engine, Promet
 	$(PY) -m pytest -q
 
 lint:  ## ruff, mypy, hadolint on both Dockerfiles
-	$(VENV_BIN)/ruff check controller worker tests
-	$(VENV_BIN)/ruff format --check controller worker tests
+	$(VENV_BIN)/ruff check gpuscale tests
+	$(VENV_BIN)/ruff format --check gpuscale tests
 	$(VENV_BIN)/mypy
 	$(VENV_BIN)/hadolint containers/visual/Dockerfile containers/text/Dockerfile
 

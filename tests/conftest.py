@@ -19,8 +19,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from controller.db.embedded import EmbeddedPostgres
-from controller.db.migrate import migrate
+from gpuscale.db.embedded import EmbeddedPostgres
+from gpuscale.db.migrate import migrate
 
 TEMPLATE_DB = "gpuscale_test_template"
 _counter = itertools.count()

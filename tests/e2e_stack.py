@@ -28,10 +28,10 @@ import asyncpg
 import httpx
 import yaml
 
-from controller import deployspec
-from controller.demo.procs import Child, ProcessSet, free_port, gpuscale_cmd, wait_http
-from controller.demo.run import RUN_MARKER, kill_leftovers
-from controller.queue import NewTask, Priority, Queue
+from gpuscale.controller import deployspec
+from gpuscale.dev.demo.procs import Child, ProcessSet, free_port, gpuscale_cmd, wait_http
+from gpuscale.dev.demo.run import RUN_MARKER, kill_leftovers
+from gpuscale.queue import NewTask, Priority, Queue
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_SECRET = "e2e-client-secret-0c1f9a77"

@@ -305,10 +305,10 @@ def test_metric_kinds_match_the_code() -> None:
     """The list above agrees with what controller/metrics.py (and the worker, when built) define."""
     from prometheus_client import REGISTRY
 
-    import controller.metrics  # noqa: F401  (defines the controller's collectors)
+    import gpuscale.controller.metrics
 
     try:
-        import worker.metrics  # noqa: F401
+        import gpuscale.worker.metrics  # noqa: F401
     except ImportError:
         pass
     defined: dict[str, str] = {}
@@ -317,6 +317,6 @@ def test_metric_kinds_match_the_code() -> None:
             name = family.name + ("_total" if family.type == "counter" else "")
             defined[name] = family.type
     overlap = {n for n in METRICS if n in defined}
-    assert overlap, "controller.metrics defines none of the project's metrics"
+    assert overlap, "gpuscale.controller.metrics defines none of the project's metrics"
     for name in overlap:
         assert defined[name] == METRICS[name], f"{name}: code says {defined[name]}, list says {METRICS[name]}"

@@ -13,7 +13,7 @@ from fpdf import FPDF
 
 def gpuscale(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "controller.cli", *args],
+        [sys.executable, "-m", "gpuscale.cli", *args],
         env=env,
         capture_output=True,
         text=True,

@@ -15,16 +15,16 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from controller.app import ControllerApp
-from controller.deployspec import load_file
-from controller.emulator.app import EmulatorConfig
-from controller.emulator.server import Emulator
-from controller.pools import PoolRules, PoolsConfig
-from controller.providers.datacrunch import DataCrunchClient, DataCrunchProvider, RetryPolicy
-from controller.queue import NewTask, Priority, Queue, ServerInfo
-from controller.settings import Settings
-from controller.store import ControllerStore
-from controller.tasktypes import types_for_pool
+from gpuscale.common.settings import Settings
+from gpuscale.controller.app import ControllerApp
+from gpuscale.controller.deployspec import load_file
+from gpuscale.controller.pools import PoolRules, PoolsConfig
+from gpuscale.controller.providers.datacrunch import DataCrunchClient, DataCrunchProvider, RetryPolicy
+from gpuscale.controller.store import ControllerStore
+from gpuscale.dev.emulator.app import EmulatorConfig
+from gpuscale.dev.emulator.server import Emulator
+from gpuscale.queue import NewTask, Priority, Queue, ServerInfo
+from gpuscale.queue.tasktypes import types_for_pool
 
 ROOT = Path(__file__).resolve().parents[1]
 # Replicas that start and wait: these tests are about the controller, not the worker.
@@ -314,7 +314,7 @@ async def test_only_the_leader_acts_and_a_standby_takes_over(make_app, deploymen
 
 
 async def test_replica_that_never_registers_is_replaced(make_app, deployments: Emulator) -> None:  # type: ignore[no-untyped-def]
-    from controller import metrics as m
+    from gpuscale.controller import metrics as m
 
     deployments.set_faults(unhealthy="gpuscale-visual")  # replicas stay 'starting' forever
     clock = Clock()
@@ -362,7 +362,7 @@ async def test_budget_caps_non_critical_scale_ups(make_app, deployments: Emulato
 
 
 async def test_leader_exports_fleet_task_timings(make_app, deployments: Emulator) -> None:  # type: ignore[no-untyped-def]
-    from controller import metrics as m
+    from gpuscale.controller import metrics as m
 
     app = await make_app()
     await app.tick()  # becomes leader; timings count from here
@@ -383,8 +383,8 @@ async def test_leader_exports_fleet_task_timings(make_app, deployments: Emulator
 
 
 def test_upstream_eta_uses_per_type_durations() -> None:
-    from controller.queue import PoolStats
-    from controller.reconcile import upstream_eta
+    from gpuscale.controller.reconcile import upstream_eta
+    from gpuscale.queue import PoolStats
 
     config = pools_config(default_task_duration=60)
     visual = config.pools["visual"].model_copy(
@@ -423,10 +423,10 @@ async def test_sigterm_lets_the_provider_call_in_progress_finish(dsn: str, deplo
 
 
 def test_unknown_server_list_holds_instead_of_scaling_down() -> None:
-    from controller.policy import PoolState, decide
-    from controller.providers.base import ProviderState, Replica
-    from controller.queue import PoolStats
-    from controller.reconcile import build_observation
+    from gpuscale.controller.policy import PoolState, decide
+    from gpuscale.controller.providers.base import ProviderState, Replica
+    from gpuscale.controller.reconcile import build_observation
+    from gpuscale.queue import PoolStats
 
     rules = pools_config().pools["visual"]
     stats = PoolStats("visual", {}, 0, 3, 0, 0, None, 0, 0, 0)  # type: ignore[arg-type]

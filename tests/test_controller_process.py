@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from controller.demo.procs import free_port
-from controller.emulator.app import EmulatorConfig
-from controller.emulator.server import Emulator
+from gpuscale.dev.demo.procs import free_port
+from gpuscale.dev.emulator.app import EmulatorConfig
+from gpuscale.dev.emulator.server import Emulator
 
 ROOT = Path(__file__).resolve().parents[1]
 SLEEPER = f"{sys.executable} -c 'import time; time.sleep(600)'"
@@ -56,7 +56,7 @@ def emulator() -> Iterator[Emulator]:
                 [
                     sys.executable,
                     "-m",
-                    "controller.cli",
+                    "gpuscale.cli",
                     "deploy",
                     "apply",
                     str(ROOT / f"deploy/datacrunch/{name}.yaml"),
@@ -94,7 +94,7 @@ def ctl_env(db_env: dict[str, str], emulator: Emulator, tmp_path: Path) -> dict[
 
 def start_controller(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "controller.cli", "controller", "--http-port", str(port)],
+        [sys.executable, "-m", "gpuscale.cli", "controller", "--http-port", str(port)],
         env=env,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
@@ -209,7 +209,7 @@ def test_standby_takes_over_when_the_leader_is_killed(ctl_env: dict[str, str], t
 
 def test_once_and_bad_pools_file(ctl_env: dict[str, str], tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "controller.cli", "controller", "--once"],
+        [sys.executable, "-m", "gpuscale.cli", "controller", "--once"],
         env=ctl_env,
         capture_output=True,
         text=True,
@@ -220,7 +220,7 @@ def test_once_and_bad_pools_file(ctl_env: dict[str, str], tmp_path: Path) -> Non
     bad = tmp_path / "bad.yaml"
     bad.write_text("visual_container_scaling:\n  min_replicas: 5\n  max_replicas: 1\n")
     out = subprocess.run(
-        [sys.executable, "-m", "controller.cli", "controller", "--once", "--pools", str(bad)],
+        [sys.executable, "-m", "gpuscale.cli", "controller", "--once", "--pools", str(bad)],
         env=ctl_env,
         capture_output=True,
         text=True,
@@ -232,7 +232,7 @@ def test_once_and_bad_pools_file(ctl_env: dict[str, str], tmp_path: Path) -> Non
 
 def test_pool_pause_and_resume_cli(ctl_env: dict[str, str]) -> None:
     run = lambda *a: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "controller.cli", "pool", *a],
+        [sys.executable, "-m", "gpuscale.cli", "pool", *a],
         env=ctl_env,
         capture_output=True,
         text=True,
@@ -258,7 +258,7 @@ def test_status_shows_the_controllers_view(ctl_env: dict[str, str], tmp_path: Pa
             [
                 sys.executable,
                 "-m",
-                "controller.cli",
+                "gpuscale.cli",
                 "status",
                 "--json",
                 "--controller",
@@ -274,7 +274,7 @@ def test_status_shows_the_controllers_view(ctl_env: dict[str, str], tmp_path: Pa
         assert pools["visual"]["replicas"] == "0/0/0"
         assert "(" in pools["visual"]["decision"]
         table = subprocess.run(
-            [sys.executable, "-m", "controller.cli", "status", "--controller", f"http://127.0.0.1:{port}"],
+            [sys.executable, "-m", "gpuscale.cli", "status", "--controller", f"http://127.0.0.1:{port}"],
             env={**ctl_env, "COLUMNS": "200"},
             capture_output=True,
             text=True,
@@ -287,7 +287,7 @@ def test_status_shows_the_controllers_view(ctl_env: dict[str, str], tmp_path: Pa
 
 def test_json_logs_one_object_per_decision(ctl_env: dict[str, str]) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "controller.cli", "--log-format", "json", "controller", "--once"],
+        [sys.executable, "-m", "gpuscale.cli", "--log-format", "json", "controller", "--once"],
         env=ctl_env,
         capture_output=True,
         text=True,

@@ -132,7 +132,7 @@ def test_headless_demo_every_dashboard_panel_has_data(prometheus_server, tmp_pat
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUSCALE_", "DATACRUNCH_"))}
     env.update({"DATACRUNCH_CLIENT_SECRET": CLIENT_SECRET, "GPUSCALE_WORKER_TOKEN": WORKER_TOKEN})
     argv = [
-        sys.executable, "-c", "from controller.cli import main; main()", "demo", "--headless", "--json",
+        sys.executable, "-c", "from gpuscale.cli.app import main; main()", "demo", "--headless", "--json",
         "--decks", "2", "--latency", "0.5", "--timeout", "200", "--data-dir", str(data_dir),
         "--prometheus-targets", str(targets),
     ]  # fmt: skip

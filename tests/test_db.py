@@ -6,7 +6,7 @@ import asyncio
 
 import asyncpg
 
-from controller.db.migrate import load_migrations, migrate
+from gpuscale.db.migrate import load_migrations, migrate
 
 
 async def test_migrate_twice_changes_nothing(empty_dsn: str) -> None:

@@ -9,8 +9,8 @@ import asyncpg
 import pytest
 from fpdf import FPDF
 
-from controller.deck import DeckError, page_batches, submit_deck
-from controller.queue import Priority, Queue
+from gpuscale.queue import Priority, Queue
+from gpuscale.queue.deck import DeckError, page_batches, submit_deck
 
 
 def _loads(v: object) -> dict[str, object]:

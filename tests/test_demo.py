@@ -21,15 +21,15 @@ import pytest
 import yaml
 from rich.console import Console
 
-from controller.deck import count_pages
-from controller.demo import decks
-from controller.demo.run import RUN_MARKER, _deck_view, _server_metrics_addr, _specs_by_pool, kill_leftovers
-from controller.demo.summary import PoolSummary, Summary, render_summary
-from controller.demo.view import Decision, DeckView, PoolView, Snapshot, render
-from controller.queue import ServerInfo
+from gpuscale.dev.demo import decks
+from gpuscale.dev.demo.run import RUN_MARKER, _deck_view, _server_metrics_addr, _specs_by_pool, kill_leftovers
+from gpuscale.dev.demo.summary import PoolSummary, Summary, render_summary
+from gpuscale.dev.demo.view import Decision, DeckView, PoolView, Snapshot, render
+from gpuscale.queue import ServerInfo
+from gpuscale.queue.deck import count_pages
 
 ROOT = Path(__file__).resolve().parent.parent
-GPUSCALE = [sys.executable, "-c", "from controller.cli import main; main()"]
+GPUSCALE = [sys.executable, "-c", "from gpuscale.cli.app import main; main()"]
 
 
 def test_sample_decks_are_real_multipage_pdfs(tmp_path: Path) -> None:
@@ -216,7 +216,7 @@ def test_kill_leftovers_kills_only_this_runs_processes() -> None:
 
 
 def test_one_demo_per_data_dir(tmp_path: Path) -> None:
-    from controller.demo.run import Demo, DemoError, DemoOptions
+    from gpuscale.dev.demo.run import Demo, DemoError, DemoOptions
 
     options = DemoOptions(data_dir=tmp_path, pools_file=ROOT / "deploy/demo/pools.yaml")
     options.deployment_files = [ROOT / p for p in options.deployment_files]
@@ -286,7 +286,7 @@ def test_ctrl_c_mid_run_stops_everything(tmp_path: Path) -> None:
 def test_ollama_host_uses_the_given_ollama_and_starts_no_stand_in(tmp_path: Path) -> None:
     """--ollama-host: the workers talk to that server (here a stand-in this test runs itself,
     standing for a real Ollama) and the demo starts no stand-in of its own."""
-    from worker.standin import OllamaStandin
+    from gpuscale.dev.standin import OllamaStandin
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUSCALE_", "DATACRUNCH_"))}
     # The demo's pools with a short idle timeout: this test is about Ollama, not about waiting.

@@ -22,8 +22,8 @@ import pytest
 import yaml
 from verda.containers._containers import Deployment
 
-from controller import deployspec
-from controller.emulator import Emulator, EmulatorConfig
+from gpuscale.controller import deployspec
+from gpuscale.dev.emulator import Emulator, EmulatorConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "deploy" / "datacrunch").glob("*.yaml"))
@@ -154,7 +154,7 @@ def apply(emu: Emulator, *args: str | Path) -> subprocess.CompletedProcess[str]:
         "DATACRUNCH_CLIENT_SECRET": emu.client_secret,
     }
     return subprocess.run(
-        [sys.executable, "-m", "controller.cli", "deploy", "apply", *map(str, args)],
+        [sys.executable, "-m", "gpuscale.cli", "deploy", "apply", *map(str, args)],
         env=env,
         capture_output=True,
         text=True,
@@ -253,7 +253,7 @@ def test_apply_reports_api_errors(emu: Emulator, tmp_path: Path) -> None:
 def test_apply_needs_credentials(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DATACRUNCH_")}
     result = subprocess.run(
-        [sys.executable, "-m", "controller.cli", "deploy", "apply", str(DEPLOYMENT_SPECS[0])],
+        [sys.executable, "-m", "gpuscale.cli", "deploy", "apply", str(DEPLOYMENT_SPECS[0])],
         env=env,
         capture_output=True,
         text=True,

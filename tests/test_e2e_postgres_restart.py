@@ -19,8 +19,8 @@ import asyncpg
 import pytest
 from e2e_stack import Stack
 
-from controller.db.embedded import EmbeddedPostgres
-from controller.db.migrate import migrate
+from gpuscale.db.embedded import EmbeddedPostgres
+from gpuscale.db.migrate import migrate
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -64,7 +64,7 @@ async def test_postgres_restart_mid_run(tmp_path: Path) -> None:
         assert server.dsn("e2e") == dsn
         restarted_s = time.monotonic() - t0
         stack.db = await asyncpg.create_pool(dsn, min_size=1, max_size=3)
-        from controller.queue import Queue
+        from gpuscale.queue import Queue
 
         stack.queue = Queue(stack.db)
         started = time.monotonic()

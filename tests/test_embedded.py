@@ -18,13 +18,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from controller.db.embedded import EmbeddedPostgres
+from gpuscale.db.embedded import EmbeddedPostgres
 
 # Holds the server until a line arrives on stdin (or a signal ends it).
 HOLDER = """
 import sys
 from pathlib import Path
-from controller.db.embedded import EmbeddedPostgres, stop_on_signals
+from gpuscale.db.embedded import EmbeddedPostgres, stop_on_signals
 stop_on_signals()
 srv = EmbeddedPostgres(Path(sys.argv[1]))
 print(srv.start(), flush=True)

@@ -21,9 +21,9 @@ import httpx
 import pytest
 from provider_kit import STANDIN, no_processes, replica_env, until
 
-from controller.emulator import Emulator, EmulatorConfig, FaultSpecError, parse_faults
-from controller.providers import CapacityError, ProviderError
-from controller.providers.datacrunch import DataCrunchClient, DataCrunchProvider, RetryPolicy
+from gpuscale.controller.providers import CapacityError, ProviderError
+from gpuscale.controller.providers.datacrunch import DataCrunchClient, DataCrunchProvider, RetryPolicy
+from gpuscale.dev.emulator import Emulator, EmulatorConfig, FaultSpecError, parse_faults
 
 _names = itertools.count()
 
@@ -334,7 +334,7 @@ def _free_port() -> int:
 
 
 def _gpuscale() -> list[str]:
-    return [sys.executable, "-m", "controller.cli"]
+    return [sys.executable, "-m", "gpuscale.cli"]
 
 
 def test_cli_rejects_a_bad_fault_spec() -> None:

@@ -35,7 +35,7 @@ from verda.containers._containers import (
 )
 from verda.exceptions import APIException
 
-from controller.emulator import Emulator, EmulatorConfig
+from gpuscale.dev.emulator import Emulator, EmulatorConfig
 
 T = TypeVar("T")
 

@@ -24,14 +24,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from worker.errors import DocumentError, InvalidAnswer, MissingInput, OllamaError, TaskError
-from worker.handlers import HANDLERS, TaskContext
-from worker.handlers.base import deck_text, merge_visual_pages
-from worker.ollama_client import OllamaClient
-from worker.pdf import fetch_pdf
-from worker.results import validate_result
-from worker.serving import BackgroundServer
-from worker.settings import WorkerSettings
+from gpuscale.worker.errors import DocumentError, InvalidAnswer, MissingInput, OllamaError, TaskError
+from gpuscale.worker.handlers import HANDLERS, TaskContext
+from gpuscale.worker.handlers.base import deck_text, merge_visual_pages
+from gpuscale.worker.ollama_client import OllamaClient
+from gpuscale.worker.pdf import fetch_pdf
+from gpuscale.worker.results import validate_result
+from gpuscale.worker.serving import BackgroundServer
+from gpuscale.worker.settings import WorkerSettings
 
 HOST = "http://ollama.test:11434"
 MODEL = "gemma3:12b"

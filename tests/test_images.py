@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.http import WorkerStatus, create_app
-from worker.serving import BackgroundServer
+from gpuscale.worker.http import WorkerStatus, create_app
+from gpuscale.worker.serving import BackgroundServer
 
 ROOT = Path(__file__).resolve().parent.parent
 POOLS = ("visual", "text")
@@ -82,7 +82,7 @@ def test_dockerfile_properties(pool: str) -> None:
     assert "OLLAMA_HOST=127.0.0.1:11434" in env, "Ollama stays on loopback; only the worker port is exposed"
     assert ("EXPOSE", "8001") in ins
     [health] = [a for w, a in ins if w == "HEALTHCHECK"]
-    assert '"-m", "worker.healthcheck"' in health and "--start-period=" in health
+    assert '"-m", "gpuscale.worker.healthcheck"' in health and "--start-period=" in health
     [entry] = [a for w, a in ins if w == "ENTRYPOINT"]
     assert json.loads(entry) == ["/usr/bin/tini", "--", "/usr/local/bin/gpuscale-entrypoint"]
     assert ("CMD", "[]") in ins, 'reset the base image\'s CMD ["serve"]'
@@ -158,7 +158,11 @@ def test_dockerignore_keeps_what_the_images_copy() -> None:
 def _healthcheck(port: int) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "GPUSCALE_WORKER_PORT": str(port)}
     return subprocess.run(
-        [sys.executable, "-m", "worker.healthcheck"], env=env, capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "gpuscale.worker.healthcheck"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
 
@@ -189,15 +193,19 @@ async def test_healthcheck_finds_a_worker_on_a_free_port_through_its_port_file(
     """GPUSCALE_WORKER_PORT=0 (Docker host networking): the worker writes its port down."""
     import asyncio
 
-    from worker.runtime import Worker
-    from worker.settings import WorkerSettings
+    from gpuscale.worker.runtime import Worker
+    from gpuscale.worker.settings import WorkerSettings
 
-    port_file = tmp_path / "worker.port"
+    port_file = tmp_path / "gpuscale.worker.port"
     env = {**os.environ, "GPUSCALE_WORKER_PORT": "0", "GPUSCALE_WORKER_PORT_FILE": str(port_file)}
 
     def check() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "worker.healthcheck"], env=env, capture_output=True, text=True, timeout=30
+            [sys.executable, "-m", "gpuscale.worker.healthcheck"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
 
     assert check().stdout.startswith("starting: no port file")

@@ -14,10 +14,10 @@ import httpx
 import pytest
 import respx
 
-from worker.errors import InvalidAnswer, OllamaError
-from worker.ollama_client import ModelNotFound, OllamaClient, parse_answer, same_model
-from worker.results import StartupName
-from worker.standin import OllamaStandin
+from gpuscale.dev.standin import OllamaStandin
+from gpuscale.worker.errors import InvalidAnswer, OllamaError
+from gpuscale.worker.ollama_client import ModelNotFound, OllamaClient, parse_answer, same_model
+from gpuscale.worker.results import StartupName
 
 HOST = "http://ollama.test:11434"
 

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from controller import policy as P
-from controller.policy import BudgetView, PoolObservation, PoolState, decide, idle_timeout
-from controller.pools import PoolRules
+from gpuscale.controller import policy as P
+from gpuscale.controller.policy import BudgetView, PoolObservation, PoolState, decide, idle_timeout
+from gpuscale.controller.pools import PoolRules
 
 
 def rules(**kw: Any) -> PoolRules:

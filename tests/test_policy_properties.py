@@ -18,9 +18,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller import policy as P
-from controller.policy import BudgetView, PoolObservation, PoolState, decide
-from controller.pools import PoolRules
+from gpuscale.controller import policy as P
+from gpuscale.controller.policy import BudgetView, PoolObservation, PoolState, decide
+from gpuscale.controller.pools import PoolRules
 
 SETTINGS = settings(max_examples=150, deadline=None)
 

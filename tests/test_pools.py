@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controller import tasktypes
-from controller.pools import PoolsFileError, load_pools, parse_duration, parse_pools
+from gpuscale.controller.pools import PoolsFileError, load_pools, parse_duration, parse_pools
+from gpuscale.queue import tasktypes
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
@@ -180,7 +180,7 @@ def test_cli_exits_2_on_bad_pools_file(tmp_path: Path) -> None:
     bad.write_text("visual_container_scaling: {min_replicas: 5, max_replicas: 1}\n")
     trace = DATA / "quiet_week.csv"
     proc = subprocess.run(
-        [sys.executable, "-m", "controller.cli", "simulate", "--trace", str(trace), "--pools", str(bad)],
+        [sys.executable, "-m", "gpuscale.cli", "simulate", "--trace", str(trace), "--pools", str(bad)],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -19,11 +19,11 @@ import pytest
 from docker_engine import BUSYBOX_IMAGE, DockerEngine, docker_engine
 from provider_kit import SH_STANDIN, STANDIN, STUBBORN, no_processes, replica_env, replica_pids, until
 
-from controller.emulator import Emulator, EmulatorConfig
-from controller.providers import DeploymentNotFound, LaunchSpec, Provider, ProviderState
-from controller.providers.datacrunch import DataCrunchClient, DataCrunchProvider, RetryPolicy
-from controller.providers.docker import LABEL_DEPLOYMENT, DockerProvider
-from controller.providers.local import LocalProvider
+from gpuscale.controller.providers import DeploymentNotFound, LaunchSpec, Provider, ProviderState
+from gpuscale.controller.providers.datacrunch import DataCrunchClient, DataCrunchProvider, RetryPolicy
+from gpuscale.controller.providers.docker import LABEL_DEPLOYMENT, DockerProvider
+from gpuscale.controller.providers.local import LocalProvider
+from gpuscale.dev.emulator import Emulator, EmulatorConfig
 
 POOL = "visual"
 _names = itertools.count()

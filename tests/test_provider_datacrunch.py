@@ -16,10 +16,15 @@ import pytest
 import respx
 from prometheus_client import REGISTRY, generate_latest
 
-from controller.cli import ConfigError
-from controller.providers import CapacityError, DeploymentNotFound, ProviderError, make_provider
-from controller.providers.datacrunch import ApiError, DataCrunchClient, DataCrunchProvider, RetryPolicy
-from controller.settings import Settings
+from gpuscale.common.errors import ConfigError
+from gpuscale.common.settings import Settings
+from gpuscale.controller.providers import CapacityError, DeploymentNotFound, ProviderError, make_provider
+from gpuscale.controller.providers.datacrunch import (
+    ApiError,
+    DataCrunchClient,
+    DataCrunchProvider,
+    RetryPolicy,
+)
 
 BASE = "https://dc.test.invalid/v1"
 CLIENT_ID = "gpuscale-client"

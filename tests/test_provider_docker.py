@@ -15,8 +15,8 @@ import pytest
 from docker_engine import BUSYBOX_IMAGE, DockerEngine, docker_engine
 from provider_kit import SH_STANDIN, until
 
-from controller.providers import CapacityError, LaunchSpec, ProviderError
-from controller.providers.docker import (
+from gpuscale.controller.providers import CapacityError, LaunchSpec, ProviderError
+from gpuscale.controller.providers.docker import (
     LABEL_DEPLOYMENT,
     LABEL_POOL,
     LABEL_REPLICA,

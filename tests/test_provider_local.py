@@ -10,12 +10,12 @@ import pytest
 from provider_kit import STANDIN, no_processes, replica_env, until
 from pydantic import SecretStr
 
-from controller.cli import ConfigError
-from controller.providers import LaunchSpec, ProviderError, make_provider, worker_command
-from controller.providers.datacrunch import DataCrunchProvider
-from controller.providers.docker import DockerProvider
-from controller.providers.local import LocalProvider, choose_victims
-from controller.settings import Settings
+from gpuscale.common.errors import ConfigError
+from gpuscale.common.settings import Settings
+from gpuscale.controller.providers import LaunchSpec, ProviderError, make_provider, worker_command
+from gpuscale.controller.providers.datacrunch import DataCrunchProvider
+from gpuscale.controller.providers.docker import DockerProvider
+from gpuscale.controller.providers.local import LocalProvider, choose_victims
 
 # The leader starts a child that ignores SIGTERM, then exits 0 on SIGTERM itself, abandoning it.
 ABANDONS_A_CHILD = (

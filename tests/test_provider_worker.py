@@ -15,10 +15,10 @@ import asyncpg
 import pytest
 from provider_kit import no_processes, until
 
-from controller.emulator import Emulator, EmulatorConfig
-from controller.providers import LaunchSpec, Provider
-from controller.providers.datacrunch import DataCrunchClient, DataCrunchProvider, RetryPolicy
-from controller.providers.local import LocalProvider
+from gpuscale.controller.providers import LaunchSpec, Provider
+from gpuscale.controller.providers.datacrunch import DataCrunchClient, DataCrunchProvider, RetryPolicy
+from gpuscale.controller.providers.local import LocalProvider
+from gpuscale.dev.emulator import Emulator, EmulatorConfig
 
 DEPLOYMENT = "gpuscale-bench"
 

@@ -8,7 +8,7 @@ import collections
 import asyncpg
 import pytest
 
-from controller.queue import (
+from gpuscale.queue import (
     NOTIFY_CHANNEL,
     InvalidTask,
     NewTask,

@@ -6,7 +6,7 @@ import asyncio
 
 import asyncpg
 
-from controller.queue import NewTask, Queue
+from gpuscale.queue import NewTask, Queue
 
 
 async def test_heartbeat_only_extends_leases_of_tasks_still_held(db: asyncpg.Pool) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from controller.queue import NewTask, Queue
+from gpuscale.queue import NewTask, Queue
 
 
 async def test_retention_keeps_dead_and_failed_tasks(db: asyncpg.Pool) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import asyncpg
 import pytest
 
-from controller.queue import NewTask, Queue, QueueError, ServerInfo
+from gpuscale.queue import NewTask, Queue, QueueError, ServerInfo
 
 
 def info(server_id: str, pool: str = "bench", **kw: object) -> ServerInfo:

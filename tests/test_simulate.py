@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from controller.pools import PoolsConfig, load_pools, parse_pools
-from controller.simulate import TraceError, TraceTask, read_trace, simulate, write_trace
-from controller.simulate.generate import generate
-from controller.simulate.report import summary
+from gpuscale.controller.pools import PoolsConfig, load_pools, parse_pools
+from gpuscale.controller.simulate import TraceError, TraceTask, read_trace, simulate, write_trace
+from gpuscale.controller.simulate.generate import generate
+from gpuscale.controller.simulate.report import summary
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
@@ -178,7 +178,7 @@ def test_unserved_task_type_is_an_error() -> None:
 
 def gpuscale(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "controller.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+        [sys.executable, "-m", "gpuscale.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=120
     )
 
 

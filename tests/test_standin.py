@@ -15,9 +15,9 @@ import ollama
 import pytest
 from pydantic import BaseModel
 
-from worker.ollama_client import OllamaClient
-from worker.results import TEXT_ANSWERS, SlideDescription, SlideFeedback
-from worker.standin import OllamaStandin, parse_keep_alive
+from gpuscale.dev.standin import OllamaStandin, parse_keep_alive
+from gpuscale.worker.ollama_client import OllamaClient
+from gpuscale.worker.results import TEXT_ANSWERS, SlideDescription, SlideFeedback
 
 
 @pytest.fixture
@@ -125,7 +125,17 @@ def test_keep_alive_parsing() -> None:
 
 def test_runs_as_a_module_and_stops_on_sigterm() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.standin", "--port", "0", "--latency", "0", "--models", "gemma3:12b"],
+        [
+            sys.executable,
+            "-m",
+            "gpuscale.dev.standin",
+            "--port",
+            "0",
+            "--latency",
+            "0",
+            "--models",
+            "gemma3:12b",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -8,10 +8,10 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from worker.http import WorkerStatus, create_app
-from worker.ollama_client import OllamaClient
-from worker.serving import BackgroundServer
-from worker.standin import OllamaStandin
+from gpuscale.dev.standin import OllamaStandin
+from gpuscale.worker.http import WorkerStatus, create_app
+from gpuscale.worker.ollama_client import OllamaClient
+from gpuscale.worker.serving import BackgroundServer
 
 TOKEN = "s3cret-token-value"
 

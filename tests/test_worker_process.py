@@ -22,10 +22,10 @@ import httpx
 import pytest
 from pdfs import make_deck
 
-from controller.queue import NewTask, Queue
-from worker.handlers.templates import template_for
-from worker.results import validate_result
-from worker.standin import OllamaStandin
+from gpuscale.dev.standin import OllamaStandin
+from gpuscale.queue import NewTask, Queue
+from gpuscale.worker.handlers.templates import template_for
+from gpuscale.worker.results import validate_result
 
 GPUSCALE = str(Path(sys.executable).with_name("gpuscale"))
 

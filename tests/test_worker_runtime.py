@@ -16,15 +16,14 @@ import asyncpg
 import httpx
 import pytest
 
-from controller import tasktypes
-from controller.queue import NewTask, Queue
-from worker.errors import InvalidAnswer, OllamaError, TaskError
-from worker.handlers import TaskContext
-from worker.handlers.noop import noop
-from worker.ollama_client import ModelNotFound
-from worker.runtime import Worker
-from worker.settings import WorkerSettings
-from worker.standin import OllamaStandin
+from gpuscale.dev.standin import OllamaStandin
+from gpuscale.queue import NewTask, Queue, tasktypes
+from gpuscale.worker.errors import InvalidAnswer, OllamaError, TaskError
+from gpuscale.worker.handlers import TaskContext
+from gpuscale.worker.handlers.noop import noop
+from gpuscale.worker.ollama_client import ModelNotFound
+from gpuscale.worker.runtime import Worker
+from gpuscale.worker.settings import WorkerSettings
 
 
 def _settings(**kw: Any) -> WorkerSettings:
@@ -298,7 +297,7 @@ async def test_heartbeat_survives_listen_failing_on_a_closed_connection(
 ) -> None:
     """The connection closes between connect and LISTEN (InterfaceError): heartbeats go on and
     the listener is opened again at a later beat."""
-    import worker.runtime as runtime
+    import gpuscale.worker.runtime as runtime
 
     real_listen = runtime.listen
     attempts: list[str] = []

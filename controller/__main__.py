@@ -1,5 +1,0 @@
-"""``python -m controller`` is ``gpuscale``."""
-
-from controller.cli import main
-
-main()

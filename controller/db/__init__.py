@@ -1,6 +1,0 @@
-"""Database access: where the PostgreSQL server is (external or embedded), pools, migrations."""
-
-from controller.db.connect import Database, connect_pool, resolve_dsn
-from controller.db.migrate import migrate
-
-__all__ = ["Database", "connect_pool", "migrate", "resolve_dsn"]

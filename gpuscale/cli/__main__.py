@@ -1,0 +1,5 @@
+"""``python -m gpuscale.cli`` is ``gpuscale``."""
+
+from gpuscale.cli.app import main
+
+main()

@@ -1,0 +1,66 @@
+"""The ``gpuscale`` command line (typer).
+
+Each area registers its commands from its own module in this package, so the root only
+assembles them.  Usage errors exit 2 (click's convention); so do configuration errors
+(:class:`ConfigError`), with the file, the field and what is wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from gpuscale import __version__
+from gpuscale.cli import control, demo, providers, queue, sim, workers
+from gpuscale.cli.errors import fail
+from gpuscale.common.errors import ConfigError
+
+app = typer.Typer(
+    name="gpuscale",
+    help="Autoscaling controller for on-demand GPU containers, driven by a PostgreSQL task queue.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gpuscale {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
+    log_level: str = typer.Option("INFO", "--log-level", envvar="GPUSCALE_LOG_LEVEL", help="Log level."),
+    log_format: str = typer.Option(
+        "text", "--log-format", envvar="GPUSCALE_LOG_FORMAT", help="Log format: text or json."
+    ),
+) -> None:
+    from gpuscale.common.logs import setup_logging
+
+    if log_format not in ("text", "json"):
+        raise fail(f"--log-format must be 'text' or 'json', not {log_format!r}")
+    setup_logging(log_level, log_format)
+
+
+for _module in (queue, control, workers, sim, providers, demo):
+    _module.register(app)
+
+
+def main() -> None:
+    from gpuscale.db.embedded import stop_on_signals
+
+    stop_on_signals()
+    try:
+        app()
+    except ConfigError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+    finally:
+        logging.shutdown()

@@ -1,0 +1,165 @@
+"""Provider commands: ``gpuscale deploy apply`` and ``gpuscale emulator``."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from gpuscale.cli.errors import fail
+
+deploy_app = typer.Typer(help="DataCrunch deployments.", no_args_is_help=True)
+
+
+def _show(value: Any) -> str:
+    return repr(value) if not isinstance(value, str) else f"'{value}'"
+
+
+async def _apply(files: list[Path], dry_run: bool) -> int:
+    from gpuscale.common.errors import ConfigError
+    from gpuscale.common.settings import get_settings
+    from gpuscale.controller import deployspec
+    from gpuscale.controller.providers import datacrunch_client
+    from gpuscale.controller.providers.base import ProviderError
+
+    try:
+        specs = [deployspec.load_file(path) for path in files]
+    except deployspec.SpecError as exc:
+        raise fail(str(exc)) from None
+    names = [s["name"] for s in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise fail(f"deployment {', '.join(duplicates)} is defined in more than one file")
+
+    try:
+        client = datacrunch_client(get_settings(), purpose="deploy apply")
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    suffix = " (dry run: nothing changed)" if dry_run else ""
+    try:
+        for spec, path in zip(specs, files, strict=True):
+            name = spec["name"]
+            current = await client.get_deployment(name)
+            changes = deployspec.diff(current, spec)
+            if current is None:
+                typer.echo(f"{name}: create from {path}{suffix}")
+                for key, _, new in changes:
+                    typer.echo(f"  + {key} = {_show(new)}")
+                typer.echo(
+                    f"  + scaling.min_replica_count = {spec['scaling']['min_replica_count']}, "
+                    f"max_replica_count = {spec['scaling']['max_replica_count']}"
+                )
+                if not dry_run:
+                    await client.create_deployment(spec)
+            elif not changes:
+                typer.echo(f"{name}: unchanged")
+            else:
+                typer.echo(f"{name}: update, {len(changes)} change(s) from {path}{suffix}")
+                for key, old, new in changes:
+                    typer.echo(f"  ~ {key}: {_show(old)} -> {_show(new)}")
+                if not dry_run:
+                    await client.update_deployment(name, deployspec.update_body(current, spec))
+    except ProviderError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        return 1
+    finally:
+        await client.aclose()
+    return 0
+
+
+@deploy_app.command("apply")
+def apply(
+    files: list[Path] = typer.Argument(..., help="Deployment specs, e.g. deploy/datacrunch/visual.yaml."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the changes without making them."),
+) -> None:
+    """Create or update DataCrunch deployments from YAML specs, idempotently.
+
+    Shows what changes; changes nothing when the deployment already matches.  The replica counts
+    of an existing deployment are the controller's and are left as they are.
+    """
+    specs = [f for f in files if f.name != "pools.yaml"]  # the pool rules live next to the specs
+    if not specs:
+        raise fail("no deployment spec given (pools.yaml holds pool rules, not a deployment)")
+    code = asyncio.run(_apply(specs, dry_run))
+    if code:
+        raise typer.Exit(code)
+
+
+def emulator(
+    port: int = typer.Option(
+        None, "--port", help="Port on 127.0.0.1 (default GPUSCALE_EMULATOR_PORT, 8765)."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    cold_start: float = typer.Option(2.0, "--cold-start", min=0, help="Seconds before a new replica starts."),
+    grace: float = typer.Option(10.0, "--grace", min=0, help="Seconds between SIGTERM and SIGKILL."),
+    faults: str = typer.Option("", "--faults", help="Fault spec, e.g. 'throttle=0.2,error=0.1,quota=2'."),
+    command: str = typer.Option(
+        None,
+        "--command",
+        help="Replica command when a deployment has no entrypoint override; {pool} and {python} "
+        "are filled in (default: gpuscale worker --pool {pool}).",
+    ),
+    secret: list[str] = typer.Option(
+        [], "--secret", help="NAME=VALUE for a secret reference (repeatable); else the environment."
+    ),
+    stop_order: str = typer.Option("random", "--stop-order", help="Which replica a scale-down stops."),
+    log_dir: Path = typer.Option(None, "--log-dir", help="Write each replica's output to DIR/<id>.log."),
+    client_id: str = typer.Option(
+        None,
+        "--client-id",
+        help="OAuth2 client id it accepts (default GPUSCALE_EMULATOR_CLIENT_ID, DATACRUNCH_CLIENT_ID or "
+        "'emulator'); the secret comes from GPUSCALE_EMULATOR_CLIENT_SECRET or DATACRUNCH_CLIENT_SECRET "
+        "(default 'emulator-secret'), never from a flag.",
+    ),
+) -> None:
+    """Serve an emulator of the DataCrunch container API on loopback.
+
+    Deployments live in memory; replicas are real local worker processes.  Point the controller
+    at it with DATACRUNCH_BASE_URL=http://127.0.0.1:PORT/v1 and the same client id and secret.
+    """
+    from gpuscale.common.settings import get_settings
+    from gpuscale.dev.emulator import EmulatorConfig, FaultSpecError, parse_faults, serve_forever
+    from gpuscale.dev.emulator.app import DEFAULT_COMMAND
+
+    settings = get_settings()
+    try:
+        parsed = parse_faults(faults)
+    except FaultSpecError as exc:
+        raise fail(f"--faults: {exc}") from None
+    if stop_order not in ("random", "newest", "oldest"):
+        raise fail("--stop-order must be random, newest or oldest")
+    secrets: dict[str, str] = {}
+    for item in secret:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise fail(
+                "--secret expects NAME=VALUE (an item had no '=' or no name; not shown: it may be a secret)"
+            )
+        secrets[name] = value
+    client_id = client_id or settings.emulator_client_id or settings.datacrunch_client_id or "emulator"
+    secret_value = settings.emulator_client_secret or settings.datacrunch_client_secret
+    config = EmulatorConfig(
+        client_id=client_id,
+        client_secret=secret_value.get_secret_value() if secret_value else "emulator-secret",
+        cold_start_s=cold_start,
+        grace_s=grace,
+        default_command=command or DEFAULT_COMMAND,
+        secrets=secrets,
+        stop_order=stop_order,  # type: ignore[arg-type]
+        log_dir=log_dir,
+        faults=parsed,
+    )
+    listen = port if port is not None else settings.emulator_port
+    typer.echo(
+        f"DataCrunch emulator: DATACRUNCH_BASE_URL=http://{host}:{listen}/v1 "
+        f"DATACRUNCH_CLIENT_ID={client_id}"
+        + ("" if secret_value else " DATACRUNCH_CLIENT_SECRET=emulator-secret")
+    )
+    asyncio.run(serve_forever(config, host, listen))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(deploy_app, name="deploy")
+    app.command("emulator")(emulator)

@@ -1,0 +1,435 @@
+"""Queue commands: ``db migrate``, ``enqueue``, ``submit-deck``, ``status``, ``bench queue``.
+
+Every command that touches the database applies pending migrations first (idempotent and
+serialized by an advisory lock), so a fresh checkout works without a separate ``db migrate``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import typer
+
+from gpuscale.cli.errors import fail
+
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (print numbers; not tests).", no_args_is_help=True)
+
+T = TypeVar("T")
+
+if TYPE_CHECKING:  # imports stay lazy at run time so `--help` is fast
+    from rich.console import Console
+
+    from gpuscale.queue import Queue
+
+
+@asynccontextmanager
+async def open_queue(*, max_size: int = 4) -> AsyncIterator[Queue]:
+    """A :class:`~gpuscale.queue.Queue` on the configured database, schema migrated."""
+    from gpuscale.common.settings import get_settings
+    from gpuscale.db import Database, migrate
+    from gpuscale.queue import Queue
+
+    settings = get_settings()
+    async with Database(max_size=max_size) as pool:
+        async with pool.acquire() as conn:
+            await migrate(conn)  # type: ignore[arg-type]  # a pooled connection works the same
+        yield Queue(pool, max_payload_bytes=settings.max_payload_bytes, lease_s=settings.lease_seconds)
+
+
+def run_db(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``fn`` and turn a database that cannot be reached into a clear exit-2 message.
+
+    The message names the failure, never the DSN (it may carry a password)."""
+    import asyncpg
+
+    try:
+        return asyncio.run(fn())
+    except (
+        OSError,
+        asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+        asyncpg.exceptions.InvalidCatalogNameError,
+        asyncpg.exceptions.InvalidPasswordError,
+    ) as exc:
+        raise fail(
+            f"cannot use the database ({type(exc).__name__}: {exc}); "
+            "check GPUSCALE_DATABASE_URL, or unset it to use the embedded PostgreSQL"
+        ) from None
+
+
+@db_app.command("migrate")
+def db_migrate() -> None:
+    """Apply pending schema migrations (idempotent, safe to run concurrently)."""
+    from gpuscale.db import Database, migrate
+
+    async def run() -> None:
+        async with Database(max_size=1) as pool, pool.acquire() as conn:
+            applied = await migrate(conn)  # type: ignore[arg-type]
+        typer.echo(
+            f"applied {len(applied)} migration(s): {', '.join(f'{m.version:04d}_{m.name}' for m in applied)}"
+            if applied
+            else "schema is up to date"
+        )
+
+    run_db(run)
+
+
+def enqueue(
+    task_type: str = typer.Argument(..., metavar="TYPE", help="Task type, e.g. startup_name_extraction."),
+    payload: str = typer.Option("{}", "--payload", help="Payload as a JSON object."),
+    priority: str = typer.Option("normal", "--priority", help="normal, high or critical."),
+    depends_on: list[int] = typer.Option(
+        [], "--depends-on", help="Id of a task this one waits for (repeatable)."
+    ),
+    document_id: str | None = typer.Option(
+        None, "--document-id", help="Document (deck) this task belongs to."
+    ),
+    max_attempts: int | None = typer.Option(
+        None, "--max-attempts", min=1, help="Override the type's default."
+    ),
+) -> None:
+    """Enqueue one task; prints its id."""
+    from gpuscale.queue import InvalidTask, NewTask
+
+    try:
+        data = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise fail(f"--payload is not valid JSON: {exc}") from None
+    task = NewTask(task_type, data, priority, list(depends_on), document_id, max_attempts)
+
+    async def run() -> int:
+        async with open_queue(max_size=2) as q:
+            return await q.enqueue(task)
+
+    try:
+        task_id = run_db(run)
+    except InvalidTask as exc:
+        raise fail(str(exc)) from None
+    typer.echo(task_id)
+
+
+def submit_deck(
+    pdf: Path = typer.Argument(..., metavar="FILE.pdf", help="The pitch deck."),
+    batch_pages: int | None = typer.Option(
+        None, "--batch-pages", min=1, help="Pages per visual_analysis task."
+    ),
+    priority: str = typer.Option("normal", "--priority", help="normal, high or critical."),
+    as_json: bool = typer.Option(False, "--json", help="Print the submission as JSON."),
+) -> None:
+    """Submit a pitch-deck PDF: creates its whole task graph in one transaction."""
+    from gpuscale.common.settings import get_settings
+    from gpuscale.queue import InvalidTask, Priority
+    from gpuscale.queue.deck import DeckError, count_pages
+    from gpuscale.queue.deck import submit_deck as submit
+
+    try:
+        Priority(priority)
+    except ValueError:
+        raise fail(f"unknown priority {priority!r}; use normal, high or critical") from None
+    try:
+        count_pages(pdf.absolute())  # refuse a bad file before starting a database
+    except DeckError as exc:
+        raise fail(str(exc)) from None
+    pages_per_task = batch_pages or get_settings().deck_batch_pages
+
+    async def run() -> Any:
+        async with open_queue(max_size=2) as q:
+            return await submit(q, pdf, batch_pages=pages_per_task, priority=priority)
+
+    try:
+        sub = run_db(run)
+    except InvalidTask as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "document_id": sub.document_id,
+                    "document": sub.document,
+                    "pages": sub.pages,
+                    "task_ids": sub.task_ids,
+                }
+            )
+        )
+        return
+    total = sum(len(v) for v in sub.task_ids.values())
+    typer.echo(f"submitted {sub.document_id}: {sub.pages} pages, {total} tasks")
+    for name, ids in sub.task_ids.items():
+        typer.echo(f"  {name}: {', '.join(map(str, ids))}")
+
+
+# ----------------------------------------------------------------------------------- status
+
+
+async def collect_status(q: Queue) -> dict[str, Any]:
+    """The data behind ``gpuscale status``: per-pool counts and registered servers (JSON-ready)."""
+    from gpuscale.queue import tasktypes
+
+    stats = await q.stats()
+    servers = await q.list_servers(include_dead=True)
+    # Pools that serve task types show even when empty; the benchmark pool only when used.
+    names = {t.pool for t in tasktypes.all_types().values() if t.pool != "bench"} | set(stats)
+    pools: dict[str, Any] = {}
+    for name in sorted(names):
+        s = stats.get(name)
+        pools[name] = {
+            "blocked": s.blocked if s else 0,
+            "blocked_on_running": s.blocked_on_running if s else 0,
+            "queued": s.queued_total if s else 0,
+            "queued_by_priority": {p.value: n for p, n in s.queued.items()} if s else {},
+            "waiting_backoff": s.waiting_backoff if s else 0,
+            "running": s.running if s else 0,
+            "done": s.done if s else 0,
+            "failed": s.failed if s else 0,
+            "dead": s.dead if s else 0,
+            "cancelled": s.cancelled if s else 0,
+            "oldest_queued_age_s": round(s.oldest_queued_age_s, 3)
+            if s and s.oldest_queued_age_s is not None
+            else None,
+        }
+    return {
+        "pools": pools,
+        "servers": [
+            {
+                "id": sv.id,
+                "pool": sv.pool,
+                "status": sv.status,
+                "container_id": sv.container_id,
+                "current_load": sv.current_load,
+                "max_concurrent_tasks": sv.max_concurrent_tasks,
+                "models": sv.models,
+                "version": sv.version,
+                "last_heartbeat": sv.last_heartbeat.isoformat() if sv.last_heartbeat else None,
+                "started_at": sv.started_at.isoformat() if sv.started_at else None,
+            }
+            for sv in servers
+        ],
+    }
+
+
+def _age(iso: str | None) -> str:
+    secs = _since(iso)
+    return "-" if secs is None else _duration(secs) + " ago"
+
+
+def _duration(secs: float | None) -> str:
+    if secs is None or math.isnan(secs):
+        return "-"
+    secs = max(0.0, secs)
+    if secs < 60:
+        return f"{secs:.0f}s"
+    if secs < 3600:
+        return f"{secs / 60:.0f}m"
+    return f"{secs / 3600:.1f}h"
+
+
+def render_status(data: dict[str, Any], console: Console | None = None) -> None:
+    """Print :func:`collect_status` data as rich tables (pools, then servers).
+
+    Extra per-pool keys (e.g. the controller's replica counts) become extra columns, so callers
+    can merge their own fields into ``data["pools"][name]`` before rendering."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    pools: dict[str, Any] = data.get("pools", {})
+    base = ["blocked", "queued", "running", "done", "failed", "dead"]
+    # Shown only when some pool has them, to keep the table narrow.
+    optional = [c for c in ("waiting_backoff", "cancelled") if any(p.get(c) for p in pools.values())]
+    skip = {*base, *optional, "waiting_backoff", "cancelled", "queued_by_priority", "oldest_queued_age_s"}
+    skip.add("blocked_on_running")
+    extra = sorted({k for p in pools.values() for k in p if k not in skip})
+    table = Table(title="Pools", title_justify="left")
+    table.add_column("pool", style="bold")
+    for col in base + optional:
+        table.add_column("backoff" if col == "waiting_backoff" else col, justify="right")
+    table.add_column("oldest", justify="right")
+    for col in extra:
+        table.add_column(col.replace("_", " "), justify="right")
+    for name, p in pools.items():
+        prio = p.get("queued_by_priority") or {}
+        urgent = [f"{prio[k]}{k[0]}" for k in ("critical", "high") if prio.get(k)]
+        queued = str(p.get("queued", 0)) + (f" ({' '.join(urgent)})" if urgent else "")
+        cells = [queued if c == "queued" else str(p.get(c, 0)) for c in base + optional]
+        table.add_row(
+            name, *cells, _duration(p.get("oldest_queued_age_s")), *(str(p.get(c, "-")) for c in extra)
+        )
+    console.print(table)
+
+    servers = data.get("servers", [])
+    if not servers:
+        console.print("Servers: none registered")
+        return
+    st = Table(title="Servers", title_justify="left")
+    for col in ("id", "pool", "status", "load", "models", "version", "heartbeat", "up"):
+        st.add_column(col)
+    for s in servers:
+        st.add_row(
+            s["id"],
+            s["pool"],
+            s["status"],
+            f"{s['current_load']}/{s['max_concurrent_tasks']}",
+            ", ".join(s.get("models") or []) or "-",
+            s.get("version") or "-",
+            _age(s.get("last_heartbeat")),
+            _duration(_since(s.get("started_at"))),
+        )
+    console.print(st)
+
+
+def _since(iso: str | None) -> float | None:
+    if not iso:
+        return None
+    return (datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds()
+
+
+async def controller_status(q: Queue, controller_url: str | None) -> dict[str, dict[str, Any]]:
+    """Per pool: the controller's live view (replicas desired / provider / registered, last
+    decision) from its ``/api/pools`` when it answers, else the last recorded decision and the
+    pause flag from the database.  Keys become extra columns of the status table."""
+    import httpx
+
+    from gpuscale.controller.store import ControllerStore
+
+    out: dict[str, dict[str, Any]] = {}
+    store = ControllerStore(q.pool)
+    paused = await store.paused_pools()
+    for pool, event in (await store.last_events()).items():
+        out.setdefault(pool, {})["decision"] = f"{event['to_replicas']} ({event['reason']})"
+    if controller_url:
+        try:
+            async with httpx.AsyncClient(timeout=2) as client:
+                answer = (await client.get(controller_url.rstrip("/") + "/api/pools")).json()
+            for p in answer.get("pools", []):
+                row = out.setdefault(p["name"], {})
+                row["replicas"] = "/".join(
+                    "?" if p.get(k) is None else str(p[k])
+                    for k in ("replicas_desired", "replicas_provider", "replicas_registered")
+                )
+                d = p.get("last_decision") or {}
+                if d:
+                    row["decision"] = f"{d.get('desired')} ({d.get('reason')})"
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass  # no controller answering here: the database's view is all there is
+    for name in paused:
+        out.setdefault(name, {})["paused"] = "yes"
+    return out
+
+
+def status(
+    as_json: bool = typer.Option(False, "--json", help="Print the same data as JSON."),
+    watch: float | None = typer.Option(
+        None, "--watch", min=0.5, help="Refresh every N seconds until Ctrl-C (e.g. --watch 2)."
+    ),
+    controller_url: str | None = typer.Option(
+        None,
+        "--controller",
+        help="Controller HTTP API for live replica counts (default http://GPUSCALE_HTTP_HOST:GPUSCALE_HTTP_PORT).",
+    ),
+) -> None:
+    """Show pools (blocked / queued / running / done / failed / dead, replicas desired/provider/
+    registered, last decision) and servers."""
+    from gpuscale.common.settings import get_settings
+
+    if controller_url is None:
+        settings = get_settings()
+        controller_url = f"http://{settings.http_host}:{settings.http_port}"
+
+    async def collect(q: Queue) -> dict[str, Any]:
+        data = await collect_status(q)
+        for name, extra in (await controller_status(q, controller_url)).items():
+            if name in data["pools"]:
+                data["pools"][name].update(extra)
+        return data
+
+    async def once() -> dict[str, Any]:
+        async with open_queue(max_size=2) as q:
+            return await collect(q)
+
+    if watch is None:
+        data = run_db(once)
+        if as_json:
+            typer.echo(json.dumps(data, indent=2))
+        else:
+            render_status(data)
+        return
+
+    async def loop() -> None:
+        from rich.console import Console, Group
+        from rich.live import Live
+
+        console = Console()
+        async with open_queue(max_size=2) as q:
+            with Live(console=console, auto_refresh=False) as live:
+                while True:
+                    data = await collect(q)
+                    if as_json:
+                        live.update(json.dumps(data, indent=2), refresh=True)
+                    else:
+                        capture = Console(width=console.width, record=True)
+                        with capture.capture() as cap:
+                            render_status(data, capture)
+                        from rich.text import Text
+
+                        live.update(Group(Text.from_ansi(cap.get())), refresh=True)
+                    await asyncio.sleep(watch)
+
+    try:
+        run_db(loop)
+    except KeyboardInterrupt:
+        pass
+
+
+# ----------------------------------------------------------------------------------- bench
+
+
+@bench_app.command("queue")
+def bench_queue(
+    tasks: int = typer.Option(20_000, "--tasks", min=1, help="No-op tasks to enqueue and drain."),
+    concurrency: int = typer.Option(8, "--concurrency", min=1, max=256, help="Concurrent consumers."),
+    claim_batch: int = typer.Option(
+        100, "--claim-batch", min=1, help="Tasks per claim (and per batched complete)."
+    ),
+    enqueue_batch: int = typer.Option(1000, "--enqueue-batch", min=1, help="Tasks per enqueue round trip."),
+    depth_rows: int = typer.Option(
+        0, "--depth-rows", min=0, help="Also time depth reads with this many queued rows (e.g. 1000000)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Enqueue and drain no-op tasks through the real claim/complete path; print throughput.
+
+    Uses the "bench" pool as scratch space: emptied (and vacuumed) before and after."""
+    from gpuscale.controller.bench import run_queue_bench
+
+    async def run() -> Any:
+        async with open_queue(max_size=concurrency + 2) as q:
+            return await run_queue_bench(
+                q.pool,
+                tasks=tasks,
+                concurrency=concurrency,
+                claim_batch=claim_batch,
+                enqueue_batch=enqueue_batch,
+                depth_rows=depth_rows or None,
+            )
+
+    result = run_db(run).as_dict()
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    for key, value in result.items():
+        typer.echo(f"{key:>24}: {value}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(db_app, name="db")
+    app.command("enqueue")(enqueue)
+    app.command("submit-deck")(submit_deck)
+    app.command("status")(status)
+    app.add_typer(bench_app, name="bench")

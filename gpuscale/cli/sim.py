@@ -1,0 +1,133 @@
+"""Simulator commands: ``gpuscale simulate`` and ``gpuscale trace generate``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from gpuscale.cli.errors import fail
+
+trace_app = typer.Typer(help="Traces for the simulator.", no_args_is_help=True)
+
+
+def simulate(
+    trace: Path = typer.Option(
+        ..., "--trace", help="Trace CSV: arrival_s,task_id,task_type,service_s,priority,depends_on."
+    ),
+    pools: Path = typer.Option(
+        None, "--pools", help="Pools file (default: GPUSCALE_POOLS_FILE or deploy/datacrunch/pools.yaml)."
+    ),
+    cold_start: float | None = typer.Option(
+        None,
+        "--cold-start",
+        min=0,
+        help="Cold start in seconds for every pool (default: each pool's cold_start).",
+    ),
+    policy: str = typer.Option("gpuscale", "--policy", help="gpuscale | no-prewarm | always-on | seeds."),
+    tick: float | None = typer.Option(
+        None, "--tick", min=0.1, help="Controller reconcile interval in seconds (default: the pools file's)."
+    ),
+    budget: float | None = typer.Option(
+        None,
+        "--budget",
+        min=0.01,
+        help="Monthly budget in USD (default: the pools file's).",
+    ),
+    startup_failure_rate: float = typer.Option(
+        0.0, "--startup-failure-rate", min=0.0, max=1.0, help="Chance that a new replica never registers."
+    ),
+    seed: int = typer.Option(1, "--seed", help="Random seed for --startup-failure-rate."),
+    counts_only: bool = typer.Option(
+        False, "--counts-only", help="Give the policy task counts only, no work estimates."
+    ),
+    period_days: float | None = typer.Option(
+        None,
+        "--period-days",
+        min=0.01,
+        help="Trace period for the always-on cost (default: whole days spanned).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="Write a PNG of queue depth and replicas per pool."
+    ),
+) -> None:
+    """Replay a trace against a scaling policy with a virtual clock and report cost and latency."""
+    from gpuscale.controller.pools import PoolsFileError, load_pools
+    from gpuscale.controller.simulate.engine import POLICIES
+    from gpuscale.controller.simulate.engine import simulate as run_sim
+    from gpuscale.controller.simulate.report import format_text, summary
+    from gpuscale.controller.simulate.trace import TraceError, read_trace
+
+    if policy not in POLICIES:
+        raise fail(f"--policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+    if pools is None:
+        from gpuscale.common.settings import get_settings
+
+        pools = get_settings().pools_file
+    try:
+        config = load_pools(pools)
+        tasks = read_trace(trace)
+        result = run_sim(
+            tasks,
+            config,
+            policy=policy,
+            cold_start_s=cold_start,
+            tick_s=tick,
+            budget_usd=budget,
+            startup_failure_rate=startup_failure_rate,
+            seed=seed,
+            counts_only=counts_only,
+            period_s=None if period_days is None else period_days * 86400.0,
+        )
+    except (PoolsFileError, TraceError) as exc:
+        raise fail(str(exc)) from None
+    data = summary(result)
+    if plot is not None:
+        from gpuscale.controller.simulate.plot import plot_result
+
+        try:
+            plot_result(result, plot, title=f"{trace.name} — policy {policy}")
+        except OSError as exc:
+            raise fail(f"{plot}: cannot write plot: {exc.strerror or exc}") from None
+    if as_json:
+        typer.echo(json.dumps(data, sort_keys=True))
+    else:
+        typer.echo(format_text(data))
+        if plot is not None:
+            typer.echo(f"plot written to {plot}")
+
+
+@trace_app.command("generate")
+def generate(
+    kind: str = typer.Option("month", "--kind", help="busy-day | quiet-week | month."),
+    out: Path = typer.Option(..., "--out", help="Where to write the trace CSV."),
+    seed: int = typer.Option(1, "--seed", help="Random seed (the same seed gives the same trace)."),
+    decks_per_day: float | None = typer.Option(
+        None,
+        "--decks-per-day",
+        min=0,
+        help="Decks per working day (default: 30 busy-day, 3 quiet-week, 15 month).",
+    ),
+    days: int | None = typer.Option(None, "--days", min=1, max=366, help="Length in days (default by kind)."),
+) -> None:
+    """Write a realistic trace from the seeds' numbers (30-page decks in working-hour bursts)."""
+    from gpuscale.controller.simulate.generate import KINDS
+    from gpuscale.controller.simulate.generate import generate as gen
+    from gpuscale.controller.simulate.trace import write_trace
+
+    if kind not in KINDS:
+        raise fail(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    tasks = gen(kind, seed=seed, decks_per_day=decks_per_day, days=days)
+    try:
+        n = write_trace(out, tasks)
+    except OSError as exc:
+        raise fail(f"{out}: cannot write trace: {exc.strerror or exc}") from None
+    decks = len({t.task_id.split("-", 1)[0] for t in tasks})
+    typer.echo(f"wrote {n} tasks ({decks} decks) to {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("simulate")(simulate)
+    app.add_typer(trace_app, name="trace")

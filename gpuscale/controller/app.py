@@ -1,0 +1,407 @@
+"""The ``gpuscale controller`` process: wiring of the database, the leader lock, the provider,
+the reconciler, the periodic jobs (apscheduler) and the ops HTTP server.
+
+Jobs (AsyncIOScheduler, one instance of each at a time):
+
+* reconcile — every ``reconcile_interval`` (pools file; 5-10 s), every pool, leader only;
+* reaper — servers whose heartbeat stopped become ``dead`` and their tasks go back to the queue;
+  expired leases are requeued too;
+* cost — replicas × price accrued into ``pool_spend`` and ``gpuscale_spend_usd_total``;
+* retention — ``done`` tasks older than ``retention_days`` deleted in batches.
+
+A ``LISTEN gpuscale_work`` connection is the fast path: new claimable work (a ``critical`` task
+above all) reconciles its pool at once instead of at the next tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import uvicorn
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from gpuscale.common.settings import Settings
+from gpuscale.controller import metrics as m
+from gpuscale.controller.leader import LeaderElector
+from gpuscale.controller.ops_api import build_app
+from gpuscale.controller.pools import PoolsConfig
+from gpuscale.controller.providers import LaunchSpec, Provider, make_provider
+from gpuscale.controller.reconcile import PoolView, Reconciler
+from gpuscale.controller.store import ControllerStore
+from gpuscale.db import connect_pool, migrate
+from gpuscale.queue import Queue, listen
+
+log = logging.getLogger("gpuscale.controller")
+
+
+def default_launches(config: PoolsConfig, dsn: str) -> dict[str, LaunchSpec]:
+    """Local/docker launch specs: one worker per replica, pointed at this controller's database."""
+    return {
+        (r.deployment or name): LaunchSpec(pool=name, env={"GPUSCALE_DATABASE_URL": dsn})
+        for name, r in config.pools.items()
+    }
+
+
+class ControllerApp:
+    def __init__(
+        self,
+        settings: Settings,
+        config: PoolsConfig,
+        dsn: str,
+        *,
+        provider: Provider | None = None,
+        dry_run: bool = False,
+        http: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.config = config
+        self.dsn = dsn
+        self.dry_run = dry_run
+        self.http = http
+        self.controller_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._provider = provider
+        self.interval = settings.reconcile_interval_s or config.reconcile_interval_s
+        self.leader = LeaderElector(dsn)
+        self._stop = asyncio.Event()
+        self._pending_fast: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._last_cost: float | None = None
+        self._spend_cache: dict[str, float] | None = None
+        self._timings_since: dt.datetime | None = None
+        self._stopping = False
+        self._leading = False  # whether the last tick ran as leader (load saved state on a change)
+        self.pool: asyncpg.Pool | None = None
+        self.http_port: int | None = None
+
+    # -------------------------------------------------------------- accessors used by the API
+    @property
+    def is_leader(self) -> bool:
+        return self.leader.is_leader
+
+    @property
+    def queue(self) -> Queue:
+        return self._queue
+
+    @property
+    def store(self) -> ControllerStore:
+        return self._store
+
+    async def database_ok(self) -> tuple[bool, str | None]:
+        try:
+            assert self.pool is not None
+            await asyncio.wait_for(self.pool.fetchval("SELECT 1"), timeout=2)
+            return True, None
+        except Exception as exc:
+            return False, type(exc).__name__
+
+    async def pools_view(self) -> dict[str, Any]:
+        views: dict[str, PoolView] = self.reconciler.views
+        return {
+            "controller_id": self.controller_id,
+            "role": "leader" if self.is_leader else "standby",
+            "dry_run": self.dry_run,
+            "provider": self.provider.name,
+            "pools": list(views.values()),
+            "at": time.time(),
+        }
+
+    # -------------------------------------------------------------- lifecycle
+    async def setup(self) -> None:
+        self.pool = await connect_pool(self.dsn, min_size=1, max_size=8)
+        async with self.pool.acquire() as conn:
+            await migrate(conn)
+        self._queue = Queue(self.pool, lease_s=self.settings.lease_seconds)
+        self._store = ControllerStore(self.pool)
+        self.provider = self._provider or make_provider(
+            self.settings, default_launches(self.config, self.dsn)
+        )
+        self.reconciler = Reconciler(
+            self.config,
+            self._queue,
+            self._store,
+            self.provider,
+            controller_id=self.controller_id,
+            dry_run=self.dry_run,
+            may_act=self.leader.ensure,
+        )
+        m.LEADER.set(0)
+
+    async def teardown(self) -> None:
+        await self.leader.release()
+        with contextlib.suppress(Exception):
+            await self.provider.aclose()
+        if self.pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.pool.close(), timeout=5)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # -------------------------------------------------------------- jobs
+    async def tick(self) -> bool:
+        """One reconcile of every pool, if this process is the leader; returns whether it ran."""
+        if not await self._lead():
+            return False
+        spend = await self._month_spend()
+        await self.reconciler.reconcile_all(spend)
+        await self.export_task_timings()
+        return True
+
+    async def _lead(self) -> bool:
+        """Whether this process may act now; on becoming leader, take over the saved policy state."""
+        if not await self.leader.ensure():
+            self._timings_since = None
+            self._leading = False
+            return False
+        if not self._leading:
+            self._leading = True
+            await self.reconciler.load_states()
+        return True
+
+    async def export_task_timings(self) -> None:
+        """Feed the fleet-wide queue-wait / duration histograms and the failure counter from the
+        tasks finished since the last tick.  Only the leader exports, from when it became leader,
+        so summing over controllers never counts a task twice."""
+        try:
+            if self._timings_since is None:
+                self._timings_since = await self._queue.pool.fetchval("SELECT now()")
+                return
+            rows = await self._queue.finished_since(self._timings_since)
+        except Exception as exc:
+            log.debug("task timings: %s", type(exc).__name__)
+            return
+        for r in rows:
+            pool, tt = r["pool"], r["task_type"]
+            if r["wait_s"] is not None and r["wait_s"] >= 0:
+                m.QUEUE_WAIT_SECONDS.labels(pool, tt).observe(r["wait_s"])
+            if r["duration_s"] is not None and r["duration_s"] >= 0:
+                m.TASK_DURATION_SECONDS.labels(pool, tt).observe(r["duration_s"])
+            if r["status"] != "done":
+                m.TASK_FAILURES.labels(pool, tt).inc()
+        if rows:
+            self._timings_since = rows[-1]["finished_at"]
+
+    async def _month_spend(self) -> dict[str, float] | None:
+        if self.config.monthly_budget_usd is None:
+            return None
+        try:
+            self._spend_cache = await self._store.month_spend(dt.datetime.now(dt.UTC))
+        except Exception:
+            pass  # keep the last known spend
+        return self._spend_cache
+
+    async def reap(self) -> None:
+        if not await self.leader.ensure():
+            return
+        try:
+            dead = await self._queue.reap_dead_servers(self.settings.heartbeat_timeout_s)
+            if dead:
+                log.warning("reaper: %d server(s) stopped heartbeating: %s", len(dead), ", ".join(dead))
+            expired = await self._queue.reap_expired()
+            if expired:
+                log.warning("reaper: %d expired lease(s) handed back to the queue", expired)
+        except Exception as exc:
+            log.warning("reaper failed: %s", type(exc).__name__)
+
+    async def account_cost(self) -> None:
+        now = time.time()
+        last, self._last_cost = self._last_cost, now
+        if last is None or not self.is_leader:
+            return
+        dt_s = now - last
+        for name, rules in self.config.pools.items():
+            replicas = self.reconciler.provider_counts.get(name, 0)
+            usd = replicas * rules.price_per_hour * dt_s / 3600
+            m.SPEND_USD.labels(name).inc(usd)
+            try:
+                await self._store.add_spend(name, usd, replicas * dt_s, dt.datetime.now(dt.UTC))
+            except Exception as exc:
+                log.warning("cost accounting failed for %s: %s", name, type(exc).__name__)
+
+    async def retention(self) -> None:
+        if not await self.leader.ensure():
+            return
+        try:
+            deleted = await self._queue.purge_done(
+                older_than_s=self.settings.retention_days * 86400, batch=self.settings.retention_batch
+            )
+            if deleted:
+                log.info("retention: deleted %d done task(s)", deleted)
+        except Exception as exc:
+            log.warning("retention failed: %s", type(exc).__name__)
+
+    # -------------------------------------------------------------- fast path
+    def _on_work(self, pool: str) -> None:
+        if self._stopping or pool not in self.config.pools or pool in self._pending_fast:
+            return
+        if not self.is_leader:
+            return
+        self._pending_fast.add(pool)
+        task = asyncio.get_running_loop().create_task(self._fast_reconcile(pool))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fast_reconcile(self, pool: str) -> None:
+        try:
+            await asyncio.sleep(0.05)  # coalesce a burst of notifications into one reconcile
+            self._pending_fast.discard(pool)
+            if await self._lead():
+                await self.reconciler.reconcile_one(pool, self._spend_cache)
+        except Exception:
+            log.exception("fast reconcile of %s failed", pool)
+        finally:
+            self._pending_fast.discard(pool)
+
+    async def _listen_loop(self) -> None:
+        """Keep a LISTEN connection open; reconnect with backoff when it drops."""
+        delay = 0.5
+        while not self._stop.is_set():
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=5)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c, ev=lost: ev.set())
+                await listen(conn, self._on_work)
+                delay = 0.5
+                stop_wait = asyncio.ensure_future(self._stop.wait())
+                lost_wait = asyncio.ensure_future(lost.wait())
+                try:
+                    while not (self._stop.is_set() or lost.is_set()):
+                        await asyncio.wait({stop_wait, lost_wait}, timeout=5)
+                        if not (self._stop.is_set() or lost.is_set()):
+                            await conn.fetchval("SELECT 1", timeout=3)  # notice silent breakage
+                finally:
+                    stop_wait.cancel()
+                    lost_wait.cancel()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.debug("listen connection: %s", type(exc).__name__)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.terminate()
+            if not self._stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), timeout=delay)
+                delay = min(delay * 2, 10)
+
+    # -------------------------------------------------------------- run
+    async def run(self) -> None:
+        await self.setup()
+        server: uvicorn.Server | None = None
+        server_task: asyncio.Task[Any] | None = None
+        if self.http:
+            config = uvicorn.Config(
+                build_app(self),
+                host=self.settings.http_host,
+                port=self.settings.http_port,
+                log_level="warning",
+                lifespan="off",
+            )
+            server = uvicorn.Server(config)
+            server_task = asyncio.create_task(server.serve())
+            # uvicorn captures SIGINT/SIGTERM while it serves; ours go in after it started, so a
+            # signal stops the controller in order (tick, lock, then the HTTP server).
+            while not server.started and not server_task.done():  # noqa: ASYNC110 (uvicorn has no event)
+                await asyncio.sleep(0.01)
+            if server_task.done():
+                await server_task  # raises why it could not start (e.g. the port is taken)
+                raise OSError(f"HTTP server on port {self.settings.http_port} did not start")
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        scheduler = AsyncIOScheduler()
+        common = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
+        job = self._tracked
+        scheduler.add_job(
+            job(self.tick), "interval", seconds=self.interval, next_run_time=dt.datetime.now(), **common
+        )
+        scheduler.add_job(job(self.reap), "interval", seconds=self.settings.reaper_interval_s, **common)
+        scheduler.add_job(
+            job(self.account_cost),
+            "interval",
+            seconds=self.settings.cost_interval_s,
+            next_run_time=dt.datetime.now(),
+            **common,
+        )
+        scheduler.add_job(job(self.retention), "interval", seconds=3600, **common)
+        scheduler.start()
+        listener = asyncio.create_task(self._listen_loop())
+        log.info(
+            "controller %s: provider=%s pools=%s interval=%.1fs%s http=%s",
+            self.controller_id,
+            self.provider.name,
+            ",".join(self.config.pools),
+            self.interval,
+            " DRY-RUN" if self.dry_run else "",
+            f"{self.settings.http_host}:{self.settings.http_port}" if self.http else "off",
+        )
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("controller: shutting down (finishing the tick in progress)")
+            self._stopping = True  # no new fast-path reconciles
+            scheduler.pause()
+            # apscheduler's shutdown cancels running coroutine jobs: let them finish first, so a
+            # provider call is never cut in half and every decision is recorded.
+            await self._wait_running_jobs(limit_s=60)
+            scheduler.shutdown(wait=False)
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+            await self.account_cost()
+            if server is not None and server_task is not None:
+                server.should_exit = True
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(server_task, timeout=5)
+            await self.teardown()
+            log.info("controller: stopped")
+
+    def _tracked(self, fn: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+        """Wrap a periodic job so shutdown can wait for the run in progress."""
+
+        async def run() -> Any:
+            task = asyncio.current_task()
+            assert task is not None
+            self._tasks.add(task)
+            try:
+                return await fn()
+            finally:
+                self._tasks.discard(task)
+
+        run.__name__ = getattr(fn, "__name__", "job")
+        return run
+
+    async def _wait_running_jobs(self, limit_s: float) -> None:
+        """Wait for the jobs and fast-path reconciles in progress (not for new ones)."""
+        pending = {t for t in self._tasks if t is not asyncio.current_task()}
+        if pending:
+            _done, late = await asyncio.wait(pending, timeout=limit_s)
+            for t in late:
+                log.warning("controller: a job did not finish within %.0fs; cancelling it", limit_s)
+                t.cancel()
+
+    async def run_once(self) -> tuple[bool, str]:
+        """``--once``: one reconcile of every pool; (ran, why not)."""
+        await self.setup()
+        try:
+            if not await self.leader.ensure():
+                return False, "another controller holds the leader lock (or the database is unreachable)"
+            await self.reap()
+            decisions = await self.reconciler.reconcile_all(await self._month_spend())
+            errors = [e for v in self.reconciler.views.values() for e in v.errors]
+            if len(decisions) != len(self.config.pools):
+                return False, "some pools could not be reconciled: " + "; ".join(errors)
+            return True, "; ".join(errors)
+        finally:
+            await self.teardown()

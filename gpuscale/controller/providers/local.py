@@ -1,0 +1,126 @@
+"""The ``local`` provider: worker processes on this machine, for development and the demo.
+
+Each deployment maps to a :class:`LaunchSpec`; each replica is a process in its own process group
+that gets ``GPUSCALE_CONTAINER_ID`` and ``GPUSCALE_POOL``.  Like a cloud, the provider keeps the
+count it was set to (a replica that exits on its own is replaced on the next call); unlike
+DataCrunch it can choose whom to stop on a scale-down, so it stops idle replicas first, then the
+newest.  ``aclose()`` stops every replica it started: it never leaves an orphan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpuscale.controller.providers import processes
+from gpuscale.controller.providers.base import (
+    REPLICA_RUNNING,
+    REPLICA_STOPPING,
+    LaunchSpec,
+    ProviderState,
+    Replica,
+    worker_command,
+)
+from gpuscale.controller.providers.pinned import PinnedDeployment, PinnedProvider, choose_victims, state_of
+from gpuscale.controller.providers.processes import ProcessReplica
+
+__all__ = ["LocalProvider", "choose_victims"]  # choose_victims: re-exported for its old importers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Deployment(PinnedDeployment):
+    replicas: dict[str, ProcessReplica] = field(default_factory=dict)
+
+
+class LocalProvider(PinnedProvider[_Deployment]):
+    """Replicas are local processes, started from each deployment's :class:`LaunchSpec`."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        launches: Mapping[str, LaunchSpec],
+        *,
+        stop_grace_s: float = 30.0,
+        log_dir: Path | None = None,
+        base_env: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__({name: _Deployment(spec) for name, spec in launches.items()})
+        self.stop_grace_s = stop_grace_s
+        self.log_dir = log_dir
+        self._base_env = dict(os.environ if base_env is None else base_env)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"LocalProvider(deployments={sorted(self._deployments)})"
+
+    def _reap(self, dep: _Deployment) -> None:
+        for rid, replica in list(dep.replicas.items()):
+            if replica.stopping:
+                if replica.stop_task is not None and replica.stop_task.done():
+                    del dep.replicas[rid]
+            elif replica.exited:
+                log.warning("replica %s exited on its own (code %s)", rid, replica.process.returncode)
+                del dep.replicas[rid]
+                # Its group may still hold children; make sure nothing outlives it.
+                processes.kill_now(replica)
+
+    async def _reconcile(self, name: str, dep: _Deployment, idle: Collection[str] = ()) -> None:
+        if self._closed:
+            return
+        self._reap(dep)
+        live = [r for r in dep.replicas.values() if not r.stopping]
+        want = 0 if dep.paused else dep.target
+        if len(live) < want:
+            argv = dep.spec.command or worker_command(dep.spec.pool)
+            for _ in range(want - len(live)):
+                rid = f"{name}-{uuid.uuid4().hex[:8]}"
+                env = {
+                    **self._base_env,
+                    # Replicas share this machine's ports: each worker picks a free one.
+                    "GPUSCALE_WORKER_PORT": "0",
+                    **dep.spec.env,
+                    "GPUSCALE_CONTAINER_ID": rid,
+                    "GPUSCALE_POOL": dep.spec.pool,
+                }
+                dep.replicas[rid] = await processes.spawn(rid, argv, env, log_dir=self.log_dir)
+        elif len(live) > want:
+            victims = choose_victims([(r.id, r.started_at) for r in live], len(live) - want, idle)
+            for rid in victims:
+                log.info("stopping replica %s of %s%s", rid, name, " (idle)" if rid in idle else "")
+                processes.begin_stop(dep.replicas[rid], self.stop_grace_s)
+
+    async def observe(self, deployment: str) -> ProviderState:
+        dep = self._get(deployment)
+        async with self._lock:
+            await self._reconcile_for_observe(deployment, dep)
+        replicas = [
+            Replica(r.id, REPLICA_STOPPING if r.stopping else REPLICA_RUNNING, r.started_at)
+            for r in sorted(dep.replicas.values(), key=lambda r: r.started_at)
+        ]
+        return state_of(replicas, dep)
+
+    def pids(self, deployment: str) -> dict[str, int]:
+        """Replica id → process id (tests and the demo use it to look for orphans)."""
+        return {rid: r.pid for rid, r in self._get(deployment).replicas.items()}
+
+    async def aclose(self) -> None:
+        """Stop every replica (SIGTERM, grace, SIGKILL) and wait until all are gone."""
+        async with self._lock:
+            self._closed = True
+            tasks = [
+                processes.begin_stop(replica, self.stop_grace_s)
+                for dep in self._deployments.values()
+                for replica in dep.replicas.values()
+            ]
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            for dep in self._deployments.values():
+                dep.replicas.clear()

@@ -1,0 +1,502 @@
+"""One reconcile of the pools: observe → decide → act → record.
+
+Everything that touches the outside world is here, at the edges; the decision itself is
+:func:`gpuscale.controller.policy.decide`, a pure function.  Each pool is reconciled independently: an
+error observing or acting on one pool never stops another, and an observation that failed is
+passed to the policy as *unknown* (``None``), which holds the replica count — a controller that
+cannot read its queue or its provider never scales down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpuscale.controller import metrics as m
+from gpuscale.controller.policy import BudgetView, Decision, PoolObservation, PoolState, decide
+from gpuscale.controller.pools import PoolRules, PoolsConfig
+from gpuscale.controller.providers.base import Provider, ProviderState
+from gpuscale.controller.store import ControllerStore, ScalingEvent
+from gpuscale.queue import PoolStats, Queue, ServerInfo
+
+log = logging.getLogger("gpuscale.controller")
+
+# Decisions that keep the count but are still worth a line in the timeline.
+_NOTEWORTHY_HOLDS = {"hold_unknown", "startup_timeout", "startup_backoff", "budget_cap"}
+
+
+@dataclass
+class PoolView:
+    """What ops see of one pool (``/api/pools``, ``gpuscale status``)."""
+
+    name: str
+    deployment: str
+    paused: bool = False
+    rules: dict[str, Any] = field(default_factory=dict)
+    queued: dict[str, int] | None = None
+    running: int | None = None
+    blocked: int | None = None
+    blocked_on_running: int | None = None
+    oldest_queued_age_s: float | None = None
+    done: int | None = None
+    failed: int | None = None
+    dead: int | None = None
+    replicas_desired: int | None = None
+    replicas_provider: int | None = None
+    replicas_registered: int | None = None
+    replicas_starting: int | None = None
+    provider_status: str | None = None
+    last_decision: dict[str, Any] | None = None
+    errors: list[str] = field(default_factory=list)
+    at: float | None = None
+
+
+@dataclass
+class Observed:
+    """Raw observations of one tick; ``None`` where the source could not be read."""
+
+    stats: dict[str, PoolStats] | None
+    servers: list[ServerInfo] | None
+    paused: set[str] | None
+    errors: list[str] = field(default_factory=list)
+    at: float = field(default_factory=time.monotonic)  # when it was read, to skip stale ones
+
+
+def upstream_eta(
+    pool: str, config: PoolsConfig, stats: Mapping[str, PoolStats], replicas: Mapping[str, int]
+) -> float | None:
+    """Rough seconds until the other pools' queued and running work is done (for pre-warm timing).
+
+    Pure.  Running tasks count half their expected duration (on average half done); the work is
+    spread over the replicas each upstream pool has (at least one)."""
+    eta = 0.0
+    seen = False
+    for name, rules in config.pools.items():
+        if name == pool or name not in stats:
+            continue
+        s = stats[name]
+        if s.running == 0 and s.queued_total == 0:
+            continue
+        seen = True
+        # The counts are not split by task type: take the mean of the pool's expected durations.
+        known = list(rules.task_durations_s.values())
+        dur = sum(known) / len(known) if known else rules.default_task_duration_s
+        work = s.queued_total * dur + s.running * dur / 2
+        eta = max(eta, work / max(1, replicas.get(name, 0)))
+    return eta if seen else None
+
+
+def build_observation(
+    rules: PoolRules,
+    stats: PoolStats | None,
+    servers: Sequence[ServerInfo] | None,
+    provider: ProviderState | None,
+    eta_s: float | None,
+) -> tuple[PoolObservation, dict[str, int]]:
+    """Turn raw observations into the policy's input (pure).  Returns the observation and
+    counts for display: registered, starting."""
+    registered: int | None = None
+    idle_n: int | None = None
+    busy_n: int | None = None
+    starting: list[tuple[str, float]] = []
+    if servers is not None:
+        live = [s for s in servers if s.pool == rules.name and s.status in ("starting", "active")]
+        registered = len(live)
+        idle_n = sum(1 for s in live if s.current_load == 0)
+        busy_n = sum(1 for s in live if s.current_load > 0)
+        if provider is not None:
+            known = {s.container_id for s in servers if s.pool == rules.name and s.container_id}
+            # A replica the provider reports as failed will never register: it counts as overdue
+            # at once (started at epoch 0), so the startup-timeout path replaces it.
+            starting = [
+                (r.id, 0.0 if r.status == "failed" else r.started_at)
+                for r in provider.replicas
+                if r.id not in known and r.status != "stopping"
+            ]
+    queued: dict[str, int] | None = None
+    if stats is not None:
+        queued = {str(p): int(n) for p, n in stats.queued.items()}
+    # Without the server list the controller cannot tell busy replicas from idle ones: it must not
+    # scale down on that, so the running work counts as unknown (the policy then holds).
+    running = stats.running if stats is not None and servers is not None else None
+    obs = PoolObservation(
+        queued=queued,
+        running=running,
+        provider_replicas=provider.target if provider is not None else None,
+        registered=registered,
+        starting=tuple(starting),
+        idle_replicas=idle_n,
+        busy_replicas=busy_n,
+        blocked_on_running=stats.blocked_on_running if stats is not None else None,
+        upstream_eta_s=eta_s,
+        oldest_queued_age_s=stats.oldest_queued_age_s if stats is not None else None,
+    )
+    return obs, {"registered": registered or 0, "starting": len(starting)}
+
+
+class Reconciler:
+    """Holds each pool's policy memory and runs reconciles; one instance per controller process."""
+
+    def __init__(
+        self,
+        config: PoolsConfig,
+        queue: Queue,
+        store: ControllerStore,
+        provider: Provider,
+        *,
+        controller_id: str,
+        dry_run: bool = False,
+        may_act: Callable[[], Any] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.queue = queue
+        self.store = store
+        self.provider = provider
+        self.controller_id = controller_id
+        self.dry_run = dry_run
+        self._may_act = may_act
+        self.clock = clock
+        self.states: dict[str, PoolState] = {name: PoolState() for name in config.pools}
+        self.views: dict[str, PoolView] = {
+            name: PoolView(name=name, deployment=r.deployment or name, rules=r.model_dump(mode="json"))
+            for name, r in config.pools.items()
+        }
+        self.provider_counts: dict[str, int] = {}
+        self._locks = {name: asyncio.Lock() for name in config.pools}
+        self._cold_seen: set[str] = set()
+        self._dead_seen: dict[str, int] = {}
+        self._last_logged: dict[str, tuple[int, str]] = {}
+        self._observed_at: dict[str, float] = {}
+        # Every series exists from the first scrape (at 0), so rate() sees the first event too.
+        for name, r in config.pools.items():
+            for child in (
+                m.COLD_START_SECONDS,
+                m.RECONCILE_SECONDS,
+                m.REPLACEMENTS,
+                m.SPEND_USD,
+                m.TASKS_DEAD,
+            ):
+                child.labels(name)
+            for tt in r.task_types:
+                for fam in (m.QUEUE_WAIT_SECONDS, m.TASK_DURATION_SECONDS, m.TASK_FAILURES):
+                    fam.labels(name, tt)
+
+    async def load_states(self) -> None:
+        """Take over the policy memory a previous leader saved (on becoming leader)."""
+        try:
+            saved = await self.store.load_pool_states()
+        except Exception as exc:
+            log.warning("could not load the saved policy state: %s", type(exc).__name__)
+            return
+        for name, data in saved.items():
+            if name in self.states:
+                try:
+                    self.states[name] = PoolState.from_dict(data)
+                except (TypeError, ValueError):
+                    log.warning("pool %s: saved policy state unreadable; starting afresh", name)
+
+    # ------------------------------------------------------------------ observe
+    async def observe(self) -> Observed:
+        errors: list[str] = []
+        stats: dict[str, PoolStats] | None
+        servers: list[ServerInfo] | None
+        paused: set[str] | None
+        try:
+            stats = await self.queue.stats()
+        except Exception as exc:  # any failure reading the queue means "unknown", never zero
+            stats = None
+            errors.append(f"queue: {type(exc).__name__}: {exc}")
+            for pool in self.config.pools:
+                m.OBSERVE_ERRORS.labels(pool, "queue").inc()
+        try:
+            servers = await self.queue.list_servers()
+            # Busy or idle from the tasks each server holds now, not from its last heartbeat.
+            held = await self.queue.running_by_server()
+            servers = [dataclasses.replace(s, current_load=held.get(s.id, 0)) for s in servers]
+        except Exception as exc:
+            servers = None
+            errors.append(f"servers: {type(exc).__name__}")
+        try:
+            paused = await self.store.paused_pools()
+        except Exception as exc:
+            paused = None
+            errors.append(f"pause flags: {type(exc).__name__}")
+        return Observed(stats, servers, paused, errors)
+
+    async def _observe_provider(self, rules: PoolRules) -> tuple[ProviderState | None, str | None]:
+        try:
+            return await self.provider.observe(rules.deployment or rules.name), None
+        except Exception as exc:
+            m.OBSERVE_ERRORS.labels(rules.name, "provider").inc()
+            return None, f"provider: {type(exc).__name__}: {exc}"
+
+    # ------------------------------------------------------------------ reconcile
+    async def reconcile_all(self, budget_spend: Mapping[str, float] | None = None) -> dict[str, Decision]:
+        observed = await self.observe()
+        names = list(self.config.pools)
+        results = await asyncio.gather(
+            *(self.reconcile_pool(n, observed, budget_spend) for n in names), return_exceptions=True
+        )
+        out: dict[str, Decision] = {}
+        for name, res in zip(names, results, strict=True):
+            if isinstance(res, BaseException):
+                log.exception("reconcile of pool %s failed", name, exc_info=res)
+            elif res is not None:
+                out[name] = res
+        return out
+
+    async def reconcile_one(
+        self, name: str, budget_spend: Mapping[str, float] | None = None
+    ) -> Decision | None:
+        """Fast path (a notification): observe and reconcile just this pool."""
+        return await self.reconcile_pool(name, await self.observe(), budget_spend)
+
+    async def reconcile_pool(
+        self, name: str, observed: Observed, budget_spend: Mapping[str, float] | None
+    ) -> Decision | None:
+        rules = self.config.pools[name]
+        async with self._locks[name]:
+            if self._observed_at.get(name, float("-inf")) > observed.at:
+                # A fast-path reconcile ran on newer data while this one waited for the lock.
+                observed = await self.observe()
+            self._observed_at[name] = observed.at
+            started = time.perf_counter()
+            try:
+                return await self._reconcile_locked(rules, observed, budget_spend)
+            finally:
+                m.RECONCILE_SECONDS.labels(name).observe(time.perf_counter() - started)
+
+    async def _reconcile_locked(
+        self, rules: PoolRules, observed: Observed, budget_spend: Mapping[str, float] | None
+    ) -> Decision:
+        name = rules.name
+        now = self.clock()
+        view = self.views[name]
+        errors = list(observed.errors)
+        provider_state, perr = await self._observe_provider(rules)
+        if perr:
+            errors.append(perr)
+        stats = observed.stats.get(name) if observed.stats is not None else None
+        if observed.stats is not None and stats is None:
+            stats = PoolStats(name, {}, 0, 0, 0, 0, None, 0, 0, 0)  # type: ignore[arg-type]
+        if provider_state is not None:
+            self.provider_counts[name] = provider_state.target
+        eta = (
+            upstream_eta(name, self.config, observed.stats, self.provider_counts)
+            if observed.stats is not None
+            else None
+        )
+        obs, counts = build_observation(rules, stats, observed.servers, provider_state, eta)
+        budget = self._budget_view(budget_spend, now)
+        decision = decide(
+            rules,
+            obs,
+            self.states[name],
+            now,
+            budget=budget,
+            critical_immediate=self.config.critical_immediate,
+            tick_s=self.config.reconcile_interval_s,
+        )
+        self.states[name] = decision.state
+        if not self.dry_run:
+            try:
+                await self.store.save_pool_state(name, decision.state.to_dict(), self.controller_id)
+            except Exception as exc:  # the memory is a help, not a must: the next tick saves it
+                log.debug("pool %s: could not save the policy state: %s", name, type(exc).__name__)
+        self._observe_metrics(name, stats, obs, decision, counts, observed.servers, provider_state)
+
+        paused = observed.paused is None or name in observed.paused
+        outcome, error = await self._act(rules, decision, provider_state, observed.servers, paused, errors)
+        await self._record(rules, decision, provider_state, outcome, error, errors)
+
+        view.paused = bool(observed.paused is not None and name in observed.paused)
+        if stats is not None:
+            view.queued = {str(k): v for k, v in stats.queued.items()}
+            view.running, view.blocked = stats.running, stats.blocked
+            view.blocked_on_running = stats.blocked_on_running
+            view.oldest_queued_age_s = stats.oldest_queued_age_s
+            view.done, view.failed, view.dead = stats.done, stats.failed, stats.dead
+        view.replicas_desired = decision.desired
+        view.replicas_provider = provider_state.target if provider_state else None
+        view.replicas_registered = counts["registered"] if observed.servers is not None else None
+        view.replicas_starting = counts["starting"]
+        view.provider_status = provider_state.status if provider_state else None
+        view.last_decision = {
+            "desired": decision.desired,
+            "current": decision.current,
+            "reason": decision.reason,
+            "detail": decision.detail,
+            "outcome": outcome,
+            "at": now,
+        }
+        view.errors = errors + ([error] if error else [])
+        view.at = now
+        return decision
+
+    def _budget_view(self, spend: Mapping[str, float] | None, now: float) -> BudgetView | None:
+        budget = self.config.monthly_budget_usd
+        if budget is None or spend is None:
+            return None
+        today = dt.datetime.fromtimestamp(now, dt.UTC)
+        start = dt.datetime(today.year, today.month, 1, tzinfo=dt.UTC)
+        nxt = dt.datetime(today.year + (today.month == 12), today.month % 12 + 1, 1, tzinfo=dt.UTC)
+        left_h = (nxt - today).total_seconds() / 3600
+        elapsed_h = max(1.0, (today - start).total_seconds() / 3600)
+        spent = sum(spend.values())
+        # Projection: the month's pace so far, carried to month end.  Not the current run rate: a
+        # busy hour's rate extrapolated over the rest of the month would cap every burst.  The
+        # first day counts as a whole day so one early burst does not look like a month of them.
+        projected = spent + spent / max(elapsed_h, 24.0) * left_h
+        return BudgetView(monthly_budget_usd=budget, projected_usd=projected)
+
+    async def _act(
+        self,
+        rules: PoolRules,
+        decision: Decision,
+        provider_state: ProviderState | None,
+        servers: Sequence[ServerInfo] | None,
+        paused: bool,
+        errors: list[str],
+    ) -> tuple[str, str | None]:
+        if provider_state is None:
+            return "hold", None
+        if paused:
+            return "paused", None
+        changing = (
+            bool(decision.replace) or decision.desired != provider_state.target or not provider_state.pinned
+        )
+        if not changing:
+            return "unchanged", None
+        if self.dry_run:
+            return "dry_run", None
+        if self._may_act is not None and not await self._may_act():
+            return "not_leader", None
+        deployment = rules.deployment or rules.name
+        try:
+            if decision.replace:
+                await self._replace(deployment, provider_state.target, decision.replace)
+            idle = [
+                s.container_id
+                for s in servers or ()
+                if s.pool == rules.name and s.current_load == 0 and s.container_id
+            ]
+            await self.provider.set_replicas(deployment, decision.desired, idle=idle)
+        except Exception as exc:
+            log.warning("pool %s: provider call failed: %s: %s", rules.name, type(exc).__name__, exc)
+            return "error", f"{type(exc).__name__}: {exc}"
+        return "applied", None
+
+    async def _replace(self, deployment: str, current: int, replica_ids: Sequence[str]) -> None:
+        """Stop replicas that never registered.  Providers that choose whom to stop (local,
+        docker) stop exactly these; the DataCrunch cloud picks itself, so there a healthy replica
+        may go instead — the count comes back either way when the caller sets ``desired``."""
+        await self.provider.set_replicas(deployment, max(0, current - len(replica_ids)), idle=replica_ids)
+
+    async def _record(
+        self,
+        rules: PoolRules,
+        decision: Decision,
+        provider_state: ProviderState | None,
+        outcome: str,
+        error: str | None,
+        errors: Sequence[str] = (),
+    ) -> None:
+        name = rules.name
+        current = provider_state.target if provider_state is not None else None
+        changed = current is not None and decision.desired != current
+        if changed and outcome in ("applied", "dry_run"):
+            direction = "up" if decision.desired > (current or 0) else "down"
+            m.SCALE_EVENTS.labels(name, direction, decision.reason).inc()
+        if decision.replace:
+            m.REPLACEMENTS.labels(name).inc(len(decision.replace))
+        noteworthy = (
+            changed or outcome == "applied" or decision.reason in _NOTEWORTHY_HOLDS or error is not None
+        )
+        key = (decision.desired, decision.reason)
+        if not noteworthy:
+            self._last_logged.pop(name, None)
+            return
+        if not changed and self._last_logged.get(name) == key and error is None:
+            return  # the same hold again: one line, not one per tick
+        self._last_logged[name] = key
+        frm = "?" if current is None else str(current)
+        msg = "pool=%s %s → %d reason=%s outcome=%s: %s"
+        args = (name, frm, decision.desired, decision.reason, outcome, decision.detail)
+        fields = {
+            "pool": name,
+            "from": current,
+            "to": decision.desired,
+            "reason": decision.reason,
+            "outcome": outcome,
+        }
+        if error or (decision.reason == "hold_unknown" and errors):
+            fields["error"] = error or "; ".join(errors)
+            log.warning(msg + " error=%s", *args, fields["error"], extra={"fields": fields})
+        else:
+            log.info(msg, *args, extra={"fields": fields})
+        try:
+            await self.store.record_event(
+                ScalingEvent(
+                    pool=name,
+                    from_replicas=current,
+                    to_replicas=decision.desired,
+                    reason=decision.reason,
+                    detail=decision.detail,
+                    outcome=outcome,
+                    error=error,
+                    controller_id=self.controller_id,
+                )
+            )
+        except Exception as exc:
+            log.warning("pool %s: could not record the decision: %s", name, type(exc).__name__)
+
+    def _observe_metrics(
+        self,
+        name: str,
+        stats: PoolStats | None,
+        obs: PoolObservation,
+        decision: Decision,
+        counts: Mapping[str, int],
+        servers: Sequence[ServerInfo] | None,
+        provider_state: ProviderState | None,
+    ) -> None:
+        m.REPLICAS_DESIRED.labels(name).set(decision.desired)
+        if stats is not None:
+            for prio in ("normal", "high", "critical"):
+                m.QUEUE_DEPTH.labels(name, prio).set((obs.queued or {}).get(prio, 0))
+            m.TASKS_RUNNING.labels(name).set(stats.running)
+            m.TASKS_BLOCKED.labels(name).set(stats.blocked)
+            m.OLDEST_QUEUED_AGE.labels(name).set(stats.oldest_queued_age_s or 0.0)
+            before = self._dead_seen.get(name)
+            if before is not None and stats.dead > before:
+                m.TASKS_DEAD.labels(name).inc(stats.dead - before)
+            self._dead_seen[name] = stats.dead
+        if provider_state is not None:
+            m.REPLICAS_PROVIDER.labels(name).set(provider_state.target)
+            m.REPLICAS_STARTING.labels(name).set(counts["starting"])
+        if servers is not None:
+            m.REPLICAS_REGISTERED.labels(name).set(counts["registered"])
+            if provider_state is not None:
+                self._cold_starts(name, servers, provider_state)
+
+    def _cold_starts(self, name: str, servers: Sequence[ServerInfo], provider_state: ProviderState) -> None:
+        """Replica requested (provider's start time) → its worker registered."""
+        by_id = {r.id: r for r in provider_state.replicas}
+        for s in servers:
+            if s.pool != name or not s.container_id or s.container_id in self._cold_seen:
+                continue
+            replica = by_id.get(s.container_id)
+            if replica is None or s.started_at is None:
+                continue
+            self._cold_seen.add(s.container_id)
+            cold = s.started_at.timestamp() - replica.started_at
+            if 0 <= cold < 24 * 3600 and not math.isnan(cold):
+                m.COLD_START_SECONDS.labels(name).observe(cold)

@@ -1,0 +1,670 @@
+"""The replay engine: a discrete-event simulation driven by the real policy's ``decide``.
+
+Model:
+
+* A task is submitted at ``arrival_s``; it is *ready* (claimable) once it has arrived and all its
+  dependencies are done.  Ready tasks are claimed in priority order (critical, high, normal), then
+  oldest first, by the least-loaded registered replica of their pool with a free slot
+  (``tasks_per_replica``), at once (workers are woken by LISTEN/NOTIFY).
+* A replica's slots share its one GPU: ``k`` tasks running on a replica each progress at ``1/k``
+  of their solo speed (processor sharing), so concurrency does not make work cheaper.
+* A replica is billed from the moment it is requested until it is stopped; it can claim work
+  ``cold_start`` seconds after the request.
+* The controller ticks every ``reconcile_interval`` and also right after a submission (the queue
+  NOTIFYs it); each tick it builds a :class:`~gpuscale.controller.policy.PoolObservation` per pool from
+  what a real controller can see (counts, estimated work from expected durations learned from
+  completed tasks, never the true service times of unfinished tasks), calls ``decide`` and acts:
+  new replicas are requested; on a scale-down, starting replicas are cancelled first, then idle
+  ones; a busy replica is stopped only if nothing else is left, handing its tasks back.
+
+Policies: ``gpuscale`` (the pools file as written), ``no-prewarm`` (the same with pre-warm off
+in every pool), ``always-on`` (``max_replicas`` of every pool for the whole trace period, rounded
+up to whole days), ``seeds`` (the seeds' count rule: ``sizing: count``, no pre-warm).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from gpuscale.controller.policy import BudgetView, DurationEstimator, PoolObservation, PoolState, decide
+from gpuscale.controller.pools import PoolRules, PoolsConfig
+from gpuscale.controller.simulate.trace import TraceError, TraceTask
+
+POLICIES = ("gpuscale", "no-prewarm", "always-on", "seeds")
+DAY_S = 86400.0
+MONTH_S = 30 * DAY_S
+_RANK = {"critical": 0, "high": 1, "normal": 2}
+_EPS = 1e-6
+
+PENDING, BLOCKED, QUEUED, RUNNING, DONE = range(5)
+
+
+class _Task:
+    __slots__ = (
+        "arrival",
+        "dependents",
+        "deps",
+        "end_at",
+        "graph",
+        "id",
+        "idx",
+        "pool",
+        "rank",
+        "ready_at",
+        "remaining",
+        "replica",
+        "service",
+        "start_at",
+        "status",
+        "type",
+        "unfinished",
+    )
+
+    def __init__(self, idx: int, t: TraceTask, pool: int) -> None:
+        self.idx = idx
+        self.id = t.task_id
+        self.type = t.task_type
+        self.pool = pool
+        self.service = t.service_s
+        self.rank = _RANK[t.priority]
+        self.arrival = t.arrival_s
+        self.deps: list[int] = []
+        self.dependents: list[int] = []
+        self.status = PENDING
+        self.unfinished = 0
+        self.ready_at = math.nan
+        self.start_at = math.nan
+        self.end_at = math.nan
+        self.remaining = t.service_s
+        self.replica: _Replica | None = None
+        self.graph = idx
+
+
+class _Replica:
+    __slots__ = ("id", "pool", "ready_at", "requested_at", "stopped_at", "tasks")
+
+    def __init__(self, rid: str, pool: int, requested_at: float, ready_at: float) -> None:
+        self.id = rid
+        self.pool = pool
+        self.requested_at = requested_at
+        self.ready_at = ready_at
+        self.stopped_at: float | None = None
+        self.tasks: list[_Task] = []
+
+
+@dataclass
+class PoolSeries:
+    """Samples (on change) of one pool over time, for plots."""
+
+    t: list[float] = field(default_factory=list)
+    queued: list[int] = field(default_factory=list)
+    running: list[int] = field(default_factory=list)
+    blocked: list[int] = field(default_factory=list)
+    replicas: list[int] = field(default_factory=list)
+    ready: list[int] = field(default_factory=list)
+
+    def add(self, t: float, queued: int, running: int, blocked: int, replicas: int, ready: int) -> None:
+        if self.t and (
+            self.queued[-1],
+            self.running[-1],
+            self.blocked[-1],
+            self.replicas[-1],
+            self.ready[-1],
+        ) == (queued, running, blocked, replicas, ready):
+            return
+        self.t.append(t)
+        self.queued.append(queued)
+        self.running.append(running)
+        self.blocked.append(blocked)
+        self.replicas.append(replicas)
+        self.ready.append(ready)
+
+
+@dataclass
+class PoolResult:
+    name: str
+    price_per_hour: float
+    tasks: int = 0
+    replica_seconds: float = 0.0
+    busy_gpu_seconds: float = 0.0  # sum of service_s of its tasks (the oracle's time)
+    replicas_started: int = 0
+    max_replicas_seen: int = 0
+    scale_events: dict[str, int] = field(default_factory=dict)
+    series: PoolSeries = field(default_factory=PoolSeries)
+
+    @property
+    def cost_usd(self) -> float:
+        return self.replica_seconds / 3600.0 * self.price_per_hour
+
+    @property
+    def oracle_cost_usd(self) -> float:
+        return self.busy_gpu_seconds / 3600.0 * self.price_per_hour
+
+
+@dataclass
+class SimResult:
+    policy: str
+    pools: dict[str, PoolResult]
+    waits: list[float]
+    graph_times: list[float]
+    tasks: int
+    unfinished: int
+    decks: int
+    period_s: float  # the trace period (whole days) used for always-on cost
+    end_s: float
+    always_on_cost_usd: float
+    ticks: int
+    wall_s: float = 0.0
+
+    @property
+    def cost_usd(self) -> float:
+        return sum(p.cost_usd for p in self.pools.values())
+
+    @property
+    def oracle_cost_usd(self) -> float:
+        return sum(p.oracle_cost_usd for p in self.pools.values())
+
+    @property
+    def scale_events(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for p in self.pools.values():
+            for k, v in p.scale_events.items():
+                total[k] = total.get(k, 0) + v
+        return dict(sorted(total.items()))
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile; 0 for an empty list."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return float(ordered[rank - 1])
+
+
+def rules_for_policy(config: PoolsConfig, policy: str, cold_start_s: float | None) -> dict[str, PoolRules]:
+    """The pool rules a policy runs with (``--cold-start`` overrides every pool's)."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
+    out: dict[str, PoolRules] = {}
+    for name, rules in config.pools.items():
+        changes: dict[str, Any] = {}
+        if cold_start_s is not None:
+            changes["cold_start_s"] = cold_start_s
+        if policy == "no-prewarm":
+            changes["prewarm"] = False
+        if policy == "seeds":
+            changes["prewarm"] = False
+            changes["sizing"] = "count"
+        out[name] = rules.model_copy(update=changes) if changes else rules
+    return out
+
+
+class _Sim:
+    def __init__(
+        self,
+        trace: Sequence[TraceTask],
+        config: PoolsConfig,
+        policy: str,
+        cold_start_s: float | None,
+        tick_s: float,
+        budget_usd: float | None = None,
+        startup_failure_rate: float = 0.0,
+        seed: int = 1,
+        counts_only: bool = False,
+        period_s: float | None = None,
+    ) -> None:
+        self.policy = policy
+        self.period_s = period_s
+        self.counts_only = counts_only
+        self.failure_rate = startup_failure_rate
+        self.rng = random.Random(seed)
+        self.config = config
+        self.rules = rules_for_policy(config, policy, cold_start_s)
+        self.pool_names = list(self.rules)
+        self.tick_s = tick_s
+        type_pool = {t: i for i, name in enumerate(self.pool_names) for t in self.rules[name].task_types}
+        self.tasks: list[_Task] = []
+        by_id: dict[str, int] = {}
+        for i, tt in enumerate(trace):
+            if tt.task_type not in type_pool:
+                raise TraceError(
+                    f"task {tt.task_id!r}: no pool in the pools file serves type {tt.task_type!r}"
+                )
+            if tt.task_id in by_id:
+                raise TraceError(f"duplicate task_id {tt.task_id!r}")
+            task = _Task(i, tt, type_pool[tt.task_type])
+            for dep in tt.depends_on:
+                if dep not in by_id:
+                    raise TraceError(f"task {tt.task_id!r}: depends_on {dep!r} is not listed before it")
+                j = by_id[dep]
+                task.deps.append(j)
+                self.tasks[j].dependents.append(i)
+            by_id[tt.task_id] = i
+            self.tasks.append(task)
+        self._graphs()
+        self.arrivals = sorted(range(len(self.tasks)), key=lambda i: (self.tasks[i].arrival, i))
+        self.estimator = DurationEstimator(config.pools.values())
+        n_pools = len(self.pool_names)
+        self.queues: list[list[tuple[int, float, int]]] = [[] for _ in range(n_pools)]
+        self.queued_by_rank: list[list[int]] = [[0, 0, 0] for _ in range(n_pools)]
+        self.blocked: list[set[int]] = [set() for _ in range(n_pools)]
+        self.replicas: list[list[_Replica]] = [[] for _ in range(n_pools)]
+        self.all_replicas: list[_Replica] = []
+        # Replicas holding tasks, in insertion order (a dict, not a set: replays are deterministic).
+        self.busy: dict[_Replica, None] = {}
+        self.states = [PoolState() for _ in range(n_pools)]
+        # Spend so far, kept incrementally (for the monthly budget projection).
+        self.budget_usd = config.monthly_budget_usd if budget_usd is None else budget_usd
+        self.closed_cost = 0.0
+        self.alive_count = [0] * n_pools
+        self.alive_req_sum = [0.0] * n_pools
+        self.results = {
+            name: PoolResult(name=name, price_per_hour=self.rules[name].price_per_hour)
+            for name in self.pool_names
+        }
+        self.waits: list[float] = []
+        self.done = 0
+        self.in_flight = 0
+        self.seq = 0
+        self.ticks = 0
+
+    def _graphs(self) -> None:
+        parent = list(range(len(self.tasks)))
+
+        def find(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for t in self.tasks:
+            for d in t.deps:
+                a, b = find(t.idx), find(d)
+                if a != b:
+                    parent[a] = b
+        for t in self.tasks:
+            t.graph = find(t.idx)
+
+    # --- task flow --------------------------------------------------------------------------
+
+    def _make_ready(self, task: _Task, now: float) -> None:
+        task.status = QUEUED
+        if math.isnan(task.ready_at):
+            task.ready_at = now
+        heapq.heappush(self.queues[task.pool], (task.rank, task.ready_at, task.idx))
+        self.queued_by_rank[task.pool][task.rank] += 1
+
+    def _arrive(self, task: _Task, now: float) -> None:
+        self.in_flight += 1
+        task.unfinished = sum(1 for d in task.deps if self.tasks[d].status != DONE)
+        if task.unfinished == 0:
+            self._make_ready(task, now)
+        else:
+            task.status = BLOCKED
+            self.blocked[task.pool].add(task.idx)
+
+    def _complete(self, task: _Task, now: float) -> None:
+        rep = task.replica
+        assert rep is not None
+        rep.tasks.remove(task)
+        if not rep.tasks:
+            self.busy.pop(rep, None)
+        task.replica = None
+        task.status = DONE
+        task.end_at = now
+        task.remaining = 0.0
+        self.done += 1
+        self.in_flight -= 1
+        self.estimator.observe(task.type, task.service)
+        for j in task.dependents:
+            dep = self.tasks[j]
+            dep.unfinished -= 1
+            if dep.unfinished == 0 and dep.status == BLOCKED:
+                self.blocked[dep.pool].discard(j)
+                self._make_ready(dep, now)
+
+    def _dispatch(self, pool: int, now: float) -> None:
+        queue = self.queues[pool]
+        if not queue:
+            return
+        tpr = self.rules[self.pool_names[pool]].tasks_per_replica
+        free = [r for r in self.replicas[pool] if r.ready_at <= now and len(r.tasks) < tpr]
+        while queue and free:
+            rep = min(free, key=lambda r: (len(r.tasks), r.ready_at))
+            _, _, idx = heapq.heappop(queue)
+            task = self.tasks[idx]
+            self.queued_by_rank[pool][task.rank] -= 1
+            task.status = RUNNING
+            task.replica = rep
+            if math.isnan(task.start_at):
+                task.start_at = now
+                self.waits.append(now - task.ready_at)
+            rep.tasks.append(task)
+            self.busy[rep] = None
+            if len(rep.tasks) >= tpr:
+                free.remove(rep)
+
+    def _advance(self, dt: float) -> None:
+        if dt <= 0:
+            return
+        for rep in self.busy:
+            share = dt / len(rep.tasks)
+            for task in rep.tasks:
+                task.remaining -= share
+
+    def _next_completion(self, now: float) -> float:
+        best = math.inf
+        for rep in self.busy:
+            k = len(rep.tasks)
+            rem = min(t.remaining for t in rep.tasks)
+            best = min(best, now + max(0.0, rem) * k)
+        return best
+
+    # --- the controller ---------------------------------------------------------------------
+
+    def _observe(self, pool: int, now: float) -> tuple[PoolObservation, int]:
+        est = self.estimator.expected
+        by_rank = self.queued_by_rank[pool]
+        queued_work = sum(est(self.tasks[i].type) for _, _, i in self.queues[pool])
+        reps = self.replicas[pool]
+        running = 0
+        running_work = 0.0
+        busy = 0
+        for rep in reps:
+            if rep.tasks:
+                busy += 1
+            for t in rep.tasks:
+                running += 1
+                done = t.service - t.remaining  # GPU-seconds done so far: progress a worker reports
+                expected = est(t.type)
+                running_work += max(expected - done, 0.1 * expected)
+        # Blocked tasks whose unfinished dependencies are all queued or running: about to arrive.
+        blocked_n = 0
+        blocked_work = 0.0
+        eta: float | None = None
+        for i in self.blocked[pool]:
+            task = self.tasks[i]
+            worst = 0.0
+            ok = True
+            for d in task.deps:
+                dep = self.tasks[d]
+                if dep.status == DONE:
+                    continue
+                if dep.status == RUNNING:
+                    assert dep.replica is not None
+                    expected = est(dep.type)
+                    left = max(expected - (dep.service - dep.remaining), 0.05 * expected)
+                    worst = max(worst, left * len(dep.replica.tasks))
+                elif dep.status == QUEUED:
+                    dep_rules = self.rules[self.pool_names[dep.pool]]
+                    has_ready = any(r.ready_at <= now for r in self.replicas[dep.pool])
+                    worst = max(worst, est(dep.type) + (0.0 if has_ready else dep_rules.cold_start_s))
+                else:
+                    ok = False
+                    break
+            if ok:
+                blocked_n += 1
+                blocked_work += est(task.type)
+                eta = worst if eta is None else min(eta, worst)
+        starting = [(r.id, r.requested_at) for r in reps if r.ready_at > now]
+        registered = len(reps) - len(starting)
+        obs = PoolObservation(
+            queued={"critical": by_rank[0], "high": by_rank[1], "normal": by_rank[2]},
+            running=running,
+            provider_replicas=len(reps),
+            registered=registered,
+            starting=starting,
+            idle_replicas=registered - busy,
+            busy_replicas=busy,
+            queued_work_s=queued_work,
+            running_work_s=running_work,
+            blocked_on_running=blocked_n,
+            blocked_work_s=blocked_work,
+            upstream_eta_s=eta,
+        )
+        if self.counts_only:
+            # What a controller that counts tasks but does not estimate their work would see.
+            obs = replace(obs, queued_work_s=None, running_work_s=None, blocked_work_s=None)
+        return obs, len(self.blocked[pool])
+
+    def _start_replica(self, pool: int, now: float) -> None:
+        rules = self.rules[self.pool_names[pool]]
+        self.seq += 1
+        ready_at = now + rules.cold_start_s
+        if self.failure_rate and self.rng.random() < self.failure_rate:
+            ready_at = math.inf  # never registers: the policy must notice and replace it
+        rep = _Replica(f"{self.pool_names[pool]}-{self.seq}", pool, now, ready_at)
+        self.replicas[pool].append(rep)
+        self.all_replicas.append(rep)
+        self.alive_count[pool] += 1
+        self.alive_req_sum[pool] += now
+        self.results[self.pool_names[pool]].replicas_started += 1
+
+    def _stop_replicas(self, pool: int, count: int, now: float) -> None:
+        # Cancel starting replicas first (newest first), then idle ones, then busy ones.
+        order = sorted(self.replicas[pool], key=lambda r: (r.ready_at <= now, len(r.tasks), -r.requested_at))
+        for rep in order[:count]:
+            self._stop(rep, now)
+
+    def _stop(self, rep: _Replica, now: float) -> None:
+        pool = rep.pool
+        for task in list(rep.tasks):
+            # Handed back to the queue; its work so far is lost.
+            rep.tasks.remove(task)
+            task.replica = None
+            task.remaining = task.service
+            self._make_ready(task, now)
+        self.busy.pop(rep, None)
+        rep.stopped_at = now
+        self.replicas[pool].remove(rep)
+        self.alive_count[pool] -= 1
+        self.alive_req_sum[pool] -= rep.requested_at
+        self.closed_cost += (now - rep.requested_at) * self.rules[self.pool_names[pool]].price_per_hour / 3600
+
+    def _budget(self, now: float) -> BudgetView | None:
+        """Spend so far, extrapolated linearly to a 30-day month (from at least one day of data)."""
+        if self.budget_usd is None:
+            return None
+        spent = self.closed_cost
+        for pool, name in enumerate(self.pool_names):
+            alive_s = self.alive_count[pool] * now - self.alive_req_sum[pool]
+            spent += alive_s * self.rules[name].price_per_hour / 3600
+        projected = spent * MONTH_S / max(now, DAY_S)
+        return BudgetView(monthly_budget_usd=self.budget_usd, projected_usd=projected)
+
+    def _tick(self, now: float) -> bool:
+        """One controller tick; returns True when the whole system is at rest."""
+        self.ticks += 1
+        at_rest = True
+        budget = self._budget(now)
+        for pool, name in enumerate(self.pool_names):
+            rules = self.rules[name]
+            result = self.results[name]
+            current = len(self.replicas[pool])
+            obs, blocked_all = self._observe(pool, now)
+            if self.policy == "always-on":
+                desired, reason = rules.max_replicas, "always_on"
+            else:
+                decision = decide(
+                    rules,
+                    obs,
+                    self.states[pool],
+                    now,
+                    critical_immediate=self.config.critical_immediate,
+                    tick_s=self.tick_s,
+                    budget=budget,
+                )
+                self.states[pool] = decision.state
+                desired, reason = decision.desired, decision.reason
+                for rid in decision.replace:
+                    failed = next((r for r in self.replicas[pool] if r.id == rid), None)
+                    if failed is not None:
+                        self._stop(failed, now)
+                        self._start_replica(pool, now)
+                        result.scale_events[reason] = result.scale_events.get(reason, 0) + 1
+                current = len(self.replicas[pool])
+                if reason not in ("hold",) or obs.starting:
+                    at_rest = False
+            if desired != current:
+                at_rest = False
+                result.scale_events[reason] = result.scale_events.get(reason, 0) + 1
+                if desired > current:
+                    for _ in range(desired - current):
+                        self._start_replica(pool, now)
+                else:
+                    self._stop_replicas(pool, current - desired, now)
+            result.max_replicas_seen = max(result.max_replicas_seen, len(self.replicas[pool]))
+            queued = sum(self.queued_by_rank[pool])
+            reps = self.replicas[pool]
+            result.series.add(
+                now,
+                queued,
+                obs.running or 0,
+                blocked_all,
+                len(reps),
+                sum(1 for r in reps if r.ready_at <= now),
+            )
+        return at_rest and self.in_flight == 0
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> SimResult:
+        tasks = self.tasks
+        n = len(tasks)
+        ai = 0
+        now = 0.0
+        next_tick = 0.0
+        last_event = 0.0
+        ready_heap: list[float] = []
+        while True:
+            t_arr = tasks[self.arrivals[ai]].arrival if ai < n else math.inf
+            t_comp = self._next_completion(now)
+            while ready_heap and ready_heap[0] <= now:
+                heapq.heappop(ready_heap)
+            t_ready = ready_heap[0] if ready_heap else math.inf
+            t_next = min(t_arr, t_comp, t_ready, next_tick)
+            if t_next == math.inf or (ai >= n and t_next > last_event + DAY_S):
+                break  # done, or stuck (work no pool can serve): report it as unfinished
+            self._advance(t_next - now)
+            now = t_next
+            # Completions (all that end now, within rounding).
+            for rep in list(self.busy):
+                for task in [t for t in rep.tasks if t.remaining <= _EPS * max(1.0, t.service)]:
+                    self._complete(task, now)
+                    last_event = now
+            woke = False
+            while ai < n and tasks[self.arrivals[ai]].arrival <= now:
+                self._arrive(tasks[self.arrivals[ai]], now)
+                ai += 1
+                woke = True
+                last_event = now
+            for pool in range(len(self.pool_names)):
+                self._dispatch(pool, now)
+            if woke and next_tick > now:
+                next_tick = now  # the queue NOTIFYs the controller on new work
+            if now >= next_tick:
+                before = len(self.all_replicas)
+                at_rest = self._tick(now)
+                for rep in self.all_replicas[before:]:
+                    heapq.heappush(ready_heap, rep.ready_at)
+                for pool in range(len(self.pool_names)):
+                    self._dispatch(pool, now)
+                next_tick = now + self.tick_s
+                if at_rest:
+                    if ai >= n:
+                        break
+                    # Nothing can change before the next submission: skip ahead.
+                    next_tick = max(next_tick, tasks[self.arrivals[ai]].arrival)
+                if ai >= n and self.in_flight == 0 and self.policy == "always-on":
+                    break
+        end = max(now, last_event)
+        period = max(DAY_S, math.ceil(max(last_event, end) / DAY_S - 1e-9) * DAY_S)
+        if self.period_s is not None:
+            period = max(self.period_s, end)
+        for rep in self.all_replicas:
+            stop = rep.stopped_at
+            if stop is None:
+                stop = period if self.policy == "always-on" else end
+            self.results[self.pool_names[rep.pool]].replica_seconds += stop - rep.requested_at
+        for task in tasks:
+            self.results[self.pool_names[task.pool]].tasks += 1
+            self.results[self.pool_names[task.pool]].busy_gpu_seconds += task.service
+        graphs: dict[int, tuple[float, float, bool]] = {}
+        for task in tasks:
+            first, last, complete = graphs.get(task.graph, (math.inf, 0.0, True))
+            graphs[task.graph] = (
+                min(first, task.arrival),
+                max(last, 0.0 if math.isnan(task.end_at) else task.end_at),
+                complete and task.status == DONE,
+            )
+        graph_times = [last - first for first, last, complete in graphs.values() if complete]
+        always_on = sum(r.max_replicas * r.price_per_hour for r in self.rules.values()) * period / 3600.0
+        return SimResult(
+            policy=self.policy,
+            pools=self.results,
+            waits=self.waits,
+            graph_times=graph_times,
+            tasks=n,
+            unfinished=n - self.done,
+            decks=len(graphs),
+            period_s=period,
+            end_s=end,
+            always_on_cost_usd=always_on,
+            ticks=self.ticks,
+        )
+
+
+def simulate(
+    trace: Sequence[TraceTask],
+    config: PoolsConfig,
+    *,
+    policy: str = "gpuscale",
+    cold_start_s: float | None = None,
+    tick_s: float | None = None,
+    budget_usd: float | None = None,
+    startup_failure_rate: float = 0.0,
+    seed: int = 1,
+    counts_only: bool = False,
+    period_s: float | None = None,
+) -> SimResult:
+    """Replay ``trace`` against ``policy`` with the pools in ``config``; see the module doc.
+
+    ``budget_usd`` overrides the pools file's ``monthly_budget_usd``: the spend so far,
+    extrapolated to 30 days, is handed to the policy as its :class:`BudgetView` each tick.
+    ``startup_failure_rate``: the chance that a requested replica never registers (drawn with
+    ``seed``), so startup timeouts, replacements and their backoff show in the replay.
+    ``counts_only``: the policy gets task counts but no work estimates (it then sizes with each
+    pool's ``default_task_duration``).  ``period_s``: the trace's period for the always-on cost
+    (default: the whole days it spans; a quiet week that ends on a Friday spans five)."""
+    if not 0.0 <= startup_failure_rate <= 1.0:
+        raise ValueError("startup_failure_rate must be within [0, 1]")
+    import time
+
+    started = time.perf_counter()
+    tick = config.reconcile_interval_s if tick_s is None else tick_s
+    if tick <= 0:
+        raise ValueError("tick must be > 0")
+    result = _Sim(
+        trace,
+        config,
+        policy,
+        cold_start_s,
+        tick,
+        budget_usd,
+        startup_failure_rate,
+        seed,
+        counts_only,
+        period_s,
+    ).run()
+    result.wall_s = time.perf_counter() - started
+    return result
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return _percentile(values, q)

@@ -1,0 +1,166 @@
+"""Realistic traces from the seeds' numbers.
+
+* Decks of about 30 pages (normal, sd 8, 6–60 pages), split into visual_analysis batches of 8
+  pages at ~25 s per page (each page lognormal around 25 s, 10–15 minutes for a 30-page deck on
+  one GPU, as the seeds measured); ``slide_feedback`` after all batches (40–90 s).
+* Text tasks 20–60 s each, the deck graph of DESIGN.md: five extractions after all batches,
+  ``template_analysis`` after ``healthcare_classification``, three specialized analyses after
+  ``template_analysis``.
+* Arrivals on working days (Mon–Fri) between 09:00 and 18:00, in bursts: upload sessions start
+  at random (busier late morning and mid afternoon) and bring 1–4 decks a few minutes apart.
+* Priorities per deck: 90 % normal, 9 % high, 1 % critical.
+
+``kind``: ``busy-day`` (one working day, 30 decks), ``quiet-week`` (seven days, ~3 decks per
+working day), ``month`` (30 days, ~15 decks per working day).  Deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, replace
+
+from gpuscale.controller.simulate.trace import TraceTask
+
+DAY_S = 86400.0
+EXTRACTIONS = (
+    "company_offering_extraction",
+    "startup_name_extraction",
+    "healthcare_classification",
+    "funding_amount_extraction",
+    "deck_date_extraction",
+)
+SPECIALIZED = ("specialized_clinical", "specialized_regulatory", "specialized_science")
+KINDS = ("busy-day", "quiet-week", "month")
+
+
+@dataclass(frozen=True)
+class TraceSpec:
+    days: int
+    decks_per_working_day: float
+    pages_mean: float = 30.0
+    pages_sd: float = 8.0
+    batch_pages: int = 8
+    seconds_per_page: float = 25.0
+    burst_mean: float = 1.6  # decks per upload session (geometric, 1–4)
+    exact_decks: int | None = None  # busy-day: exactly this many decks
+
+
+def spec_for(kind: str, *, decks_per_day: float | None = None, days: int | None = None) -> TraceSpec:
+    specs = {
+        "busy-day": TraceSpec(days=1, decks_per_working_day=30.0, exact_decks=30),
+        "quiet-week": TraceSpec(days=7, decks_per_working_day=3.0),
+        "month": TraceSpec(days=30, decks_per_working_day=15.0),
+    }
+    if kind not in specs:
+        raise ValueError(f"unknown trace kind {kind!r}; expected one of {', '.join(KINDS)}")
+    spec = specs[kind]
+    if decks_per_day is not None:
+        exact = round(decks_per_day) if spec.exact_decks is not None else None
+        spec = replace(spec, decks_per_working_day=decks_per_day, exact_decks=exact)
+    if days is not None:
+        spec = replace(spec, days=days)
+    return spec
+
+
+def _session_start(rng: random.Random) -> float:
+    """Seconds after midnight: 09:00–18:00, busier 10–12 and 14–17."""
+    while True:
+        h = rng.uniform(9.0, 18.0)
+        weight = 1.0 if (10 <= h < 12 or 14 <= h < 17) else 0.45
+        if rng.random() < weight:
+            return h * 3600.0
+
+
+def _session_size(rng: random.Random, mean: float) -> int:
+    p = 1.0 / mean
+    n = 1
+    while n < 4 and rng.random() > p:
+        n += 1
+    return n
+
+
+def _arrivals(rng: random.Random, spec: TraceSpec) -> list[float]:
+    times: list[float] = []
+    for day in range(spec.days):
+        # Day 0 is a Monday; Saturday and Sunday bring nothing.
+        if spec.exact_decks is None and day % 7 in (5, 6):
+            continue
+        target = spec.exact_decks
+        if target is None:
+            # Poisson number of decks around the daily mean (Knuth; the means here are small).
+            limit, k, prod = math.exp(-spec.decks_per_working_day), 0, rng.random()
+            while prod > limit:
+                k += 1
+                prod *= rng.random()
+            target = k
+        day_times: list[float] = []
+        while len(day_times) < target:
+            t = _session_start(rng)
+            for _ in range(min(_session_size(rng, spec.burst_mean), target - len(day_times))):
+                day_times.append(day * DAY_S + t)
+                t += rng.expovariate(1 / 180.0)  # a few minutes between uploads of one session
+        times.extend(day_times)
+    return sorted(times)
+
+
+def _priority(rng: random.Random) -> str:
+    x = rng.random()
+    return "critical" if x < 0.01 else "high" if x < 0.10 else "normal"
+
+
+def deck_tasks(rng: random.Random, deck: int, arrival: float, spec: TraceSpec) -> list[TraceTask]:
+    """The whole task graph of one deck, dependencies before dependents."""
+    pages = int(min(60, max(6, round(rng.gauss(spec.pages_mean, spec.pages_sd)))))
+    prio = _priority(rng)
+    prefix = f"d{deck:05d}"
+    out: list[TraceTask] = []
+    batches: list[str] = []
+    sigma = 0.2
+    mu = math.log(spec.seconds_per_page) - sigma**2 / 2
+    for b, first in enumerate(range(1, pages + 1, spec.batch_pages)):
+        n_pages = min(spec.batch_pages, pages - first + 1)
+        service = sum(rng.lognormvariate(mu, sigma) for _ in range(n_pages))
+        tid = f"{prefix}-va{b + 1}"
+        batches.append(tid)
+        out.append(TraceTask(arrival, tid, "visual_analysis", round(service, 1), prio))
+    deps = tuple(batches)
+    out.append(
+        TraceTask(arrival, f"{prefix}-sf", "slide_feedback", round(rng.uniform(40, 90), 1), prio, deps)
+    )
+    for name in EXTRACTIONS:
+        out.append(TraceTask(arrival, f"{prefix}-{name}", name, round(rng.uniform(20, 60), 1), prio, deps))
+    out.append(
+        TraceTask(
+            arrival,
+            f"{prefix}-template_analysis",
+            "template_analysis",
+            round(rng.uniform(20, 60), 1),
+            prio,
+            (f"{prefix}-healthcare_classification",),
+        )
+    )
+    for name in SPECIALIZED:
+        out.append(
+            TraceTask(
+                arrival,
+                f"{prefix}-{name}",
+                name,
+                round(rng.uniform(20, 60), 1),
+                prio,
+                (f"{prefix}-template_analysis",),
+            )
+        )
+    return out
+
+
+def generate(
+    kind: str, *, seed: int = 1, decks_per_day: float | None = None, days: int | None = None
+) -> list[TraceTask]:
+    """A trace of ``kind`` (see :data:`KINDS`); the same seed gives the same trace."""
+    spec = spec_for(kind, decks_per_day=decks_per_day, days=days)
+    rng = random.Random(seed)
+    tasks: list[TraceTask] = []
+    for deck, arrival in enumerate(_arrivals(rng, spec)):
+        tasks.extend(deck_tasks(rng, deck, round(arrival, 1), spec))
+    return tasks

@@ -1,0 +1,70 @@
+"""Ordered SQL migrations (``controller/db/migrations/NNNN_name.sql``).
+
+Each file runs in its own transaction and is recorded in ``schema_migrations``; a session-level
+advisory lock serializes concurrent ``gpuscale db migrate`` runs, so running it twice, or twice at
+once, changes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib import resources
+
+import asyncpg
+import asyncpg.pool
+
+log = logging.getLogger(__name__)
+
+# Arbitrary but fixed: the advisory lock key that serializes migrations.
+MIGRATION_LOCK_KEY = 0x6770_7573_6D69  # "gpusmi"
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def load_migrations() -> list[Migration]:
+    out: list[Migration] = []
+    root = resources.files("gpuscale.db") / "migrations"
+    for entry in root.iterdir():
+        if not entry.name.endswith(".sql"):
+            continue
+        stem = entry.name[:-4]
+        version_text, _, name = stem.partition("_")
+        out.append(Migration(int(version_text), name, entry.read_text()))
+    out.sort(key=lambda m: m.version)
+    versions = [m.version for m in out]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"duplicate migration versions: {versions}")
+    return out
+
+
+async def migrate(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> list[Migration]:
+    """Apply the pending migrations; returns those applied (empty when up to date)."""
+    applied: list[Migration] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+    try:
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version integer PRIMARY KEY,
+                   name text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for m in load_migrations():
+            if m.version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(m.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", m.version, m.name
+                )
+            log.debug("applied migration %04d_%s", m.version, m.name)
+            applied.append(m)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+    return applied

@@ -1,0 +1,31 @@
+"""The task queue: tasks, the replica registry and the task-type catalogue (controller and worker)."""
+
+from gpuscale.queue.tasks import (
+    FINAL_STATUSES,
+    NOTIFY_CHANNEL,
+    ClaimedTask,
+    InvalidTask,
+    NewTask,
+    PoolStats,
+    Priority,
+    Queue,
+    QueueError,
+    ServerInfo,
+    TaskStatus,
+    listen,
+)
+
+__all__ = [
+    "FINAL_STATUSES",
+    "NOTIFY_CHANNEL",
+    "ClaimedTask",
+    "InvalidTask",
+    "NewTask",
+    "PoolStats",
+    "Priority",
+    "Queue",
+    "QueueError",
+    "ServerInfo",
+    "TaskStatus",
+    "listen",
+]

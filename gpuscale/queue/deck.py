@@ -1,0 +1,123 @@
+"""Submitting a pitch deck: check the PDF, count its pages, enqueue its whole task graph at once.
+
+The graph (DESIGN.md): visual analysis split into page batches so several replicas share a deck;
+``slide_feedback`` and the five text extractions wait for every batch; ``template_analysis``
+waits for ``healthcare_classification``; the three specialized analyses wait for
+``template_analysis``.  Everything is written in one transaction, or nothing is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpuscale.queue.tasks import InvalidTask, NewTask, Priority, Queue
+
+TEXT_AFTER_VISUAL = (
+    "company_offering_extraction",
+    "startup_name_extraction",
+    "healthcare_classification",
+    "funding_amount_extraction",
+    "deck_date_extraction",
+)
+_PDFIUM_LOCK = threading.Lock()
+SPECIALIZED = ("specialized_clinical", "specialized_regulatory", "specialized_science")
+
+
+class DeckError(InvalidTask):
+    """The file is not a readable PDF (or the options are wrong); nothing was written."""
+
+
+@dataclass(frozen=True)
+class DeckSubmission:
+    document_id: str
+    document: str  # the absolute path every task's payload names
+    pages: int
+    task_ids: dict[str, list[int]]  # task type → ids (visual_analysis: one per page batch)
+
+
+def count_pages(pdf: Path) -> int:
+    """Pages of a PDF, via pdfium; :class:`DeckError` with a clear reason if it is not one."""
+    try:
+        with pdf.open("rb") as fh:
+            head = fh.read(1024)
+    except FileNotFoundError:
+        raise DeckError(f"{pdf}: no such file") from None
+    except IsADirectoryError:
+        raise DeckError(f"{pdf}: is a directory, not a PDF file") from None
+    except OSError as exc:
+        raise DeckError(f"{pdf}: cannot read: {exc.strerror or exc}") from None
+    # pdfium tolerates junk before the header; a deck upload should start with it.
+    if b"%PDF-" not in head:
+        raise DeckError(f"{pdf}: not a PDF file (no %PDF- header)")
+
+    import pypdfium2
+
+    # pdfium is not thread-safe, and submissions run it in worker threads.
+    with _PDFIUM_LOCK:
+        try:
+            doc = pypdfium2.PdfDocument(str(pdf))
+        except pypdfium2.PdfiumError as exc:
+            raise DeckError(f"{pdf}: corrupt or unreadable PDF ({exc})") from None
+        try:
+            pages = len(doc)
+        finally:
+            doc.close()
+    if pages < 1:
+        raise DeckError(f"{pdf}: the PDF has no pages")
+    return pages
+
+
+def _inspect(pdf: Path) -> tuple[Path, int]:
+    path = pdf.absolute()
+    return path, count_pages(path)
+
+
+def page_batches(pages: int, batch_pages: int) -> list[tuple[int, int]]:
+    """1-based inclusive page ranges of at most ``batch_pages`` pages."""
+    return [(first, min(first + batch_pages - 1, pages)) for first in range(1, pages + 1, batch_pages)]
+
+
+async def submit_deck(
+    queue: Queue,
+    pdf: Path | str,
+    *,
+    batch_pages: int = 8,
+    priority: Priority | str = Priority.normal,
+    document_id: str | None = None,
+) -> DeckSubmission:
+    """Validate ``pdf`` and enqueue its task graph in one transaction."""
+    if not isinstance(batch_pages, int) or batch_pages < 1:
+        raise DeckError(f"batch_pages must be a positive integer, not {batch_pages!r}")
+    path, pages = await asyncio.to_thread(_inspect, Path(pdf))
+    doc_id = document_id or f"deck-{uuid.uuid4().hex[:16]}"
+    document = str(path)
+
+    tasks: list[NewTask] = []
+    after: list[list[int]] = []
+    names: list[str] = []
+
+    def add(task_type: str, payload: dict[str, object], deps: list[int]) -> int:
+        tasks.append(NewTask(task_type, payload, priority=priority, document_id=doc_id))
+        after.append(deps)
+        names.append(task_type)
+        return len(tasks) - 1
+
+    batches = [
+        add("visual_analysis", {"document": document, "first_page": a, "last_page": b}, [])
+        for a, b in page_batches(pages, batch_pages)
+    ]
+    add("slide_feedback", {"document": document}, batches)
+    text = {name: add(name, {"document": document}, batches) for name in TEXT_AFTER_VISUAL}
+    template = add("template_analysis", {"document": document}, [text["healthcare_classification"]])
+    for name in SPECIALIZED:
+        add(name, {"document": document}, [template])
+
+    ids = await queue.enqueue_graph(tasks, after)
+    task_ids: dict[str, list[int]] = {}
+    for name, tid in zip(names, ids, strict=True):
+        task_ids.setdefault(name, []).append(tid)
+    return DeckSubmission(doc_id, document, pages, task_ids)

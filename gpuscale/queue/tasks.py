@@ -1,0 +1,935 @@
+"""The PostgreSQL task queue and the server registry: every SQL statement on them lives here.
+
+Tasks are typed (:mod:`gpuscale.queue.tasktypes` routes each type to a pool and validates its payload),
+carry a priority, may depend on other tasks, and move through::
+
+    blocked ──(last dependency done)──► queued ──claim──► running ──► done
+                                          ▲  ▲                 │
+                       retry after backoff│  └──release/reap───┤
+                                          └────────fail────────┤──► failed (not retryable)
+                                                               └──► dead (attempts used up)
+
+Claims use ``FOR UPDATE SKIP LOCKED`` and hand out a lease; a worker extends its leases with its
+heartbeat, and leases that run out are reaped back to ``queued`` (or ``dead``).  Completion and
+unblocking of dependents happen in one transaction, so a dependent is released exactly once; a
+dependency that finally fails takes its dependents down with an error naming it.
+
+Depth and stats reads come from exact counters kept by statement-level triggers (see migration
+0001), so they cost the same at a thousand rows as at millions.  ``NOTIFY gpuscale_work`` with the
+pool name is sent whenever claimable work appears (enqueue, unblock, release, reap).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+import asyncpg
+from pydantic import ValidationError
+
+from gpuscale.queue import tasktypes
+
+NOTIFY_CHANNEL = "gpuscale_work"
+SERVER_STATUSES = ("starting", "active", "draining", "dead")
+_ID_SEQ = "processing_queue_id_seq"
+_MAX_TEXT = 16 * 1024  # error and progress texts are cut to this many characters
+
+
+class Priority(StrEnum):
+    normal = "normal"
+    high = "high"
+    critical = "critical"
+
+
+class TaskStatus(StrEnum):
+    blocked = "blocked"
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    dead = "dead"
+    cancelled = "cancelled"
+
+
+FINAL_STATUSES = frozenset({TaskStatus.done, TaskStatus.failed, TaskStatus.dead, TaskStatus.cancelled})
+_FAILED_STATUSES = ("failed", "dead", "cancelled")
+
+
+class QueueError(Exception):
+    """Base of the queue's errors."""
+
+
+class InvalidTask(QueueError, ValueError):
+    """A task was refused (unknown type, bad payload, too large, bad dependency); nothing written."""
+
+
+@dataclass
+class NewTask:
+    task_type: str
+    payload: dict[str, Any]
+    priority: Priority | str = Priority.normal
+    depends_on: list[int] = field(default_factory=list)
+    document_id: str | None = None
+    max_attempts: int | None = None
+
+
+@dataclass
+class ClaimedTask:
+    id: int
+    task_type: str
+    pool: str
+    document_id: str | None
+    payload: dict[str, Any]
+    priority: Priority
+    attempts: int
+    max_attempts: int
+    depends_on: list[int]
+    lease_expires_at: datetime
+    # Seconds between becoming claimable (enqueue, unblock, retry, requeue) and this claim, for
+    # the queue-wait metric; None if unknown.
+    queue_wait_s: float | None = None
+
+
+@dataclass
+class PoolStats:
+    pool: str
+    queued: dict[Priority, int]  # claimable now, by priority
+    waiting_backoff: int  # queued but waiting out a retry backoff
+    running: int
+    blocked: int
+    blocked_on_running: int  # blocked, and every unfinished dependency is queued or running
+    oldest_queued_age_s: float | None
+    done: int
+    failed: int
+    dead: int
+    cancelled: int = 0
+
+    @property
+    def queued_total(self) -> int:
+        return sum(self.queued.values())
+
+
+@dataclass
+class ServerInfo:
+    id: str
+    pool: str
+    container_id: str | None = None
+    status: str = "starting"
+    capabilities: dict[str, Any] = field(default_factory=dict)
+    current_load: int = 0
+    max_concurrent_tasks: int = 1
+    models: list[str] = field(default_factory=list)
+    version: str | None = None
+    last_heartbeat: datetime | None = None
+    started_at: datetime | None = None
+
+
+@dataclass
+class _Prepared:
+    task_type: str
+    pool: str
+    document_id: str | None
+    payload_json: str
+    priority: Priority
+    max_attempts: int
+    existing_deps: list[int]
+    local_deps: list[int]  # indices into the same batch
+
+
+def _validate(task: NewTask, max_payload_bytes: int) -> _Prepared:
+    try:
+        tt = tasktypes.get(task.task_type)
+    except tasktypes.UnknownTaskType as exc:
+        raise InvalidTask(str(exc)) from None
+    if not isinstance(task.payload, dict):
+        raise InvalidTask(
+            f"{task.task_type}: payload must be a JSON object, not {type(task.payload).__name__}"
+        )
+    try:
+        model = tt.payload_model.model_validate(task.payload)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidTask(f"invalid payload for {task.task_type}: {problems}") from None
+    # Store what the model accepted (coerced), limited to the fields the caller gave.
+    payload_json = json.dumps(model.model_dump(mode="json", exclude_unset=True), separators=(",", ":"))
+    size = len(payload_json.encode())
+    if size > max_payload_bytes:
+        raise InvalidTask(
+            f"payload for {task.task_type} is {size} bytes, over the limit of {max_payload_bytes} bytes"
+        )
+    try:
+        priority = Priority(task.priority)
+    except ValueError:
+        raise InvalidTask(
+            f"unknown priority {task.priority!r}; use one of: {', '.join(p.value for p in Priority)}"
+        ) from None
+    max_attempts = task.max_attempts if task.max_attempts is not None else tt.max_attempts
+    if not isinstance(max_attempts, int) or max_attempts < 1:
+        raise InvalidTask(f"max_attempts must be a positive integer, not {max_attempts!r}")
+    deps: list[int] = []
+    for d in task.depends_on:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            raise InvalidTask(f"dependency ids must be positive integers, not {d!r}")
+        if d not in deps:
+            deps.append(d)
+    if task.document_id is not None and not isinstance(task.document_id, str):
+        raise InvalidTask("document_id must be a string")
+    return _Prepared(
+        task.task_type, tt.pool, task.document_id, payload_json, priority, max_attempts, deps, []
+    )
+
+
+def _loads(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+# One statement for a whole batch: ids come from the caller when it needed them in advance
+# (dependencies inside the batch), otherwise from the sequence; the counters trigger and the
+# NOTIFY for pools that got claimable work ride along.
+_INSERT_SQL = f"""
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::gpuscale_priority[],
+                         $6::integer[], $7::integer[], $8::bigint[])
+         WITH ORDINALITY AS t(task_type, pool, document_id, payload, priority, max_attempts,
+                              pending, given_id, ord)),
+ids AS MATERIALIZED (
+    SELECT ord, coalesce(given_id, nextval('{_ID_SEQ}')) AS id FROM input ORDER BY ord),
+ins AS (
+    INSERT INTO processing_queue (id, task_type, pool, document_id, payload, priority, status,
+                                  depends_on, pending_deps, max_attempts, queued_at)
+    SELECT ids.id, i.task_type, i.pool, i.document_id, i.payload, i.priority,
+           CASE WHEN i.pending > 0 THEN 'blocked' ELSE 'queued' END::gpuscale_task_status,
+           coalesce((SELECT array_agg(e.dep ORDER BY e.dep)
+                       FROM unnest($9::bigint[], $10::bigint[]) AS e(task, dep)
+                      WHERE e.task = ids.id), '{{}}'),
+           i.pending, i.max_attempts,
+           CASE WHEN i.pending > 0 THEN NULL ELSE now() END
+      FROM input i JOIN ids USING (ord)
+    RETURNING pool, status),
+edges AS (
+    INSERT INTO processing_task_deps (task_id, depends_on)
+    SELECT task, dep FROM unnest($9::bigint[], $10::bigint[]) AS e(task, dep)
+    RETURNING 1)
+SELECT (SELECT array_agg(id ORDER BY ord) FROM ids) AS ids,
+       (SELECT count(*) FROM edges) AS edges,
+       (SELECT count(*) FROM (SELECT pg_notify('{NOTIFY_CHANNEL}', pool)
+                                FROM (SELECT DISTINCT pool FROM ins WHERE status = 'queued') p) n)
+           AS notified
+"""
+
+_TASK_COLUMNS = """id, task_type, pool, document_id, payload, priority::text, status::text, depends_on,
+    pending_deps, attempts, max_attempts, not_before, lease_owner, lease_expires_at, progress,
+    progress_message, result, error, created_at, queued_at, started_at, finished_at, updated_at"""
+
+
+class Queue:
+    """The queue and server registry on an asyncpg pool (the schema must be migrated)."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        max_payload_bytes: int = 256 * 1024,
+        lease_s: float = 60.0,
+        retry_base_s: float = 5.0,
+        retry_max_s: float = 600.0,
+    ) -> None:
+        self.pool = pool
+        self.max_payload_bytes = max_payload_bytes
+        self.lease_s = lease_s
+        self.retry_base_s = retry_base_s
+        self.retry_max_s = retry_max_s
+
+    # ------------------------------------------------------------------ enqueue
+
+    async def enqueue(self, task: NewTask) -> int:
+        return (await self.enqueue_many([task]))[0]
+
+    async def enqueue_many(self, tasks: Sequence[NewTask]) -> list[int]:
+        """Enqueue a batch; without dependencies this is one statement and one round trip."""
+        return await self.enqueue_graph(tasks, [[] for _ in tasks])
+
+    async def enqueue_graph(self, tasks: Sequence[NewTask], after: Sequence[Sequence[int]]) -> list[int]:
+        """Enqueue tasks that may also depend on each other, all in one transaction.
+
+        ``after[i]`` lists indices into ``tasks`` that task ``i`` waits for (on top of its own
+        ``depends_on`` ids of existing tasks).  Everything is validated before anything is
+        written; a bad task refuses the whole batch.
+        """
+        if len(after) != len(tasks):
+            raise InvalidTask("after must have one entry per task")
+        prepared = [_validate(t, self.max_payload_bytes) for t in tasks]
+        if not prepared:
+            return []
+        for i, local in enumerate(after):
+            for j in local:
+                if not isinstance(j, int) or not 0 <= j < len(tasks) or j == i:
+                    raise InvalidTask(f"task {i}: local dependency index {j!r} is out of range")
+            prepared[i].local_deps = sorted(set(local))
+        _check_acyclic(prepared)
+        existing = sorted({d for p in prepared for d in p.existing_deps})
+        any_local = any(p.local_deps for p in prepared)
+
+        async with self.pool.acquire() as conn:
+            if not existing and not any_local:
+                row = await conn.fetchrow(_INSERT_SQL, *self._insert_args(prepared, None, {}))
+                assert row is not None
+                return list(row["ids"])
+            async with conn.transaction():
+                status: dict[int, str] = {}
+                if existing:
+                    # FOR SHARE: a dependency being completed right now is waited for, so we see
+                    # its final status; one we lock first cannot finish until we commit, and its
+                    # completer then sees our edges (gpuscale_unblock runs as a later statement).
+                    rows = await conn.fetch(
+                        "SELECT id, status::text, task_type FROM processing_queue "
+                        "WHERE id = ANY($1::bigint[]) ORDER BY id FOR SHARE",
+                        existing,
+                    )
+                    status = {r["id"]: r["status"] for r in rows}
+                    missing = [d for d in existing if d not in status]
+                    if missing:
+                        raise InvalidTask(f"dependency task(s) not found: {', '.join(map(str, missing))}")
+                    bad = [
+                        f"{r['id']} ({r['task_type']}) is {r['status']}"
+                        for r in rows
+                        if r["status"] in _FAILED_STATUSES
+                    ]
+                    if bad:
+                        raise InvalidTask(
+                            f"cannot depend on a task that will never be done: {'; '.join(bad)}"
+                        )
+                ids = await conn.fetchval(
+                    f"SELECT array_agg(nextval('{_ID_SEQ}')) FROM generate_series(1, $1)", len(prepared)
+                )
+                row = await conn.fetchrow(_INSERT_SQL, *self._insert_args(prepared, list(ids), status))
+                assert row is not None
+                return list(row["ids"])
+
+    def _insert_args(
+        self, prepared: list[_Prepared], ids: list[int] | None, dep_status: dict[int, str]
+    ) -> list[Any]:
+        pending: list[int] = []
+        edge_task: list[int] = []
+        edge_dep: list[int] = []
+        for i, p in enumerate(prepared):
+            n = sum(1 for d in p.existing_deps if dep_status.get(d) != "done") + len(p.local_deps)
+            pending.append(n)
+            if ids is not None:
+                for d in p.existing_deps:
+                    edge_task.append(ids[i])
+                    edge_dep.append(d)
+                for j in p.local_deps:
+                    edge_task.append(ids[i])
+                    edge_dep.append(ids[j])
+        return [
+            [p.task_type for p in prepared],
+            [p.pool for p in prepared],
+            [p.document_id for p in prepared],
+            [p.payload_json for p in prepared],
+            [p.priority.value for p in prepared],
+            [p.max_attempts for p in prepared],
+            pending,
+            ids if ids is not None else [None] * len(prepared),
+            edge_task,
+            edge_dep,
+        ]
+
+    # ------------------------------------------------------------------ worker side
+
+    async def claim(
+        self, pool: str, server_id: str, n: int, *, lease_s: float | None = None
+    ) -> list[ClaimedTask]:
+        """Claim up to ``n`` claimable tasks of ``pool``: critical, high, normal, then oldest first."""
+        if n <= 0:
+            return []
+        lease = self.lease_s if lease_s is None else lease_s
+        rows = await self.pool.fetch(
+            """
+            WITH c AS (
+                SELECT id FROM processing_queue
+                 WHERE pool = $1 AND status = 'queued'
+                   AND (not_before IS NULL OR not_before <= now())
+                 ORDER BY priority DESC, id
+                 LIMIT $3
+                   FOR UPDATE SKIP LOCKED)
+            UPDATE processing_queue t
+               SET status = 'running', lease_owner = $2,
+                   lease_expires_at = now() + make_interval(secs => $4),
+                   attempts = t.attempts + 1, started_at = now(), not_before = NULL,
+                   progress = 0, progress_message = NULL, updated_at = now()
+              FROM c
+             WHERE t.id = c.id
+            RETURNING t.id, t.task_type, t.pool, t.document_id, t.payload, t.priority::text,
+                      t.attempts, t.max_attempts, t.depends_on, t.lease_expires_at,
+                      extract(epoch FROM now() - t.queued_at)::float8 AS queue_wait_s
+            """,
+            pool,
+            server_id,
+            n,
+            float(lease),
+        )
+        out = [
+            ClaimedTask(
+                id=r["id"],
+                task_type=r["task_type"],
+                pool=r["pool"],
+                document_id=r["document_id"],
+                payload=_loads(r["payload"]),
+                priority=Priority(r["priority"]),
+                attempts=r["attempts"],
+                max_attempts=r["max_attempts"],
+                depends_on=list(r["depends_on"]),
+                lease_expires_at=r["lease_expires_at"],
+                queue_wait_s=max(0.0, r["queue_wait_s"]) if r["queue_wait_s"] is not None else None,
+            )
+            for r in rows
+        ]
+        order = {Priority.critical: 0, Priority.high: 1, Priority.normal: 2}
+        out.sort(key=lambda t: (order[t.priority], t.id))
+        return out
+
+    async def extend_leases(
+        self, server_id: str, *, lease_s: float | None = None, task_ids: Sequence[int] | None = None
+    ) -> int:
+        """Push back the lease of the tasks ``server_id`` holds; returns how many.
+
+        ``task_ids``: only these (the tasks the worker is really still working on).  A worker that
+        gave up on a task — say its completion could not be written — must not keep that task's
+        lease alive, or the reaper would never hand it to someone else."""
+        lease = self.lease_s if lease_s is None else lease_s
+        result = await self.pool.execute(
+            # SKIP LOCKED: a row being completed or failed right now needs no longer lease, and
+            # waiting for it could deadlock with a batched complete taking rows in another order.
+            """UPDATE processing_queue SET lease_expires_at = now() + make_interval(secs => $2)
+                WHERE id IN (SELECT id FROM processing_queue
+                              WHERE status = 'running' AND lease_owner = $1
+                                AND ($3::bigint[] IS NULL OR id = ANY($3::bigint[]))
+                                FOR UPDATE SKIP LOCKED)""",
+            server_id,
+            float(lease),
+            None if task_ids is None else list(task_ids),
+        )
+        return _rowcount(result)
+
+    async def progress(self, task_id: int, server_id: str, percent: float, message: str = "") -> bool:
+        pct = 0.0 if math.isnan(percent) else min(100.0, max(0.0, float(percent)))
+        result = await self.pool.execute(
+            """UPDATE processing_queue SET progress = $3, progress_message = $4, updated_at = now()
+                WHERE id = $1 AND status = 'running' AND lease_owner = $2""",
+            task_id,
+            server_id,
+            pct,
+            message[:_MAX_TEXT],
+        )
+        return _rowcount(result) == 1
+
+    async def complete(self, task_id: int, server_id: str, result: dict[str, Any]) -> bool:
+        """Mark done and release dependents; False if ``server_id`` no longer holds the task."""
+        return bool(await self.complete_many(server_id, [(task_id, result)]))
+
+    async def complete_many(self, server_id: str, items: Iterable[tuple[int, dict[str, Any]]]) -> list[int]:
+        """Complete a batch in one round trip; returns the ids actually completed."""
+        ids: list[int] = []
+        results: list[str] = []
+        for task_id, result in items:
+            ids.append(task_id)
+            try:
+                results.append(json.dumps(result, separators=(",", ":"), allow_nan=False))
+            except (TypeError, ValueError) as exc:
+                raise QueueError(f"result of task {task_id} is not JSON-serializable: {exc}") from None
+        if not ids:
+            return []
+        rows = await self.pool.fetch(
+            "SELECT id FROM gpuscale_complete($1::bigint[], $2::jsonb[], $3) AS id", ids, results, server_id
+        )
+        return [r["id"] for r in rows]
+
+    async def fail(self, task_id: int, server_id: str, error: str, *, retryable: bool = True) -> TaskStatus:
+        """Record a failure.  Retryable: queued again after a jittered exponential backoff, or
+        ``dead`` once attempts are used up; not retryable: ``failed``.  A final failure fails the
+        task's dependents.  If ``server_id`` no longer holds the task nothing changes and its
+        current status is returned."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            status = await conn.fetchval(
+                """
+                UPDATE processing_queue t
+                   SET status = CASE WHEN NOT $4 THEN 'failed'
+                                     WHEN t.attempts >= t.max_attempts THEN 'dead'
+                                     ELSE 'queued' END::gpuscale_task_status,
+                       not_before = CASE WHEN $4 AND t.attempts < t.max_attempts
+                           THEN now() + b.delay END,
+                       -- claimable again when the backoff ends: that is when queue wait starts
+                       queued_at = CASE WHEN $4 AND t.attempts < t.max_attempts
+                           THEN now() + b.delay ELSE t.queued_at END,
+                       finished_at = CASE WHEN NOT $4 OR t.attempts >= t.max_attempts THEN now() END,
+                       error = $3, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+                  FROM (SELECT make_interval(secs => least($6, $5 * power(2, q.attempts - 1))
+                                                     * (0.5 + random())) AS delay
+                          FROM processing_queue q WHERE q.id = $1) b
+                 WHERE t.id = $1 AND t.status = 'running' AND t.lease_owner = $2
+                RETURNING status::text
+                """,
+                task_id,
+                server_id,
+                error[:_MAX_TEXT],
+                retryable,
+                float(self.retry_base_s),
+                float(self.retry_max_s),
+            )
+            if status is None:
+                current = await conn.fetchval(
+                    "SELECT status::text FROM processing_queue WHERE id = $1", task_id
+                )
+                if current is None:
+                    raise QueueError(f"task {task_id} not found")
+                return TaskStatus(current)
+            if status in _FAILED_STATUSES:
+                await conn.execute("SELECT gpuscale_fail_dependents($1::bigint[])", [task_id])
+            return TaskStatus(status)
+
+    async def release(self, task_id: int, server_id: str) -> bool:
+        """Hand a held task back (drain) without spending an attempt."""
+        return await self._release_where("id = $1 AND lease_owner = $2", task_id, server_id) == 1
+
+    async def release_all(self, server_id: str) -> int:
+        """Hand back everything ``server_id`` holds, without spending attempts."""
+        return await self._release_where("lease_owner = $1", server_id)
+
+    async def _release_where(self, where: str, *args: Any) -> int:
+        value = await self.pool.fetchval(
+            f"""
+            WITH r AS (
+                UPDATE processing_queue
+                   SET status = 'queued', attempts = greatest(attempts - 1, 0), lease_owner = NULL,
+                       lease_expires_at = NULL, not_before = NULL, queued_at = now(),
+                       progress = 0, progress_message = NULL, updated_at = now()
+                 WHERE status = 'running' AND {where}
+                RETURNING pool)
+            SELECT (SELECT count(*) FROM r)
+                 + 0 * (SELECT count(*) FROM (SELECT pg_notify('{NOTIFY_CHANNEL}', pool)
+                                                FROM (SELECT DISTINCT pool FROM r) p) n)
+            """,
+            *args,
+        )
+        return int(value or 0)
+
+    async def cancel(self, task_id: int) -> bool:
+        """Cancel a task that has not finished; its dependents fail.  False if already final."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            done = await conn.fetchval(
+                """UPDATE processing_queue
+                      SET status = 'cancelled', error = 'cancelled', finished_at = now(),
+                          lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+                    WHERE id = $1 AND status IN ('blocked', 'queued', 'running')
+                   RETURNING id""",
+                task_id,
+            )
+            if done is None:
+                return False
+            await conn.execute("SELECT gpuscale_fail_dependents($1::bigint[])", [task_id])
+            return True
+
+    async def reap_expired(self) -> int:
+        """Tasks whose lease ran out go back to ``queued`` (or ``dead`` when attempts are used
+        up, failing their dependents); returns how many were reaped."""
+        reaped = await self._requeue_held(
+            "status = 'running' AND lease_expires_at < now()",
+            "lease expired (held by ' || t.lease_owner || ')",
+        )
+        async with self.pool.acquire() as conn:
+            await conn.execute("SELECT gpuscale_compact_counts()")
+        return reaped
+
+    async def _requeue_held(self, where: str, reason_sql: str, *args: Any) -> int:
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                f"""
+                WITH c AS (
+                    SELECT id FROM processing_queue WHERE {where} FOR UPDATE SKIP LOCKED),
+                r AS (
+                    UPDATE processing_queue t
+                       SET status = CASE WHEN t.attempts >= t.max_attempts THEN 'dead'
+                                         ELSE 'queued' END::gpuscale_task_status,
+                           error = '{reason_sql}',
+                           finished_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END,
+                           queued_at = CASE WHEN t.attempts >= t.max_attempts THEN t.queued_at
+                                            ELSE now() END,
+                           lease_owner = NULL, lease_expires_at = NULL, not_before = NULL,
+                           updated_at = now()
+                      FROM c WHERE t.id = c.id AND t.status = 'running'
+                    RETURNING t.id, t.pool, t.status::text AS status)
+                SELECT id, status,
+                       (SELECT count(*) FROM (SELECT pg_notify('{NOTIFY_CHANNEL}', pool)
+                          FROM (SELECT DISTINCT pool FROM r WHERE status = 'queued') p) n) AS notified
+                  FROM r
+                """,
+                *args,
+            )
+            dead = [r["id"] for r in rows if r["status"] == "dead"]
+            if dead:
+                await conn.execute("SELECT gpuscale_fail_dependents($1::bigint[])", dead)
+            return len(rows)
+
+    # ------------------------------------------------------------------ reads
+
+    async def finished_since(self, after: datetime, *, limit: int = 5000) -> list[dict[str, Any]]:
+        """Tasks that finished (done, failed, dead) after ``after``, oldest first, with their queue
+        wait and the duration of their last attempt — for fleet-wide timing metrics."""
+        rows = await self.pool.fetch(
+            """SELECT pool, task_type, status::text AS status, finished_at,
+                      extract(epoch FROM started_at - queued_at)::float8 AS wait_s,
+                      extract(epoch FROM finished_at - started_at)::float8 AS duration_s
+                 FROM processing_queue
+                WHERE finished_at > $1 AND status IN ('done', 'failed', 'dead')
+                ORDER BY finished_at
+                LIMIT $2""",
+            after,
+            limit,
+        )
+        return [dict(r) for r in rows]
+
+    async def running_by_server(self) -> dict[str, int]:
+        """Tasks running per lease owner (server id): who is busy right now, fresher than the
+        load a worker last reported in its heartbeat."""
+        rows = await self.pool.fetch(
+            """SELECT lease_owner, count(*) AS n FROM processing_queue
+                WHERE status = 'running' AND lease_owner IS NOT NULL GROUP BY 1"""
+        )
+        return {r["lease_owner"]: int(r["n"]) for r in rows}
+
+    async def get_task(self, task_id: int) -> dict[str, Any] | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {_TASK_COLUMNS} FROM processing_queue WHERE id = $1",
+            task_id,
+        )
+        if row is None:
+            return None
+        out = dict(row)
+        out["payload"] = _loads(out["payload"])
+        out["result"] = _loads(out["result"])
+        out["depends_on"] = list(out["depends_on"])
+        return out
+
+    async def tasks_for_document(self, document_id: str) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            """SELECT id, task_type, pool, status::text, progress, error FROM processing_queue
+                WHERE document_id = $1 ORDER BY id""",
+            document_id,
+        )
+        return [dict(r) for r in rows]
+
+    async def dependency_results(self, task_id: int) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            """SELECT p.id, p.task_type, p.payload, p.result
+                 FROM processing_task_deps d JOIN processing_queue p ON p.id = d.depends_on
+                WHERE d.task_id = $1 ORDER BY p.id""",
+            task_id,
+        )
+        return [
+            {
+                "id": r["id"],
+                "task_type": r["task_type"],
+                "payload": _loads(r["payload"]),
+                "result": _loads(r["result"]),
+            }
+            for r in rows
+        ]
+
+    async def stats(self) -> dict[str, PoolStats]:
+        """Per-pool counts from the counters table (cost independent of the table's size)."""
+        async with self.pool.acquire() as conn:
+            counts = await conn.fetch(
+                """SELECT pool, status::text, priority::text, sum(n)::bigint AS n
+                     FROM processing_queue_counts GROUP BY 1, 2, 3 HAVING sum(n) <> 0"""
+            )
+            backoff = await conn.fetch(
+                """SELECT pool, priority::text, count(*) AS n FROM processing_queue
+                    WHERE status = 'queued' AND not_before IS NOT NULL AND not_before > now()
+                    GROUP BY 1, 2"""
+            )
+            blocked_ready = await conn.fetch(
+                """SELECT t.pool, count(*) AS n FROM processing_queue t
+                    WHERE t.status = 'blocked'
+                      AND NOT EXISTS (SELECT 1 FROM processing_task_deps d
+                                        JOIN processing_queue p ON p.id = d.depends_on
+                                       WHERE d.task_id = t.id AND p.status = 'blocked')
+                    GROUP BY 1"""
+            )
+            pools = sorted({r["pool"] for r in counts})
+            ages = await conn.fetch(
+                """SELECT p.pool, extract(epoch FROM now() - min(x.queued_at))::float8 AS age
+                     FROM unnest($1::text[]) AS p(pool)
+                    CROSS JOIN unnest(enum_range(NULL::gpuscale_priority)) AS pr(priority)
+                    CROSS JOIN LATERAL (
+                        SELECT q.queued_at FROM processing_queue q
+                         WHERE q.pool = p.pool AND q.status = 'queued' AND q.priority = pr.priority
+                           AND (q.not_before IS NULL OR q.not_before <= now())
+                         ORDER BY q.priority DESC, q.id LIMIT 1) x
+                    GROUP BY p.pool""",
+                pools,
+            )
+        out: dict[str, PoolStats] = {}
+
+        def get(pool: str) -> PoolStats:
+            if pool not in out:
+                out[pool] = PoolStats(pool, {p: 0 for p in Priority}, 0, 0, 0, 0, None, 0, 0, 0, 0)
+            return out[pool]
+
+        for r in counts:
+            s = get(r["pool"])
+            n = int(r["n"])
+            st = r["status"]
+            if st == "queued":
+                s.queued[Priority(r["priority"])] += n
+            elif st in ("running", "blocked", "done", "failed", "dead", "cancelled"):
+                setattr(s, st, getattr(s, st) + n)
+        for r in backoff:
+            s = get(r["pool"])
+            n = int(r["n"])
+            pr = Priority(r["priority"])
+            s.queued[pr] = max(0, s.queued[pr] - n)
+            s.waiting_backoff += n
+        for r in blocked_ready:
+            get(r["pool"]).blocked_on_running = int(r["n"])
+        for r in ages:
+            if r["age"] is not None:
+                get(r["pool"]).oldest_queued_age_s = max(0.0, float(r["age"]))
+        return out
+
+    async def depth(self, pool: str, cap: int) -> int:
+        """Claimable tasks in ``pool``, at most ``cap``: counters minus tasks in retry backoff."""
+        value = await self.pool.fetchval(
+            """SELECT greatest(0, least($2::bigint,
+                   (SELECT coalesce(sum(n), 0) FROM processing_queue_counts
+                     WHERE pool = $1 AND status = 'queued')
+                 - (SELECT count(*) FROM processing_queue
+                     WHERE pool = $1 AND status = 'queued' AND not_before IS NOT NULL
+                       AND not_before > now())))""",
+            pool,
+            cap,
+        )
+        return int(value or 0)
+
+    async def depth_by_scan(self, pool: str) -> int:
+        """The same number as :meth:`depth` without a cap, by counting rows: the slow way, kept
+        for benchmarks to compare against and for tests to check the counters."""
+        value = await self.pool.fetchval(
+            """SELECT count(*) FROM processing_queue
+                WHERE pool = $1 AND status = 'queued'
+                  AND (not_before IS NULL OR not_before <= now())""",
+            pool,
+        )
+        return int(value or 0)
+
+    async def purge_pool(self, pool: str) -> int:
+        """Delete every task of ``pool`` (benchmarks' scratch pool); returns how many."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            # Dependencies across pools are removed by the cascade; dependents elsewhere that
+            # waited for a purged task would wait forever, so purging is for isolated pools.
+            result = await conn.execute("DELETE FROM processing_queue WHERE pool = $1", pool)
+        return _rowcount(result)
+
+    async def purge_done(self, *, older_than_s: float, batch: int = 10_000) -> int:
+        """Delete up to ``batch`` ``done`` tasks that finished more than ``older_than_s`` ago;
+        returns how many.  Failed, dead and cancelled tasks stay: they are the dead letters ops
+        look into.  A done task that an unfinished task still depends on is kept, since its
+        result is that task's input."""
+        result = await self.pool.execute(
+            """
+            DELETE FROM processing_queue
+             WHERE id IN (
+                SELECT q.id FROM processing_queue q
+                 WHERE q.finished_at IS NOT NULL
+                   AND q.finished_at < now() - make_interval(secs => $1)
+                   AND q.status = 'done'
+                   AND NOT EXISTS (
+                        SELECT 1 FROM processing_task_deps d
+                          JOIN processing_queue t ON t.id = d.task_id
+                         WHERE d.depends_on = q.id
+                           AND t.status IN ('blocked', 'queued', 'running'))
+                 ORDER BY q.finished_at
+                 LIMIT $2
+                   FOR UPDATE SKIP LOCKED)
+            """,
+            float(older_than_s),
+            batch,
+        )
+        return _rowcount(result)
+
+    async def vacuum(self) -> None:
+        """``VACUUM (ANALYZE)`` the queue tables: after a big purge, so the next claims do not
+        walk dead index entries.  Autovacuum does this in a long-running deployment; short-lived
+        processes on the embedded server (benchmarks) stop it before autovacuum gets a turn."""
+        await self.compact_counts()
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "VACUUM (ANALYZE) processing_queue, processing_task_deps, processing_queue_counts"
+            )
+
+    async def compact_counts(self) -> int:
+        """Fold the per-connection counter shards together (also done by :meth:`reap_expired`)."""
+        return int(await self.pool.fetchval("SELECT gpuscale_compact_counts()") or 0)
+
+    # ------------------------------------------------------------------ server registry
+
+    async def register_server(self, info: ServerInfo) -> None:
+        """Insert or refresh a server's row (status ``starting`` or ``active``)."""
+        if info.status not in ("starting", "active"):
+            raise QueueError(f"a server registers as starting or active, not {info.status!r}")
+        await self.pool.execute(
+            """
+            INSERT INTO processing_servers AS s
+                (id, server_type, pool, container_id, status, capabilities, current_load,
+                 max_concurrent_tasks, models, version, last_heartbeat, started_at)
+            VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, now(), coalesce($11, now()))
+            ON CONFLICT (id) DO UPDATE SET
+                server_type = EXCLUDED.server_type, pool = EXCLUDED.pool,
+                container_id = EXCLUDED.container_id, status = EXCLUDED.status,
+                capabilities = EXCLUDED.capabilities, current_load = EXCLUDED.current_load,
+                max_concurrent_tasks = EXCLUDED.max_concurrent_tasks, models = EXCLUDED.models,
+                version = EXCLUDED.version, last_heartbeat = now(),
+                started_at = coalesce($11, s.started_at), updated_at = now()
+            """,
+            info.id,
+            f"{info.pool}_container"[:50],
+            info.pool,
+            info.container_id,
+            info.status,
+            json.dumps(info.capabilities),
+            info.current_load,
+            info.max_concurrent_tasks,
+            list(info.models),
+            info.version,
+            info.started_at,
+        )
+
+    async def server_heartbeat(self, server_id: str, *, current_load: int, status: str | None = None) -> bool:
+        """Refresh a heartbeat; False if the server is unknown or was declared dead (its tasks
+        have been handed back, so it should stop and register again)."""
+        if status is not None and status not in SERVER_STATUSES:
+            raise QueueError(f"unknown server status {status!r}")
+        result = await self.pool.execute(
+            """UPDATE processing_servers
+                  SET last_heartbeat = now(), current_load = $2, status = coalesce($3, status),
+                      updated_at = now()
+                WHERE id = $1 AND status <> 'dead'""",
+            server_id,
+            current_load,
+            status,
+        )
+        return _rowcount(result) == 1
+
+    async def set_server_status(self, server_id: str, status: str) -> None:
+        if status not in SERVER_STATUSES:
+            raise QueueError(f"unknown server status {status!r}; use one of {', '.join(SERVER_STATUSES)}")
+        await self.pool.execute(
+            "UPDATE processing_servers SET status = $2, updated_at = now() WHERE id = $1", server_id, status
+        )
+
+    async def deregister_server(self, server_id: str) -> None:
+        """Remove a server; anything it still holds goes back to the queue without an attempt spent."""
+        await self.release_all(server_id)
+        await self.pool.execute("DELETE FROM processing_servers WHERE id = $1", server_id)
+
+    async def list_servers(self, pool: str | None = None, *, include_dead: bool = False) -> list[ServerInfo]:
+        rows = await self.pool.fetch(
+            """SELECT id, pool, container_id, status, capabilities, current_load,
+                      max_concurrent_tasks, models, version, last_heartbeat, started_at
+                 FROM processing_servers
+                WHERE ($1::text IS NULL OR pool = $1) AND ($2 OR status <> 'dead')
+                ORDER BY pool, started_at, id""",
+            pool,
+            include_dead,
+        )
+        return [
+            ServerInfo(
+                id=r["id"],
+                pool=r["pool"],
+                container_id=r["container_id"],
+                status=r["status"],
+                capabilities=_loads(r["capabilities"]) or {},
+                current_load=r["current_load"],
+                max_concurrent_tasks=r["max_concurrent_tasks"],
+                models=list(r["models"]),
+                version=r["version"],
+                last_heartbeat=r["last_heartbeat"],
+                started_at=r["started_at"],
+            )
+            for r in rows
+        ]
+
+    async def purge_dead_servers(self, *, older_than_s: float) -> int:
+        """Delete registry rows of servers declared dead more than ``older_than_s`` ago."""
+        result = await self.pool.execute(
+            """DELETE FROM processing_servers
+                WHERE status = 'dead' AND updated_at < now() - make_interval(secs => $1)""",
+            float(older_than_s),
+        )
+        return _rowcount(result)
+
+    async def reap_dead_servers(self, timeout_s: float) -> list[str]:
+        """Servers silent for ``timeout_s`` become ``dead``; their tasks go back to the queue
+        (the interrupted attempt counts, so a task that keeps killing servers ends ``dead``)."""
+        rows = await self.pool.fetch(
+            """UPDATE processing_servers SET status = 'dead', updated_at = now()
+                WHERE status <> 'dead' AND last_heartbeat < now() - make_interval(secs => $1)
+               RETURNING id""",
+            float(timeout_s),
+        )
+        ids = [r["id"] for r in rows]
+        if ids:
+            await self._requeue_held(
+                "status = 'running' AND lease_owner = ANY($1::text[])",
+                "server ' || t.lease_owner || ' stopped heartbeating",
+                ids,
+            )
+        return ids
+
+
+def _rowcount(status: str) -> int:
+    try:
+        return int(status.rsplit(" ", 1)[-1])
+    except (ValueError, IndexError):
+        return 0
+
+
+def _check_acyclic(prepared: list[_Prepared]) -> None:
+    """Local dependencies must form a DAG (an edge to a later index is fine if there is no cycle)."""
+    state = [0] * len(prepared)  # 0 new, 1 visiting, 2 done
+
+    def visit(i: int) -> None:
+        stack = [(i, iter(prepared[i].local_deps))]
+        state[i] = 1
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                state[node] = 2
+                stack.pop()
+            elif state[nxt] == 1:
+                raise InvalidTask(f"dependency cycle through batch index {nxt}")
+            elif state[nxt] == 0:
+                state[nxt] = 1
+                stack.append((nxt, iter(prepared[nxt].local_deps)))
+
+    for i in range(len(prepared)):
+        if state[i] == 0:
+            visit(i)
+
+
+async def listen(conn: asyncpg.Connection, callback: Callable[[str], None]) -> None:
+    """``LISTEN gpuscale_work`` on ``conn`` (a dedicated connection, not a pooled one);
+    ``callback(pool)`` runs whenever claimable work appears in a pool."""
+
+    def _on(_conn: Any, _pid: int, _channel: str, payload: object) -> None:
+        callback(str(payload))
+
+    await conn.add_listener(NOTIFY_CHANNEL, _on)

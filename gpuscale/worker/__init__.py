@@ -1,0 +1,1 @@
+"""The worker: the runtime inside the visual and text GPU containers."""

@@ -1,0 +1,181 @@
+"""The worker's HTTP API (port 8001 by default): the container health check and model management.
+
+* ``GET /api/health`` — 200 ``{"status": "ready", ...}`` once the model is loaded and the worker
+  claims tasks; 503 while starting, draining, or when Ollama does not answer.  After warming,
+  Ollama may unload an idle model (``keep_alive`` ran out): the worker still claims tasks and the
+  next one loads the model again, so that is still 200, but the status says ``model_unloaded``
+  rather than claim a loaded model.  The body always says which, with the model, whether it is
+  loaded, whether the worker is claiming (``ready``), and the current load.
+* ``GET /api/models``, ``POST /api/models/{name}`` (pull), ``DELETE /api/models/{name}`` — need
+  ``Authorization: Bearer $GPUSCALE_WORKER_TOKEN`` (compared in constant time); 401 otherwise,
+  and always 401 when no token is configured (model management is then off).
+* ``GET /metrics`` — the worker's Prometheus metrics (:mod:`gpuscale.worker.metrics`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import SecretStr
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gpuscale import __version__
+from gpuscale.worker.errors import OllamaError
+from gpuscale.worker.metrics import REGISTRY
+from gpuscale.worker.ollama_client import ModelNotFound, OllamaClient, same_model
+
+log = logging.getLogger(__name__)
+
+# A health check must answer quickly even when Ollama hangs.
+HEALTH_OLLAMA_TIMEOUT_S = 2.0
+
+
+@dataclass
+class WorkerStatus:
+    """What the runtime shares with the HTTP API; the runtime updates it as it goes."""
+
+    pool: str
+    server_id: str
+    model: str | None
+    slots: int
+    ollama: OllamaClient | None = None
+    ready: bool = False  # model warmed (or no model needed) and claiming
+    draining: bool = False
+    stopping: bool = False
+    running: Callable[[], int] = field(default=lambda: 0)
+    detail: str = "starting"
+
+
+def _authorized(request: Request, token: SecretStr | None) -> bool:
+    if token is None or not token.get_secret_value():
+        return False
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        return False
+    return hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode())
+
+
+def _unauthorized() -> JSONResponse:
+    return JSONResponse(
+        {"error": "unauthorized: send Authorization: Bearer <GPUSCALE_WORKER_TOKEN>"},
+        status_code=401,
+        headers={"WWW-Authenticate": 'Bearer realm="gpuscale-worker"'},
+    )
+
+
+def create_app(status: WorkerStatus, token: SecretStr | None) -> Starlette:
+    async def health(request: Request) -> Response:
+        body: dict[str, Any] = {
+            "pool": status.pool,
+            "server_id": status.server_id,
+            "version": __version__,
+            "model": status.model,
+            "model_loaded": None,
+            "ollama": None,
+            "running": status.running(),
+            "slots": status.slots,
+        }
+        ollama_ok = True
+        if status.ollama is not None and status.model:
+            try:
+                loaded = await asyncio.wait_for(status.ollama.loaded_models(), HEALTH_OLLAMA_TIMEOUT_S)
+                body["ollama"] = "ok"
+                body["model_loaded"] = any(same_model(status.model, m) for m in loaded)
+            except (OllamaError, TimeoutError) as exc:
+                ollama_ok = False
+                body["ollama"] = "unreachable"
+                body["ollama_error"] = str(exc) if isinstance(exc, OllamaError) else "timed out"
+        if status.stopping:
+            state = "stopping"
+        elif status.draining:
+            state = "draining"
+        elif not ollama_ok:
+            state = "ollama_unreachable"
+        elif not status.ready:
+            state = "starting"
+        elif body["model_loaded"] is False:
+            state = "model_unloaded"  # unloaded by keep_alive; the next task reloads it
+        else:
+            state = "ready"
+        body["status"] = state
+        body["ready"] = status.ready and not (status.draining or status.stopping)
+        body["detail"] = status.detail
+        return JSONResponse(body, status_code=200 if state in ("ready", "model_unloaded") else 503)
+
+    def _no_ollama() -> JSONResponse | None:
+        if status.ollama is None:
+            return JSONResponse({"error": f"the {status.pool} pool runs no Ollama"}, status_code=409)
+        return None
+
+    async def list_models(request: Request) -> Response:
+        if not _authorized(request, token):
+            return _unauthorized()
+        if (resp := _no_ollama()) is not None:
+            return resp
+        assert status.ollama is not None
+        try:
+            installed = await status.ollama.list_models()
+            loaded = await status.ollama.loaded_models()
+        except OllamaError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=502)
+        return JSONResponse({"pool_model": status.model, "models": installed, "loaded": loaded})
+
+    async def pull_model(request: Request) -> Response:
+        if not _authorized(request, token):
+            return _unauthorized()
+        if (resp := _no_ollama()) is not None:
+            return resp
+        assert status.ollama is not None
+        name = request.path_params["name"]
+        log.info("pulling model %s (requested over HTTP)", name)
+        try:
+            result = await status.ollama.pull(name)
+        except OllamaError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=502)
+        return JSONResponse({"model": name, "status": result or "success"})
+
+    async def delete_model(request: Request) -> Response:
+        if not _authorized(request, token):
+            return _unauthorized()
+        if (resp := _no_ollama()) is not None:
+            return resp
+        assert status.ollama is not None
+        name = request.path_params["name"]
+        force = request.query_params.get("force", "").lower() in ("1", "true", "yes")
+        if status.model and same_model(name, status.model) and not force:
+            # Deleting the model this worker serves would fail every task it claims next.
+            return JSONResponse(
+                {"error": f"{name} is the model this {status.pool} worker serves; add ?force=true"},
+                status_code=409,
+            )
+        try:
+            await status.ollama.delete(name)
+        except ModelNotFound:
+            return JSONResponse({"error": f"model {name} is not installed"}, status_code=404)
+        except OllamaError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=502)
+        log.info("deleted model %s (requested over HTTP)", name)
+        return JSONResponse({"model": name, "status": "deleted"})
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(
+        routes=[
+            Route("/api/health", health, methods=["GET"]),
+            Route("/api/models", list_models, methods=["GET"]),
+            Route("/api/models/{name:path}", pull_model, methods=["POST"]),
+            Route("/api/models/{name:path}", delete_model, methods=["DELETE"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ]
+    )

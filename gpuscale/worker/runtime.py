@@ -1,0 +1,717 @@
+"""The worker runtime: register, warm the model, claim and run tasks, heartbeat, drain on SIGTERM.
+
+One :class:`Worker` serves one pool.  Its life::
+
+    register (starting) ─► warm model ─► active: claim ⇄ run ─► SIGTERM: draining ─► deregister
+                    └──────── heartbeat every N s: extend leases, report load ────────┘
+
+* Claims take up to the free slots, woken by ``LISTEN gpuscale_work`` (the pool's name) or by a
+  finished task, with polling every ``poll_interval_s`` as the fallback when a notification is
+  missed or the listening connection is down.
+* Each task runs in its own asyncio task under its type's time limit
+  (:mod:`gpuscale.queue.tasktypes`).  A handler that raises, hangs or returns something that is not a
+  valid result fails that task only, with a reason; the worker carries on.
+* SIGTERM (or SIGINT): stop claiming at once, mark the server ``draining``, let running tasks
+  finish within ``drain_grace_s``, hand the rest back with ``release`` (no attempt spent),
+  deregister, exit 0.  A second signal ends the grace period at once.  SIGKILL loses nothing
+  either: the leases run out and the controller's reaper requeues the tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import asyncpg
+import uvicorn
+
+from gpuscale import __version__
+from gpuscale.db.connect import connect_pool
+from gpuscale.queue import ClaimedTask, Queue, ServerInfo, TaskStatus, listen, tasktypes
+from gpuscale.worker import metrics
+from gpuscale.worker.errors import OllamaError, TaskError
+from gpuscale.worker.handlers import Handler, TaskContext, handlers_for_pool
+from gpuscale.worker.http import WorkerStatus, create_app
+from gpuscale.worker.ollama_client import ModelNotFound, OllamaClient
+from gpuscale.worker.results import RESULT_MODELS
+from gpuscale.worker.serving import EmbeddedServer, bind_socket
+from gpuscale.worker.settings import WorkerSettings
+
+log = logging.getLogger("worker")
+
+# How far up the dependency graph handlers look for their inputs (visual → classification →
+# template → specialised is three levels).
+_DEPENDENCY_DEPTH = 4
+# How much of a model's invalid answer a task's error keeps (the queue stores 16 KiB at most).
+_RAW_ANSWER_IN_ERROR = 12_000
+# Bounded time for the last database calls of a drain (release, deregister).
+_SHUTDOWN_DB_TIMEOUT_S = 10.0
+# Errors that mean "the connection is gone or the server is (re)starting", worth retrying: a
+# restart of PostgreSQL ends sessions with 57P01 and refuses new ones with 57P03 for a moment.
+_CONNECTION_TROUBLE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.CrashShutdownError,
+)
+
+
+class StartupError(RuntimeError):
+    """The worker cannot start (schema missing, model never loaded); it exits non-zero."""
+
+
+def _fields(**kw: Any) -> dict[str, Any]:
+    return {"fields": kw}
+
+
+class Worker:
+    """One worker process's runtime for one pool (see the module docstring)."""
+
+    def __init__(
+        self,
+        pool: str,
+        *,
+        dsn: str,
+        settings: WorkerSettings | None = None,
+        handlers: Mapping[str, Handler] | None = None,
+        ollama: OllamaClient | None = None,
+    ) -> None:
+        self.pool = pool
+        self.dsn = dsn
+        self.settings = settings or WorkerSettings()
+        self.handlers: dict[str, Handler] = dict(
+            handlers if handlers is not None else handlers_for_pool(pool)
+        )
+        if not self.handlers:
+            raise StartupError(f"no task types are routed to pool {pool!r}")
+        self.model = self.settings.model_for(pool)
+        self.slots = self.settings.concurrency_for(pool)
+        self.container_id = self.settings.resolved_container_id()
+        self.server_id = self.settings.server_id or f"{pool}-{self.container_id}-{uuid.uuid4().hex[:6]}"
+        if ollama is None and self.model is not None:
+            ollama = OllamaClient(
+                self.settings.ollama_host,
+                timeout_s=self.settings.ollama_timeout_s,
+                keep_alive=self.settings.keep_alive,
+            )
+        self.ollama = ollama if self.model is not None else None
+        self.status = WorkerStatus(
+            pool=pool,
+            server_id=self.server_id,
+            model=self.model,
+            slots=self.slots,
+            ollama=self.ollama,
+            running=lambda: len(self._running),
+        )
+        self.http_port: int | None = None
+
+        self._db: asyncpg.Pool | None = None
+        self._queue: Queue | None = None
+        self._listen_conn: asyncpg.Connection | None = None
+        self._running: dict[int, asyncio.Task[None]] = {}
+        self._reporting: set[int] = set()  # tasks past their handler, writing their outcome
+        self._abandoned: dict[int, str] = {}  # task id → why we cancelled it ("drain", "lost")
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self._server_status = "starting"
+        self._http: EmbeddedServer | None = None
+        self._background: list[asyncio.Task[Any]] = []
+        self._labels = {"pool": pool}
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def queue(self) -> Queue:
+        assert self._queue is not None, "worker not started"
+        return self._queue
+
+    def request_stop(self) -> None:
+        """Begin the drain (first call) or end the grace period at once (second call)."""
+        if self._stop.is_set():
+            if not self._force.is_set():
+                log.warning("second stop signal: handing back running tasks now")
+            self._force.set()
+        else:
+            log.info("stop requested: draining (grace %.0fs)", self.settings.drain_grace_s)
+            self._stop.set()
+        self._wake.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+
+    async def run(self) -> int:
+        """Run until stopped; returns the process exit code (0 after a clean drain)."""
+        metrics.SLOTS.labels(**self._labels).set(self.slots)
+        try:
+            await self._start()
+        except StartupError as exc:
+            log.error("worker cannot start: %s", exc)
+            await self._shutdown(deregister=self._queue is not None)
+            return 1
+        try:
+            if await self._warm():
+                await self._set_status("active")
+                self.status.ready = True
+                self.status.detail = "claiming"
+                metrics.READY.labels(**self._labels).set(1)
+                log.info(
+                    "worker %s ready: pool %s, %d slot(s), model %s, http port %s",
+                    self.server_id,
+                    self.pool,
+                    self.slots,
+                    self.model or "-",
+                    self.http_port,
+                    extra=_fields(server_id=self.server_id, pool=self.pool, http_port=self.http_port),
+                )
+                await self._claim_loop()
+            elif not self._stop.is_set():
+                log.error(
+                    "model %s was not ready within %.0fs; giving up", self.model, self.settings.warm_timeout_s
+                )
+                await self._shutdown(deregister=True)
+                return 1
+            await self._drain()
+        finally:
+            await self._shutdown(deregister=True)
+        return 0
+
+    # ------------------------------------------------------------------ start
+
+    async def _start(self) -> None:
+        try:
+            self._db = await connect_pool(self.dsn, min_size=1, max_size=self.slots + 3)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StartupError(f"cannot connect to the database: {exc}") from None
+        exists = await self._db.fetchval("SELECT to_regclass('processing_queue') IS NOT NULL")
+        if not exists:
+            raise StartupError("the database has no queue schema; run `gpuscale db migrate` first")
+        self._queue = Queue(
+            self._db,
+            lease_s=self.settings.lease_seconds,
+            retry_base_s=self.settings.retry_base_s,
+            retry_max_s=self.settings.retry_max_s,
+        )
+        await self._start_http()
+        await self.queue.register_server(self._server_info("starting"))
+        self._background.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
+        await self._open_listener()
+
+    def _server_info(self, status: str) -> ServerInfo:
+        return ServerInfo(
+            id=self.server_id,
+            pool=self.pool,
+            container_id=self.container_id,
+            status=status,
+            capabilities={
+                "task_types": sorted(self.handlers),
+                "http_port": self.http_port,
+                "host": socket.gethostname(),
+            },
+            current_load=len(self._running),
+            max_concurrent_tasks=self.slots,
+            models=[self.model] if self.model else [],
+            version=__version__,
+        )
+
+    async def _start_http(self) -> None:
+        try:
+            sock = bind_socket(self.settings.worker_host, self.settings.worker_port)
+        except OSError as exc:
+            where = f"{self.settings.worker_host}:{self.settings.worker_port}"
+            raise StartupError(
+                f"cannot listen on {where}: {exc.strerror or exc} "
+                "(set GPUSCALE_WORKER_PORT; 0 picks a free port)"
+            ) from None
+        self.http_port = sock.getsockname()[1]
+        if self.settings.worker_port_file is not None:
+            try:
+                self.settings.worker_port_file.write_text(f"{self.http_port}\n")
+            except OSError as exc:
+                log.warning("cannot write the port file %s: %s", self.settings.worker_port_file, exc)
+        app = create_app(self.status, self.settings.worker_token)
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+        self._http = EmbeddedServer(config)
+        self._background.append(asyncio.create_task(self._http.serve(sockets=[sock]), name="http"))
+        # Wait until it accepts connections, so "listening on" is true when logged.
+        for _ in range(500):
+            if self._http.started:
+                break
+            await asyncio.sleep(0.01)
+        log.info(
+            "worker http listening on %s:%d",
+            self.settings.worker_host,
+            self.http_port,
+            extra=_fields(http_port=self.http_port),
+        )
+
+    async def _open_listener(self) -> None:
+        conn: asyncpg.Connection | None = None
+        try:
+            conn = await asyncpg.connect(self.dsn)
+            await listen(conn, self._on_notify)
+            self._listen_conn = conn
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # InterfaceError: the connection closed between connect and LISTEN (e.g. PostgreSQL
+            # restarting).  Polling still finds the work; the next heartbeat tries to listen again.
+            log.warning("LISTEN failed (%s); polling every %.1fs", exc, self.settings.poll_interval_s)
+            self._listen_conn = None
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 5)
+
+    def _on_notify(self, pool: str) -> None:
+        if pool == self.pool:
+            self._wake.set()
+
+    async def _warm(self) -> bool:
+        """Load the pool's model; True when ready, False if it did not load in time or we stop.
+
+        A missing model is pulled once; right after a successful pull it is warmed again at once
+        (even past the deadline: a big pull may outlast ``warm_timeout_s``).  Every other failure,
+        a failed pull included, waits with back-off and counts against the deadline, so an Ollama
+        that cannot get the model never makes this loop spin.
+        """
+        if self.ollama is None or self.model is None:
+            return True
+        self.status.detail = f"loading model {self.model}"
+        deadline = time.monotonic() + self.settings.warm_timeout_s
+        delay = 0.25
+        last_error = ""
+        pulled = False  # after a successful pull, "not found" is a real problem, not a cue
+        while not self._stop.is_set():
+            problem = ""
+            try:
+                await self.ollama.warm(self.model)
+                log.info("model %s loaded", self.model)
+                return True
+            except ModelNotFound as exc:
+                if pulled:
+                    problem = f"model {self.model} still not found after pulling it: {exc}"
+                else:
+                    log.warning("model %s is not installed; pulling it", self.model)
+                    self.status.detail = f"pulling model {self.model}"
+                    try:
+                        await self.ollama.pull(self.model)
+                        log.info("model %s pulled", self.model)
+                        pulled = True  # warm it again at once (problem stays empty)
+                    except OllamaError as pull_exc:
+                        problem = f"model {self.model} is not installed and pulling it failed: {pull_exc}"
+            except OllamaError as exc:
+                problem = f"waiting for Ollama: {exc}"
+            if not problem:
+                continue
+            if problem != last_error:
+                log.warning("%s", problem)
+                last_error = problem
+            self.status.detail = problem
+            if time.monotonic() + delay > deadline:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            delay = min(delay * 2, 5.0)
+        return False
+
+    # ------------------------------------------------------------------ claiming
+
+    async def _claim_loop(self) -> None:
+        backoff = 0.0
+        while not self._stop.is_set():
+            self._wake.clear()
+            free = self.slots - len(self._running)
+            claimed = 0
+            if free > 0:
+                try:
+                    tasks = await self.queue.claim(self.pool, self.server_id, free)
+                    backoff = 0.0
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    backoff = min(max(backoff * 2, 0.5), self.settings.poll_interval_s)
+                    log.warning("claim failed: %s; retrying in %.1fs", exc, backoff)
+                    tasks = []
+                claimed = len(tasks)
+                if tasks:
+                    await self._observe_wait(tasks)
+                for task in tasks:
+                    if self._stop.is_set():
+                        # Stopped while claiming: hand it straight back.
+                        await self._release(task.id)
+                        continue
+                    self._running[task.id] = asyncio.create_task(self._execute(task), name=f"task-{task.id}")
+                metrics.RUNNING.labels(**self._labels).set(len(self._running))
+                if claimed == free and not backoff:
+                    continue  # the queue may hold more; loop at once (we now have no free slot)
+            timeout = backoff or self.settings.poll_interval_s
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _observe_wait(self, tasks: list[ClaimedTask]) -> None:
+        """Queue-wait metric: claim time minus when each task last became queued."""
+        try:
+            rows = await self.queue.pool.fetch(
+                """SELECT id, task_type, extract(epoch FROM started_at - queued_at)::float8 AS wait
+                     FROM processing_queue WHERE id = ANY($1::bigint[])""",
+                [t.id for t in tasks],
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return  # a metric is not worth failing a claim over
+        for r in rows:
+            if r["wait"] is not None and r["wait"] >= 0:
+                metrics.QUEUE_WAIT.labels(pool=self.pool, task_type=r["task_type"]).observe(r["wait"])
+
+    # ------------------------------------------------------------------ running one task
+
+    async def _execute(self, task: ClaimedTask) -> None:
+        started = time.monotonic()
+        tt = task.task_type
+        labels = {"pool": self.pool, "task_type": tt}
+        log.info(
+            "task %s (%s) claimed, attempt %d/%d",
+            task.id,
+            tt,
+            task.attempts,
+            task.max_attempts,
+            extra=_fields(task_id=task.id, task_type=tt, attempt=task.attempts),
+        )
+        outcome: str
+        try:
+            result, error, retryable = await self._run_handler(task)
+        except asyncio.CancelledError:
+            reason = self._abandoned.pop(task.id, None)
+            if reason is None:
+                raise
+            # We cancelled it on purpose; this task itself goes on to report that.
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            if reason == "drain":
+                released = await self._release(task.id)
+                outcome = "released" if released else "lost"
+                log.info("task %s (%s) handed back during drain", task.id, tt)
+            else:
+                # Declared dead while alive.  If the controller did not requeue the task (its row
+                # may still say running, leased to us), hand it back now: otherwise it waits for
+                # the lease to run out and the reaper spends the attempt (a last attempt ends
+                # dead).  release() only touches a task still running under our lease, and we
+                # skip it when a fresh claim of the same task (under our new registration)
+                # already replaced this runner, so that claim is never undone.
+                if self._running.get(task.id) is current:
+                    await self._release(task.id)
+                outcome = "lost"
+            metrics.TASKS.labels(**labels, outcome=outcome).inc()
+            self._finished(task.id, current)
+            return
+        self._reporting.add(task.id)
+        try:
+            metrics.TASK_DURATION.labels(**labels).observe(time.monotonic() - started)
+            if error is None:
+                assert result is not None
+                ok = await self._db_retry(lambda: self.queue.complete(task.id, self.server_id, result))
+                outcome = "done" if ok else "lost"
+                if ok:
+                    log.info(
+                        "task %s (%s) done in %.1fs",
+                        task.id,
+                        tt,
+                        time.monotonic() - started,
+                        extra=_fields(task_id=task.id, task_type=tt, outcome="done"),
+                    )
+                else:
+                    log.warning("task %s (%s) finished but its lease was lost; result dropped", task.id, tt)
+            else:
+                metrics.TASK_FAILURES.labels(**labels).inc()
+                status = await self._db_retry(
+                    lambda: self.queue.fail(task.id, self.server_id, error, retryable=retryable)
+                )
+                outcome = {
+                    TaskStatus.queued: "retry",
+                    TaskStatus.dead: "dead",
+                    TaskStatus.failed: "failed",
+                }.get(status, "lost")
+                log.warning(
+                    "task %s (%s) failed (%s): %s",
+                    task.id,
+                    tt,
+                    outcome,
+                    error.partition("\nraw answer: ")[0],  # the raw answer stays in the database
+                    extra=_fields(task_id=task.id, task_type=tt, outcome=outcome, retryable=retryable),
+                )
+        except Exception as exc:  # the database is gone for good: the lease will run out and requeue
+            outcome = "lost"
+            log.error("task %s (%s): could not record its outcome: %s", task.id, tt, exc)
+        finally:
+            self._reporting.discard(task.id)
+        metrics.TASKS.labels(**labels, outcome=outcome).inc()
+        self._finished(task.id, asyncio.current_task())
+
+    def _finished(self, task_id: int, runner: asyncio.Task[Any] | None) -> None:
+        # Only drop our own entry: after a "lost" cancel the same task id may have been claimed
+        # again and be running in a newer asyncio task.
+        if self._running.get(task_id) is runner:
+            del self._running[task_id]
+        metrics.RUNNING.labels(**self._labels).set(len(self._running))
+        self._wake.set()  # a slot is free
+
+    async def _run_handler(self, task: ClaimedTask) -> tuple[dict[str, Any] | None, str | None, bool]:
+        """(result, None, _) on success, (None, error, retryable) on failure.  Never raises except
+        ``CancelledError``."""
+        handler = self.handlers.get(task.task_type)
+        if handler is None:
+            return None, f"this {self.pool} worker has no handler for task type {task.task_type!r}", False
+        try:
+            timeout_s = tasktypes.get(task.task_type).timeout_s
+        except tasktypes.UnknownTaskType:
+            timeout_s = 900.0
+        deps_cache: list[dict[str, Any]] | None = None
+
+        async def progress(percent: float, message: str) -> None:
+            try:
+                await self.queue.progress(task.id, self.server_id, percent, message[:500])
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.debug("progress update for task %s failed: %s", task.id, exc)
+
+        async def dependency_results() -> list[dict[str, Any]]:
+            nonlocal deps_cache
+            if deps_cache is None:
+                deps_cache = await self._dependency_results(task.id)
+            return deps_cache
+
+        ctx = TaskContext(
+            task_id=task.id,
+            task_type=task.task_type,
+            payload=dict(task.payload or {}),
+            settings=self.settings,
+            server_id=self.server_id,
+            model=self.model,
+            ollama=self.ollama,
+            progress=progress,
+            dependency_results=dependency_results,
+        )
+        deadline = asyncio.timeout(timeout_s)
+        try:
+            async with deadline:
+                raw = await handler(ctx)
+        except TimeoutError as exc:
+            if deadline.expired():
+                return None, f"{task.task_type} timed out after {timeout_s:g}s (its time limit)", True
+            return None, f"handler raised TimeoutError: {exc}", True
+        except TaskError as exc:
+            error = str(exc) or type(exc).__name__
+            if exc.raw:
+                # An answer that did not validate: keep the model's text for diagnosis (the
+                # message holds only its start); the queue caps the whole error at 16 KiB.
+                error += "\nraw answer: " + exc.raw[:_RAW_ANSWER_IN_ERROR]
+            return None, error, exc.retryable
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("task %s (%s): handler crashed", task.id, task.task_type)
+            return None, f"handler crashed: {type(exc).__name__}: {exc}", True
+        problem = self._check_result(task.task_type, raw)
+        if problem is not None:
+            return None, problem, False
+        assert isinstance(raw, dict)
+        return raw, None, True
+
+    @staticmethod
+    def _check_result(task_type: str, raw: Any) -> str | None:
+        """Why a handler's return value cannot be stored, or None if it can."""
+        if not isinstance(raw, dict):
+            return f"handler returned {type(raw).__name__}, not a JSON object"
+        try:
+            json.dumps(raw, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            return f"handler returned a result that is not valid JSON: {exc}"
+        model = RESULT_MODELS.get(task_type)
+        if model is not None:
+            try:
+                model.model_validate(raw)
+            except ValueError as exc:
+                first = str(exc).splitlines()[:3]
+                return f"handler returned a result that does not match {model.__name__}: {' '.join(first)}"
+        return None
+
+    async def _dependency_results(self, task_id: int) -> list[dict[str, Any]]:
+        """Results of the task's dependencies and their dependencies (up to a few levels)."""
+        seen: set[int] = set()
+        out: list[dict[str, Any]] = []
+        frontier = [task_id]
+        for _ in range(_DEPENDENCY_DEPTH):
+            nxt: list[int] = []
+            for tid in frontier:
+                for dep in await self.queue.dependency_results(tid):
+                    if dep["id"] in seen:
+                        continue
+                    seen.add(dep["id"])
+                    out.append(dep)
+                    nxt.append(dep["id"])
+            if not nxt:
+                break
+            frontier = nxt
+        return out
+
+    async def _db_retry(self, call: Any, attempts: int = 5) -> Any:
+        """Run a queue call, retrying connection trouble a few times (the outcome matters)."""
+        delay = 0.2
+        for i in range(attempts):
+            try:
+                return await call()
+            except _CONNECTION_TROUBLE as exc:
+                if i == attempts - 1:
+                    raise
+                log.warning("database call failed (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay *= 2
+        return None
+
+    async def _release(self, task_id: int) -> bool:
+        try:
+            return await asyncio.wait_for(self.queue.release(task_id, self.server_id), _SHUTDOWN_DB_TIMEOUT_S)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("could not hand back task %s (%s); its lease will run out", task_id, exc)
+            return False
+
+    # ------------------------------------------------------------------ heartbeat
+
+    async def _set_status(self, status: str) -> None:
+        self._server_status = status
+        try:
+            await self.queue.set_server_status(self.server_id, status)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("could not set server status %s: %s", status, exc)
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.settings.heartbeat_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.heartbeat()
+            except Exception:
+                # One bad beat must not end the loop: without heartbeats the leases run out and
+                # the controller reaps a healthy worker.  Log it and beat again next interval.
+                metrics.HEARTBEATS.labels(pool=self.pool, result="error").inc()
+                log.exception("heartbeat failed unexpectedly; carrying on")
+
+    async def heartbeat(self) -> None:
+        """Extend the leases of held tasks and report load; re-register if we were declared dead."""
+        try:
+            await self.queue.extend_leases(self.server_id, task_ids=list(self._running))
+            known = await self.queue.server_heartbeat(
+                self.server_id, current_load=len(self._running), status=self._server_status
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            metrics.HEARTBEATS.labels(pool=self.pool, result="error").inc()
+            log.warning("heartbeat failed: %s", exc)
+            return
+        if known:
+            metrics.HEARTBEATS.labels(pool=self.pool, result="ok").inc()
+        else:
+            # The controller reaped us (a long pause, a network split): our tasks went back to the
+            # queue and may already run elsewhere.  Stop working on them and register afresh.
+            metrics.HEARTBEATS.labels(pool=self.pool, result="unknown").inc()
+            log.warning(
+                "this server was declared dead or removed; dropping %d task(s) and re-registering",
+                len(self._running),
+            )
+            for task_id, runner in list(self._running.items()):
+                if task_id not in self._reporting:
+                    self._abandoned[task_id] = "lost"
+                    runner.cancel()
+            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                await self.queue.register_server(
+                    self._server_info("active" if self._server_status == "active" else "starting")
+                )
+                if self._server_status == "draining":
+                    await self.queue.set_server_status(self.server_id, "draining")
+        if self._listen_conn is None or self._listen_conn.is_closed():
+            await self._open_listener()
+
+    # ------------------------------------------------------------------ drain and shutdown
+
+    async def _drain(self) -> None:
+        self.status.draining = True
+        self.status.ready = False
+        self.status.detail = "draining"
+        metrics.READY.labels(**self._labels).set(0)
+        metrics.DRAINING.labels(**self._labels).set(1)
+        await self._set_status("draining")
+        running = list(self._running.values())
+        log.info(
+            "draining: %d task(s) running, grace %.0fs",
+            len(running),
+            self.settings.drain_grace_s,
+            extra=_fields(running=len(running)),
+        )
+        if running:
+            finished = asyncio.ensure_future(asyncio.wait(running))
+            forced = asyncio.ensure_future(self._force.wait())
+            await asyncio.wait(
+                {finished, forced}, timeout=self.settings.drain_grace_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            finished.cancel()
+            forced.cancel()
+        leftover = [(tid, r) for tid, r in self._running.items() if not r.done()]
+        for task_id, runner in leftover:
+            if task_id not in self._reporting:
+                self._abandoned[task_id] = "drain"
+                runner.cancel()
+        if leftover:
+            log.info("grace period over: handing back %d task(s)", len(leftover))
+            await asyncio.wait([r for _, r in leftover], timeout=_SHUTDOWN_DB_TIMEOUT_S + 5)
+
+    async def _shutdown(self, *, deregister: bool) -> None:
+        """Release whatever is still held, deregister, stop the HTTP server; idempotent."""
+        self.status.stopping = True
+        for task in self._background:
+            if task.get_name() != "http":
+                task.cancel()
+        for task in self._background:
+            if task.get_name() != "http":
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._background = [t for t in self._background if t.get_name() == "http"]
+        if self._queue is not None and deregister:
+            try:
+                await asyncio.wait_for(self.queue.deregister_server(self.server_id), _SHUTDOWN_DB_TIMEOUT_S)
+                log.info("worker %s deregistered", self.server_id)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("could not deregister (%s); the controller will reap this server", exc)
+            self._queue = None
+        if self._listen_conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._listen_conn.close(), 5)
+            self._listen_conn = None
+        if self._http is not None:
+            self._http.should_exit = True
+            for task in self._background:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(task, 5)
+            self._background = []
+            self._http = None
+        if self._db is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._db.close(), 5)
+            self._db = None
+        if self.ollama is not None:
+            with contextlib.suppress(Exception):
+                await self.ollama.close()
+        metrics.RUNNING.labels(**self._labels).set(0)
+        metrics.DRAINING.labels(**self._labels).set(0)
+
+
+async def run_worker(pool: str, *, dsn: str, settings: WorkerSettings | None = None) -> int:
+    """Entry point of ``gpuscale worker``: run one worker with signal handling; the exit code."""
+    worker = Worker(pool, dsn=dsn, settings=settings)
+    worker.install_signal_handlers()
+    return await worker.run()
