@@ -147,6 +147,49 @@ def test_generator_is_deterministic_and_realistic(tmp_path: Path) -> None:
     assert read_trace(path) == a
 
 
+def test_platform_month_has_the_platform_load_shape() -> None:
+    """Issue 12's load: ~12 decks a working day, 15 % on weekends, batch uploads of 3–8 decks."""
+    a = generate("platform-month", seed=11)
+    assert a == generate("platform-month", seed=11)
+    decks: dict[str, list[TraceTask]] = {}
+    for t in a:
+        decks.setdefault(t.task_id.split("-")[0], []).append(t)
+    arrivals = sorted(ts[0].arrival_s for ts in decks.values())
+    weekday = [x for x in arrivals if (x // 86400) % 7 < 5]
+    weekend = [x for x in arrivals if (x // 86400) % 7 >= 5]
+    working_days = sum(1 for d in range(30) if d % 7 < 5)
+    per_working_day = len(weekday) / working_days
+    assert 9 <= per_working_day <= 15
+    assert 0.05 <= len(weekend) / 8 / per_working_day <= 0.3
+    # Batches: 3 or more decks uploaded within a minute of each other.
+    groups, start, size = [], arrivals[0], 1
+    for x in arrivals[1:]:
+        if x - start <= 60 * 3:
+            size += 1
+        else:
+            groups.append(size)
+            start, size = x, 1
+    groups.append(size)
+    assert max(groups) >= 3 and any(3 <= g <= 8 for g in groups)
+    hours = [(x % 86400) / 3600 for x in arrivals]
+    office = sum(1 for h in hours if 8 <= h < 19.1)
+    assert office / len(hours) > 0.85 and office < len(hours)  # a few at night
+    lunch = sum(1 for h in hours if 12 <= h < 13.5) / 1.5
+    morning = sum(1 for h in hours if 9 <= h < 12) / 3
+    assert lunch < morning
+    prio = [ts[0].priority for ts in decks.values()]
+    assert 0.05 <= prio.count("high") / len(prio) <= 0.16 and prio.count("critical") <= 0.06 * len(prio)
+    for ts in decks.values():
+        pages = sum(t.service_s for t in ts if t.task_type == "visual_analysis")
+        batches = sum(1 for t in ts if t.task_type == "visual_analysis")
+        assert pages >= 5 * 20 * 0.99 and batches >= 1
+    text = [t for t in a if t.task_type not in ("visual_analysis", "slide_feedback")]
+    assert all(20 <= t.service_s <= 180 for t in text)
+    assert max(t.service_s for t in text) > 120  # the specialized analyses run long
+    double = generate("platform-month", seed=11, decks_per_day=24)
+    assert 1.5 < len({t.task_id.split("-")[0] for t in double}) / len(decks) < 2.8
+
+
 @pytest.mark.parametrize(
     ("content", "words"),
     [

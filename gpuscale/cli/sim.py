@@ -101,18 +101,25 @@ def simulate(
 
 @trace_app.command("generate")
 def generate(
-    kind: str = typer.Option("month", "--kind", help="busy-day | quiet-week | month."),
+    kind: str = typer.Option(
+        "month",
+        "--kind",
+        help="busy-day | quiet-week | month | platform-month (the platform's load, batch uploads).",
+    ),
     out: Path = typer.Option(..., "--out", help="Where to write the trace CSV."),
     seed: int = typer.Option(1, "--seed", help="Random seed (the same seed gives the same trace)."),
     decks_per_day: float | None = typer.Option(
         None,
         "--decks-per-day",
         min=0,
-        help="Decks per working day (default: 30 busy-day, 3 quiet-week, 15 month).",
+        help="Decks per working day (default: 30 busy-day, 3 quiet-week, 15 month, 12 platform-month).",
     ),
     days: int | None = typer.Option(None, "--days", min=1, max=366, help="Length in days (default by kind)."),
 ) -> None:
-    """Write a realistic trace from the seeds' numbers (30-page decks in working-hour bursts)."""
+    """Write a realistic trace from the seeds' numbers (30-page decks in working-hour bursts).
+
+    ``platform-month``: ~12 decks a working day (15 % of that on weekends), 8 % of uploads a
+    batch of 3–8 decks at once, 2 % critical / 10 % high, pages ~N(28, 8)."""
     from gpuscale.controller.simulate.generate import KINDS
     from gpuscale.controller.simulate.generate import generate as gen
     from gpuscale.controller.simulate.trace import write_trace

@@ -11,7 +11,20 @@
 * Priorities per deck: 90 % normal, 9 % high, 1 % critical.
 
 ``kind``: ``busy-day`` (one working day, 30 decks), ``quiet-week`` (seven days, ~3 decks per
-working day), ``month`` (30 days, ~15 decks per working day).  Deterministic for a given seed.
+working day), ``month`` (30 days, ~15 decks per working day).
+
+``platform-month`` is the load the platform sees (issue 12), with batch uploads:
+
+* about 12 decks per working day, 15 % of that on Saturdays and Sundays;
+* uploads mostly 08:00–19:00, fewer at lunch (12:00–13:30), a few at night (~5 %);
+* 8 % of uploads are a **batch of 3–8 decks at once** (a fund uploading a demo day: the decks
+  arrive seconds apart); the rest are single decks;
+* per deck 2 % critical, 10 % high priority;
+* pages ~N(28, 8), at least 5 (at most 80), 20–30 s of GPU per page, 8-page batches;
+* text tasks 20–180 s: extractions 20–60 s, ``template_analysis`` 30–90 s, the specialized
+  analyses 60–180 s; ``slide_feedback`` 40–90 s.
+
+Deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -31,7 +44,7 @@ EXTRACTIONS = (
     "deck_date_extraction",
 )
 SPECIALIZED = ("specialized_clinical", "specialized_regulatory", "specialized_science")
-KINDS = ("busy-day", "quiet-week", "month")
+KINDS = ("busy-day", "quiet-week", "month", "platform-month")
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,9 @@ class TraceSpec:
     seconds_per_page: float = 25.0
     burst_mean: float = 1.6  # decks per upload session (geometric, 1–4)
     exact_decks: int | None = None  # busy-day: exactly this many decks
+    platform: bool = False  # the platform's load shape (see the module doc)
+    weekend_share: float = 0.15  # platform: weekend days bring this share of a working day
+    batch_share: float = 0.08  # platform: share of uploads that are a batch of 3–8 decks
 
 
 def spec_for(kind: str, *, decks_per_day: float | None = None, days: int | None = None) -> TraceSpec:
@@ -51,6 +67,7 @@ def spec_for(kind: str, *, decks_per_day: float | None = None, days: int | None 
         "busy-day": TraceSpec(days=1, decks_per_working_day=30.0, exact_decks=30),
         "quiet-week": TraceSpec(days=7, decks_per_working_day=3.0),
         "month": TraceSpec(days=30, decks_per_working_day=15.0),
+        "platform-month": TraceSpec(days=30, decks_per_working_day=12.0, pages_mean=28.0, platform=True),
     }
     if kind not in specs:
         raise ValueError(f"unknown trace kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -102,6 +119,91 @@ def _arrivals(rng: random.Random, spec: TraceSpec) -> list[float]:
                 t += rng.expovariate(1 / 180.0)  # a few minutes between uploads of one session
         times.extend(day_times)
     return sorted(times)
+
+
+def _poisson(rng: random.Random, mean: float) -> int:
+    """Knuth's method (the means here are small)."""
+    limit, k, prod = math.exp(-mean), 0, rng.random()
+    while prod > limit:
+        k += 1
+        prod *= rng.random()
+    return k
+
+
+def _upload_time(rng: random.Random) -> float:
+    """Seconds after midnight of one platform upload: working hours, a lunch dip, a few at night."""
+    if rng.random() < 0.05:
+        h = rng.uniform(19.0, 32.0) % 24.0  # evening and night, 19:00–08:00
+        return h * 3600.0
+    while True:
+        h = rng.uniform(8.0, 19.0)
+        weight = 0.4 if 12.0 <= h < 13.5 else 1.0
+        if rng.random() < weight:
+            return h * 3600.0
+
+
+# Expected decks per upload: singles, plus batches of 3–8 (mean 5.5).
+def _decks_per_upload(spec: TraceSpec) -> float:
+    return (1.0 - spec.batch_share) + spec.batch_share * 5.5
+
+
+def _platform_arrivals(rng: random.Random, spec: TraceSpec) -> list[float]:
+    """Arrival times of decks: per day a Poisson number of uploads, each one deck or a batch."""
+    times: list[float] = []
+    per_upload = _decks_per_upload(spec)
+    for day in range(spec.days):
+        mean = spec.decks_per_working_day / per_upload
+        if day % 7 in (5, 6):  # day 0 is a Monday
+            mean *= spec.weekend_share
+        for _ in range(_poisson(rng, mean)):
+            t = day * DAY_S + _upload_time(rng)
+            n = rng.randint(3, 8) if rng.random() < spec.batch_share else 1
+            for _ in range(n):
+                times.append(t)
+                t += rng.uniform(2.0, 20.0)  # a batch: one file after another, seconds apart
+    return sorted(times)
+
+
+def _platform_priority(rng: random.Random) -> str:
+    x = rng.random()
+    return "critical" if x < 0.02 else "high" if x < 0.12 else "normal"
+
+
+def platform_deck_tasks(rng: random.Random, deck: int, arrival: float, spec: TraceSpec) -> list[TraceTask]:
+    """One deck's graph with the platform's numbers (see the module doc)."""
+    pages = int(min(80, max(5, round(rng.gauss(spec.pages_mean, spec.pages_sd)))))
+    prio = _platform_priority(rng)
+    prefix = f"d{deck:05d}"
+    out: list[TraceTask] = []
+    batches: list[str] = []
+    for b, first in enumerate(range(1, pages + 1, spec.batch_pages)):
+        n_pages = min(spec.batch_pages, pages - first + 1)
+        service = sum(rng.uniform(20.0, 30.0) for _ in range(n_pages))
+        tid = f"{prefix}-va{b + 1}"
+        batches.append(tid)
+        out.append(TraceTask(arrival, tid, "visual_analysis", round(service, 1), prio))
+    deps = tuple(batches)
+    out.append(
+        TraceTask(arrival, f"{prefix}-sf", "slide_feedback", round(rng.uniform(40, 90), 1), prio, deps)
+    )
+    for name in EXTRACTIONS:
+        out.append(TraceTask(arrival, f"{prefix}-{name}", name, round(rng.uniform(20, 60), 1), prio, deps))
+    template = f"{prefix}-template_analysis"
+    out.append(
+        TraceTask(
+            arrival,
+            template,
+            "template_analysis",
+            round(rng.uniform(30, 90), 1),
+            prio,
+            (f"{prefix}-healthcare_classification",),
+        )
+    )
+    for name in SPECIALIZED:
+        out.append(
+            TraceTask(arrival, f"{prefix}-{name}", name, round(rng.uniform(60, 180), 1), prio, (template,))
+        )
+    return out
 
 
 def _priority(rng: random.Random) -> str:
@@ -161,6 +263,10 @@ def generate(
     spec = spec_for(kind, decks_per_day=decks_per_day, days=days)
     rng = random.Random(seed)
     tasks: list[TraceTask] = []
+    if spec.platform:
+        for deck, arrival in enumerate(_platform_arrivals(rng, spec)):
+            tasks.extend(platform_deck_tasks(rng, deck, round(arrival, 1), spec))
+        return tasks
     for deck, arrival in enumerate(_arrivals(rng, spec)):
         tasks.extend(deck_tasks(rng, deck, round(arrival, 1), spec))
     return tasks
