@@ -1,4 +1,4 @@
-"""Simulator commands: ``gpuscale simulate`` and ``gpuscale trace generate``."""
+"""Simulator commands: ``gpuscale simulate``, ``gpuscale trace generate`` and ``gpuscale trace export``."""
 
 from __future__ import annotations
 
@@ -133,6 +133,47 @@ def generate(
         raise fail(f"{out}: cannot write trace: {exc.strerror or exc}") from None
     decks = len({t.task_id.split("-", 1)[0] for t in tasks})
     typer.echo(f"wrote {n} tasks ({decks} decks) to {out}")
+
+
+@trace_app.command("export")
+def export(
+    since: str = typer.Option("30d", "--since", help="How far back: 30d, 12h, 90m (submission time)."),
+    out: Path | None = typer.Option(None, "--out", help="Where to write the trace CSV (default: stdout)."),
+) -> None:
+    """Write the platform's recent load, from the database's task history, as a trace.
+
+    Every completed task submitted within ``--since``: arrival, type, measured service time,
+    priority and dependencies.  The history outlives the retention of done tasks."""
+    import sys
+    from datetime import UTC, datetime, timedelta
+
+    from gpuscale.cli.queue import open_queue, run_db
+    from gpuscale.controller.pools import parse_duration
+    from gpuscale.controller.simulate.export import history_to_trace
+    from gpuscale.controller.simulate.trace import write_trace, write_trace_to
+
+    try:
+        window = parse_duration(since)
+    except ValueError as exc:
+        raise fail(f"--since: {exc}") from None
+    if window <= 0:
+        raise fail("--since must be longer than 0")
+    if out is not None and (out.is_dir() or not out.absolute().parent.is_dir()):
+        raise fail(f"{out}: cannot write trace: not a file in an existing directory")
+
+    async def run() -> list[dict[str, object]]:
+        async with open_queue(max_size=2) as q:
+            return await q.history_since(datetime.now(UTC) - timedelta(seconds=window))
+
+    tasks = history_to_trace(run_db(run))
+    if out is None:
+        write_trace_to(sys.stdout, tasks)
+        return
+    try:
+        n = write_trace(out, tasks)
+    except OSError as exc:
+        raise fail(f"{out}: cannot write trace: {exc.strerror or exc}") from None
+    typer.echo(f"wrote {n} tasks submitted in the last {since} to {out}")
 
 
 def register(app: typer.Typer) -> None:

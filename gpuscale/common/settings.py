@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     cost_interval_s: float = 15.0
     retention_days: float = 7.0  # `done` tasks older than this are deleted, in batches
     retention_batch: int = 5000
+    # The compact task history (`gpuscale trace export`, `gpuscale tune`) is kept this long.
+    history_retention_days: float = 90.0
 
     ollama_host: str = Field(
         default="http://127.0.0.1:11434", validation_alias=AliasChoices("OLLAMA_HOST", "GPUSCALE_OLLAMA_HOST")

@@ -238,6 +238,11 @@ class ControllerApp:
             )
             if deleted:
                 log.info("retention: deleted %d done task(s)", deleted)
+            history = await self._queue.purge_history(
+                older_than_s=self.settings.history_retention_days * 86400, batch=self.settings.retention_batch
+            )
+            if history:
+                log.info("retention: deleted %d task history row(s)", history)
         except Exception as exc:
             log.warning("retention failed: %s", type(exc).__name__)
 

@@ -764,6 +764,31 @@ class Queue:
         )
         return _rowcount(result)
 
+    async def history_since(self, since: datetime) -> list[dict[str, Any]]:
+        """Completed tasks submitted at or after ``since``, from the compact history that outlives
+        the retention of done tasks (oldest submission first)."""
+        rows = await self.pool.fetch(
+            """SELECT id, task_type, pool, document_id, priority::text AS priority, depends_on,
+                      attempts, created_at, queued_at, started_at, finished_at
+                 FROM processing_task_history
+                WHERE created_at >= $1
+                ORDER BY created_at, id""",
+            since,
+        )
+        return [dict(r) for r in rows]
+
+    async def purge_history(self, *, older_than_s: float, batch: int = 10_000) -> int:
+        """Delete up to ``batch`` history rows of tasks submitted more than ``older_than_s`` ago."""
+        result = await self.pool.execute(
+            """DELETE FROM processing_task_history
+                WHERE id IN (SELECT id FROM processing_task_history
+                              WHERE created_at < now() - make_interval(secs => $1)
+                              ORDER BY created_at LIMIT $2)""",
+            float(older_than_s),
+            batch,
+        )
+        return _rowcount(result)
+
     async def vacuum(self) -> None:
         """``VACUUM (ANALYZE)`` the queue tables: after a big purge, so the next claims do not
         walk dead index entries.  Autovacuum does this in a long-running deployment; short-lived

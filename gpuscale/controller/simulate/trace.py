@@ -19,6 +19,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 HEADER = ("arrival_s", "task_id", "task_type", "service_s", "priority", "depends_on")
 PRIORITY_NAMES = ("normal", "high", "critical")
@@ -106,22 +107,27 @@ def read_trace(path: Path | str) -> list[TraceTask]:
     return tasks
 
 
+def write_trace_to(handle: TextIO, tasks: Iterable[TraceTask]) -> int:
+    """Write tasks as trace CSV to an open text stream; returns the number of rows."""
+    n = 0
+    writer = csv.writer(handle, lineterminator="\n")
+    writer.writerow(HEADER)
+    for t in tasks:
+        writer.writerow(
+            (
+                f"{t.arrival_s:.1f}",
+                t.task_id,
+                t.task_type,
+                f"{t.service_s:.1f}",
+                t.priority,
+                " ".join(t.depends_on),
+            )
+        )
+        n += 1
+    return n
+
+
 def write_trace(path: Path | str, tasks: Iterable[TraceTask]) -> int:
     """Write tasks as a trace CSV; returns the number of rows."""
-    n = 0
     with Path(path).open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(HEADER)
-        for t in tasks:
-            writer.writerow(
-                (
-                    f"{t.arrival_s:.1f}",
-                    t.task_id,
-                    t.task_type,
-                    f"{t.service_s:.1f}",
-                    t.priority,
-                    " ".join(t.depends_on),
-                )
-            )
-            n += 1
-    return n
+        return write_trace_to(handle, tasks)
