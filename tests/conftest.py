@@ -21,6 +21,7 @@ import pytest
 
 from gpuscale.db.embedded import EmbeddedPostgres
 from gpuscale.db.migrate import migrate
+from gpuscale.db.pgbouncer import PgBouncer, find_pgbouncer
 
 TEMPLATE_DB = "gpuscale_test_template"
 _counter = itertools.count()
@@ -130,3 +131,22 @@ def db_env(dsn: str) -> dict[str, str]:
     env = dict(os.environ)
     env["GPUSCALE_DATABASE_URL"] = dsn
     return env
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_server: str) -> Iterator[PgBouncer]:
+    """A PgBouncer in transaction pooling mode in front of the session's server (few server
+    connections, so tests see what a pooler changes).  Skipped where pgbouncer is not installed,
+    except in CI (``.ci/run`` installs it), where that is a failure."""
+    if find_pgbouncer() is None:
+        if os.environ.get("CI"):
+            pytest.fail("pgbouncer is not installed (.ci/run installs it)")
+        pytest.skip("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
+    with PgBouncer(pg_server, pool_size=4) as bouncer:
+        yield bouncer
+
+
+@pytest.fixture
+def pooled_dsn(dsn: str, pgbouncer: PgBouncer) -> str:
+    """This test's database, reached through the transaction-mode PgBouncer."""
+    return pgbouncer.dsn(urlsplit(dsn).path.lstrip("/"))
