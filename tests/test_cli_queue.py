@@ -88,10 +88,14 @@ async def test_submit_deck_and_status(db_env: dict[str, str], dsn: str, tmp_path
     for _ in range(10):
         pdf.add_page()
     pdf.output(str(tmp_path / "deck.pdf"))
+    root = tmp_path / "shared" / "uploads"
+    db_env = {**db_env, "GPUSCALE_DOCUMENT_ROOT": str(root)}
     r = gpuscale(db_env, "submit-deck", "deck.pdf", "--batch-pages", "4", "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     sub = json.loads(r.stdout)
-    assert sub["pages"] == 10 and sub["document"] == str(tmp_path / "deck.pdf")
+    assert (
+        sub["pages"] == 10 and (root / sub["document"]).read_bytes() == (tmp_path / "deck.pdf").read_bytes()
+    )
     assert len(sub["task_ids"]["visual_analysis"]) == 3
     assert await count(dsn) == 3 + 1 + 5 + 1 + 3
 

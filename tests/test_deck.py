@@ -1,8 +1,11 @@
-"""submit_deck: a generated multi-page PDF becomes the DESIGN.md task graph; bad files write nothing."""
+"""submit_deck: a generated multi-page PDF becomes the DESIGN.md task graph; bad files write nothing;
+the PDF lands in the document store under its content name and payloads name it relative to it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import asyncpg
@@ -11,6 +14,7 @@ from fpdf import FPDF
 
 from gpuscale.queue import Priority, Queue
 from gpuscale.queue.deck import DeckError, page_batches, submit_deck
+from gpuscale.queue.documents import DocumentStore
 
 
 def _loads(v: object) -> dict[str, object]:
@@ -27,17 +31,23 @@ def make_pdf(path: Path, pages: int) -> Path:
     return path
 
 
+@pytest.fixture
+def store(tmp_path: Path) -> DocumentStore:
+    return DocumentStore(tmp_path / "documents")
+
+
 def test_page_batches() -> None:
     assert page_batches(1, 8) == [(1, 1)]
     assert page_batches(8, 8) == [(1, 8)]
     assert page_batches(19, 8) == [(1, 8), (9, 16), (17, 19)]
 
 
-async def test_graph_shape(db: asyncpg.Pool, tmp_path: Path) -> None:
+async def test_graph_shape(db: asyncpg.Pool, tmp_path: Path, store: DocumentStore) -> None:
     q = Queue(db)
     pdf = make_pdf(tmp_path / "deck.pdf", 19)
-    sub = await submit_deck(q, pdf, priority="high")
-    assert sub.pages == 19 and sub.document == str(pdf.absolute())
+    sub = await submit_deck(q, pdf, store=store, priority="high")
+    assert sub.pages == 19 and sub.document == f"{hashlib.sha256(pdf.read_bytes()).hexdigest()}.pdf"
+    assert store.resolve(sub.document).read_bytes() == pdf.read_bytes()
     ids = sub.task_ids
     batches = ids["visual_analysis"]
     assert len(batches) == 3
@@ -100,9 +110,36 @@ async def test_graph_shape(db: asyncpg.Pool, tmp_path: Path) -> None:
     assert fb.task_type == "slide_feedback"
 
 
-async def test_batch_pages_option(db: asyncpg.Pool, tmp_path: Path) -> None:
-    sub = await submit_deck(Queue(db), make_pdf(tmp_path / "d.pdf", 5), batch_pages=2)
+async def test_batch_pages_option(db: asyncpg.Pool, tmp_path: Path, store: DocumentStore) -> None:
+    sub = await submit_deck(Queue(db), make_pdf(tmp_path / "d.pdf", 5), store=store, batch_pages=2)
     assert len(sub.task_ids["visual_analysis"]) == 3
+
+
+async def test_resubmission_reuses_the_stored_copy(
+    db: asyncpg.Pool, tmp_path: Path, store: DocumentStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same bytes, same stored file (no duplicate, no leftover temporary files), from any folder."""
+    pdf = make_pdf(tmp_path / "d.pdf", 3)
+    first = await submit_deck(Queue(db), pdf, store=store)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "copy.pdf").write_bytes(pdf.read_bytes())
+    monkeypatch.chdir(elsewhere)
+    second = await submit_deck(Queue(db), Path("copy.pdf"), store=store)
+    assert first.document == second.document and first.document_id != second.document_id
+    assert sorted(os.listdir(store.root)) == [first.document]
+    other = await submit_deck(Queue(db), make_pdf(tmp_path / "e.pdf", 4), store=store)
+    assert other.document != first.document and len(os.listdir(store.root)) == 2
+
+
+async def test_size_limit_refuses_and_stores_nothing(
+    db: asyncpg.Pool, tmp_path: Path, store: DocumentStore
+) -> None:
+    pdf = make_pdf(tmp_path / "d.pdf", 3)
+    with pytest.raises(DeckError, match="over the 1024-byte limit"):
+        await submit_deck(Queue(db), pdf, store=store, max_bytes=1024)
+    assert not store.root.exists() or os.listdir(store.root) == []
+    assert await db.fetchval("SELECT count(*) FROM processing_queue") == 0
 
 
 @pytest.mark.parametrize(
@@ -113,21 +150,24 @@ async def test_batch_pages_option(db: asyncpg.Pool, tmp_path: Path) -> None:
         (None, "no such file"),
     ],
 )
-async def test_bad_files_refused(db: asyncpg.Pool, tmp_path: Path, content: bytes | None, words: str) -> None:
+async def test_bad_files_refused(
+    db: asyncpg.Pool, tmp_path: Path, store: DocumentStore, content: bytes | None, words: str
+) -> None:
     path = tmp_path / "bad.pdf"
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(DeckError, match=words):
-        await submit_deck(Queue(db), path)
+        await submit_deck(Queue(db), path, store=store)
     assert await db.fetchval("SELECT count(*) FROM processing_queue") == 0
+    assert not store.root.exists() or os.listdir(store.root) == []
 
 
-async def test_truncated_pdf_refused(db: asyncpg.Pool, tmp_path: Path) -> None:
+async def test_truncated_pdf_refused(db: asyncpg.Pool, tmp_path: Path, store: DocumentStore) -> None:
     good = make_pdf(tmp_path / "good.pdf", 3).read_bytes()
     bad = tmp_path / "truncated.pdf"
     bad.write_bytes(good[: len(good) // 3])
     with pytest.raises(DeckError):
-        await submit_deck(Queue(db), bad)
+        await submit_deck(Queue(db), bad, store=store)
     with pytest.raises(DeckError, match="batch_pages"):
-        await submit_deck(Queue(db), tmp_path / "good.pdf", batch_pages=0)
+        await submit_deck(Queue(db), tmp_path / "good.pdf", store=store, batch_pages=0)
     assert await db.fetchval("SELECT count(*) FROM processing_queue") == 0

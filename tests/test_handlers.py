@@ -94,6 +94,13 @@ def _ctx(
     )
 
 
+@pytest.fixture(autouse=True)
+def document_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's folder is the workers' document root; payloads name files relative to it."""
+    monkeypatch.setenv("GPUSCALE_DOCUMENT_ROOT", str(tmp_path))
+    return tmp_path
+
+
 @pytest.fixture
 def deck(tmp_path: Path) -> Path:
     path = tmp_path / "deck.pdf"
@@ -115,7 +122,7 @@ async def test_visual_analysis_describes_each_page_of_its_batch(deck: Path) -> N
 
     respx.post(f"{HOST}/api/chat").mock(side_effect=answer)
     progress = Progress()
-    ctx = _ctx("visual_analysis", {"document": str(deck), "first_page": 2, "last_page": 4}, progress=progress)
+    ctx = _ctx("visual_analysis", {"document": deck.name, "first_page": 2, "last_page": 4}, progress=progress)
     result = await HANDLERS["visual_analysis"](ctx)
     validate_result("visual_analysis", result)
     assert [p["page"] for p in result["pages"]] == [2, 3, 4]
@@ -139,11 +146,11 @@ async def test_visual_analysis_describes_each_page_of_its_batch(deck: Path) -> N
 async def test_visual_batch_past_the_end_is_clipped(deck: Path) -> None:
     respx.post(f"{HOST}/api/chat").mock(return_value=_chat(_slide_answer(1)))
     result = await HANDLERS["visual_analysis"](
-        _ctx("visual_analysis", {"document": str(deck), "first_page": 5, "last_page": 12})
+        _ctx("visual_analysis", {"document": deck.name, "first_page": 5, "last_page": 12})
     )
     assert [p["page"] for p in result["pages"]] == [5]
     empty = await HANDLERS["visual_analysis"](
-        _ctx("visual_analysis", {"document": str(deck), "first_page": 9, "last_page": 16})
+        _ctx("visual_analysis", {"document": deck.name, "first_page": 9, "last_page": 16})
     )
     assert empty["pages"] == [] and empty["page_count"] == 5
 
@@ -163,7 +170,7 @@ async def test_bad_documents_fail_without_retry(tmp_path: Path, make: Any, reaso
     make(path)
     with pytest.raises(DocumentError) as info:
         await HANDLERS["visual_analysis"](
-            _ctx("visual_analysis", {"document": str(path), "first_page": 1, "last_page": 8})
+            _ctx("visual_analysis", {"document": path.name, "first_page": 1, "last_page": 8})
         )
     assert reason in str(info.value) and info.value.retryable is False
     assert not chat.called
@@ -171,12 +178,40 @@ async def test_bad_documents_fail_without_retry(tmp_path: Path, make: Any, reaso
 
 async def test_missing_and_oversized_files(tmp_path: Path, deck: Path) -> None:
     with pytest.raises(DocumentError, match="no such file"):
-        await fetch_pdf(str(tmp_path / "nope.pdf"), max_bytes=10_000_000)
+        await fetch_pdf("nope.pdf", root=tmp_path, max_bytes=10_000_000)
     with pytest.raises(DocumentError, match="over the 1024-byte limit"):
-        await fetch_pdf(str(deck), max_bytes=1024)
+        await fetch_pdf(deck.name, root=tmp_path, max_bytes=1024)
     with pytest.raises(DocumentError, match="unsupported document location"):
-        await fetch_pdf("ftp://example.org/deck.pdf", max_bytes=1024)
-    assert (await fetch_pdf(deck.as_uri(), max_bytes=10_000_000)).startswith(b"%PDF-")
+        await fetch_pdf("ftp://example.org/deck.pdf", root=tmp_path, max_bytes=1024)
+    with pytest.raises(DocumentError, match="unsupported document location"):
+        await fetch_pdf(deck.as_uri(), root=tmp_path, max_bytes=10_000_000)
+    assert (await fetch_pdf(deck.name, root=tmp_path, max_bytes=10_000_000)).startswith(b"%PDF-")
+
+
+async def test_documents_outside_the_root_are_refused(tmp_path: Path) -> None:
+    """Absolute paths, '..' and symlinks that leave the root fail without retry, even when the
+    file they point at is a perfectly good PDF."""
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    outside = tmp_path / "secret.pdf"
+    make_deck(outside, pages=1)
+    (root / "sub" / "inside.pdf").write_bytes(outside.read_bytes())
+    (root / "escape.pdf").symlink_to(outside)
+    (root / "dir-escape").symlink_to(tmp_path)
+    (root / "ok-link.pdf").symlink_to(root / "sub" / "inside.pdf")
+    for name, reason in [
+        (str(outside), "absolute paths are refused"),
+        ("../secret.pdf", "'..' is refused"),
+        ("sub/../../secret.pdf", "'..' is refused"),
+        ("escape.pdf", "outside the document root"),
+        ("dir-escape/secret.pdf", "outside the document root"),
+        ("", "empty"),
+    ]:
+        with pytest.raises(DocumentError, match=reason) as info:
+            await fetch_pdf(name, root=root, max_bytes=10_000_000)
+        assert info.value.retryable is False
+    for name in ("sub/inside.pdf", "ok-link.pdf", "./sub/inside.pdf"):
+        assert (await fetch_pdf(name, root=root, max_bytes=10_000_000)).startswith(b"%PDF-")
 
 
 @pytest.fixture
@@ -206,15 +241,18 @@ def doc_server(deck: Path) -> Iterator[str]:
 
 async def test_fetch_over_http(doc_server: str, deck: Path) -> None:
     expected = make_deck(pages=5)  # the same deterministic bytes the server serves
-    assert await fetch_pdf(f"{doc_server}/deck.pdf", max_bytes=5_000_000) == expected
+    assert (
+        await fetch_pdf(root=Path("/nonexistent"), document=f"{doc_server}/deck.pdf", max_bytes=5_000_000)
+        == expected
+    )
     with pytest.raises(DocumentError, match="not a PDF"):
-        await fetch_pdf(f"{doc_server}/image.png", max_bytes=5_000_000)
+        await fetch_pdf(root=Path("/nonexistent"), document=f"{doc_server}/image.png", max_bytes=5_000_000)
     with pytest.raises(DocumentError, match="over the 1000000-byte limit"):
-        await fetch_pdf(f"{doc_server}/huge.pdf", max_bytes=1_000_000)
+        await fetch_pdf(root=Path("/nonexistent"), document=f"{doc_server}/huge.pdf", max_bytes=1_000_000)
     with pytest.raises(DocumentError, match="answered 404"):
-        await fetch_pdf(f"{doc_server}/missing.pdf", max_bytes=5_000_000)
+        await fetch_pdf(root=Path("/nonexistent"), document=f"{doc_server}/missing.pdf", max_bytes=5_000_000)
     with pytest.raises(Exception, match="answered 503") as info:
-        await fetch_pdf(f"{doc_server}/broken.pdf", max_bytes=5_000_000)
+        await fetch_pdf(root=Path("/nonexistent"), document=f"{doc_server}/broken.pdf", max_bytes=5_000_000)
     assert getattr(info.value, "retryable", None) is True
 
 
@@ -233,7 +271,7 @@ async def test_invalid_model_answer_fails_the_page_batch_retryably(deck: Path) -
     respx.post(f"{HOST}/api/chat").mock(return_value=_chat('{"title": "only a title"}'))
     with pytest.raises(InvalidAnswer) as info:
         await HANDLERS["visual_analysis"](
-            _ctx("visual_analysis", {"document": str(deck), "first_page": 1, "last_page": 2})
+            _ctx("visual_analysis", {"document": deck.name, "first_page": 1, "last_page": 2})
         )
     assert info.value.retryable and info.value.raw == '{"title": "only a title"}'
 
@@ -246,7 +284,7 @@ async def test_ollama_500_and_timeout_fail_retryably(deck: Path) -> None:
             httpx.ReadTimeout("timed out"),
         ]
     )
-    payload = {"document": str(deck), "first_page": 1, "last_page": 1}
+    payload = {"document": deck.name, "first_page": 1, "last_page": 1}
     with pytest.raises(OllamaError, match="out of memory") as info:
         await HANDLERS["visual_analysis"](_ctx("visual_analysis", payload))
     assert info.value.retryable
@@ -489,7 +527,7 @@ async def test_non_pdf_content_is_not_echoed_in_the_error(tmp_path: Path) -> Non
     path = tmp_path / "environ"
     path.write_bytes(b"AWS_SECRET_ACCESS_KEY=abc123\x00HOME=/root\x00")
     with pytest.raises(DocumentError) as info:
-        await fetch_pdf(str(path), max_bytes=10_000)
+        await fetch_pdf(path.name, root=tmp_path, max_bytes=10_000)
     message = str(info.value)
     assert "not a PDF (no %PDF- header)" in message
     assert "AWS" not in message and "abc123" not in message and "HOME" not in message

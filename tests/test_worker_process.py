@@ -209,7 +209,7 @@ async def test_a_whole_deck_through_visual_and_text_workers(
 ) -> None:
     deck = tmp_path / "acme.pdf"
     make_deck(deck, pages=5)
-    doc = {"document": str(deck)}
+    doc = {"document": deck.name}  # relative to the workers' GPUSCALE_DOCUMENT_ROOT
     tasks = [
         NewTask("visual_analysis", {**doc, "first_page": 1, "last_page": 3}, document_id="acme"),  # 0
         NewTask("visual_analysis", {**doc, "first_page": 4, "last_page": 6}, document_id="acme"),  # 1
@@ -225,7 +225,7 @@ async def test_a_whole_deck_through_visual_and_text_workers(
     queue = Queue(db)
     ids = await queue.enqueue_graph(tasks, after)
     with OllamaStandin(models=["gemma3:12b"], latency_s=0.02, load_latency_s=0.2) as standin:
-        env = {"OLLAMA_HOST": standin.url, "GPUSCALE_PDF_DPI": "40"}
+        env = {"OLLAMA_HOST": standin.url, "GPUSCALE_PDF_DPI": "40", "GPUSCALE_DOCUMENT_ROOT": str(tmp_path)}
         visual = workers("visual", **env)
         text = workers("text", **env)
         await visual.ready()

@@ -106,6 +106,11 @@ def emulator(
     ),
     stop_order: str = typer.Option("random", "--stop-order", help="Which replica a scale-down stops."),
     log_dir: Path = typer.Option(None, "--log-dir", help="Write each replica's output to DIR/<id>.log."),
+    shared_dir: Path = typer.Option(
+        Path(".gpuscale/emulator/shared"),
+        "--shared-dir",
+        help="Local stand-in for shared filesystem mounts: volume V is DIR/V on this host.",
+    ),
     client_id: str = typer.Option(
         None,
         "--client-id",
@@ -150,6 +155,7 @@ def emulator(
         stop_order=stop_order,  # type: ignore[arg-type]
         log_dir=log_dir,
         faults=parsed,
+        shared_dir=shared_dir,
     )
     listen = port if port is not None else settings.emulator_port
     typer.echo(

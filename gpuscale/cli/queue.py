@@ -116,32 +116,49 @@ def enqueue(
 
 
 def submit_deck(
-    pdf: Path = typer.Argument(..., metavar="FILE.pdf", help="The pitch deck."),
+    pdf: str = typer.Argument(
+        ...,
+        metavar="FILE.pdf|URL",
+        help="The pitch deck: a local PDF (copied into the document root) or an http(s) URL.",
+    ),
     batch_pages: int | None = typer.Option(
         None, "--batch-pages", min=1, help="Pages per visual_analysis task."
     ),
     priority: str = typer.Option("normal", "--priority", help="normal, high or critical."),
     as_json: bool = typer.Option(False, "--json", help="Print the submission as JSON."),
 ) -> None:
-    """Submit a pitch-deck PDF: creates its whole task graph in one transaction."""
+    """Submit a pitch-deck PDF: stores it in the document root and creates its whole task graph in
+    one transaction."""
     from gpuscale.common.settings import get_settings
     from gpuscale.queue import InvalidTask, Priority
     from gpuscale.queue.deck import DeckError, count_pages
     from gpuscale.queue.deck import submit_deck as submit
+    from gpuscale.queue.documents import DocumentStore, is_url
 
     try:
         Priority(priority)
     except ValueError:
         raise fail(f"unknown priority {priority!r}; use normal, high or critical") from None
-    try:
-        count_pages(pdf.absolute())  # refuse a bad file before starting a database
-    except DeckError as exc:
-        raise fail(str(exc)) from None
-    pages_per_task = batch_pages or get_settings().deck_batch_pages
+    settings = get_settings()
+    source: Path | str = pdf if is_url(pdf) else Path(pdf)
+    if isinstance(source, Path):
+        try:
+            count_pages(source.absolute())  # refuse a bad file before starting a database
+        except DeckError as exc:
+            raise fail(str(exc)) from None
+    pages_per_task = batch_pages or settings.deck_batch_pages
+    store = DocumentStore(settings.document_root)
 
     async def run() -> Any:
         async with open_queue(max_size=2) as q:
-            return await submit(q, pdf, batch_pages=pages_per_task, priority=priority)
+            return await submit(
+                q,
+                source,
+                store=store,
+                batch_pages=pages_per_task,
+                priority=priority,
+                max_bytes=settings.deck_max_bytes,
+            )
 
     try:
         sub = run_db(run)

@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     max_payload_bytes: int = 256 * 1024
     lease_seconds: float = 60.0
     deck_batch_pages: int = 8
+    # Where submitted decks are stored (issue 13): a folder every worker mounts too; on Verda the
+    # shared filesystem (e.g. /mnt/shared/uploads).  Payloads name documents relative to it.
+    document_root: Path = Path(".gpuscale/documents")
+    deck_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="largest deck PDF accepted")
 
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"

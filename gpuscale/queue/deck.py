@@ -4,16 +4,24 @@ The graph (DESIGN.md): visual analysis split into page batches so several replic
 ``slide_feedback`` and the five text extractions wait for every batch; ``template_analysis``
 waits for ``healthcare_classification``; the three specialized analyses wait for
 ``template_analysis``.  Everything is written in one transaction, or nothing is.
+
+A local PDF is first copied into the document store (:mod:`gpuscale.queue.documents`) and the
+payloads name it relative to the store's root, so the workers read it through their own mount of
+the same filesystem; an ``http(s)`` URL is downloaded once to count its pages and stays a URL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
+from gpuscale.queue.documents import DocumentRefused, DocumentStore, is_url
 from gpuscale.queue.tasks import InvalidTask, NewTask, Priority, Queue
 
 TEXT_AFTER_VISUAL = (
@@ -34,7 +42,7 @@ class DeckError(InvalidTask):
 @dataclass(frozen=True)
 class DeckSubmission:
     document_id: str
-    document: str  # the absolute path every task's payload names
+    document: str  # what every task's payload names: a name relative to the document root, or a URL
     pages: int
     task_ids: dict[str, list[int]]  # task type → ids (visual_analysis: one per page batch)
 
@@ -71,9 +79,45 @@ def count_pages(pdf: Path) -> int:
     return pages
 
 
-def _inspect(pdf: Path) -> tuple[Path, int]:
+def _fetch_url(url: str, dest: Path, max_bytes: int | None, timeout_s: float) -> None:
+    """Download ``url`` to ``dest`` (at most ``max_bytes``); :class:`DeckError` if it cannot."""
+    try:
+        with httpx.stream("GET", url, timeout=timeout_s, follow_redirects=True) as resp:
+            if resp.status_code >= 400:
+                raise DeckError(f"{url}: the server answered {resp.status_code}")
+            size = 0
+            with dest.open("wb") as fh:
+                for chunk in resp.iter_bytes():
+                    size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise DeckError(f"{url}: the document is over the {max_bytes}-byte limit")
+                    fh.write(chunk)
+    except httpx.HTTPError as exc:
+        raise DeckError(f"{url}: cannot download: {type(exc).__name__}") from None
+
+
+def url_pages(url: str, *, max_bytes: int | None = None, timeout_s: float = 60.0) -> int:
+    """Pages of the PDF at ``url`` (downloaded to a temporary file that is then removed)."""
+    with tempfile.TemporaryDirectory(prefix="gpuscale-deck-") as tmp:
+        dest = Path(tmp) / "deck.pdf"
+        _fetch_url(url, dest, max_bytes, timeout_s)
+        pages = count_pages(dest)
+    return pages
+
+
+def _store_local(pdf: Path, store: DocumentStore, max_bytes: int | None) -> tuple[str, int]:
+    """Check a local PDF (pages, size), then copy it into ``store``: (its name there, pages)."""
     path = pdf.absolute()
-    return path, count_pages(path)
+    pages = count_pages(path)
+    size = path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise DeckError(f"{path}: {size} bytes is over the {max_bytes}-byte limit")
+    try:
+        return store.put_file(path, max_bytes=max_bytes), pages
+    except DocumentRefused as exc:
+        raise DeckError(str(exc)) from None
+    except OSError as exc:
+        raise DeckError(f"cannot store the document under {store.root}: {exc.strerror or exc}") from None
 
 
 def page_batches(pages: int, batch_pages: int) -> list[tuple[int, int]]:
@@ -85,16 +129,39 @@ async def submit_deck(
     queue: Queue,
     pdf: Path | str,
     *,
+    store: DocumentStore,
+    batch_pages: int = 8,
+    priority: Priority | str = Priority.normal,
+    document_id: str | None = None,
+    max_bytes: int | None = None,
+) -> DeckSubmission:
+    """Validate ``pdf`` (a local file or an ``http(s)`` URL), store a local file in ``store``,
+    and enqueue the deck's task graph in one transaction."""
+    if not isinstance(batch_pages, int) or batch_pages < 1:
+        raise DeckError(f"batch_pages must be a positive integer, not {batch_pages!r}")
+    if isinstance(pdf, str) and is_url(pdf):
+        pages = await asyncio.to_thread(url_pages, pdf, max_bytes=max_bytes)
+        document = pdf
+    else:
+        document, pages = await asyncio.to_thread(_store_local, Path(pdf), store, max_bytes)
+    return await enqueue_deck(
+        queue, document, pages, batch_pages=batch_pages, priority=priority, document_id=document_id
+    )
+
+
+async def enqueue_deck(
+    queue: Queue,
+    document: str,
+    pages: int,
+    *,
     batch_pages: int = 8,
     priority: Priority | str = Priority.normal,
     document_id: str | None = None,
 ) -> DeckSubmission:
-    """Validate ``pdf`` and enqueue its task graph in one transaction."""
+    """Enqueue the task graph of an already stored (or URL) ``document`` of ``pages`` pages."""
     if not isinstance(batch_pages, int) or batch_pages < 1:
         raise DeckError(f"batch_pages must be a positive integer, not {batch_pages!r}")
-    path, pages = await asyncio.to_thread(_inspect, Path(pdf))
     doc_id = document_id or f"deck-{uuid.uuid4().hex[:16]}"
-    document = str(path)
 
     tasks: list[NewTask] = []
     after: list[list[int]] = []

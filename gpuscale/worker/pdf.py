@@ -1,9 +1,11 @@
 """Fetching a deck's PDF and rendering its pages to images (pypdfium2).
 
-A document is a path on a shared mount (or a ``file://`` URL) or an ``http(s)://`` URL.  Bytes are
-read up to a size limit and must start like a PDF; anything else fails the task with the reason
-and is not retried (:class:`~gpuscale.worker.errors.DocumentError`).  A network hiccup or a 5xx while
-downloading *is* retried.
+A document is a name relative to the document root (the worker's mount of the document store,
+see :mod:`gpuscale.queue.documents`) or an ``http(s)://`` URL.  A name that escapes the root
+(absolute, ``..``, a symlink out) is refused.  Bytes are read up to a size limit and must start
+like a PDF; anything else fails the task with the reason and is not retried
+(:class:`~gpuscale.worker.errors.DocumentError`).  A network hiccup or a 5xx while downloading
+*is* retried.
 
 pdfium is not thread-safe, so all pdfium calls go through one lock and run in a worker thread to
 keep the event loop (heartbeats, other tasks) responsive while a page renders.
@@ -16,11 +18,12 @@ import io
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 import pypdfium2 as pdfium
 
+from gpuscale.queue.documents import DocumentRefused, DocumentStore
 from gpuscale.worker.errors import DocumentError, TaskError
 
 _PDFIUM_LOCK = threading.Lock()
@@ -43,13 +46,16 @@ def _check_magic(data: bytes, document: str) -> None:
         raise DocumentError(f"{document}: not a PDF (no %PDF- header)")
 
 
-async def fetch_pdf(document: str, *, max_bytes: int, timeout_s: float = 60.0) -> bytes:
-    """The PDF's bytes; ``DocumentError`` for missing, oversized or non-PDF documents."""
+async def fetch_pdf(document: str, *, root: Path, max_bytes: int, timeout_s: float = 60.0) -> bytes:
+    """The PDF's bytes; ``DocumentError`` for missing, oversized, escaping or non-PDF documents."""
     parts = urlsplit(document)
     if parts.scheme in ("http", "https"):
         data = await _fetch_http(document, max_bytes=max_bytes, timeout_s=timeout_s)
-    elif parts.scheme in ("", "file"):
-        path = Path(unquote(parts.path) if parts.scheme == "file" else document)
+    elif parts.scheme == "":
+        try:
+            path = DocumentStore(root).resolve(document)
+        except DocumentRefused as exc:
+            raise DocumentError(str(exc)) from None
         data = await asyncio.to_thread(_read_file, path, max_bytes)
     else:
         raise DocumentError(f"{document}: unsupported document location (use a path or an http(s) URL)")

@@ -55,7 +55,9 @@ class WorkerSettings(BaseSettings):
     container_id: str | None = None
     server_id: str | None = None
 
-    # Documents.
+    # Documents.  Payloads name a document relative to this root (the worker's own mount of the
+    # document store, e.g. /mnt/shared/uploads on Verda) or give an http(s) URL.
+    document_root: Path = Path(".gpuscale/documents")
     pdf_dpi: int = Field(default=110, ge=36, le=600)
     max_pdf_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     fetch_timeout_s: float = Field(default=60.0, gt=0)

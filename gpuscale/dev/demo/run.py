@@ -144,6 +144,7 @@ class Demo:
         # the bench pool) is not part of the demo.
         self.specs = _specs_by_pool(options.deployment_files)
         self.demo_pools = {n: r for n, r in self.pools.pools.items() if n in self.specs}
+        self.document_root = _document_root(self.specs, self.data_dir)
         if not self.demo_pools:
             raise DemoError(
                 f"no pool of {options.pools_file} has a deployment spec among "
@@ -222,6 +223,7 @@ class Demo:
                 RUN_MARKER: self.run_id,
                 "GPUSCALE_DATABASE_URL": self.dsn,
                 "GPUSCALE_DATA_DIR": str(self.data_dir),
+                "GPUSCALE_DOCUMENT_ROOT": str(self.document_root),
                 "GPUSCALE_LOG_LEVEL": "INFO",
                 "GPUSCALE_WORKER_TOKEN": self.worker_token,
                 # Replicas share this machine: each worker's HTTP API on a free loopback port.
@@ -329,6 +331,8 @@ class Demo:
                 f"{self.o.replica_start_s:g}",
                 "--log-dir",
                 str(self.log_dir / "replicas"),
+                "--shared-dir",
+                str(self.data_dir / "shared"),
             ),
             env=emu_env,
         )
@@ -367,11 +371,13 @@ class Demo:
             deckgen.write_decks, self.data_dir / "decks", self.o.decks, pages=self.o.pages
         )
         from gpuscale.queue.deck import submit_deck
+        from gpuscale.queue.documents import DocumentStore
 
         for path in paths:
             sub = await submit_deck(
                 self.queue,
                 path,
+                store=DocumentStore(self.document_root),
                 batch_pages=self.o.batch_pages,
                 document_id=f"demo-{self.run_id}-{path.stem}",
             )
@@ -717,6 +723,21 @@ class Demo:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _document_root(specs: dict[str, dict[str, Any]], data_dir: Path) -> Path:
+    """Where the demo stores decks: the specs' GPUSCALE_DOCUMENT_ROOT on their shared mount, as the
+    emulator maps it to a local folder, or ``<data-dir>/documents`` when the specs name none."""
+    from gpuscale.dev.emulator.app import shared_path
+
+    for spec in specs.values():
+        container = spec["containers"][0]
+        for item in container.get("env") or []:
+            if item["name"] == "GPUSCALE_DOCUMENT_ROOT" and item.get("type") == "plain":
+                local = shared_path(container, str(item["value_or_reference_to_secret"]), data_dir / "shared")
+                if local is not None:
+                    return Path(local)
+    return data_dir / "documents"
 
 
 def _specs_by_pool(files: list[Path]) -> dict[str, dict[str, Any]]:

@@ -8,6 +8,12 @@ default, ``gpuscale worker --pool P``) with the container's env (secrets resolve
 emulator's own mapping or environment) plus ``GPUSCALE_CONTAINER_ID``.  On a scale-down the
 emulator, like the cloud, picks the replica to stop (random by default) and stops it with SIGTERM,
 then SIGKILL after the grace period.  ``/_emulator/*`` is the test hook: faults and a state dump.
+
+Shared filesystem mounts (``{"type": "shared", "mount_path": …, "volume_id": …}``) become a local
+folder per volume, ``shared_dir/<volume_id>``: replicas share the host's filesystem, so instead of
+mounting, the emulator rewrites the env values that name a path under a shared ``mount_path`` to
+the same path under that folder (``GPUSCALE_DOCUMENT_ROOT=/mnt/shared/uploads`` →
+``<shared_dir>/<volume_id>/uploads``).
 """
 
 from __future__ import annotations
@@ -66,6 +72,21 @@ class EmulatorConfig:
     tick_s: float = 0.05
     max_replicas: int = 20
     faults: Faults = field(default_factory=Faults)
+    shared_dir: Path = Path(".gpuscale/emulator/shared")  # one folder per shared volume under it
+
+
+def shared_path(container: Mapping[str, Any], path: str, shared_dir: Path) -> str | None:
+    """Where ``path`` (as the container sees it) lies on this host, if it is under one of the
+    container's shared mounts; None otherwise."""
+    for mount in container.get("volume_mounts") or []:
+        if mount.get("type") != "shared" or not mount.get("volume_id"):
+            continue
+        base = str(mount["mount_path"]).rstrip("/")
+        if path == base or path.startswith(base + "/"):
+            local = shared_dir.absolute() / str(mount["volume_id"])
+            local.mkdir(parents=True, exist_ok=True)
+            return str(local) + path[len(base) :]
+    return None
 
 
 def _iso(ts: float) -> str:
@@ -333,6 +354,12 @@ class EmulatorState:
                     )
                     continue
             base[item["name"]] = str(value)
+        container = dep.spec["containers"][0]
+        for name, value in list(base.items()):
+            if value.startswith("/"):
+                local = shared_path(container, value, self.config.shared_dir)
+                if local is not None:
+                    base[name] = local
         if replica_id:
             base["GPUSCALE_CONTAINER_ID"] = replica_id
         return base

@@ -69,7 +69,10 @@ async def visual_analysis(ctx: TaskContext) -> dict[str, Any]:
     dpi = _dpi(ctx, payload.dpi)
     await ctx.progress(0.0, "fetching document")
     data = await fetch_pdf(
-        payload.document, max_bytes=ctx.settings.max_pdf_bytes, timeout_s=ctx.settings.fetch_timeout_s
+        payload.document,
+        root=ctx.settings.document_root,
+        max_bytes=ctx.settings.max_pdf_bytes,
+        timeout_s=ctx.settings.fetch_timeout_s,
     )
     pdf = await open_pdf(data, payload.document)
     try:

@@ -1,0 +1,130 @@
+"""The document store: deck PDFs on a filesystem every worker mounts (on Verda, the shared SFS).
+
+A submitted PDF is copied under the document root with a name derived from its content (its
+SHA-256), written to a temporary file in the same directory and renamed into place, so a reader
+never sees half a file and a resubmission of the same bytes reuses the stored copy.  Task payloads
+name the document *relative to the root*; each process resolves that name under its own mount of
+the root (the API's and the replicas' mount points may differ) and refuses any name that would
+leave it: absolute paths, ``..`` components, symlinks that point outside.  An ``http(s)`` URL is
+left as it is: the workers download it themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+from urllib.parse import urlsplit
+
+_CHUNK = 1 << 20
+_TMP_PREFIX = ".incoming-"
+
+
+class DocumentRefused(ValueError):
+    """A document name or upload was refused (escapes the root, too large, unreadable)."""
+
+
+def is_url(document: str) -> bool:
+    return urlsplit(document).scheme in ("http", "https")
+
+
+class DocumentStore:
+    """Content-addressed PDFs under ``root``; see the module docstring."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).absolute()
+
+    # ------------------------------------------------------------------ reading
+
+    def resolve(self, name: str) -> Path:
+        """The path of document ``name`` under this root; :class:`DocumentRefused` if the name is
+        absolute, climbs with ``..``, or resolves (through symlinks) to somewhere outside the root."""
+        if not name or "\0" in name:
+            raise DocumentRefused("empty or malformed document name")
+        pure = PurePosixPath(name)
+        if pure.is_absolute():
+            raise DocumentRefused(f"{name}: absolute paths are refused; name documents relative to the root")
+        if any(part == ".." for part in pure.parts):
+            raise DocumentRefused(f"{name}: '..' is refused in document names")
+        root = self.root.resolve()
+        path = (root / pure).resolve()
+        if path != root and root not in path.parents:
+            raise DocumentRefused(f"{name}: resolves outside the document root")
+        return path
+
+    # ------------------------------------------------------------------ writing
+
+    def put_file(self, source: Path, *, max_bytes: int | None = None) -> str:
+        """Copy ``source`` into the store; returns its name relative to the root."""
+        with source.open("rb") as fh:
+            return self.put_stream(fh, max_bytes=max_bytes)
+
+    def put_stream(self, fh: BinaryIO, *, max_bytes: int | None = None) -> str:
+        return self.put_chunks(iter(lambda: fh.read(_CHUNK), b""), max_bytes=max_bytes)
+
+    def put_chunks(self, chunks: Iterable[bytes], *, max_bytes: int | None = None) -> str:
+        """Write ``chunks`` to a temporary file, then rename it to its content name (atomic on one
+        filesystem).  Over ``max_bytes``: :class:`DocumentRefused` and nothing is left behind."""
+        tmp = self.begin()
+        try:
+            for chunk in chunks:
+                tmp.write(chunk)
+                if max_bytes is not None and tmp.size > max_bytes:
+                    raise DocumentRefused(f"the document is over the {max_bytes}-byte limit")
+            return tmp.commit()
+        finally:
+            tmp.discard()
+
+    def begin(self) -> Incoming:
+        """A temporary file in the store to stream an upload into (check it, then ``commit``)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return Incoming(self.root)
+
+
+class Incoming:
+    """An upload being written: ``write`` chunks, check :attr:`path`, then ``commit`` or ``discard``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.path = root / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        self._fh: BinaryIO | None = self.path.open("xb")
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        assert self._fh is not None
+        self._fh.write(chunk)
+        self._hash.update(chunk)
+        self.size += len(chunk)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+
+    @property
+    def name(self) -> str:
+        return f"{self._hash.hexdigest()}.pdf"
+
+    def commit(self) -> str:
+        """Move the upload to its content name; the same bytes stored before are reused."""
+        self.close()
+        name = self.name
+        final = self.root / name
+        if final.is_file() and final.stat().st_size == self.size:
+            self.path.unlink(missing_ok=True)
+        else:
+            os.replace(self.path, final)
+        return name
+
+    def discard(self) -> None:
+        """Drop the temporary file (a no-op after :meth:`commit`)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        self.path.unlink(missing_ok=True)
