@@ -1,4 +1,5 @@
-"""Simulator commands: ``gpuscale simulate``, ``gpuscale trace generate`` and ``gpuscale trace export``."""
+"""Simulator commands: ``gpuscale simulate``, ``gpuscale tune``, ``gpuscale trace generate`` and
+``gpuscale trace export``."""
 
 from __future__ import annotations
 
@@ -176,6 +177,144 @@ def export(
     typer.echo(f"wrote {n} tasks submitted in the last {since} to {out}")
 
 
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def tune(
+    trace: Path = typer.Option(..., "--trace", help="Trace CSV to tune against."),
+    slo: str = typer.Option(
+        ...,
+        "--slo",
+        help="Objectives: deck_p50, deck_p95, wait_p50, wait_p95 as NAME=DURATION, comma-separated "
+        "(e.g. deck_p95=20m,wait_p95=5m).",
+    ),
+    pools: Path = typer.Option(
+        None, "--pools", help="Starting rules (default: GPUSCALE_POOLS_FILE or deploy/datacrunch/pools.yaml)."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Write the cheapest rules that meet the objectives here."
+    ),
+    plot: Path | None = typer.Option(None, "--plot", help="Write a PNG of the cost–latency frontier."),
+    budget: int = typer.Option(120, "--budget", min=1, max=5000, help="At most this many replays."),
+    jobs: int | None = typer.Option(None, "--jobs", min=1, max=64, help="Replays at once (default: CPUs)."),
+) -> None:
+    """Search pool rules against a trace with the simulator; write the cheapest that meet --slo.
+
+    Prints the cost–latency frontier; exits 1 (writing nothing) when no rules tried meet the
+    objectives."""
+    import yaml
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from gpuscale.controller.pools import PoolsFileError, load_pools
+    from gpuscale.controller.simulate.trace import TraceError, read_trace
+    from gpuscale.controller.simulate.tune import SLO_KEYS, Evaluation, format_duration, parse_slo
+    from gpuscale.controller.simulate.tune import tune as run_tune
+
+    try:
+        objectives = parse_slo(slo)
+    except ValueError as exc:
+        raise fail(f"--slo: {exc}") from None
+    if pools is None:
+        from gpuscale.common.settings import get_settings
+
+        pools = get_settings().pools_file
+    for path, what in ((out, "--out"), (plot, "--plot")):
+        if path is not None and (path.is_dir() or not path.absolute().parent.is_dir()):
+            raise fail(f"{what} {path}: not a file in an existing directory")
+    try:
+        load_pools(pools)  # the clear error for a bad file
+        raw = yaml.safe_load(pools.read_text(encoding="utf-8"))
+        tasks = read_trace(trace)
+        if not tasks:
+            raise TraceError(f"{trace}: the trace has no tasks")
+    except (PoolsFileError, TraceError) as exc:
+        raise fail(str(exc)) from None
+
+    console = Console(stderr=True)
+    goal = ", ".join(f"{k} ≤ {format_duration(v)}" for k, v in objectives.items())
+    with Progress(
+        TextColumn("[bold]tuning[/bold]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[best]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        job = bar.add_task("replays", total=budget, best="")
+
+        def on_progress(done: int, total: int, best: Evaluation | None) -> None:
+            text = ""
+            if best is not None:
+                text = f"best {best.cost_x:.2f}× floor" + (" (meets)" if best.meets else " (misses)")
+            bar.update(job, completed=done, best=text)
+
+        try:
+            result = run_tune(
+                tasks, raw, objectives, source=str(pools), budget=budget, jobs=jobs, progress=on_progress
+            )
+        except TraceError as exc:
+            raise fail(str(exc)) from None
+
+    table = Table(title=f"cost–latency frontier ({len(result.evaluations)} replays; objectives {goal})")
+    for col in ("cost × floor", "cost $", "wait p95", "deck p50", "deck p95", "meets", "rules (changed)"):
+        if col.startswith("rules"):
+            table.add_column(col, justify="left", overflow="fold", min_width=40)
+        else:
+            table.add_column(col, justify="left" if col == "meets" else "right", no_wrap=True)
+    for ev in result.frontier():
+        d = ev.data
+        mark = "[green]yes[/green]" if ev.meets else "no"
+        if ev is result.best:
+            mark += " ← chosen" if ev.meets else " ← closest"
+        table.add_row(
+            f"{ev.cost_x:.2f}",
+            f"{d['cost_usd']:.2f}",
+            _minutes(d["wait_p95_s"]),
+            _minutes(d["graph_p50_s"]),
+            _minutes(d["graph_p95_s"]),
+            mark,
+            ev.describe(),
+        )
+    stdout = Console()
+    if not stdout.is_terminal:
+        stdout = Console(width=200)  # piped or captured: no terminal width to fit
+    stdout.print(table)
+    best = result.best
+    summary_line = f"{best.cost_x:.2f}× the oracle floor (${best.data['cost_usd']:.2f}), " + ", ".join(
+        f"{k} {_minutes(best.data[SLO_KEYS[k]])}" for k in objectives
+    )
+    if plot is not None:
+        from gpuscale.controller.simulate.plot import plot_frontier
+
+        try:
+            plot_frontier(result, plot, title=f"gpuscale tune on {trace.name}: {goal}")
+        except OSError as exc:
+            raise fail(f"{plot}: cannot write plot: {exc.strerror or exc}") from None
+        typer.echo(f"frontier plot written to {plot}")
+    if not result.meets:
+        raise fail(
+            f"no rules tried meet {goal} on {trace.name} ({len(result.evaluations)} replays); "
+            f"the closest: {summary_line} with {best.describe()}",
+            code=1,
+        )
+    typer.echo(f"cheapest rules that meet {goal}: {summary_line}; {best.describe()}")
+    if out is not None:
+        header = (
+            f"# Written by gpuscale tune --trace {trace.name} --slo {slo} (from {pools.name}):\n"
+            f"# {summary_line} on that trace.\n"
+        )
+        try:
+            out.write_text(header + yaml.safe_dump(result.document, sort_keys=False), encoding="utf-8")
+        except OSError as exc:
+            raise fail(f"{out}: cannot write pools file: {exc.strerror or exc}") from None
+        typer.echo(f"rules written to {out}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("simulate")(simulate)
+    app.command("tune")(tune)
     app.add_typer(trace_app, name="trace")

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gpuscale.controller.simulate.engine import SimResult
+
+if TYPE_CHECKING:
+    from gpuscale.controller.simulate.tune import Evaluation as TuneEvaluation
+    from gpuscale.controller.simulate.tune import TuneResult
 
 
 def _money(x: float) -> str:
@@ -78,5 +83,43 @@ def plot_result(result: SimResult, out: Path | str, *, title: str | None = None)
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_frontier(result: TuneResult, out: Path | str, *, title: str | None = None) -> Path:
+    """Write a PNG of every replay ``gpuscale tune`` ran: cost (× the oracle floor) against the
+    main objective, the frontier, the target and the rules chosen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gpuscale.controller.simulate.tune import SLO_KEYS
+
+    name = "deck_p95" if "deck_p95" in result.slo else next(iter(result.slo))
+    key = SLO_KEYS[name]
+    target = result.slo[name] / 60.0
+    fig, ax = plt.subplots(figsize=(9, 6))
+    ok = [e for e in result.evaluations if e.meets]
+    bad = [e for e in result.evaluations if not e.meets]
+
+    def xy(evs: list[TuneEvaluation]) -> tuple[list[float], list[float]]:
+        return [e.cost_x for e in evs], [e.data[key] / 60 for e in evs]
+
+    ax.scatter(*xy(bad), s=14, c="#bbbbbb", label="misses an objective")
+    ax.scatter(*xy(ok), s=18, c="#3b7dd8", label="meets every objective")
+    ax.plot(*xy(result.frontier()), "-", c="#d8633b", lw=1.2, label="frontier")
+    ax.axhline(target, ls="--", c="#555555", lw=1, label=f"{name} target {target:g} min")
+    b = result.best
+    ax.scatter([b.cost_x], [b.data[key] / 60], marker="*", s=220, c="#2ca02c", zorder=5, label="chosen")
+    ax.set_xlabel("cost (× oracle floor)")
+    ax.set_ylabel(f"{name} (min)")
+    ax.set_title(title or f"gpuscale tune: {len(result.evaluations)} replays")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
