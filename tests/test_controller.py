@@ -382,22 +382,33 @@ async def test_leader_exports_fleet_task_timings(make_app, deployments: Emulator
     assert sum(b.get() for b in hist._buckets) == count_before + 2
 
 
-def test_upstream_eta_uses_per_type_durations() -> None:
-    from gpuscale.controller.reconcile import upstream_eta
-    from gpuscale.queue import PoolStats
+def test_upstream_eta_uses_per_type_durations_and_progress() -> None:
+    from gpuscale.controller.observe import BlockedTask, Context, Upstream, upstream_eta
+    from gpuscale.controller.policy import DurationEstimator
 
     config = pools_config(default_task_duration=60)
     visual = config.pools["visual"].model_copy(
         update={"task_durations_s": {"visual_analysis": 10.0, "slide_feedback": 4.0}}
     )
-    config = config.model_copy(update={"pools": {**config.pools, "visual": visual}})
-    stats = {
-        "visual": PoolStats("visual", {}, 0, 2, 0, 0, None, 0, 0, 0),  # type: ignore[arg-type]
-        "text": PoolStats("text", {}, 0, 0, 5, 5, None, 0, 0, 0),  # type: ignore[arg-type]
-    }
-    # Two running visual tasks (mean expected 7 s, half done) on two replicas: ~3.5 s away.
-    assert upstream_eta("text", config, stats, {"visual": 2}) == pytest.approx(3.5)
-    assert upstream_eta("visual", config, stats, {"text": 0}) is None
+    pools = {**config.pools, "visual": visual}
+    ctx = Context(rules=pools, expected=DurationEstimator(pools.values()).expected, registered={"visual": 1})
+    # A text task waits on two visual batches: one 60% done, one just claimed.
+    task = BlockedTask(
+        "text",
+        "startup_name_extraction",
+        (
+            Upstream("visual", "visual_analysis", "running", 6.0, 0.6, "v1"),
+            Upstream("visual", "visual_analysis", "running", 1.0, None, "v2"),
+        ),
+    )
+    assert upstream_eta([task], ctx, {"v1": 1, "v2": 1}) == pytest.approx(9.0)
+    # Two tasks on one replica whose model serves one at a time: the second waits for the first.
+    assert upstream_eta([task], ctx, {"v1": 1, "v2": 2}) == pytest.approx(18.0)
+    # A queued dependency with no replica ready pays the cold start too.
+    queued = BlockedTask("text", "startup_name_extraction", (Upstream("visual", "slide_feedback", "queued"),))
+    cold = Context(rules=pools, expected=ctx.expected, registered={})
+    assert upstream_eta([queued], cold, {}) == pytest.approx(4.0 + visual.cold_start_s)
+    assert upstream_eta([], ctx, {}) is None
 
 
 async def test_sigterm_lets_the_provider_call_in_progress_finish(dsn: str, deployments: Emulator) -> None:
@@ -423,15 +434,20 @@ async def test_sigterm_lets_the_provider_call_in_progress_finish(dsn: str, deplo
 
 
 def test_unknown_server_list_holds_instead_of_scaling_down() -> None:
+    from gpuscale.controller.observe import Context, PoolQueue, RunningTask, WorkRead
     from gpuscale.controller.policy import PoolState, decide
     from gpuscale.controller.providers.base import ProviderState, Replica
     from gpuscale.controller.reconcile import build_observation
-    from gpuscale.queue import PoolStats
 
-    rules = pools_config().pools["visual"]
-    stats = PoolStats("visual", {}, 0, 3, 0, 0, None, 0, 0, 0)  # type: ignore[arg-type]
+    config = pools_config()
+    rules = config.pools["visual"]
+    work = WorkRead(
+        pools={"visual": PoolQueue({}, {})},
+        running=[RunningTask("visual", "visual_analysis", 5.0, None, f"s{i}") for i in range(3)],
+    )
     provider = ProviderState(replicas=[Replica(f"r{i}", "running", 0.0) for i in range(3)], target=3)
-    obs, _ = build_observation(rules, stats, None, provider, None)
+    ctx = Context(rules=config.pools, expected=lambda _t: 60.0)
+    obs, _ = build_observation(rules, work, None, provider, ctx)
     decision = decide(rules, obs, PoolState(), 10_000.0)
     assert decision.reason == "hold_unknown" and decision.desired == 3
 
@@ -490,3 +506,74 @@ async def test_a_new_leader_takes_over_the_policy_memory(make_app, deployments: 
         await asyncio.sleep(0.1)
     assert second.is_leader
     assert await _target(deployments, "gpuscale-visual") < 2, "the new leader restarted the idle timers"
+
+
+async def test_work_detail_reads_queued_types_running_progress_and_blocked(make_app) -> None:  # type: ignore[no-untyped-def]
+    app = await make_app()
+    q = app.queue
+    await _enqueue(q, 3)
+    await _enqueue(q, 2, task_type="slide_feedback")
+    batch = await q.enqueue(
+        NewTask("visual_analysis", {"document": "/d.pdf", "first_page": 1, "last_page": 8})
+    )
+    later = await q.enqueue(NewTask("startup_name_extraction", {"document": "/d.pdf"}, depends_on=[batch]))
+    await q.enqueue(NewTask("template_analysis", {"document": "/d.pdf"}, depends_on=[later]))
+    await q.register_server(ServerInfo(id="v1", pool="visual", status="active", max_concurrent_tasks=1))
+    [claimed] = await q.claim("visual", "v1", 1)
+    assert await q.progress(claimed.id, "v1", 40.0, "4 of 10 pages")
+    # Claim order is by id: v2 takes two visual batches and a slide_feedback task, which fails and
+    # waits out its retry backoff (queued, not claimable, so not counted).
+    await q.register_server(ServerInfo(id="v2", pool="visual", status="active", max_concurrent_tasks=3))
+    held = await q.claim("visual", "v2", 3)
+    assert [t.task_type for t in held] == ["visual_analysis", "visual_analysis", "slide_feedback"]
+    await q.fail(held[2].id, "v2", "flaky", retryable=True)
+    detail = await q.work_detail()
+    queued = {k: v for k, v in detail.queued_by_type.items() if v}
+    assert queued == {("visual", "slide_feedback"): 1, ("visual", "visual_analysis"): 1}
+    # The counters agree with a scan of the table.
+    rows = await q.pool.fetch(
+        """SELECT pool, task_type, count(*) AS n FROM processing_queue
+            WHERE status = 'queued' AND (not_before IS NULL OR not_before <= now()) GROUP BY 1, 2"""
+    )
+    assert queued == {(r["pool"], r["task_type"]): r["n"] for r in rows}
+    assert sorted((r.server, r.task_type) for r in detail.running) == [
+        ("v1", "visual_analysis"),
+        ("v2", "visual_analysis"),
+        ("v2", "visual_analysis"),
+    ]
+    assert next(r for r in detail.running if r.server == "v1").progress == pytest.approx(0.4)
+    # Only the extraction is about to arrive (its batch is queued); the template waits on a
+    # blocked task.
+    assert [(b.task_type, [d.status for d in b.deps]) for b in detail.blocked] == [
+        ("startup_name_extraction", ["queued"])
+    ]
+
+
+async def test_learned_durations_are_exported_and_kept_by_a_new_leader(make_app) -> None:  # type: ignore[no-untyped-def]
+    from gpuscale.controller import metrics as m
+
+    first = await make_app()
+    await first.tick()  # leader; timings count from here
+    gauge = m.TASK_EXPECTED_SECONDS.labels("visual", "slide_feedback")
+    before = gauge._value.get()
+    await _enqueue(first.queue, 1, task_type="slide_feedback")
+    await first.queue.register_server(ServerInfo(id="w1", pool="visual", status="active"))
+    [task] = await first.queue.claim("visual", "w1", 1)
+    await first.queue.pool.execute(
+        "UPDATE processing_queue SET started_at = now() - interval '500 seconds' WHERE id = $1", task.id
+    )
+    assert await first.queue.complete(task.id, "w1", {"ok": True})
+    await first.tick()  # learns 500 s, exports it
+    await first.tick()  # saves it with the pool state
+    learned = first.reconciler.estimator.expected("slide_feedback")
+    assert learned > before + 50
+    assert gauge._value.get() == pytest.approx(learned)
+    assert first.leader._conn is not None
+    first.leader._conn.terminate()
+    second = await make_app()
+    assert second.reconciler.estimator.expected("slide_feedback") == pytest.approx(before)
+    for _ in range(50):
+        if await second.tick():
+            break
+        await asyncio.sleep(0.1)
+    assert second.reconciler.estimator.expected("slide_feedback") == pytest.approx(learned)

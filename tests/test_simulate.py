@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuscale.controller.pools import PoolsConfig, load_pools, parse_pools
+from gpuscale.controller.pools import PoolsConfig, PoolsFileError, load_pools, parse_pools
 from gpuscale.controller.simulate import TraceError, TraceTask, read_trace, simulate, write_trace
 from gpuscale.controller.simulate.generate import generate
 from gpuscale.controller.simulate.report import summary
@@ -52,24 +52,48 @@ def small_pools(**text: object) -> PoolsConfig:
     )
 
 
-def test_processor_sharing_cold_start_and_billing() -> None:
+def test_ollama_serving_cold_start_and_billing() -> None:
     trace = [
         TraceTask(0.0, "a", "visual_analysis", 100.0),
         TraceTask(0.0, "b", "visual_analysis", 200.0),
     ]
     result = simulate(trace, small_pools(), tick_s=10)
-    # One replica from zero at t=0, ready at 100; both tasks share its GPU: a ends at 100 + 2×100,
-    # b runs alone for its last 100 s and ends at 400; the replica stops 50 s later.
+    # One replica from zero at t=0, ready at 100; it holds both tasks but its model serves one
+    # request at a time (parallel 1): a runs 100-200, b waits in Ollama's queue and runs 200-400;
+    # the replica stops 50 s later.
     data = summary(result)
     assert data["tasks"] == 2 and data["unfinished"] == 0 and data["decks"] == 2
     assert data["wait_p50_s"] == data["wait_max_s"] == 100.0
-    assert sorted(result.graph_times) == [300.0, 400.0]
+    assert sorted(result.graph_times) == [200.0, 400.0]
     assert result.pools["visual"].replica_seconds == pytest.approx(450.0)
     assert data["cost_usd"] == pytest.approx(0.45)
     assert data["oracle_cost_usd"] == pytest.approx(0.3)
     assert data["scale_events"] == {"idle_timeout": 1, "scale_from_zero": 1}
     # Always-on: max replicas for the whole day, from t = 0.
     assert data["always_on_cost_usd"] == pytest.approx(2 * 86400 * 0.001)
+
+
+def test_batching_curve_serves_requests_together() -> None:
+    trace = [
+        TraceTask(0.0, "a", "visual_analysis", 100.0),
+        TraceTask(0.0, "b", "visual_analysis", 200.0),
+    ]
+    visual = {"tasks_per_replica": 2, "parallel": 2, "batching": [1.0, 1.5]}
+    config = small_pools()
+    rules = config.pools["visual"].model_copy(update=visual)
+    config = config.model_copy(update={"pools": {**config.pools, "visual": rules}})
+    result = simulate(trace, config, tick_s=10)
+    # Served together from t=100, each at 1.5 / 2 of its solo speed: a ends at 100 + 100 / 0.75;
+    # b has 100 s of work left then and runs alone at full speed.
+    assert sorted(result.graph_times) == pytest.approx([100 + 100 / 0.75, 200 + 100 / 0.75])
+
+
+def test_parallel_sets_the_worker_slots_and_batching_is_checked() -> None:
+    pools = parse_pools({"visual_container_scaling": {"parallel": 3}, "text_container_scaling": {}})
+    assert pools.pools["visual"].tasks_per_replica == 3
+    assert pools.pools["text"].tasks_per_replica == 1 and pools.pools["text"].parallel == 1
+    with pytest.raises(PoolsFileError, match="batching"):
+        parse_pools({"visual_container_scaling": {"parallel": 2, "batching": [1.0]}})
 
 
 def test_prewarm_overlaps_the_cold_start_with_upstream_work() -> None:

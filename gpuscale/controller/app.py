@@ -187,10 +187,13 @@ class ControllerApp:
                 m.QUEUE_WAIT_SECONDS.labels(pool, tt).observe(r["wait_s"])
             if r["duration_s"] is not None and r["duration_s"] >= 0:
                 m.TASK_DURATION_SECONDS.labels(pool, tt).observe(r["duration_s"])
+                if r["status"] == "done":
+                    self.reconciler.learn_duration(tt, r["duration_s"])
             if r["status"] != "done":
                 m.TASK_FAILURES.labels(pool, tt).inc()
         if rows:
             self._timings_since = rows[-1]["finished_at"]
+            self.reconciler.export_expected()
 
     async def _month_spend(self) -> dict[str, float] | None:
         if self.config.monthly_budget_usd is None:

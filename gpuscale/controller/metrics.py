@@ -30,6 +30,11 @@ TASKS_BLOCKED = Gauge("gpuscale_tasks_blocked", "Tasks waiting on unfinished dep
 OLDEST_QUEUED_AGE = Gauge(
     "gpuscale_oldest_queued_age_seconds", "Age of the oldest claimable task (0 when none).", ["pool"]
 )
+TASK_EXPECTED_SECONDS = Gauge(
+    "gpuscale_task_expected_seconds",
+    "Expected seconds of one task on a replica, learned from finished tasks (what the policy sizes by).",
+    ["pool", "task_type"],
+)
 REPLICAS_DESIRED = Gauge("gpuscale_replicas_desired", "Replica count the policy decided.", ["pool"])
 REPLICAS_PROVIDER = Gauge("gpuscale_replicas_provider", "Replicas the provider reports.", ["pool"])
 REPLICAS_REGISTERED = Gauge("gpuscale_replicas_registered", "Workers registered and heartbeating.", ["pool"])

@@ -225,6 +225,13 @@ class DurationEstimator:
     def snapshot(self) -> dict[str, float]:
         return dict(self._mean)
 
+    def restore(self, learned: Mapping[str, Any]) -> None:
+        """Take over values a previous :meth:`snapshot` saved (bad entries are skipped)."""
+        for task_type, value in learned.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                if math.isfinite(value) and value >= 0:
+                    self._mean[str(task_type)] = float(value)
+
 
 # ---------------------------------------------------------------------------------------------
 # Work sizing

@@ -106,7 +106,16 @@ class PoolRules(BaseModel):
     scale_down_delay_s: DurationOrAuto = Field(default=600.0, alias="scale_down_delay")
     startup_timeout_s: Duration = Field(default=300.0, alias="startup_timeout")
     task_types: list[str] = Field(default_factory=list)
+    # Tasks one replica's worker holds at once (its GPUSCALE_WORKER_CONCURRENCY); default:
+    # ``parallel``.  More than ``parallel`` only queues them inside Ollama (FIFO).
     tasks_per_replica: int = Field(default=1, ge=1, le=256)
+    # Requests the pool's model serves at once (Ollama's OLLAMA_NUM_PARALLEL, default 1 since
+    # Ollama 0.9.7: more requests wait in Ollama's queue, one after another).
+    parallel: int = Field(default=1, ge=1, le=64)
+    # Optional batching curve: aggregate throughput with 1, 2, … ``parallel`` requests in flight,
+    # relative to one request alone (``gpuscale bench ollama`` measures it).  Without it, k
+    # requests served at once share the GPU with no gain (each at 1/k of its solo speed).
+    batching: list[float] | None = None
     deployment: str = Field(default="", max_length=200)
     price_per_hour: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     # Request → registered and ready to claim (container start, model load, warm-up).
@@ -130,8 +139,24 @@ class PoolRules(BaseModel):
     startup_backoff_s: Duration = Field(default=60.0, alias="startup_backoff")
     max_startup_backoff_s: Duration = Field(default=900.0, alias="max_startup_backoff")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_slots(cls, data: Any) -> Any:
+        # A worker that holds more tasks than its model serves at once only hoards work.
+        if isinstance(data, dict) and "tasks_per_replica" not in data and "parallel" in data:
+            return {**data, "tasks_per_replica": data["parallel"]}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> PoolRules:
+        if self.batching is not None:
+            if len(self.batching) != self.parallel:
+                raise ValueError(
+                    f"batching lists {len(self.batching)} value(s); expected one per request served "
+                    f"at once (parallel = {self.parallel})"
+                )
+            if any(not math.isfinite(v) or v <= 0 for v in self.batching):
+                raise ValueError("batching values must be finite and > 0")
         if self.min_replicas > self.max_replicas:
             raise ValueError(
                 f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
@@ -161,6 +186,14 @@ class PoolRules(BaseModel):
     def duration_for(self, task_type: str) -> float:
         """Expected GPU-seconds of one task of this type, alone on one replica."""
         return float(self.task_durations_s.get(task_type, self.default_task_duration_s))
+
+    def speedup(self, in_flight: int) -> float:
+        """Aggregate throughput with ``in_flight`` requests served at once (capped at
+        ``parallel``), relative to one request alone."""
+        k = max(1, min(in_flight, self.parallel))
+        if self.batching is None:
+            return 1.0
+        return float(self.batching[k - 1]) / float(self.batching[0])
 
     @property
     def hourly_cost(self) -> float:

@@ -20,13 +20,34 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpuscale.controller import metrics as m
-from gpuscale.controller.policy import BudgetView, Decision, PoolObservation, PoolState, decide
+from gpuscale.controller.observe import (
+    BlockedTask,
+    Context,
+    Fleet,
+    PoolQueue,
+    RunningTask,
+    Upstream,
+    WorkRead,
+    budget_view,
+    observe_pool,
+)
+from gpuscale.controller.policy import (
+    BudgetView,
+    Decision,
+    DurationEstimator,
+    PoolObservation,
+    PoolState,
+    decide,
+)
 from gpuscale.controller.pools import PoolRules, PoolsConfig
 from gpuscale.controller.providers.base import Provider, ProviderState
 from gpuscale.controller.store import ControllerStore, ScalingEvent
-from gpuscale.queue import PoolStats, Queue, ServerInfo
+from gpuscale.queue import PoolStats, Queue, ServerInfo, WorkDetail
 
 log = logging.getLogger("gpuscale.controller")
+
+# Where the learned durations live in a pool's saved state (next to the policy's memory).
+_EXPECTED_KEY = "expected_s"
 
 # Decisions that keep the count but are still worth a line in the timeline.
 _NOTEWORTHY_HOLDS = {"hold_unknown", "startup_timeout", "startup_backoff", "budget_cap"}
@@ -66,42 +87,12 @@ class Observed:
     servers: list[ServerInfo] | None
     paused: set[str] | None
     errors: list[str] = field(default_factory=list)
+    detail: WorkDetail | None = None
     at: float = field(default_factory=time.monotonic)  # when it was read, to skip stale ones
 
 
-def upstream_eta(
-    pool: str, config: PoolsConfig, stats: Mapping[str, PoolStats], replicas: Mapping[str, int]
-) -> float | None:
-    """Rough seconds until the other pools' queued and running work is done (for pre-warm timing).
-
-    Pure.  Running tasks count half their expected duration (on average half done); the work is
-    spread over the replicas each upstream pool has (at least one)."""
-    eta = 0.0
-    seen = False
-    for name, rules in config.pools.items():
-        if name == pool or name not in stats:
-            continue
-        s = stats[name]
-        if s.running == 0 and s.queued_total == 0:
-            continue
-        seen = True
-        # The counts are not split by task type: take the mean of the pool's expected durations.
-        known = list(rules.task_durations_s.values())
-        dur = sum(known) / len(known) if known else rules.default_task_duration_s
-        work = s.queued_total * dur + s.running * dur / 2
-        eta = max(eta, work / max(1, replicas.get(name, 0)))
-    return eta if seen else None
-
-
-def build_observation(
-    rules: PoolRules,
-    stats: PoolStats | None,
-    servers: Sequence[ServerInfo] | None,
-    provider: ProviderState | None,
-    eta_s: float | None,
-) -> tuple[PoolObservation, dict[str, int]]:
-    """Turn raw observations into the policy's input (pure).  Returns the observation and
-    counts for display: registered, starting."""
+def fleet_of(rules: PoolRules, servers: Sequence[ServerInfo] | None, provider: ProviderState | None) -> Fleet:
+    """The pool's replicas as the provider and the registry report them (pure)."""
     registered: int | None = None
     idle_n: int | None = None
     busy_n: int | None = None
@@ -120,25 +111,53 @@ def build_observation(
                 for r in provider.replicas
                 if r.id not in known and r.status != "stopping"
             ]
-    queued: dict[str, int] | None = None
-    if stats is not None:
-        queued = {str(p): int(n) for p, n in stats.queued.items()}
-    # Without the server list the controller cannot tell busy replicas from idle ones: it must not
-    # scale down on that, so the running work counts as unknown (the policy then holds).
-    running = stats.running if stats is not None and servers is not None else None
-    obs = PoolObservation(
-        queued=queued,
-        running=running,
+    return Fleet(
         provider_replicas=provider.target if provider is not None else None,
         registered=registered,
         starting=tuple(starting),
-        idle_replicas=idle_n,
-        busy_replicas=busy_n,
-        blocked_on_running=stats.blocked_on_running if stats is not None else None,
-        upstream_eta_s=eta_s,
-        oldest_queued_age_s=stats.oldest_queued_age_s if stats is not None else None,
+        idle=idle_n,
+        busy=busy_n,
     )
-    return obs, {"registered": registered or 0, "starting": len(starting)}
+
+
+def work_read(stats: Mapping[str, PoolStats] | None, detail: WorkDetail | None) -> WorkRead | None:
+    """The queue as the observation reads it; ``None`` (unknown) when either read failed."""
+    if stats is None or detail is None:
+        return None
+    pools: dict[str, PoolQueue] = {}
+    names = set(stats) | {p for p, _ in detail.queued_by_type}
+    for name in names:
+        s = stats.get(name)
+        pools[name] = PoolQueue(
+            queued={str(p): int(n) for p, n in s.queued.items()} if s is not None else {},
+            queued_by_type={t: n for (p, t), n in detail.queued_by_type.items() if p == name},
+            oldest_queued_age_s=s.oldest_queued_age_s if s is not None else None,
+        )
+    running = [RunningTask(r.pool, r.task_type, r.elapsed_s, r.progress, r.server) for r in detail.running]
+    blocked = [
+        BlockedTask(
+            b.pool,
+            b.task_type,
+            tuple(Upstream(d.pool, d.task_type, d.status, d.elapsed_s, d.progress, d.server) for d in b.deps),
+        )
+        for b in detail.blocked
+    ]
+    return WorkRead(pools=pools, running=running, blocked=blocked)
+
+
+def build_observation(
+    rules: PoolRules,
+    work: WorkRead | None,
+    servers: Sequence[ServerInfo] | None,
+    provider: ProviderState | None,
+    ctx: Context,
+) -> tuple[PoolObservation, dict[str, int]]:
+    """Turn raw observations into the policy's input (pure; the same
+    :func:`~gpuscale.controller.observe.observe_pool` as the simulator's).  Returns the
+    observation and counts for display: registered, starting."""
+    fleet = fleet_of(rules, servers, provider)
+    obs = observe_pool(rules.name, work, fleet, ctx)
+    return obs, {"registered": fleet.registered or 0, "starting": len(fleet.starting)}
 
 
 class Reconciler:
@@ -165,6 +184,9 @@ class Reconciler:
         self._may_act = may_act
         self.clock = clock
         self.states: dict[str, PoolState] = {name: PoolState() for name in config.pools}
+        # Expected seconds per task type, learned from the tasks seen finishing; saved with the
+        # pool state so a new leader keeps what the old one learned.
+        self.estimator = DurationEstimator(config.pools.values())
         self.views: dict[str, PoolView] = {
             name: PoolView(name=name, deployment=r.deployment or name, rules=r.model_dump(mode="json"))
             for name, r in config.pools.items()
@@ -188,6 +210,7 @@ class Reconciler:
             for tt in r.task_types:
                 for fam in (m.QUEUE_WAIT_SECONDS, m.TASK_DURATION_SECONDS, m.TASK_FAILURES):
                     fam.labels(name, tt)
+        self.export_expected()
 
     async def load_states(self) -> None:
         """Take over the policy memory a previous leader saved (on becoming leader)."""
@@ -202,6 +225,10 @@ class Reconciler:
                     self.states[name] = PoolState.from_dict(data)
                 except (TypeError, ValueError):
                     log.warning("pool %s: saved policy state unreadable; starting afresh", name)
+                learned = data.get(_EXPECTED_KEY)
+                if isinstance(learned, dict):
+                    self.estimator.restore(learned)
+        self.export_expected()
 
     # ------------------------------------------------------------------ observe
     async def observe(self) -> Observed:
@@ -216,6 +243,13 @@ class Reconciler:
             errors.append(f"queue: {type(exc).__name__}: {exc}")
             for pool in self.config.pools:
                 m.OBSERVE_ERRORS.labels(pool, "queue").inc()
+        detail: WorkDetail | None = None
+        if stats is not None:
+            try:
+                detail = await self.queue.work_detail()
+            except Exception as exc:  # unknown, never zero: the policy holds
+                stats = None
+                errors.append(f"queue: {type(exc).__name__}: {exc}")
         try:
             servers = await self.queue.list_servers()
             # Busy or idle from the tasks each server holds now, not from its last heartbeat.
@@ -229,7 +263,7 @@ class Reconciler:
         except Exception as exc:
             paused = None
             errors.append(f"pause flags: {type(exc).__name__}")
-        return Observed(stats, servers, paused, errors)
+        return Observed(stats, servers, paused, errors, detail=detail)
 
     async def _observe_provider(self, rules: PoolRules) -> tuple[ProviderState | None, str | None]:
         try:
@@ -289,12 +323,13 @@ class Reconciler:
             stats = PoolStats(name, {}, 0, 0, 0, 0, None, 0, 0, 0)  # type: ignore[arg-type]
         if provider_state is not None:
             self.provider_counts[name] = provider_state.target
-        eta = (
-            upstream_eta(name, self.config, observed.stats, self.provider_counts)
-            if observed.stats is not None
-            else None
-        )
-        obs, counts = build_observation(rules, stats, observed.servers, provider_state, eta)
+        registered: dict[str, int] = {}
+        for s in observed.servers or ():
+            if s.status in ("starting", "active"):
+                registered[s.pool] = registered.get(s.pool, 0) + 1
+        ctx = Context(rules=self.config.pools, expected=self.estimator.expected, registered=registered)
+        work = work_read(observed.stats, observed.detail)
+        obs, counts = build_observation(rules, work, observed.servers, provider_state, ctx)
         budget = self._budget_view(budget_spend, now)
         decision = decide(
             rules,
@@ -308,7 +343,9 @@ class Reconciler:
         self.states[name] = decision.state
         if not self.dry_run:
             try:
-                await self.store.save_pool_state(name, decision.state.to_dict(), self.controller_id)
+                await self.store.save_pool_state(
+                    name, self._saved_state(rules, decision.state), self.controller_id
+                )
             except Exception as exc:  # the memory is a help, not a must: the next tick saves it
                 log.debug("pool %s: could not save the policy state: %s", name, type(exc).__name__)
         self._observe_metrics(name, stats, obs, decision, counts, observed.servers, provider_state)
@@ -342,20 +379,35 @@ class Reconciler:
         return decision
 
     def _budget_view(self, spend: Mapping[str, float] | None, now: float) -> BudgetView | None:
-        budget = self.config.monthly_budget_usd
-        if budget is None or spend is None:
-            return None
+        """The calendar month's spend so far, projected to its end (one formula with the
+        simulator's: :func:`gpuscale.controller.observe.project_spend`)."""
         today = dt.datetime.fromtimestamp(now, dt.UTC)
         start = dt.datetime(today.year, today.month, 1, tzinfo=dt.UTC)
         nxt = dt.datetime(today.year + (today.month == 12), today.month % 12 + 1, 1, tzinfo=dt.UTC)
-        left_h = (nxt - today).total_seconds() / 3600
-        elapsed_h = max(1.0, (today - start).total_seconds() / 3600)
-        spent = sum(spend.values())
-        # Projection: the month's pace so far, carried to month end.  Not the current run rate: a
-        # busy hour's rate extrapolated over the rest of the month would cap every burst.  The
-        # first day counts as a whole day so one early burst does not look like a month of them.
-        projected = spent + spent / max(elapsed_h, 24.0) * left_h
-        return BudgetView(monthly_budget_usd=budget, projected_usd=projected)
+        spent = None if spend is None else sum(spend.values())
+        return budget_view(
+            self.config.monthly_budget_usd,
+            spent,
+            (today - start).total_seconds(),
+            (nxt - start).total_seconds(),
+        )
+
+    # ------------------------------------------------------------------ durations
+    def learn_duration(self, task_type: str, seconds: float) -> None:
+        """A task finished after ``seconds`` on its worker: refine the expected duration."""
+        self.estimator.observe(task_type, seconds)
+
+    def export_expected(self) -> None:
+        for name, rules in self.config.pools.items():
+            for t in rules.task_types:
+                m.TASK_EXPECTED_SECONDS.labels(name, t).set(self.estimator.expected(t))
+
+    def _saved_state(self, rules: PoolRules, state: PoolState) -> dict[str, Any]:
+        """The policy's memory plus the learned durations of the pool's task types."""
+        out = state.to_dict()
+        learned = self.estimator.snapshot()
+        out[_EXPECTED_KEY] = {t: learned[t] for t in rules.task_types if t in learned}
+        return out
 
     async def _act(
         self,

@@ -3,6 +3,7 @@
 from gpuscale.queue.tasks import (
     FINAL_STATUSES,
     NOTIFY_CHANNEL,
+    BlockedRow,
     ClaimedTask,
     InvalidTask,
     NewTask,
@@ -10,14 +11,17 @@ from gpuscale.queue.tasks import (
     Priority,
     Queue,
     QueueError,
+    RunningRow,
     ServerInfo,
     TaskStatus,
+    WorkDetail,
     listen,
 )
 
 __all__ = [
     "FINAL_STATUSES",
     "NOTIFY_CHANNEL",
+    "BlockedRow",
     "ClaimedTask",
     "InvalidTask",
     "NewTask",
@@ -25,7 +29,9 @@ __all__ = [
     "Priority",
     "Queue",
     "QueueError",
+    "RunningRow",
     "ServerInfo",
     "TaskStatus",
+    "WorkDetail",
     "listen",
 ]

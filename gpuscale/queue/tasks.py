@@ -115,6 +115,37 @@ class PoolStats:
 
 
 @dataclass
+class RunningRow:
+    """A running task (or an unfinished dependency, then ``status`` says queued or running):
+    seconds since it was claimed and the progress its worker reported (0-1, None: none yet)."""
+
+    pool: str
+    task_type: str
+    elapsed_s: float
+    progress: float | None
+    server: str | None
+    status: str = "running"
+
+
+@dataclass
+class BlockedRow:
+    """A blocked task whose unfinished dependencies are all queued or running."""
+
+    pool: str
+    task_type: str
+    deps: list[RunningRow]
+
+
+@dataclass
+class WorkDetail:
+    """See :meth:`Queue.work_detail`."""
+
+    queued_by_type: dict[tuple[str, str], int]
+    running: list[RunningRow]
+    blocked: list[BlockedRow]
+
+
+@dataclass
 class ServerInfo:
     id: str
     pool: str
@@ -595,6 +626,78 @@ class Queue:
             limit,
         )
         return [dict(r) for r in rows]
+
+    async def work_detail(self) -> WorkDetail:
+        """What the controller needs to estimate each pool's work: claimable tasks per type (from
+        the counters, minus those in retry backoff), the running tasks with how long they have run
+        and their progress, and the blocked tasks whose unfinished dependencies are all queued or
+        running, with those dependencies.  Cost: the counters plus the running and blocked rows
+        (bounded by the replicas' slots and the decks in flight), never the whole queue."""
+        async with self.pool.acquire() as conn:
+            counts = await conn.fetch(
+                """SELECT pool, task_type, sum(n)::bigint AS n FROM processing_queue_type_counts
+                    GROUP BY 1, 2 HAVING sum(n) <> 0"""
+            )
+            backoff = await conn.fetch(
+                """SELECT pool, task_type, count(*) AS n FROM processing_queue
+                    WHERE status = 'queued' AND not_before IS NOT NULL AND not_before > now()
+                    GROUP BY 1, 2"""
+            )
+            running = await conn.fetch(
+                """SELECT id, pool, task_type, lease_owner, progress,
+                          extract(epoch FROM now() - started_at)::float8 AS elapsed_s
+                     FROM processing_queue WHERE status = 'running'"""
+            )
+            blocked = await conn.fetch(
+                """SELECT t.id, t.pool, t.task_type, p.pool AS dep_pool, p.task_type AS dep_type,
+                          p.status::text AS dep_status, p.lease_owner AS dep_server,
+                          p.progress AS dep_progress,
+                          extract(epoch FROM now() - p.started_at)::float8 AS dep_elapsed_s
+                     FROM processing_queue t
+                     JOIN processing_task_deps d ON d.task_id = t.id
+                     JOIN processing_queue p ON p.id = d.depends_on
+                    WHERE t.status = 'blocked' AND p.status IN ('blocked', 'queued', 'running')
+                    ORDER BY t.id"""
+            )
+        by_type: dict[tuple[str, str], int] = {}
+        for r in counts:
+            by_type[(r["pool"], r["task_type"])] = int(r["n"])
+        for r in backoff:
+            key = (r["pool"], r["task_type"])
+            by_type[key] = max(0, by_type.get(key, 0) - int(r["n"]))
+        run = [
+            RunningRow(
+                r["pool"],
+                r["task_type"],
+                max(0.0, float(r["elapsed_s"] or 0.0)),
+                float(r["progress"]) / 100.0 if r["progress"] else None,
+                r["lease_owner"],
+            )
+            for r in running
+        ]
+        tasks: dict[int, BlockedRow] = {}
+        stuck: set[int] = set()
+        for r in blocked:
+            tid = r["id"]
+            if r["dep_status"] == "blocked":
+                stuck.add(tid)
+                continue
+            row = tasks.setdefault(tid, BlockedRow(r["pool"], r["task_type"], []))
+            row.deps.append(
+                RunningRow(
+                    r["dep_pool"],
+                    r["dep_type"],
+                    max(0.0, float(r["dep_elapsed_s"] or 0.0)),
+                    float(r["dep_progress"]) / 100.0 if r["dep_progress"] else None,
+                    r["dep_server"],
+                    r["dep_status"],
+                )
+            )
+        return WorkDetail(
+            queued_by_type=by_type,
+            running=run,
+            blocked=[b for tid, b in tasks.items() if tid not in stuck],
+        )
 
     async def running_by_server(self) -> dict[str, int]:
         """Tasks running per lease owner (server id): who is busy right now, fresher than the

@@ -6,14 +6,18 @@ Model:
   dependencies are done.  Ready tasks are claimed in priority order (critical, high, normal), then
   oldest first, by the least-loaded registered replica of their pool with a free slot
   (``tasks_per_replica``), at once (workers are woken by LISTEN/NOTIFY).
-* A replica's slots share its one GPU: ``k`` tasks running on a replica each progress at ``1/k``
-  of their solo speed (processor sharing), so concurrency does not make work cheaper.
+* A replica serves as Ollama does: it holds up to ``tasks_per_replica`` claimed tasks, and its
+  model serves the first ``parallel`` of them at once (FIFO, in claim order; the others wait in
+  Ollama's queue).  ``m`` tasks served together each progress at ``speedup(m) / m`` of their solo
+  speed (the pool's ``batching`` curve; without one, ``1 / m``: no gain from sharing the GPU).
 * A replica is billed from the moment it is requested until it is stopped; it can claim work
   ``cold_start`` seconds after the request.
 * The controller ticks every ``reconcile_interval`` and also right after a submission (the queue
-  NOTIFYs it); each tick it builds a :class:`~gpuscale.controller.policy.PoolObservation` per pool from
-  what a real controller can see (counts, estimated work from expected durations learned from
-  completed tasks, never the true service times of unfinished tasks), calls ``decide`` and acts:
+  NOTIFYs it); each tick it builds the policy's input with the controller's own
+  :func:`~gpuscale.controller.observe.observe_pool` from what a real controller reads (counts per
+  priority and type, running tasks' time since claim and progress, blocked tasks and their
+  dependencies; durations learned from finished tasks' claim-to-finish time, never the true
+  service times of unfinished tasks), calls ``decide`` and acts:
   new replicas are requested; on a scale-down, starting replicas are cancelled first, then idle
   ones; a busy replica is stopped only if nothing else is left, handing its tasks back.
 
@@ -31,13 +35,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from gpuscale.controller.observe import (
+    BlockedTask,
+    Context,
+    Fleet,
+    PoolQueue,
+    RunningTask,
+    Upstream,
+    WorkRead,
+    budget_view,
+    observe_pool,
+)
 from gpuscale.controller.policy import BudgetView, DurationEstimator, PoolObservation, PoolState, decide
 from gpuscale.controller.pools import PoolRules, PoolsConfig
 from gpuscale.controller.simulate.trace import TraceError, TraceTask
 
 POLICIES = ("gpuscale", "no-prewarm", "always-on", "seeds")
 DAY_S = 86400.0
-MONTH_S = 30 * DAY_S
 _RANK = {"critical": 0, "high": 1, "normal": 2}
 _EPS = 1e-6
 
@@ -47,6 +61,7 @@ PENDING, BLOCKED, QUEUED, RUNNING, DONE = range(5)
 class _Task:
     __slots__ = (
         "arrival",
+        "claimed_at",
         "dependents",
         "deps",
         "end_at",
@@ -79,6 +94,7 @@ class _Task:
         self.unfinished = 0
         self.ready_at = math.nan
         self.start_at = math.nan
+        self.claimed_at = math.nan
         self.end_at = math.nan
         self.remaining = t.service_s
         self.replica: _Replica | None = None
@@ -251,6 +267,12 @@ class _Sim:
         self.arrivals = sorted(range(len(self.tasks)), key=lambda i: (self.tasks[i].arrival, i))
         self.estimator = DurationEstimator(config.pools.values())
         n_pools = len(self.pool_names)
+        self.queued_by_type: list[dict[str, int]] = [{} for _ in range(n_pools)]
+        self.parallel = [self.rules[name].parallel for name in self.pool_names]
+        self.speed = [
+            [0.0] + [self.rules[name].speedup(m) / m for m in range(1, self.rules[name].parallel + 1)]
+            for name in self.pool_names
+        ]
         self.queues: list[list[tuple[int, float, int]]] = [[] for _ in range(n_pools)]
         self.queued_by_rank: list[list[int]] = [[0, 0, 0] for _ in range(n_pools)]
         self.blocked: list[set[int]] = [set() for _ in range(n_pools)]
@@ -299,6 +321,8 @@ class _Sim:
             task.ready_at = now
         heapq.heappush(self.queues[task.pool], (task.rank, task.ready_at, task.idx))
         self.queued_by_rank[task.pool][task.rank] += 1
+        by_type = self.queued_by_type[task.pool]
+        by_type[task.type] = by_type.get(task.type, 0) + 1
 
     def _arrive(self, task: _Task, now: float) -> None:
         self.in_flight += 1
@@ -321,7 +345,8 @@ class _Sim:
         task.remaining = 0.0
         self.done += 1
         self.in_flight -= 1
-        self.estimator.observe(task.type, task.service)
+        # What the controller learns from: claim to finish, as the database records it.
+        self.estimator.observe(task.type, now - task.claimed_at)
         for j in task.dependents:
             dep = self.tasks[j]
             dep.unfinished -= 1
@@ -340,8 +365,10 @@ class _Sim:
             _, _, idx = heapq.heappop(queue)
             task = self.tasks[idx]
             self.queued_by_rank[pool][task.rank] -= 1
+            self.queued_by_type[pool][task.type] -= 1
             task.status = RUNNING
             task.replica = rep
+            task.claimed_at = now
             if math.isnan(task.start_at):
                 task.start_at = now
                 self.waits.append(now - task.ready_at)
@@ -354,80 +381,75 @@ class _Sim:
         if dt <= 0:
             return
         for rep in self.busy:
-            share = dt / len(rep.tasks)
-            for task in rep.tasks:
-                task.remaining -= share
+            m = min(len(rep.tasks), self.parallel[rep.pool])
+            done = dt * self.speed[rep.pool][m]
+            for task in rep.tasks[:m]:
+                task.remaining -= done
 
     def _next_completion(self, now: float) -> float:
         best = math.inf
         for rep in self.busy:
-            k = len(rep.tasks)
-            rem = min(t.remaining for t in rep.tasks)
-            best = min(best, now + max(0.0, rem) * k)
+            m = min(len(rep.tasks), self.parallel[rep.pool])
+            rem = min(t.remaining for t in rep.tasks[:m])
+            best = min(best, now + max(0.0, rem) / self.speed[rep.pool][m])
         return best
 
     # --- the controller ---------------------------------------------------------------------
 
-    def _observe(self, pool: int, now: float) -> tuple[PoolObservation, int]:
-        est = self.estimator.expected
-        by_rank = self.queued_by_rank[pool]
-        queued_work = sum(est(self.tasks[i].type) for _, _, i in self.queues[pool])
-        reps = self.replicas[pool]
-        running = 0
-        running_work = 0.0
-        busy = 0
-        for rep in reps:
-            if rep.tasks:
-                busy += 1
-            for t in rep.tasks:
-                running += 1
-                done = t.service - t.remaining  # GPU-seconds done so far: progress a worker reports
-                expected = est(t.type)
-                running_work += max(expected - done, 0.1 * expected)
-        # Blocked tasks whose unfinished dependencies are all queued or running: about to arrive.
-        blocked_n = 0
-        blocked_work = 0.0
-        eta: float | None = None
-        for i in self.blocked[pool]:
-            task = self.tasks[i]
-            worst = 0.0
-            ok = True
-            for d in task.deps:
-                dep = self.tasks[d]
-                if dep.status == DONE:
-                    continue
-                if dep.status == RUNNING:
-                    assert dep.replica is not None
-                    expected = est(dep.type)
-                    left = max(expected - (dep.service - dep.remaining), 0.05 * expected)
-                    worst = max(worst, left * len(dep.replica.tasks))
-                elif dep.status == QUEUED:
-                    dep_rules = self.rules[self.pool_names[dep.pool]]
-                    has_ready = any(r.ready_at <= now for r in self.replicas[dep.pool])
-                    worst = max(worst, est(dep.type) + (0.0 if has_ready else dep_rules.cold_start_s))
+    def _running(self, task: _Task, now: float) -> RunningTask:
+        """A running task as the controller reads it: time since claim, the progress its worker
+        reports (the fraction of its work done), the replica holding it."""
+        assert task.replica is not None
+        progress = 1.0 - task.remaining / task.service if task.service > 0 else None
+        return RunningTask(
+            self.pool_names[task.pool], task.type, now - task.claimed_at, progress, task.replica.id
+        )
+
+    def _work(self, now: float) -> WorkRead:
+        """The queue as the controller reads it, for every pool at once (one read per tick)."""
+        pools = {
+            name: PoolQueue(
+                queued={"critical": r[0], "high": r[1], "normal": r[2]},
+                queued_by_type=dict(self.queued_by_type[i]),
+            )
+            for i, (name, r) in enumerate(zip(self.pool_names, self.queued_by_rank, strict=True))
+        }
+        running = [self._running(t, now) for rep in self.busy for t in rep.tasks]
+        blocked: list[BlockedTask] = []
+        for pool, ids in enumerate(self.blocked):
+            for i in ids:
+                task = self.tasks[i]
+                deps: list[Upstream] = []
+                for d in task.deps:
+                    dep = self.tasks[d]
+                    if dep.status == DONE:
+                        continue
+                    if dep.status == RUNNING:
+                        r = self._running(dep, now)
+                        deps.append(
+                            Upstream(r.pool, r.task_type, "running", r.elapsed_s, r.progress, r.server)
+                        )
+                    elif dep.status == QUEUED:
+                        deps.append(Upstream(self.pool_names[dep.pool], dep.type, "queued"))
+                    else:
+                        break
                 else:
-                    ok = False
-                    break
-            if ok:
-                blocked_n += 1
-                blocked_work += est(task.type)
-                eta = worst if eta is None else min(eta, worst)
-        starting = [(r.id, r.requested_at) for r in reps if r.ready_at > now]
+                    blocked.append(BlockedTask(self.pool_names[pool], task.type, tuple(deps)))
+        return WorkRead(pools=pools, running=running, blocked=blocked)
+
+    def _observe(self, pool: int, now: float, work: WorkRead, ctx: Context) -> tuple[PoolObservation, int]:
+        reps = self.replicas[pool]
+        starting = tuple((r.id, r.requested_at) for r in reps if r.ready_at > now)
         registered = len(reps) - len(starting)
-        obs = PoolObservation(
-            queued={"critical": by_rank[0], "high": by_rank[1], "normal": by_rank[2]},
-            running=running,
+        busy = sum(1 for r in reps if r.tasks)
+        fleet = Fleet(
             provider_replicas=len(reps),
             registered=registered,
             starting=starting,
-            idle_replicas=registered - busy,
-            busy_replicas=busy,
-            queued_work_s=queued_work,
-            running_work_s=running_work,
-            blocked_on_running=blocked_n,
-            blocked_work_s=blocked_work,
-            upstream_eta_s=eta,
+            idle=registered - busy,
+            busy=busy,
         )
+        obs = observe_pool(self.pool_names[pool], work, fleet, ctx)
         if self.counts_only:
             # What a controller that counts tasks but does not estimate their work would see.
             obs = replace(obs, queued_work_s=None, running_work_s=None, blocked_work_s=None)
@@ -468,26 +490,35 @@ class _Sim:
         self.closed_cost += (now - rep.requested_at) * self.rules[self.pool_names[pool]].price_per_hour / 3600
 
     def _budget(self, now: float) -> BudgetView | None:
-        """Spend so far, extrapolated linearly to a 30-day month (from at least one day of data)."""
+        """Spend since the trace start, projected to a 30-day month with the controller's
+        formula (:func:`gpuscale.controller.observe.project_spend`)."""
         if self.budget_usd is None:
             return None
         spent = self.closed_cost
         for pool, name in enumerate(self.pool_names):
             alive_s = self.alive_count[pool] * now - self.alive_req_sum[pool]
             spent += alive_s * self.rules[name].price_per_hour / 3600
-        projected = spent * MONTH_S / max(now, DAY_S)
-        return BudgetView(monthly_budget_usd=self.budget_usd, projected_usd=projected)
+        return budget_view(self.budget_usd, spent, now)
 
     def _tick(self, now: float) -> bool:
         """One controller tick; returns True when the whole system is at rest."""
         self.ticks += 1
         at_rest = True
         budget = self._budget(now)
+        work = self._work(now)
+        ctx = Context(
+            rules=self.rules,
+            expected=self.estimator.expected,
+            registered={
+                name: sum(1 for r in self.replicas[i] if r.ready_at <= now)
+                for i, name in enumerate(self.pool_names)
+            },
+        )
         for pool, name in enumerate(self.pool_names):
             rules = self.rules[name]
             result = self.results[name]
             current = len(self.replicas[pool])
-            obs, blocked_all = self._observe(pool, now)
+            obs, blocked_all = self._observe(pool, now, work, ctx)
             if self.policy == "always-on":
                 desired, reason = rules.max_replicas, "always_on"
             else:
