@@ -444,6 +444,67 @@ def bench_queue(
         typer.echo(f"{key:>24}: {value}")
 
 
+@bench_app.command("fleet")
+def bench_fleet(
+    replicas: int = typer.Option(50, "--replicas", min=1, max=5000, help="Simulated replicas (workers)."),
+    pools: int = typer.Option(4, "--pools", min=1, max=200, help="Pools the replicas are spread over."),
+    pgbouncer: bool = typer.Option(
+        False, "--pgbouncer", help="Route the replicas through a PgBouncer in transaction mode."
+    ),
+    max_connections: int = typer.Option(
+        100, "--max-connections", min=10, max=10_000, help="The scratch server's max_connections."
+    ),
+    duration: float = typer.Option(30.0, "--duration", min=1, help="Seconds of steady task stream."),
+    rate: float = typer.Option(50.0, "--rate", min=0, help="Tasks per second, over all pools."),
+    task_s: float = typer.Option(0.2, "--task-s", min=0, help="How long each noop task sleeps."),
+    slots: int = typer.Option(2, "--slots", min=1, max=64, help="Tasks one replica runs at once."),
+    processes: int = typer.Option(0, "--processes", min=0, max=64, help="Replica processes (0: auto)."),
+    listen: bool | None = typer.Option(
+        None, "--listen/--poll", help="Workers LISTEN or poll (default: poll through PgBouncer)."
+    ),
+    pool_size: int = typer.Option(20, "--pool-size", min=1, help="PgBouncer's server connections."),
+    heartbeat: float = typer.Option(10.0, "--heartbeat", min=0.1, help="Worker heartbeat interval (s)."),
+    poll: float = typer.Option(5.0, "--poll-interval", min=0.05, help="Worker polling interval (s)."),
+    tick: float = typer.Option(2.0, "--tick", min=0.1, help="Controller reconcile interval (s)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Simulated replicas and a controller against one throwaway PostgreSQL: connections,
+    claim/heartbeat/reconcile timings and tasks lost.
+
+    Starts its own PostgreSQL (and PgBouncer, Debian's binary) and removes them afterwards;
+    GPUSCALE_DATABASE_URL is not used."""
+    from gpuscale.db.pgbouncer import PgBouncerError, find_pgbouncer
+    from gpuscale.dev.fleetbench import FleetOptions, run_fleet_bench
+
+    if pgbouncer and find_pgbouncer() is None:
+        raise fail("--pgbouncer needs the pgbouncer binary (Debian: apt-get install pgbouncer)")
+    opts = FleetOptions(
+        replicas=replicas,
+        pools=pools,
+        pgbouncer=pgbouncer,
+        max_connections=max_connections,
+        duration_s=duration,
+        rate=rate,
+        task_s=task_s,
+        slots=slots,
+        processes=processes,
+        listen=listen,
+        pool_size=pool_size,
+        heartbeat_s=heartbeat,
+        poll_s=poll,
+        tick_s=tick,
+    )
+    try:
+        result = run_fleet_bench(opts)
+    except PgBouncerError as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    for key, value in result.items():
+        typer.echo(f"{key:>24}: {value}")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(db_app, name="db")
     app.command("enqueue")(enqueue)

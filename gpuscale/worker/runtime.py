@@ -85,8 +85,12 @@ class Worker:
         settings: WorkerSettings | None = None,
         handlers: Mapping[str, Handler] | None = None,
         ollama: OllamaClient | None = None,
+        http: bool = True,
     ) -> None:
         self.pool = pool
+        # Without the HTTP API (``gpuscale bench fleet`` runs hundreds of workers in one process);
+        # a real replica always serves it: its container health check reads it.
+        self.http = http
         self.dsn = dsn
         self.settings = settings or WorkerSettings()
         self.handlers: dict[str, Handler] = dict(
@@ -204,7 +208,8 @@ class Worker:
             retry_base_s=self.settings.retry_base_s,
             retry_max_s=self.settings.retry_max_s,
         )
-        await self._start_http()
+        if self.http:
+            await self._start_http()
         await self.queue.register_server(self._server_info("starting"))
         self._background.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
         await self._open_listener()

@@ -1,0 +1,701 @@
+"""``gpuscale bench fleet``: many simulated replicas and one controller against one PostgreSQL.
+
+What grows with the size of a fleet is not the queue's throughput but the connections, the
+heartbeats and what the controller reads every tick.  This benchmark runs the real thing at scale
+on one machine:
+
+* a throwaway PostgreSQL (the embedded binaries, its own data folder) with ``max_connections``
+  set, optionally behind a real PgBouncer in transaction mode;
+* N replicas: real :class:`~gpuscale.worker.runtime.Worker` objects (registration, heartbeats,
+  claims, progress, completions of ``noop`` tasks, the real connection budget of a worker), many
+  per process, spread over a few child processes, without their HTTP API;
+* the real controller (:class:`~gpuscale.controller.app.ControllerApp`: leader, LISTEN fast path,
+  ticks, reaper) with an in-memory provider that reports the simulated replicas;
+* a producer with a steady stream of noop tasks over P pools, and a few ``critical`` probes into
+  empty pools, timed from enqueue to the controller's provider call.
+
+It prints one summary (``--json``: one object).  Not a test; the test suite runs it small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger("gpuscale.bench.fleet")
+
+BENCH_APP = "gpuscale-bench"  # application_name of the bench's own connections (not counted)
+PROBE_POOLS = 3
+_CONNECTION_WORDS = (
+    "too many",
+    "connection",
+    "remaining connection slots",
+    "cannotconnectnow",
+    "toomanyconnections",
+    "the database system is",
+    "pgbouncer",
+)
+
+
+@dataclass
+class FleetOptions:
+    replicas: int = 20
+    pools: int = 4
+    pgbouncer: bool = False
+    max_connections: int = 100
+    duration_s: float = 30.0
+    rate: float = 50.0  # tasks per second, over all pools
+    task_s: float = 0.2  # how long each noop task sleeps
+    slots: int = 2  # tasks one replica runs at once
+    processes: int = 0  # child processes for the replicas; 0: 1 up to 50 replicas, else 2
+    listen: bool | None = None  # workers LISTEN (True) or poll (False); None: poll via PgBouncer
+    pool_size: int = 20  # PgBouncer's server connections
+    heartbeat_s: float = 10.0
+    poll_s: float = 5.0
+    tick_s: float = 2.0
+    drain_timeout_s: float = 60.0
+
+    def resolved_processes(self) -> int:
+        if self.processes > 0:
+            return min(self.processes, max(1, self.replicas))
+        return 1 if self.replicas <= 50 else 2
+
+    def resolved_listen(self) -> bool:
+        return (not self.pgbouncer) if self.listen is None else self.listen
+
+
+# ------------------------------------------------------------------------------ pools and types
+
+
+def pool_names(pools: int) -> list[str]:
+    return [f"fleet{i:02d}" for i in range(pools)]
+
+
+def probe_names() -> list[str]:
+    return [f"probe{i}" for i in range(PROBE_POOLS)]
+
+
+def task_type_for(pool: str) -> str:
+    return f"noop_{pool}"
+
+
+def register_types(pools: int) -> None:
+    """One noop task type per bench pool (the registry routes each type to one pool)."""
+    from gpuscale.queue import tasktypes
+
+    for pool in pool_names(pools) + probe_names():
+        name = task_type_for(pool)
+        try:
+            tasktypes.get(name)
+        except tasktypes.UnknownTaskType:
+            tasktypes.register(
+                tasktypes.TaskType(name, pool, tasktypes.NoopPayload, max_attempts=3, timeout_s=600)
+            )
+
+
+def assign(opts: FleetOptions) -> list[tuple[str, str]]:
+    """(pool, replica id) for every replica, spread evenly over the pools."""
+    names = pool_names(opts.pools)
+    return [(names[i % len(names)], f"{names[i % len(names)]}-r{i:04d}") for i in range(opts.replicas)]
+
+
+# ------------------------------------------------------------------------------ statistics
+
+
+def pct(samples: list[float], q: float) -> float | None:
+    if not samples:
+        return None
+    data = sorted(samples)
+    k = min(len(data) - 1, max(0, round(q * (len(data) - 1))))
+    return round(data[k], 2)
+
+
+class _Counter(logging.Handler):
+    """Counts warnings and errors; sorts out the ones about database connections."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.warnings = 0
+        self.connection_errors = 0
+        self.samples: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += f" {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        self.warnings += 1
+        low = text.lower()
+        if any(w in low for w in _CONNECTION_WORDS):
+            self.connection_errors += 1
+        key = text[:160]
+        if len(self.samples) < 12 or key in self.samples:
+            self.samples[key] = self.samples.get(key, 0) + 1
+
+
+# ------------------------------------------------------------------------------ the scratch server
+
+
+@contextlib.contextmanager
+def scratch_postgres(max_connections: int) -> Iterator[str]:
+    """A throwaway PostgreSQL with ``max_connections`` set; yields the DSN of its ``postgres`` db."""
+    from gpuscale.db.embedded import EmbeddedPostgres
+
+    root = Path(tempfile.mkdtemp(prefix="gpuscale-fleetbench-"))
+    server = EmbeddedPostgres(root / "pg")
+    try:
+        server.start()
+
+        async def configure() -> None:
+            conn = await asyncpg.connect(server.dsn("postgres"))
+            try:
+                await conn.execute(f"ALTER SYSTEM SET max_connections = {int(max_connections)}")
+            finally:
+                await conn.close()
+
+        asyncio.run(configure())
+        server.stop()  # max_connections takes a restart
+        server.start()
+        yield server.dsn("postgres")
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ child: replicas
+
+
+async def _child(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run this child's share of replicas until SIGTERM; return their measurements."""
+    from gpuscale.worker.handlers.noop import noop
+    from gpuscale.worker.runtime import Worker
+    from gpuscale.worker.settings import WorkerSettings
+
+    counter = _Counter()
+    logging.basicConfig(level=logging.WARNING, handlers=[counter])
+    register_types(cfg["pools"])
+    claim_ms: list[float] = []
+    complete_ms: list[float] = []
+    beats = 0
+    beat_rows = 0
+
+    class SimReplica(Worker):
+        async def _start(self) -> None:
+            await super()._start()
+            q = self.queue
+            claim, complete, extend, beat = q.claim, q.complete, q.extend_leases, q.server_heartbeat
+
+            async def timed_claim(*a: Any, **kw: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return await claim(*a, **kw)
+                finally:
+                    claim_ms.append((time.perf_counter() - t0) * 1000)
+
+            async def timed_complete(*a: Any, **kw: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return await complete(*a, **kw)
+                finally:
+                    complete_ms.append((time.perf_counter() - t0) * 1000)
+
+            async def counted_extend(*a: Any, **kw: Any) -> Any:
+                nonlocal beat_rows
+                n = await extend(*a, **kw)
+                beat_rows += n
+                return n
+
+            async def counted_beat(*a: Any, **kw: Any) -> Any:
+                nonlocal beats, beat_rows
+                ok = await beat(*a, **kw)
+                beats += 1
+                beat_rows += 1
+                return ok
+
+            # Instance attributes shadow the methods: only these replicas' calls are timed.
+            setattr(q, "claim", timed_claim)  # noqa: B010
+            setattr(q, "complete", timed_complete)  # noqa: B010
+            setattr(q, "extend_leases", counted_extend)  # noqa: B010
+            setattr(q, "server_heartbeat", counted_beat)  # noqa: B010
+
+    settings_kw = dict(cfg["settings"])
+    workers: list[Worker] = []
+    for pool, rid in cfg["replicas"]:
+        settings = WorkerSettings(
+            concurrency=cfg["slots"], server_id=rid, container_id=rid, worker_port=0, **settings_kw
+        )
+        workers.append(
+            SimReplica(
+                pool, dsn=cfg["dsn"], settings=settings, handlers={task_type_for(pool): noop}, http=False
+            )
+        )
+    runs: list[asyncio.Task[int]] = []
+    # Start in small waves, as a fleet comes up, not all in the same millisecond.
+    for i in range(0, len(workers), 20):
+        runs.extend(asyncio.create_task(w.run()) for w in workers[i : i + 20])
+        await asyncio.sleep(0.05)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if all(w.status.ready or r.done() for w, r in zip(workers, runs, strict=True)):
+            break
+        await asyncio.sleep(0.1)
+    started = sum(1 for w in workers if w.status.ready)
+    print(f"READY {started} {len(workers) - started}", flush=True)
+    t_ready = time.monotonic()
+    beats_at_ready, rows_at_ready = beats, beat_rows
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    elapsed = time.monotonic() - t_ready
+    beats_run, rows_run = beats - beats_at_ready, beat_rows - rows_at_ready
+    for w in workers:
+        w.request_stop()
+    codes = await asyncio.gather(*runs, return_exceptions=True)
+    failed = sum(1 for c in codes if c != 0)
+    return {
+        "started": started,
+        "exit_failures": failed,
+        "claim_ms": [round(x, 3) for x in claim_ms],
+        "complete_ms": [round(x, 3) for x in complete_ms],
+        "heartbeats": beats_run,
+        "heartbeat_rows": rows_run,
+        "elapsed_s": elapsed,
+        "warnings": counter.warnings,
+        "connection_errors": counter.connection_errors,
+        "samples": counter.samples,
+    }
+
+
+def child_main() -> None:
+    cfg = json.loads(sys.stdin.readline())
+    result = asyncio.run(_child(cfg))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ------------------------------------------------------------------------------ parent
+
+
+class BenchProvider:
+    """The simulated replicas as a provider sees them; records every call to ``set_replicas``."""
+
+    name = "bench"
+
+    def __init__(self, replicas: dict[str, list[str]]) -> None:
+        from gpuscale.controller.providers.base import Replica
+
+        started = time.time() - 3600
+        self._replicas = {d: [Replica(r, "running", started) for r in ids] for d, ids in replicas.items()}
+        self.targets = {d: len(ids) for d, ids in replicas.items()}
+        self.calls: list[tuple[str, int, float]] = []
+        self.called: dict[str, asyncio.Event] = {}
+
+    async def observe(self, deployment: str) -> Any:
+        from gpuscale.controller.providers.base import ProviderState
+
+        return ProviderState(
+            replicas=list(self._replicas.get(deployment, [])), target=self.targets.get(deployment, 0)
+        )
+
+    async def set_replicas(self, deployment: str, desired: int, *, idle: Collection[str] = ()) -> None:
+        self.calls.append((deployment, desired, time.monotonic()))
+        self.targets[deployment] = desired
+        self.called.setdefault(deployment, asyncio.Event()).set()
+
+    async def pause(self, deployment: str) -> None:
+        return None
+
+    async def resume(self, deployment: str) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _pools_config(opts: FleetOptions, per_pool: dict[str, int]) -> Any:
+    from gpuscale.controller.pools import parse_pools
+
+    pools: dict[str, Any] = {}
+    for name in pool_names(opts.pools):
+        n = per_pool.get(name, 0)
+        # The fleet is fixed: min = max = what runs, so the controller holds (it still observes,
+        # decides and records every tick, which is what is measured).
+        pools[name] = {
+            "min_replicas": n,
+            "max_replicas": max(1, n),
+            "task_types": [task_type_for(name)],
+        }
+    for name in probe_names():
+        pools[name] = {"min_replicas": 0, "max_replicas": 1, "task_types": [task_type_for(name)]}
+    return parse_pools({"pools": pools, "reconcile_interval": opts.tick_s}, "<bench fleet>")
+
+
+async def _spawn_children(
+    opts: FleetOptions, replica_dsn: str, listen: bool
+) -> list[asyncio.subprocess.Process]:
+    replicas = assign(opts)
+    k = opts.resolved_processes()
+    settings = {
+        "heartbeat_interval_s": opts.heartbeat_s,
+        "poll_interval_s": opts.poll_s,
+        "drain_grace_s": 30.0,
+    }
+    if not listen:
+        settings["database_listen"] = False
+    procs = []
+    for i in range(k):
+        share = replicas[i::k]
+        cfg = {
+            "dsn": replica_dsn,
+            "pools": opts.pools,
+            "slots": opts.slots,
+            "replicas": share,
+            "settings": settings,
+        }
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gpuscale.dev.fleetbench",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            start_new_session=True,  # a terminal's Ctrl-C goes to the parent, which stops them in order
+        )
+        assert proc.stdin is not None
+        proc.stdin.write((json.dumps(cfg) + "\n").encode())
+        await proc.stdin.drain()
+        proc.stdin.close()
+        procs.append(proc)
+    return procs
+
+
+async def _read_line(proc: asyncio.subprocess.Process, prefix: str, timeout_s: float) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"a replica process gave no {prefix.strip()} line within {timeout_s:.0f}s")
+        line = await asyncio.wait_for(proc.stdout.readline(), left)
+        if not line:
+            raise RuntimeError(
+                f"a replica process ended (status {await proc.wait()}) before {prefix.strip()}"
+            )
+        text = line.decode().rstrip("\n")
+        if text.startswith(prefix):
+            return text[len(prefix) :]
+
+
+# What became of the tasks the producer enqueued: done, retried, and timings from the server's clock.
+_FINAL_SQL = """
+SELECT count(*) FILTER (WHERE status = 'done') AS done,
+       coalesce(sum(attempts - 1) FILTER (WHERE attempts > 1), 0) AS retried,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY e2e) FILTER (WHERE status = 'done') AS e2e_p50,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY e2e) FILTER (WHERE status = 'done') AS e2e_p99,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY wait) FILTER (WHERE status = 'done') AS wait_p50,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY wait) FILTER (WHERE status = 'done') AS wait_p99
+  FROM (SELECT status, attempts,
+               extract(epoch FROM finished_at - created_at) AS e2e,
+               extract(epoch FROM started_at - queued_at) AS wait
+          FROM processing_queue WHERE id = ANY($1::bigint[])) t
+"""
+
+
+@dataclass
+class _Samples:
+    peak_connections: int = 0
+    connection_samples: list[int] = field(default_factory=list)
+    depth_ms: list[float] = field(default_factory=list)
+    stats_ms: list[float] = field(default_factory=list)
+    enqueued: list[int] = field(default_factory=list)
+    enqueue_errors: int = 0
+    probe_ms: list[float] = field(default_factory=list)
+
+
+async def _monitor(dsn: str, stop: asyncio.Event, out: _Samples, pools: list[str]) -> None:
+    from gpuscale.queue import Queue
+
+    conn = await asyncpg.connect(dsn, server_settings={"application_name": BENCH_APP})
+    pool = await asyncpg.create_pool(
+        dsn, min_size=1, max_size=1, server_settings={"application_name": BENCH_APP}
+    )
+    assert pool is not None
+    queue = Queue(pool)
+    try:
+        i = 0
+        while not stop.is_set():
+            n = await conn.fetchval(
+                """SELECT count(*) FROM pg_stat_activity
+                    WHERE backend_type = 'client backend' AND application_name <> $1""",
+                BENCH_APP,
+            )
+            out.connection_samples.append(int(n))
+            out.peak_connections = max(out.peak_connections, int(n))
+            if i % 4 == 0:
+                t0 = time.perf_counter()
+                await queue.depth(pools[i % len(pools)], 10_000)
+                out.depth_ms.append((time.perf_counter() - t0) * 1000)
+                t0 = time.perf_counter()
+                await queue.stats()
+                out.stats_ms.append((time.perf_counter() - t0) * 1000)
+            i += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.25)
+    finally:
+        await pool.close()
+        await conn.close()
+
+
+async def _produce(queue: Any, opts: FleetOptions, stop: asyncio.Event, out: _Samples) -> None:
+    from gpuscale.queue import NewTask
+
+    names = pool_names(opts.pools)
+    period = 0.1
+    carry = 0.0
+    start = time.monotonic()
+    k = 0
+    while not stop.is_set():
+        carry += opts.rate * period
+        n, carry = int(carry), carry - int(carry)
+        if n:
+            batch = [
+                NewTask(task_type_for(names[(k + j) % len(names)]), {"sleep_s": opts.task_s})
+                for j in range(n)
+            ]
+            k += n
+            try:
+                out.enqueued.extend(await queue.enqueue_many(batch))
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                out.enqueue_errors += 1
+                log.warning("bench producer: enqueue failed: %s", exc)
+        k_next = start + period * (1 + round((time.monotonic() - start) / period))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), max(0.0, k_next - time.monotonic()))
+
+
+async def _probes(
+    queue: Any, provider: BenchProvider, deployments: dict[str, str], opts: FleetOptions, out: _Samples
+) -> list[int]:
+    """Critical tasks into empty pools, spread over the run: enqueue → provider call."""
+    from gpuscale.queue import NewTask
+
+    ids: list[int] = []
+    for pool in probe_names():
+        await asyncio.sleep(opts.duration_s / (PROBE_POOLS + 1))
+        deployment = deployments[pool]
+        event = provider.called.setdefault(deployment, asyncio.Event())
+        t0 = time.monotonic()
+        ids.append(await queue.enqueue(NewTask(task_type_for(pool), {}, priority="critical")))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), 10)
+        calls = [c for c in provider.calls if c[0] == deployment]
+        out.probe_ms.append(round((calls[0][2] - t0) * 1000, 1) if calls else float("inf"))
+    return ids
+
+
+async def run_fleet(opts: FleetOptions, dsn: str, replica_dsn: str, listen_dsn: str) -> dict[str, Any]:
+    from gpuscale.common.settings import Settings
+    from gpuscale.controller.app import ControllerApp
+    from gpuscale.db import migrate
+    from gpuscale.queue import Queue
+
+    register_types(opts.pools)
+    counter = _Counter()
+    logging.getLogger().addHandler(counter)
+    load_before = os.getloadavg()[0]
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn)
+        max_conn = int(await conn.fetchval("SHOW max_connections"))
+    finally:
+        await conn.close()
+
+    replicas = assign(opts)
+    per_pool: dict[str, list[str]] = {}
+    for pool, rid in replicas:
+        per_pool.setdefault(pool, []).append(rid)
+    config = _pools_config(opts, {p: len(ids) for p, ids in per_pool.items()})
+    deployments = {name: rules.deployment or name for name, rules in config.pools.items()}
+    provider = BenchProvider({deployments[p]: ids for p, ids in per_pool.items()})
+    listen = opts.resolved_listen()
+
+    tick_ms: list[float] = []
+    fast_ms: list[float] = []
+
+    class BenchController(ControllerApp):
+        async def setup(self) -> None:
+            await super().setup()
+            rec = self.reconciler
+            tick, one = rec.reconcile_all, rec.reconcile_one
+
+            def timed(fn: Callable[..., Awaitable[Any]], into: list[float]) -> Callable[..., Awaitable[Any]]:
+                async def run(*a: Any, **kw: Any) -> Any:
+                    t0 = time.perf_counter()
+                    try:
+                        return await fn(*a, **kw)
+                    finally:
+                        into.append((time.perf_counter() - t0) * 1000)
+
+                return run
+
+            setattr(rec, "reconcile_all", timed(tick, tick_ms))  # noqa: B010
+            setattr(rec, "reconcile_one", timed(one, fast_ms))  # noqa: B010
+
+    settings = Settings(reaper_interval_s=5.0, cost_interval_s=60.0, heartbeat_timeout_s=30.0)
+    controller = BenchController(settings, config, listen_dsn, provider=provider, http=False)  # type: ignore[arg-type]
+
+    samples = _Samples()
+    stop_monitor = asyncio.Event()
+    monitor = asyncio.create_task(_monitor(dsn, stop_monitor, samples, pool_names(opts.pools)))
+    children = await _spawn_children(opts, replica_dsn, listen)
+    try:
+        ready = [await _read_line(p, "READY ", 300) for p in children]
+        started = sum(int(r.split()[0]) for r in ready)
+        controller_task = asyncio.create_task(controller.run())
+        prod_pool = await asyncpg.create_pool(
+            dsn, min_size=1, max_size=2, server_settings={"application_name": BENCH_APP}
+        )
+        assert prod_pool is not None
+        queue = Queue(prod_pool)
+        # Wait until the controller leads (its first tick), so probes measure the fast path.
+        for _ in range(300):
+            if controller.is_leader:
+                break
+            await asyncio.sleep(0.05)
+        t_run = time.monotonic()
+        stop_prod = asyncio.Event()
+        producer = asyncio.create_task(_produce(queue, opts, stop_prod, samples))
+        probe_task = asyncio.create_task(_probes(queue, provider, deployments, opts, samples))
+        await asyncio.sleep(opts.duration_s)
+        stop_prod.set()
+        await producer
+        probe_ids = await probe_task
+        run_s = time.monotonic() - t_run
+        # Drain: every task enqueued must end done.
+        deadline = time.monotonic() + opts.drain_timeout_s
+        ids = samples.enqueued
+        while time.monotonic() < deadline:
+            left = await prod_pool.fetchval(
+                "SELECT count(*) FROM processing_queue WHERE id = ANY($1::bigint[]) AND status <> 'done'",
+                ids,
+            )
+            if not left:
+                break
+            await asyncio.sleep(0.25)
+        for tid in probe_ids:
+            await queue.cancel(tid)
+        final = await prod_pool.fetchrow(_FINAL_SQL, ids)
+        assert final is not None
+        await prod_pool.close()
+        controller.request_stop()
+        await controller_task
+    finally:
+        for p in children:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        results = []
+        for p in children:
+            try:
+                results.append(json.loads(await _read_line(p, "RESULT ", 120)))
+            except (TimeoutError, RuntimeError, ValueError) as exc:
+                log.warning("bench: a replica process gave no result: %s", exc)
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            await p.wait()
+        stop_monitor.set()
+        with contextlib.suppress(Exception):
+            await monitor
+        logging.getLogger().removeHandler(counter)
+
+    claim = [x for r in results for x in r["claim_ms"]]
+    complete = [x for r in results for x in r["complete_ms"]]
+    elapsed = max((r["elapsed_s"] for r in results), default=run_s) or 1.0
+    samples_merged: dict[str, int] = dict(counter.samples)
+    for r in results:
+        for k, v in r["samples"].items():
+            samples_merged[k] = samples_merged.get(k, 0) + v
+
+    def ms(v: Any) -> float | None:
+        return None if v is None else round(float(v) * 1000, 1)
+
+    done = int(final["done"])
+    return {
+        "replicas": opts.replicas,
+        "pools": opts.pools,
+        "pgbouncer": opts.pgbouncer,
+        "workers_listen": listen,
+        "slots": opts.slots,
+        "processes": len(children),
+        "max_connections": max_conn,
+        "duration_s": round(run_s, 1),
+        "rate": opts.rate,
+        "replicas_started": started,
+        "peak_connections": samples.peak_connections,
+        "connection_errors": counter.connection_errors + sum(r["connection_errors"] for r in results),
+        "warnings": counter.warnings + sum(r["warnings"] for r in results),
+        "claims": len(claim),
+        "claim_p50_ms": pct(claim, 0.5),
+        "claim_p99_ms": pct(claim, 0.99),
+        "complete_p50_ms": pct(complete, 0.5),
+        "complete_p99_ms": pct(complete, 0.99),
+        "task_p50_ms": ms(final["e2e_p50"]),
+        "task_p99_ms": ms(final["e2e_p99"]),
+        "wait_p50_ms": ms(final["wait_p50"]),
+        "wait_p99_ms": ms(final["wait_p99"]),
+        "heartbeats_per_s": round(sum(r["heartbeats"] for r in results) / elapsed, 1),
+        "heartbeat_rows_per_s": round(sum(r["heartbeat_rows"] for r in results) / elapsed, 1),
+        "reconciles": len(tick_ms),
+        "reconcile_p50_ms": pct(tick_ms, 0.5),
+        "reconcile_p99_ms": pct(tick_ms, 0.99),
+        "fast_reconciles": len(fast_ms),
+        "fast_reconcile_p50_ms": pct(fast_ms, 0.5),
+        "fast_reconcile_p99_ms": pct(fast_ms, 0.99),
+        "depth_read_ms": pct(samples.depth_ms, 0.5),
+        "stats_read_ms": pct(samples.stats_ms, 0.5),
+        "critical_to_provider_ms": samples.probe_ms,
+        "tasks_enqueued": len(samples.enqueued),
+        "tasks_done": done,
+        "tasks_lost": len(samples.enqueued) - done,
+        "tasks_retried": int(final["retried"]),
+        "enqueue_errors": samples.enqueue_errors,
+        "load_1m_before": round(load_before, 2),
+        "load_1m_after": round(os.getloadavg()[0], 2),
+        "warning_samples": samples_merged,
+    }
+
+
+def run_fleet_bench(opts: FleetOptions) -> dict[str, Any]:
+    """Start the scratch server (and PgBouncer), run the fleet, tear everything down."""
+    from gpuscale.db.pgbouncer import PgBouncer
+
+    with scratch_postgres(opts.max_connections) as dsn:
+        if not opts.pgbouncer:
+            return asyncio.run(run_fleet(opts, dsn, dsn, dsn))
+        with PgBouncer(
+            dsn, pool_size=opts.pool_size, max_client_conn=max(1000, opts.replicas * 4)
+        ) as bouncer:
+            return asyncio.run(run_fleet(opts, dsn, bouncer.dsn("postgres"), dsn))
+
+
+def options_dict(opts: FleetOptions) -> dict[str, Any]:
+    return asdict(opts)
+
+
+if __name__ == "__main__":
+    random.seed()
+    child_main()
