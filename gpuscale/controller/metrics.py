@@ -95,3 +95,41 @@ TASK_FAILURES = Counter(
     "Tasks that ended failed or dead.",
     ["pool", "task_type"],
 )
+
+# --- fallback deployments and spot (issue 13): where a pool's replicas run ----------------------
+# New names with a ``deployment`` label; the per-pool series above keep their names and labels.
+DEPLOYMENT_REPLICAS = Gauge(
+    "gpuscale_deployment_replicas",
+    "Replicas the provider reports per deployment of a pool (its pinned count).",
+    ["pool", "deployment"],
+)
+DEPLOYMENT_AVAILABLE = Gauge(
+    "gpuscale_deployment_available",
+    "1 while a deployment may take new replicas, 0 while it cools off after a failure.",
+    ["pool", "deployment"],
+)
+DEPLOYMENT_HOME = Gauge(
+    "gpuscale_deployment_home",
+    "1 for the deployment a pool's new replicas go to (the first one not cooling off).",
+    ["pool", "deployment"],
+)
+DEPLOYMENT_FAILURES = Counter(
+    "gpuscale_deployment_failures_total",
+    "Deployment failures that started a cool-off, by kind (quota_reached, startup_timeout, preempted).",
+    ["pool", "deployment", "kind"],
+)
+PREEMPTIONS = Counter(
+    "gpuscale_replica_preemptions_total",
+    "Replicas that vanished from a deployment without the controller asking (spot preemption).",
+    ["pool", "deployment"],
+)
+DEPLOYMENT_SPEND_USD = Counter(
+    "gpuscale_deployment_spend_usd_total",
+    "Estimated spend per deployment: its replicas × its price (the API's, else the pools file's).",
+    ["pool", "deployment"],
+)
+DEPLOYMENT_PRICE = Gauge(
+    "gpuscale_deployment_price_usd_per_hour",
+    "Price per replica-hour used for a deployment's cost, by source (api or pools_file).",
+    ["pool", "deployment", "source"],
+)

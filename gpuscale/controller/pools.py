@@ -14,8 +14,18 @@ A top-level key ``<pool>_container_scaling`` (or ``<pool>_scaling``) defines poo
 ``pools:`` mapping of name → rules is accepted as well.  Each pool may add: the task types it
 serves (default: the registry's types for that pool), ``tasks_per_replica``, the provider
 ``deployment``, ``price_per_hour``, ``cold_start``, ``prewarm``, expected ``task_durations`` and
-the sizing knobs below.  Global keys: ``monthly_budget_usd``, ``critical_immediate``,
-``reconcile_interval``.
+the sizing knobs below.  Instead of one ``deployment``, a pool may list ``deployments`` in order of
+preference, each with its own price and/or ``spot: true``::
+
+    deployments:
+      - {name: gpuscale-visual-spot, spot: true, price_per_hour: 0.87}
+      - {name: gpuscale-visual, price_per_hour: 1.75}
+      - {name: gpuscale-visual-a100, price_per_hour: 1.29}
+
+The controller places replicas on the first deployment that can take them and falls back to the
+next one while a deployment cools off (``fallback_cooloff``, doubling per repeated failure up to
+``max_fallback_cooloff``; see :mod:`gpuscale.controller.placement`).  Global keys:
+``monthly_budget_usd``, ``critical_immediate``, ``reconcile_interval``.
 
 Durations are ``90s``, ``10m``, ``1h``, ``1h30m`` or plain seconds.  ``scale_down_delay: auto``
 stops an idle replica once keeping it would have cost as much as starting it again (its cold
@@ -89,6 +99,19 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 DurationOrAuto = Annotated[float | Literal["auto"], BeforeValidator(_duration_or_auto)]
 
 
+class DeploymentOption(BaseModel):
+    """One provider deployment a pool may run its replicas on (``deployments:`` list item)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    # None: the pool's ``price_per_hour``.  The controller prefers the API's prices when it can
+    # read them (``GET /container-types``); this is the fallback.
+    price_per_hour: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    # A spot deployment (``is_spot``): about half the price, replicas may vanish without notice.
+    spot: bool = False
+
+
 class PoolRules(BaseModel):
     """One pool's scaling rules.  Attribute names end in ``_s`` where the YAML key is a duration."""
 
@@ -138,6 +161,32 @@ class PoolRules(BaseModel):
     # max_startup_backoff) before the next replacement or scale-up.
     startup_backoff_s: Duration = Field(default=60.0, alias="startup_backoff")
     max_startup_backoff_s: Duration = Field(default=900.0, alias="max_startup_backoff")
+    # Fallback deployments, in order of preference (empty: just ``deployment``).
+    deployments: tuple[DeploymentOption, ...] = ()
+    # A deployment that reports quota_reached, misses startup_timeout or loses spot replicas too
+    # often is skipped for this long; doubling per repeated failure, up to max_fallback_cooloff.
+    fallback_cooloff_s: Duration = Field(default=300.0, alias="fallback_cooloff")
+    max_fallback_cooloff_s: Duration = Field(default=3600.0, alias="max_fallback_cooloff")
+    # This many replicas vanishing (spot preemption) within preemption_window counts as a failure.
+    preemption_limit: int = Field(default=2, ge=1)
+    preemption_window_s: Duration = Field(default=3600.0, alias="preemption_window")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_or_many(cls, data: Any) -> Any:
+        # ``deployments`` (a list) or the old single ``deployment``; never both.
+        if isinstance(data, dict) and data.get("deployments"):
+            items = data["deployments"]
+            if data.get("deployment") and (
+                not isinstance(items, list | tuple)
+                or not items
+                or not isinstance(items[0], dict | DeploymentOption)
+                or _opt_name(items[0]) != data["deployment"]
+            ):
+                raise ValueError("give either deployment or deployments, not both")
+            if isinstance(items, list | tuple) and items and isinstance(items[0], dict | DeploymentOption):
+                data = {**data, "deployment": _opt_name(items[0])}
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -167,6 +216,11 @@ class PoolRules(BaseModel):
             raise ValueError("startup_timeout must be > 0")
         if len(set(self.task_types)) != len(self.task_types):
             raise ValueError("task_types lists a type twice")
+        names = [d.name for d in self.deployments]
+        if len(set(names)) != len(names):
+            raise ValueError("deployments lists a deployment twice")
+        if self.max_fallback_cooloff_s < self.fallback_cooloff_s:
+            raise ValueError("max_fallback_cooloff must be >= fallback_cooloff")
         stray = sorted(set(self.task_durations_s) - set(self.task_types))
         if stray:
             raise ValueError(f"task_durations names types this pool does not serve: {', '.join(stray)}")
@@ -198,6 +252,26 @@ class PoolRules(BaseModel):
     @property
     def hourly_cost(self) -> float:
         return self.price_per_hour
+
+    @property
+    def options(self) -> tuple[DeploymentOption, ...]:
+        """The pool's deployments in order of preference, each with its price filled in (the
+        pool's ``price_per_hour`` where the item gave none); one item for the old form."""
+        if not self.deployments:
+            return (DeploymentOption(name=self.deployment or self.name, price_per_hour=self.price_per_hour),)
+        return tuple(
+            d
+            if d.price_per_hour is not None
+            else d.model_copy(update={"price_per_hour": self.price_per_hour})
+            for d in self.deployments
+        )
+
+    def option(self, deployment: str) -> DeploymentOption | None:
+        return next((d for d in self.options if d.name == deployment), None)
+
+
+def _opt_name(item: Any) -> Any:
+    return item.name if isinstance(item, DeploymentOption) else item.get("name")
 
 
 class PoolsConfig(BaseModel):
@@ -320,7 +394,8 @@ def parse_pools(data: Any, source: str = "<pools>") -> PoolsConfig:
         raw = dict(body)
         raw.setdefault("name", name)
         raw.setdefault("task_types", tasktypes.types_for_pool(name))
-        raw.setdefault("deployment", f"gpuscale-{name}")
+        if not raw.get("deployments"):
+            raw.setdefault("deployment", f"gpuscale-{name}")
         try:
             pools[name] = PoolRules.model_validate(raw)
         except ValidationError as exc:

@@ -31,6 +31,7 @@ from gpuscale.controller.observe import (
     budget_view,
     observe_pool,
 )
+from gpuscale.controller.placement import DeploymentObs, Placement, PlacementState, ReplicaObs, place
 from gpuscale.controller.policy import (
     BudgetView,
     Decision,
@@ -74,6 +75,9 @@ class PoolView:
     replicas_registered: int | None = None
     replicas_starting: int | None = None
     provider_status: str | None = None
+    # Fallback deployments: where the replicas run and why (one item per listed deployment).
+    home: str | None = None
+    deployments: list[dict[str, Any]] = field(default_factory=list)
     last_decision: dict[str, Any] | None = None
     errors: list[str] = field(default_factory=list)
     at: float | None = None
@@ -89,6 +93,46 @@ class Observed:
     errors: list[str] = field(default_factory=list)
     detail: WorkDetail | None = None
     at: float = field(default_factory=time.monotonic)  # when it was read, to skip stale ones
+
+
+def merge_states(states: Sequence[ProviderState]) -> ProviderState:
+    """One pool-wide provider state from its deployments' (pure): the policy sizes the pool as a
+    whole; placement splits the count again."""
+    statuses = [s.status for s in states]
+    status = next((st for st in statuses if st not in ("healthy", "paused")), statuses[0] if statuses else "")
+    return ProviderState(
+        replicas=[r for s in states for r in s.replicas],
+        target=sum(s.target for s in states),
+        paused=bool(states) and all(s.paused for s in states),
+        status=status,
+        pinned=all(s.pinned for s in states),
+    )
+
+
+def deployment_obs(
+    rules: PoolRules, name: str, state: ProviderState, servers: Sequence[ServerInfo] | None
+) -> DeploymentObs:
+    """A deployment's replicas with what the registry says of each (registered, busy); pure."""
+    live = {
+        s.container_id: s
+        for s in servers or ()
+        if s.pool == rules.name and s.container_id and s.status in ("starting", "active")
+    }
+    return DeploymentObs(
+        name=name,
+        target=state.target,
+        status=state.status,
+        replicas=tuple(
+            ReplicaObs(
+                id=r.id,
+                started_at=r.started_at,
+                status=r.status,
+                registered=r.id in live,
+                busy=r.id in live and live[r.id].current_load > 0,
+            )
+            for r in state.replicas
+        ),
+    )
 
 
 def fleet_of(rules: PoolRules, servers: Sequence[ServerInfo] | None, provider: ProviderState | None) -> Fleet:
@@ -192,10 +236,14 @@ class Reconciler:
             for name, r in config.pools.items()
         }
         self.provider_counts: dict[str, int] = {}
+        # Per pool: each deployment's replica count as last observed (cost accounting) and the
+        # placement memory (cool-offs, preemptions), saved with the policy state.
+        self.deployment_counts: dict[str, dict[str, int]] = {name: {} for name in config.pools}
+        self.placements: dict[str, PlacementState] = {name: PlacementState() for name in config.pools}
         self._locks = {name: asyncio.Lock() for name in config.pools}
         self._cold_seen: set[str] = set()
         self._dead_seen: dict[str, int] = {}
-        self._last_logged: dict[str, tuple[int, str]] = {}
+        self._last_logged: dict[str, tuple[int, str, tuple[tuple[str, int], ...]]] = {}
         self._observed_at: dict[str, float] = {}
         # Every series exists from the first scrape (at 0), so rate() sees the first event too.
         for name, r in config.pools.items():
@@ -210,6 +258,9 @@ class Reconciler:
             for tt in r.task_types:
                 for fam in (m.QUEUE_WAIT_SECONDS, m.TASK_DURATION_SECONDS, m.TASK_FAILURES):
                     fam.labels(name, tt)
+            for opt in r.options:
+                m.DEPLOYMENT_SPEND_USD.labels(name, opt.name)
+                m.PREEMPTIONS.labels(name, opt.name)
         self.export_expected()
 
     async def load_states(self) -> None:
@@ -223,6 +274,7 @@ class Reconciler:
             if name in self.states:
                 try:
                     self.states[name] = PoolState.from_dict(data)
+                    self.placements[name] = PlacementState.from_dict(data.get("placement"))
                 except (TypeError, ValueError):
                     log.warning("pool %s: saved policy state unreadable; starting afresh", name)
                 learned = data.get(_EXPECTED_KEY)
@@ -265,12 +317,35 @@ class Reconciler:
             errors.append(f"pause flags: {type(exc).__name__}")
         return Observed(stats, servers, paused, errors, detail=detail)
 
-    async def _observe_provider(self, rules: PoolRules) -> tuple[ProviderState | None, str | None]:
-        try:
-            return await self.provider.observe(rules.deployment or rules.name), None
-        except Exception as exc:
+    async def _observe_provider(
+        self, rules: PoolRules
+    ) -> tuple[ProviderState | None, dict[str, ProviderState | None], str | None]:
+        """Every deployment of the pool; the merged state is None (unknown: hold) when one that
+        may hold replicas could not be read."""
+        names = [o.name for o in rules.options]
+        results = await asyncio.gather(*(self.provider.observe(n) for n in names), return_exceptions=True)
+        per: dict[str, ProviderState | None] = {}
+        errors: list[str] = []
+        for dep, res in zip(names, results, strict=True):
+            if isinstance(res, BaseException):
+                if not isinstance(res, Exception):
+                    raise res
+                per[dep] = None
+                label = "provider" if len(names) == 1 else f"provider {dep}"
+                errors.append(f"{label}: {type(res).__name__}: {res}")
+            else:
+                per[dep] = res
+        if errors:
             m.OBSERVE_ERRORS.labels(rules.name, "provider").inc()
-            return None, f"provider: {type(exc).__name__}: {exc}"
+        placement = self.placements[rules.name]
+        blind = [
+            dep
+            for dep, st in per.items()
+            if st is None and (len(names) == 1 or (placement.get(dep).last_target or 0) > 0)
+        ]
+        known = [st for st in per.values() if st is not None]
+        merged = None if blind or not known else merge_states(known)
+        return merged, per, "; ".join(errors) or None
 
     # ------------------------------------------------------------------ reconcile
     async def reconcile_all(self, budget_spend: Mapping[str, float] | None = None) -> dict[str, Decision]:
@@ -315,7 +390,7 @@ class Reconciler:
         now = self.clock()
         view = self.views[name]
         errors = list(observed.errors)
-        provider_state, perr = await self._observe_provider(rules)
+        provider_state, per_deployment, perr = await self._observe_provider(rules)
         if perr:
             errors.append(perr)
         stats = observed.stats.get(name) if observed.stats is not None else None
@@ -341,6 +416,19 @@ class Reconciler:
             tick_s=self.config.reconcile_interval_s,
         )
         self.states[name] = decision.state
+        dep_obs = {
+            dep: deployment_obs(rules, dep, st, observed.servers) if st is not None else None
+            for dep, st in per_deployment.items()
+        }
+        placement: Placement | None = None
+        if provider_state is not None and observed.servers is not None:
+            placement = place(
+                rules, dep_obs, decision.desired, self.placements[name], now, replace_ids=decision.replace
+            )
+            self.placements[name] = placement.state
+        self.deployment_counts[name] = {
+            dep: st.target for dep, st in per_deployment.items() if st is not None
+        }
         if not self.dry_run:
             try:
                 await self.store.save_pool_state(
@@ -349,10 +437,16 @@ class Reconciler:
             except Exception as exc:  # the memory is a help, not a must: the next tick saves it
                 log.debug("pool %s: could not save the policy state: %s", name, type(exc).__name__)
         self._observe_metrics(name, stats, obs, decision, counts, observed.servers, provider_state)
+        self._placement_metrics(rules, per_deployment, placement)
 
         paused = observed.paused is None or name in observed.paused
-        outcome, error = await self._act(rules, decision, provider_state, observed.servers, paused, errors)
-        await self._record(rules, decision, provider_state, outcome, error, errors)
+        if placement is not None and placement.vanished and not paused:
+            await self._hand_back_vanished(rules, placement, observed.servers)
+        outcome, error = await self._act(
+            rules, decision, provider_state, per_deployment, placement, observed.servers, paused, errors
+        )
+        await self._record(rules, decision, provider_state, outcome, error, errors, placement)
+        self._deployment_view(rules, view, per_deployment, dep_obs, placement, now)
 
         view.paused = bool(observed.paused is not None and name in observed.paused)
         if stats is not None:
@@ -407,6 +501,7 @@ class Reconciler:
         out = state.to_dict()
         learned = self.estimator.snapshot()
         out[_EXPECTED_KEY] = {t: learned[t] for t in rules.task_types if t in learned}
+        out["placement"] = self.placements[rules.name].to_dict()  # cool-offs survive a failover
         return out
 
     async def _act(
@@ -414,37 +509,90 @@ class Reconciler:
         rules: PoolRules,
         decision: Decision,
         provider_state: ProviderState | None,
+        per_deployment: Mapping[str, ProviderState | None],
+        placement: Placement | None,
         servers: Sequence[ServerInfo] | None,
         paused: bool,
         errors: list[str],
     ) -> tuple[str, str | None]:
-        if provider_state is None:
+        if provider_state is None or placement is None:
             return "hold", None
         if paused:
             return "paused", None
-        changing = (
-            bool(decision.replace) or decision.desired != provider_state.target or not provider_state.pinned
-        )
-        if not changing:
+        changes: list[tuple[str, ProviderState, int, list[str]]] = []
+        for dep, target in placement.targets.items():
+            st = per_deployment.get(dep)
+            if st is None:
+                continue
+            ids = {r.id for r in st.replicas}
+            stop = [rid for rid in decision.replace if rid in ids]
+            if stop or target != st.target or not st.pinned:
+                changes.append((dep, st, target, stop))
+        if not changes:
             return "unchanged", None
         if self.dry_run:
             return "dry_run", None
         if self._may_act is not None and not await self._may_act():
             return "not_leader", None
-        deployment = rules.deployment or rules.name
-        try:
-            if decision.replace:
-                await self._replace(deployment, provider_state.target, decision.replace)
-            idle = [
-                s.container_id
-                for s in servers or ()
-                if s.pool == rules.name and s.current_load == 0 and s.container_id
-            ]
-            await self.provider.set_replicas(deployment, decision.desired, idle=idle)
-        except Exception as exc:
-            log.warning("pool %s: provider call failed: %s: %s", rules.name, type(exc).__name__, exc)
-            return "error", f"{type(exc).__name__}: {exc}"
+        idle = [
+            s.container_id
+            for s in servers or ()
+            if s.pool == rules.name and s.current_load == 0 and s.container_id
+        ]
+        failed: list[str] = []
+        # Up before down: the pool's capacity never dips while replicas move between deployments.
+        changes.sort(key=lambda c: c[2] - c[1].target, reverse=True)
+        for dep, st, target, stop in changes:
+            try:
+                if stop:
+                    await self._replace(dep, st.target, stop)
+                await self.provider.set_replicas(dep, target, idle=idle)
+            except Exception as exc:
+                log.warning(
+                    "pool %s: provider call for %s failed: %s: %s", rules.name, dep, type(exc).__name__, exc
+                )
+                failed.append(
+                    f"{type(exc).__name__}: {exc}"
+                    if len(rules.options) == 1
+                    else f"{dep}: {type(exc).__name__}: {exc}"
+                )
+        if failed:
+            return "error", "; ".join(failed)
         return "applied", None
+
+    async def _hand_back_vanished(
+        self, rules: PoolRules, placement: Placement, servers: Sequence[ServerInfo] | None
+    ) -> None:
+        """Replicas of a spot deployment that vanished were preempted: their workers are gone,
+        so their tasks go back to the queue at once, without spending an attempt (the task did
+        nothing wrong).  On-demand replicas that vanish are left to the reaper (a task that keeps
+        killing its worker must still run out of attempts)."""
+        for dep, ids in placement.vanished.items():
+            opt = rules.option(dep)
+            m.PREEMPTIONS.labels(rules.name, dep).inc(len(ids))
+            log.warning(
+                "pool %s: %d replica(s) of %s vanished%s: %s",
+                rules.name,
+                len(ids),
+                dep,
+                " (spot preemption)" if opt is not None and opt.spot else "",
+                ", ".join(ids),
+            )
+            if opt is None or not opt.spot or self.dry_run:
+                continue
+            if self._may_act is not None and not await self._may_act():
+                return
+            gone = set(ids)
+            for s in servers or ():
+                if s.container_id in gone and s.pool == rules.name:
+                    try:
+                        await self.queue.set_server_status(s.id, "dead")
+                        n = await self.queue.release_all(s.id)
+                    except Exception as exc:
+                        log.warning("pool %s: could not hand back %s's tasks: %s", rules.name, s.id, exc)
+                        continue
+                    if n:
+                        log.info("pool %s: %d task(s) of preempted %s back in the queue", rules.name, n, s.id)
 
     async def _replace(self, deployment: str, current: int, replica_ids: Sequence[str]) -> None:
         """Stop replicas that never registered.  Providers that choose whom to stop (local,
@@ -460,6 +608,7 @@ class Reconciler:
         outcome: str,
         error: str | None,
         errors: Sequence[str] = (),
+        placement: Placement | None = None,
     ) -> None:
         name = rules.name
         current = provider_state.target if provider_state is not None else None
@@ -469,19 +618,36 @@ class Reconciler:
             m.SCALE_EVENTS.labels(name, direction, decision.reason).inc()
         if decision.replace:
             m.REPLACEMENTS.labels(name).inc(len(decision.replace))
+        detail = decision.detail
+        placed: tuple[tuple[str, int], ...] = ()
+        failed = bool(placement is not None and placement.failures)
+        if placement is not None and len(rules.options) > 1:
+            placed = tuple(placement.targets.items())
+            # The decision log says where the replicas run and why, and which deployment failed.
+            for dep, kind in placement.failures:
+                m.DEPLOYMENT_FAILURES.labels(name, dep, kind).inc()
+            lost = [f"{dep} failed ({kind})" for dep, kind in placement.failures]
+            detail = f"{detail}; placed: {placement.summary()}" + (f"; {', '.join(lost)}" if lost else "")
+        elif placement is not None:
+            for dep, kind in placement.failures:
+                m.DEPLOYMENT_FAILURES.labels(name, dep, kind).inc()
         noteworthy = (
-            changed or outcome == "applied" or decision.reason in _NOTEWORTHY_HOLDS or error is not None
+            changed
+            or outcome == "applied"
+            or decision.reason in _NOTEWORTHY_HOLDS
+            or error is not None
+            or failed
         )
-        key = (decision.desired, decision.reason)
+        key = (decision.desired, decision.reason, placed)
         if not noteworthy:
             self._last_logged.pop(name, None)
             return
-        if not changed and self._last_logged.get(name) == key and error is None:
+        if not changed and not failed and self._last_logged.get(name) == key and error is None:
             return  # the same hold again: one line, not one per tick
         self._last_logged[name] = key
         frm = "?" if current is None else str(current)
         msg = "pool=%s %s → %d reason=%s outcome=%s: %s"
-        args = (name, frm, decision.desired, decision.reason, outcome, decision.detail)
+        args = (name, frm, decision.desired, decision.reason, outcome, detail)
         fields = {
             "pool": name,
             "from": current,
@@ -501,7 +667,7 @@ class Reconciler:
                     from_replicas=current,
                     to_replicas=decision.desired,
                     reason=decision.reason,
-                    detail=decision.detail,
+                    detail=detail,
                     outcome=outcome,
                     error=error,
                     controller_id=self.controller_id,
@@ -538,6 +704,57 @@ class Reconciler:
             m.REPLICAS_REGISTERED.labels(name).set(counts["registered"])
             if provider_state is not None:
                 self._cold_starts(name, servers, provider_state)
+
+    def _placement_metrics(
+        self,
+        rules: PoolRules,
+        per_deployment: Mapping[str, ProviderState | None],
+        placement: Placement | None,
+    ) -> None:
+        for opt in rules.options:
+            st = per_deployment.get(opt.name)
+            if st is not None:
+                m.DEPLOYMENT_REPLICAS.labels(rules.name, opt.name).set(st.target)
+            if placement is not None:
+                m.DEPLOYMENT_AVAILABLE.labels(rules.name, opt.name).set(
+                    0 if placement.state.get(opt.name).cooling(self.clock()) else 1
+                )
+                m.DEPLOYMENT_HOME.labels(rules.name, opt.name).set(1 if placement.home == opt.name else 0)
+
+    def _deployment_view(
+        self,
+        rules: PoolRules,
+        view: PoolView,
+        per_deployment: Mapping[str, ProviderState | None],
+        dep_obs: Mapping[str, DeploymentObs | None],
+        placement: Placement | None,
+        now: float,
+    ) -> None:
+        if placement is not None:
+            view.home = placement.home
+        items: list[dict[str, Any]] = []
+        for opt in rules.options:
+            st = per_deployment.get(opt.name)
+            obs = dep_obs.get(opt.name)
+            mem = self.placements[rules.name].get(opt.name)
+            items.append(
+                {
+                    "name": opt.name,
+                    "spot": opt.spot,
+                    "price_per_hour": opt.price_per_hour,
+                    "status": st.status if st is not None else None,
+                    "replicas": st.target if st is not None else None,
+                    "placed": placement.targets.get(opt.name) if placement is not None else None,
+                    "registered": obs.registered if obs is not None else None,
+                    "busy": obs.busy if obs is not None else None,
+                    "cooling_until": mem.cool_until if mem.cooling(now) else None,
+                    "failures": mem.failures,
+                    "last_failure": mem.last_failure,
+                    "preempted": mem.preempted_total,
+                    "why": placement.why.get(opt.name, "") if placement is not None else "",
+                }
+            )
+        view.deployments = items
 
     def _cold_starts(self, name: str, servers: Sequence[ServerInfo], provider_state: ProviderState) -> None:
         """Replica requested (provider's start time) → its worker registered."""
