@@ -44,6 +44,10 @@ from gpuscale.queue import Queue, listen
 
 log = logging.getLogger("gpuscale.controller")
 
+# The fast path (see _fast_reconcile): notifications gathered this long, reconciles this far apart.
+FAST_COALESCE_S = 0.05
+FAST_MIN_GAP_S = 0.25
+
 
 def default_launches(config: PoolsConfig, dsn: str) -> dict[str, LaunchSpec]:
     """Local/docker launch specs: one worker per replica, pointed at this controller's database."""
@@ -75,6 +79,8 @@ class ControllerApp:
         self.leader = LeaderElector(dsn)
         self._stop = asyncio.Event()
         self._pending_fast: set[str] = set()
+        self._fast_task: asyncio.Task[None] | None = None
+        self._last_fast = float("-inf")
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_cost: float | None = None
         self._spend_cache: dict[str, float] | None = None
@@ -251,25 +257,36 @@ class ControllerApp:
 
     # -------------------------------------------------------------- fast path
     def _on_work(self, pool: str) -> None:
-        if self._stopping or pool not in self.config.pools or pool in self._pending_fast:
-            return
-        if not self.is_leader:
+        if self._stopping or pool not in self.config.pools or not self.is_leader:
             return
         self._pending_fast.add(pool)
-        task = asyncio.get_running_loop().create_task(self._fast_reconcile(pool))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if self._fast_task is None or self._fast_task.done():
+            task = asyncio.get_running_loop().create_task(self._fast_reconcile())
+            self._fast_task = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    async def _fast_reconcile(self, pool: str) -> None:
+    async def _fast_reconcile(self) -> None:
+        """Reconcile the notified pools, all of them on one observation.
+
+        Notifications come with every enqueue: a steady stream into many pools would otherwise
+        mean one full observation per pool and notification.  They are gathered for
+        ``FAST_COALESCE_S`` and fast reconciles are at least ``FAST_MIN_GAP_S`` apart, so the
+        fast path costs a few observations a second at most, whatever the traffic and the number
+        of pools, and a critical task still reaches the provider well within a second."""
+        loop = asyncio.get_running_loop()
         try:
-            await asyncio.sleep(0.05)  # coalesce a burst of notifications into one reconcile
-            self._pending_fast.discard(pool)
-            if await self._lead():
-                await self.reconciler.reconcile_one(pool, self._spend_cache)
+            while self._pending_fast and not self._stopping:
+                wait = max(FAST_COALESCE_S, self._last_fast + FAST_MIN_GAP_S - loop.time())
+                await asyncio.sleep(wait)
+                pools, self._pending_fast = sorted(self._pending_fast), set()
+                self._last_fast = loop.time()
+                if pools and await self._lead():
+                    await self.reconciler.reconcile_some(pools, self._spend_cache)
         except Exception:
-            log.exception("fast reconcile of %s failed", pool)
+            log.exception("fast reconcile failed")
         finally:
-            self._pending_fast.discard(pool)
+            self._pending_fast.clear()
 
     async def _listen_loop(self) -> None:
         """Keep a LISTEN connection open; reconnect with backoff when it drops."""

@@ -349,8 +349,13 @@ class Reconciler:
 
     # ------------------------------------------------------------------ reconcile
     async def reconcile_all(self, budget_spend: Mapping[str, float] | None = None) -> dict[str, Decision]:
+        return await self.reconcile_some(list(self.config.pools), budget_spend)
+
+    async def reconcile_some(
+        self, names: Sequence[str], budget_spend: Mapping[str, float] | None = None
+    ) -> dict[str, Decision]:
+        """One observation, then each of ``names`` (the fast path passes the pools notified)."""
         observed = await self.observe()
-        names = list(self.config.pools)
         results = await asyncio.gather(
             *(self.reconcile_pool(n, observed, budget_spend) for n in names), return_exceptions=True
         )
