@@ -16,7 +16,34 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ProviderName = Literal["datacrunch", "docker", "local"]
 
 
-class Settings(BaseSettings):
+class DatabaseAccess(BaseSettings):
+    """How a process uses its database connection beyond the URL; the controller's and the
+    worker's settings both have these (same names, same environment variables).
+
+    Behind PgBouncer in transaction mode: ``GPUSCALE_DATABASE_URL`` points at PgBouncer,
+    ``GPUSCALE_DATABASE_LISTEN_URL`` straight at PostgreSQL (LISTEN needs a session of its own),
+    and ``GPUSCALE_DATABASE_STATEMENT_CACHE_SIZE=0`` (named prepared statements do not survive
+    from one transaction to the next).  A fleet too large for one direct connection per replica
+    sets ``GPUSCALE_DATABASE_LISTEN=false`` on the workers: they poll instead."""
+
+    model_config = SettingsConfigDict(env_prefix="GPUSCALE_", extra="ignore", populate_by_name=True)
+
+    database_listen_url: SecretStr | None = Field(
+        default=None, description="direct URL for LISTEN when the database URL goes through a pooler"
+    )
+    database_listen: bool = Field(
+        default=True, description="false: no LISTEN connection; workers claim every poll interval"
+    )
+    database_statement_cache_size: int = Field(
+        default=100, ge=0, description="asyncpg prepared-statement cache; 0 behind PgBouncer"
+    )
+
+    def listen_dsn(self, dsn: str) -> str:
+        """The URL for LISTEN: the direct one when set, else ``dsn``."""
+        return self.database_listen_url.get_secret_value() if self.database_listen_url else dsn
+
+
+class Settings(DatabaseAccess):
     model_config = SettingsConfigDict(env_prefix="GPUSCALE_", extra="ignore", populate_by_name=True)
 
     # Database.  Absent: an embedded PostgreSQL under ``data_dir / "pg"``.

@@ -245,6 +245,7 @@ class Reconciler:
         self._dead_seen: dict[str, int] = {}
         self._last_logged: dict[str, tuple[int, str, tuple[tuple[str, int], ...]]] = {}
         self._observed_at: dict[str, float] = {}
+        self._last_saved: dict[str, dict[str, Any]] = {}  # the policy state last written, per pool
         # Every series exists from the first scrape (at 0), so rate() sees the first event too.
         for name, r in config.pools.items():
             for child in (
@@ -265,6 +266,7 @@ class Reconciler:
 
     async def load_states(self) -> None:
         """Take over the policy memory a previous leader saved (on becoming leader)."""
+        self._last_saved.clear()  # another leader may have written since: write ours again
         try:
             saved = await self.store.load_pool_states()
         except Exception as exc:
@@ -435,12 +437,15 @@ class Reconciler:
             dep: st.target for dep, st in per_deployment.items() if st is not None
         }
         if not self.dry_run:
-            try:
-                await self.store.save_pool_state(
-                    name, self._saved_state(rules, decision.state), self.controller_id
-                )
-            except Exception as exc:  # the memory is a help, not a must: the next tick saves it
-                log.debug("pool %s: could not save the policy state: %s", name, type(exc).__name__)
+            # Written when it changed, not every tick: a write per pool per tick would grow with
+            # the pools and the tick rate even when nothing happens.
+            saved = self._saved_state(rules, decision.state)
+            if saved != self._last_saved.get(name):
+                try:
+                    await self.store.save_pool_state(name, saved, self.controller_id)
+                    self._last_saved[name] = saved
+                except Exception as exc:  # the memory is a help, not a must: the next tick saves it
+                    log.debug("pool %s: could not save the policy state: %s", name, type(exc).__name__)
         self._observe_metrics(name, stats, obs, decision, counts, observed.servers, provider_state)
         self._placement_metrics(rules, per_deployment, placement)
 

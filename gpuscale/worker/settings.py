@@ -12,7 +12,9 @@ import socket
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from gpuscale.common.settings import DatabaseAccess
 
 # Pools whose tasks run against Ollama.  The bench pool (``noop``) needs no model.
 MODEL_POOLS = ("visual", "text")
@@ -23,7 +25,7 @@ KNOWN_POOLS = ("visual", "text", "bench")
 DEFAULT_CONCURRENCY = {"visual": 1, "text": 2, "bench": 4}
 
 
-class WorkerSettings(BaseSettings):
+class WorkerSettings(DatabaseAccess):
     model_config = SettingsConfigDict(env_prefix="GPUSCALE_", extra="ignore", populate_by_name=True)
 
     # Ollama.
