@@ -188,3 +188,16 @@ def test_cli_exits_2_on_bad_pools_file(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert str(bad) in proc.stderr and "min_replicas" in proc.stderr
+
+
+def test_shipped_deployments_serve_as_the_shipped_pools_say() -> None:
+    from gpuscale.controller import deployspec
+
+    root = Path(__file__).resolve().parents[1] / "deploy" / "datacrunch"
+    config = load_pools(root / "pools.yaml")
+    for name, rules in config.pools.items():
+        spec = deployspec.load_file(root / f"{name}.yaml")
+        assert spec["name"] == rules.deployment
+        assert deployspec.serving_mismatches(spec, rules.tasks_per_replica, rules.parallel) == []
+        fixed = deployspec.with_serving_env(spec, rules.tasks_per_replica + 1, rules.parallel + 1)
+        assert len(deployspec.serving_mismatches(fixed, rules.tasks_per_replica, rules.parallel)) == 2

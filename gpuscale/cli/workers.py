@@ -1,4 +1,4 @@
-"""Worker command: ``gpuscale worker --pool P``.
+"""Worker commands: ``gpuscale worker --pool P`` and ``gpuscale bench ollama``.
 
 Runs the worker runtime (:mod:`gpuscale.worker.runtime`) for one pool until SIGTERM/SIGINT, then drains.
 Settings come from the environment (:class:`gpuscale.worker.settings.WorkerSettings`, prefix
@@ -59,5 +59,54 @@ def worker(
         raise typer.Exit(code)
 
 
+def bench_ollama(
+    model: str = typer.Option(..., "--model", help="Ollama model, e.g. gemma3:12b."),
+    max_parallel: int = typer.Option(4, "--max-parallel", min=1, max=64, help="Measure 1..N at once."),
+    pool: str = typer.Option("visual", "--pool", help="Whose real requests to send: visual or text."),
+    host: str | None = typer.Option(None, "--host", help="Ollama server (default: OLLAMA_HOST)."),
+    rounds: int = typer.Option(2, "--rounds", min=1, max=100, help="Requests per stream at each level."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Measure requests/s and latency at 1..N concurrent requests against an Ollama server with the
+    pool's real prompts; print the pools-file lines (parallel, batching) to paste.
+
+    The server must run with OLLAMA_NUM_PARALLEL >= N, or it serves one request at a time."""
+    import json
+
+    from gpuscale.worker.bench_ollama import Level, run_bench_ollama
+    from gpuscale.worker.errors import OllamaError
+    from gpuscale.worker.settings import WorkerSettings
+
+    if pool not in ("visual", "text"):
+        raise fail(f"--pool must be visual or text, not {pool!r}")
+    server = host or WorkerSettings().ollama_host
+
+    def show(lv: Level) -> None:
+        if not as_json:
+            typer.echo(
+                f"{lv.parallel:>3} at once: {lv.per_s:8.3f} requests/s  latency p50 {lv.latency_p50_s:7.2f}s"
+                f"  max {lv.latency_max_s:7.2f}s  ({lv.requests} requests)"
+            )
+
+    try:
+        result = asyncio.run(
+            run_bench_ollama(
+                server, model, pool=pool, max_parallel=max_parallel, rounds=rounds, on_level=show
+            )
+        )
+    except OllamaError as exc:
+        raise fail(f"ollama at {server}: {exc}") from None
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), sort_keys=True))
+        return
+    typer.echo("")
+    typer.echo(f"# paste into the {pool} pool of the pools file:")
+    for line in result.pools_lines():
+        typer.echo(line)
+
+
 def register(app: typer.Typer) -> None:
+    from gpuscale.cli.queue import bench_app
+
     app.command("worker")(worker)
+    bench_app.command("ollama")(bench_ollama)

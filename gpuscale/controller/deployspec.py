@@ -299,3 +299,36 @@ def update_body(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[
         if isinstance(existing, dict) and existing.get("name"):
             container["name"] = existing["name"]
     return body
+
+
+# The serving settings a pool's deployment must carry, from its rules in the pools file: the
+# worker holds ``tasks_per_replica`` tasks, Ollama serves ``parallel`` of them at once.
+SERVING_ENV = ("GPUSCALE_WORKER_CONCURRENCY", "OLLAMA_NUM_PARALLEL")
+
+
+def serving_env(tasks_per_replica: int, parallel: int) -> dict[str, str]:
+    return {"GPUSCALE_WORKER_CONCURRENCY": str(tasks_per_replica), "OLLAMA_NUM_PARALLEL": str(parallel)}
+
+
+def with_serving_env(deployment: Mapping[str, Any], tasks_per_replica: int, parallel: int) -> dict[str, Any]:
+    """A copy of ``deployment`` whose first container's env sets :func:`serving_env`."""
+    out = copy.deepcopy(dict(deployment))
+    container = out["containers"][0]
+    wanted = serving_env(tasks_per_replica, parallel)
+    env = [e for e in container.get("env") or [] if e.get("name") not in wanted]
+    env += [{"name": k, "value_or_reference_to_secret": v, "type": "plain"} for k, v in wanted.items()]
+    container["env"] = env
+    return out
+
+
+def serving_mismatches(deployment: Mapping[str, Any], tasks_per_replica: int, parallel: int) -> list[str]:
+    """Where the deployment's env disagrees with the pool's serving rules (empty: it agrees)."""
+    env = {
+        e.get("name"): e.get("value_or_reference_to_secret")
+        for e in (deployment["containers"][0].get("env") or [])
+    }
+    return [
+        f"{k} is {env.get(k)!r}, the pools file says {v!r}"
+        for k, v in serving_env(tasks_per_replica, parallel).items()
+        if env.get(k) != v
+    ]

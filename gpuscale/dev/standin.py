@@ -8,6 +8,11 @@ answer), which therefore validates against the worker's result models; image req
 described by their pixel size.  Each inference call waits ``latency_s`` (and the first call on an
 unloaded model ``load_latency_s``) so tasks take visible time in the demo.
 
+With ``num_parallel`` it serves like Ollama (``OLLAMA_NUM_PARALLEL``): at most that many inference
+calls per model at once, the others wait first come first served; ``m`` calls served together
+each take ``latency_s × m / batching[m-1]`` (``batching``: aggregate throughput at 1..N relative to
+one call; without it, no gain from batching).  Without ``num_parallel`` every call runs at once.
+
 It says so: ``/api/version`` answers ``{"version": "...-standin", "server": "Ollama stand-in"}``
 and every log line starts with "Ollama stand-in".
 
@@ -201,7 +206,18 @@ class OllamaStandin:
         latency_s: float = 0.0,
         load_latency_s: float = 0.0,
         pull_latency_s: float = 0.0,
+        num_parallel: int | None = None,
+        batching: list[float] | None = None,
     ) -> None:
+        if num_parallel is not None and num_parallel < 1:
+            raise ValueError("num_parallel must be >= 1")
+        if batching is not None and (num_parallel is None or len(batching) != num_parallel):
+            raise ValueError("batching needs one value per call served at once (num_parallel)")
+        self.num_parallel = num_parallel
+        self.batching = batching
+        self._gates: dict[str, asyncio.Semaphore] = {}
+        self.in_flight: Counter[str] = Counter()
+        self.max_in_flight: Counter[str] = Counter()
         self.host = host
         self.requested_port = port
         self.latency_s = latency_s
@@ -426,8 +442,22 @@ class OllamaStandin:
         model = _norm(str(body.get("model") or ""))
         started = time.monotonic()
         load_ns = await self._load(model, body.get("keep_alive"))
-        if self.latency_s > 0:
-            await asyncio.sleep(self.latency_s)
+        if self.num_parallel is None:
+            if self.latency_s > 0:
+                await asyncio.sleep(self.latency_s)
+        else:
+            # Created in the server's own event loop (the first call), one queue per model.
+            gate = self._gates.setdefault(model, asyncio.Semaphore(self.num_parallel))
+            async with gate:
+                self.in_flight[model] += 1
+                m = self.in_flight[model]
+                self.max_in_flight[model] = max(self.max_in_flight[model], m)
+                try:
+                    speedup = 1.0 if self.batching is None else self.batching[m - 1] / self.batching[0]
+                    if self.latency_s > 0:
+                        await asyncio.sleep(self.latency_s * m / speedup)
+                finally:
+                    self.in_flight[model] -= 1
         content = self._answer(body.get("format"), text, images, model)
         total_ns = int((time.monotonic() - started) * 1e9)
         return model, content, load_ns, total_ns
@@ -529,6 +559,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", type=float, default=0.5, help="seconds per chat/generate call")
     parser.add_argument("--load-latency", type=float, default=1.0, help="seconds to 'load' a model")
     parser.add_argument("--pull-latency", type=float, default=1.0, help="seconds a pull takes")
+    parser.add_argument(
+        "--num-parallel", type=int, default=None, help="serve like Ollama: this many calls at once per model"
+    )
+    parser.add_argument(
+        "--batching", default=None, help="comma-separated aggregate throughput at 1..num-parallel calls"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     standin = OllamaStandin(
@@ -538,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         latency_s=args.latency,
         load_latency_s=args.load_latency,
         pull_latency_s=args.pull_latency,
+        num_parallel=args.num_parallel,
+        batching=[float(v) for v in args.batching.split(",")] if args.batching else None,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -38,7 +38,7 @@ from gpuscale.db.connect import connect_pool
 from gpuscale.queue import ClaimedTask, Queue, ServerInfo, TaskStatus, listen, tasktypes
 from gpuscale.worker import metrics
 from gpuscale.worker.errors import OllamaError, TaskError
-from gpuscale.worker.handlers import Handler, TaskContext, handlers_for_pool
+from gpuscale.worker.handlers import Handler, TaskContext, handlers_for_pool, replay
 from gpuscale.worker.http import WorkerStatus, create_app
 from gpuscale.worker.ollama_client import ModelNotFound, OllamaClient
 from gpuscale.worker.results import RESULT_MODELS
@@ -93,9 +93,11 @@ class Worker:
         self.http = http
         self.dsn = dsn
         self.settings = settings or WorkerSettings()
-        self.handlers: dict[str, Handler] = dict(
-            handlers if handlers is not None else handlers_for_pool(pool)
-        )
+        if handlers is None:
+            handlers = handlers_for_pool(pool)
+            if self.settings.worker_replay:
+                handlers = replay.handlers_for(handlers, self.settings.ollama_num_parallel or 1)
+        self.handlers: dict[str, Handler] = dict(handlers)
         if not self.handlers:
             raise StartupError(f"no task types are routed to pool {pool!r}")
         self.model = self.settings.model_for(pool)
@@ -523,7 +525,8 @@ class Worker:
         except Exception as exc:
             log.exception("task %s (%s): handler crashed", task.id, task.task_type)
             return None, f"handler crashed: {type(exc).__name__}: {exc}", True
-        problem = self._check_result(task.task_type, raw)
+        # A replayed task's result is its timing, not the task type's answer.
+        problem = self._check_result("" if self.settings.worker_replay else task.task_type, raw)
         if problem is not None:
             return None, problem, False
         assert isinstance(raw, dict)

@@ -54,6 +54,14 @@ class WorkerSettings(DatabaseAccess):
         le=64,
         validation_alias=AliasChoices("GPUSCALE_WORKER_CONCURRENCY", "GPUSCALE_CONCURRENCY"),
     )
+    # Requests the pool's model serves at once: Ollama's own variable (the deployment sets both
+    # from the pools file's ``parallel``); the worker's concurrency defaults to it.
+    ollama_num_parallel: int | None = Field(
+        default=None, ge=1, le=64, validation_alias=AliasChoices("OLLAMA_NUM_PARALLEL")
+    )
+    # Load tests (``gpuscale replay``): every task sleeps the seconds its document names
+    # (``replay:<seconds>``), served ``OLLAMA_NUM_PARALLEL`` at a time like Ollama; no model.
+    worker_replay: bool = False
     container_id: str | None = None
     server_id: str | None = None
 
@@ -74,7 +82,9 @@ class WorkerSettings(DatabaseAccess):
     worker_port_file: Path | None = None
 
     def model_for(self, pool: str) -> str | None:
-        """The Ollama model a pool uses, or None for pools that need no model."""
+        """The Ollama model a pool uses, or None for pools that need no model (or in replay)."""
+        if self.worker_replay:
+            return None
         if pool == "visual":
             return self.visual_model
         if pool == "text":
@@ -82,7 +92,7 @@ class WorkerSettings(DatabaseAccess):
         return None
 
     def concurrency_for(self, pool: str) -> int:
-        return self.concurrency or DEFAULT_CONCURRENCY.get(pool, 1)
+        return self.concurrency or self.ollama_num_parallel or DEFAULT_CONCURRENCY.get(pool, 1)
 
     def resolved_container_id(self) -> str:
         return self.container_id or socket.gethostname()

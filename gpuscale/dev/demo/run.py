@@ -41,6 +41,7 @@ import asyncpg
 import httpx
 import yaml
 
+from gpuscale.controller import deployspec
 from gpuscale.controller.pools import PoolsConfig, load_pools
 from gpuscale.dev.demo import decks as deckgen
 from gpuscale.dev.demo.procs import ChildFailed, ProcessSet, free_port, gpuscale_cmd, wait_http
@@ -392,16 +393,9 @@ class Demo:
         for name, rules in self.demo_pools.items():
             spec = copy.deepcopy(self.specs[name])
             spec["name"] = rules.deployment
-            # The worker runs as many tasks at once as the controller sizes the pool for.
-            env = [e for e in spec["containers"][0]["env"] if e["name"] != "GPUSCALE_WORKER_CONCURRENCY"]
-            env.append(
-                {
-                    "name": "GPUSCALE_WORKER_CONCURRENCY",
-                    "value_or_reference_to_secret": str(rules.tasks_per_replica),
-                    "type": "plain",
-                }
-            )
-            spec["containers"][0]["env"] = env
+            # The worker holds as many tasks as the controller sizes the pool for; Ollama serves
+            # the pool's `parallel` of them at once.
+            spec = deployspec.with_serving_env(spec, rules.tasks_per_replica, rules.parallel)
             path = out_dir / f"{name}.yaml"
             path.write_text(yaml.safe_dump(spec, sort_keys=False))
             paths.append(path)
