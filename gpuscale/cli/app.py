@@ -13,7 +13,7 @@ import sys
 import typer
 
 from gpuscale import __version__
-from gpuscale.cli import control, demo, providers, queue, sim, workers
+from gpuscale.cli import api, control, demo, providers, queue, sim, workers
 from gpuscale.cli.errors import fail
 from gpuscale.common.errors import ConfigError
 
@@ -49,7 +49,7 @@ def _root(
     setup_logging(log_level, log_format)
 
 
-for _module in (queue, control, workers, sim, providers, demo):
+for _module in (queue, control, workers, sim, providers, demo, api):
     _module.register(app)
 
 

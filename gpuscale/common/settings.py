@@ -112,10 +112,19 @@ class Settings(DatabaseAccess):
     max_payload_bytes: int = 256 * 1024
     lease_seconds: float = 60.0
     deck_batch_pages: int = 8
+    # A deck with more pages than this is refused at submission (each page batch is a GPU task);
+    # named like the worker's GPUSCALE_MAX_PDF_BYTES.
+    max_pdf_pages: int = Field(default=300, ge=1)
     # Where submitted decks are stored (issue 13): a folder every worker mounts too; on Verda the
     # shared filesystem (e.g. /mnt/shared/uploads).  Payloads name documents relative to it.
     document_root: Path = Path(".gpuscale/documents")
     deck_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="largest deck PDF accepted")
+    deck_fetch_timeout_s: float = Field(default=60.0, gt=0, description="downloading a deck given by URL")
+
+    # HTTP task API (issue 15): bearer tokens it accepts, comma-separated (rotate by listing both).
+    api_token: SecretStr | None = None
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8080, ge=0, le=65535)
 
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"

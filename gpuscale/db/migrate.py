@@ -68,3 +68,12 @@ async def migrate(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
     return applied
+
+
+async def pending(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> list[Migration]:
+    """The migrations this build knows that the database has not applied (health checks)."""
+    exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    done = (
+        {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")} if exists else set()
+    )
+    return [m for m in load_migrations() if m.version not in done]

@@ -92,7 +92,10 @@ def _fetch_url(url: str, dest: Path, max_bytes: int | None, timeout_s: float) ->
                     if max_bytes is not None and size > max_bytes:
                         raise DeckError(f"{url}: the document is over the {max_bytes}-byte limit")
                     fh.write(chunk)
-    except httpx.HTTPError as exc:
+    except DeckError:
+        raise
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+        # InvalidURL is not an HTTPError; a URL that cannot even be parsed is bad input too.
         raise DeckError(f"{url}: cannot download: {type(exc).__name__}") from None
 
 

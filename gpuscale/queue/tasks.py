@@ -715,11 +715,7 @@ class Queue:
         )
         if row is None:
             return None
-        out = dict(row)
-        out["payload"] = _loads(out["payload"])
-        out["result"] = _loads(out["result"])
-        out["depends_on"] = list(out["depends_on"])
-        return out
+        return _task_row(row)
 
     async def tasks_for_document(self, document_id: str) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(
@@ -728,6 +724,56 @@ class Queue:
             document_id,
         )
         return [dict(r) for r in rows]
+
+    async def document_tasks(self, document_id: str) -> list[dict[str, Any]]:
+        """Every task of a document with all its columns (payload and result decoded), by id."""
+        rows = await self.pool.fetch(
+            f"SELECT {_TASK_COLUMNS} FROM processing_queue WHERE document_id = $1 ORDER BY id",
+            document_id,
+        )
+        return [_task_row(r) for r in rows]
+
+    async def list_tasks(
+        self,
+        *,
+        document_id: str | None = None,
+        status: str | None = None,
+        after_id: int = 0,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """A page of tasks by ascending id (keyset paging: pass the last id as ``after_id``),
+        without payload and result."""
+        rows = await self.pool.fetch(
+            """SELECT id, task_type, pool, document_id, priority::text, status::text, attempts,
+                      max_attempts, progress, progress_message, error, created_at, started_at,
+                      finished_at, updated_at
+                 FROM processing_queue
+                WHERE ($1::text IS NULL OR document_id = $1)
+                  AND ($2::text IS NULL OR status = $2::gpuscale_task_status)
+                  AND id > $3
+                ORDER BY id LIMIT $4""",
+            document_id,
+            status,
+            after_id,
+            limit,
+        )
+        return [dict(r) for r in rows]
+
+    async def cancel_document(self, document_id: str) -> int:
+        """Cancel every unfinished task of a document in one transaction; returns how many."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            ids = await conn.fetch(
+                """UPDATE processing_queue
+                      SET status = 'cancelled', error = 'cancelled', finished_at = now(),
+                          lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+                    WHERE document_id = $1 AND status IN ('blocked', 'queued', 'running')
+                   RETURNING id""",
+                document_id,
+            )
+            if ids:
+                # Dependents elsewhere (another document's tasks) fail with a reason.
+                await conn.execute("SELECT gpuscale_fail_dependents($1::bigint[])", [r["id"] for r in ids])
+            return len(ids)
 
     async def dependency_results(self, task_id: int) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(
@@ -1020,6 +1066,14 @@ class Queue:
                 ids,
             )
         return ids
+
+
+def _task_row(row: Any) -> dict[str, Any]:
+    out = dict(row)
+    out["payload"] = _loads(out["payload"])
+    out["result"] = _loads(out["result"])
+    out["depends_on"] = list(out["depends_on"])
+    return out
 
 
 def _rowcount(status: str) -> int:

@@ -112,6 +112,9 @@ async def _fetch_http(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
         raise TaskError(f"{url}: download timed out after {timeout_s:g}s", retryable=True) from None
     except httpx.HTTPError as exc:
         raise TaskError(f"{url}: download failed: {type(exc).__name__}: {exc}", retryable=True) from None
+    except (httpx.InvalidURL, ValueError) as exc:
+        # Not an HTTPError: a URL that cannot be parsed will never download.
+        raise DocumentError(f"{url}: invalid URL ({type(exc).__name__})") from None
 
 
 class PdfDocument:
