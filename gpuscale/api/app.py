@@ -102,13 +102,20 @@ def create_app(settings: Settings, dsn: str, *, migrate_on_start: bool = True) -
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=10, command_timeout=60)
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=1,
+            max_size=10,
+            command_timeout=60,
+            statement_cache_size=settings.database_statement_cache_size,
+        )
         assert pool is not None
         try:
             if migrate_on_start:
                 async with pool.acquire() as conn:
                     await migrate(conn)
-            finished = Finished(dsn)
+            # LISTEN needs a session of its own: the direct URL when a pooler sits in front.
+            finished = Finished(settings.listen_dsn(dsn))
             finished.start()
             queue = Queue(pool, max_payload_bytes=settings.max_payload_bytes, lease_s=settings.lease_seconds)
             app.state.api = ApiState(settings, queue, finished)
