@@ -1,6 +1,7 @@
 """The end-to-end tests' stack: real processes around the test's PostgreSQL.
 
-:class:`Stack` starts the DataCrunch emulator (``gpuscale emulator``, replicas are real
+The bring-up is the demo's (:class:`gpuscale.dev.stack.Stack`); this adds what only the tests
+need.  :class:`Stack` starts the DataCrunch emulator (``gpuscale emulator``, replicas are real
 ``gpuscale worker`` processes), creates the deployments with ``gpuscale deploy apply``, and runs
 one or more ``gpuscale controller`` processes with the ``datacrunch`` provider pointed at the
 emulator, all with short leases and heartbeats so that failures heal within seconds.  Work is
@@ -17,8 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,9 @@ import asyncpg
 import httpx
 import yaml
 
+from gpuscale.common.processes import ProcessGroup
 from gpuscale.controller import deployspec
-from gpuscale.dev.demo.procs import Child, ProcessSet, free_port, gpuscale_cmd, wait_http
-from gpuscale.dev.demo.run import RUN_MARKER, kill_leftovers
+from gpuscale.dev.stack import Stack as DevStack
 from gpuscale.queue import NewTask, Priority, Queue
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,25 +115,17 @@ class Outcome:
     touched_after_done: list[dict[str, Any]]  # audit rows of updates to a task already done
 
 
-class Stack:
+class Stack(DevStack):
     def __init__(self, dsn: str, workdir: Path, *, pools_yaml: str = POOLS, controllers: int = 1) -> None:
         self.dsn = dsn
         self.workdir = workdir
         self.pools_yaml = pools_yaml
         self.n_controllers = controllers
-        self.run_id = uuid.uuid4().hex[:12]
-        self.log_dir = workdir / "logs"
-        self.emulator = ""
-        self.controller_urls: dict[str, str] = {}  # child name -> http://127.0.0.1:port
-        self.controllers: dict[str, Child] = {}
-        self.expected_dead: set[str] = set()  # children a test killed on purpose
-        self.http = httpx.AsyncClient(timeout=5.0)
         self.db: asyncpg.Pool | None = None
         self.queue: Queue | None = None
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUSCALE_", "DATACRUNCH_"))}
         env.update(
             {
-                RUN_MARKER: self.run_id,
                 "GPUSCALE_DATABASE_URL": dsn,
                 "GPUSCALE_WORKER_TOKEN": WORKER_TOKEN,
                 "GPUSCALE_WORKER_HOST": "127.0.0.1",
@@ -146,7 +138,16 @@ class Stack:
                 "PYTHONUNBUFFERED": "1",
             }
         )
-        self.procs = ProcessSet(self.log_dir, env)
+        super().__init__(log_dir=workdir / "logs", env=env, client_id="e2e", client_secret=CLIENT_SECRET)
+        self.controller_env = {
+            "GPUSCALE_POOLS_FILE": str(workdir / "pools.yaml"),
+            "GPUSCALE_HEARTBEAT_TIMEOUT_S": "3",
+            "GPUSCALE_REAPER_INTERVAL_S": "1",
+        }
+
+    @property
+    def emulator(self) -> str:
+        return self.emulator_url
 
     async def start(self) -> None:
         conn = await asyncpg.connect(self.dsn)
@@ -164,56 +165,28 @@ class Stack:
         self.dsn = urlunsplit(
             (parts.scheme, f"{DB_USER}:{DB_PASSWORD}@{host}", parts.path, parts.query, parts.fragment)
         )
-        self.procs.env["GPUSCALE_DATABASE_URL"] = self.dsn
-        pools_file = self.workdir / "pools.yaml"
-        pools_file.write_text(self.pools_yaml)
+        self.env["GPUSCALE_DATABASE_URL"] = self.dsn
+        (self.workdir / "pools.yaml").write_text(self.pools_yaml)
         spec_files = []
         for pool, name, conc in (("bench", BENCH, 4), ("visual", "e2e-visual", 1), ("text", "e2e-text", 1)):
             path = self.workdir / f"{name}.yaml"
             path.write_text(yaml.safe_dump(_spec(pool, name, conc), sort_keys=False))
             spec_files.append(path)
 
-        port = free_port()
-        self.emulator = f"http://127.0.0.1:{port}"
-        emu = self.procs.start(
-            "emulator",
-            gpuscale_cmd("emulator", "--port", str(port), "--cold-start", "1", "--grace", "8",
-                         "--log-dir", str(self.log_dir / "replicas")),
-            env={"GPUSCALE_EMULATOR_CLIENT_ID": "e2e", "GPUSCALE_EMULATOR_CLIENT_SECRET": CLIENT_SECRET},
-        )  # fmt: skip
-        await asyncio.to_thread(wait_http, f"{self.emulator}/_emulator/state", emu, timeout=30)
-        self.procs.env.update(
-            {
-                "DATACRUNCH_BASE_URL": f"{self.emulator}/v1",
-                "DATACRUNCH_CLIENT_ID": "e2e",
-                "DATACRUNCH_CLIENT_SECRET": CLIENT_SECRET,
-            }
-        )
-        await asyncio.to_thread(
-            self.procs.run, "deploy-apply", gpuscale_cmd("deploy", "apply", *map(str, spec_files))
-        )
-        self.controller_env = {
-            "GPUSCALE_POOLS_FILE": str(pools_file),
-            "GPUSCALE_PROVIDER": "datacrunch",
-            "GPUSCALE_HEARTBEAT_TIMEOUT_S": "3",
-            "GPUSCALE_REAPER_INTERVAL_S": "1",
-        }
+        await self.start_emulator(cold_start_s=1, grace_s=8)
+        await self.apply_deployments(spec_files)
         for i in range(self.n_controllers):
-            self.start_controller(f"controller-{i + 1}")
-        for name, child in self.controllers.items():
-            await asyncio.to_thread(wait_http, f"{self.controller_urls[name]}/readyz", child, timeout=60)
+            await self.start_controller(f"controller-{i + 1}")
+        for name in self.controllers:
+            await self.wait_controller(name)
         self.db = await asyncpg.create_pool(self.dsn, min_size=1, max_size=3)
         assert self.db is not None
         self.queue = Queue(self.db)
 
-    def start_controller(self, name: str) -> Child:
-        port = free_port()
-        child = self.procs.start(
-            name, gpuscale_cmd("controller", "--http-port", str(port)), env=self.controller_env
-        )
-        self.controllers[name] = child
-        self.controller_urls[name] = f"http://127.0.0.1:{port}"
-        return child
+    async def start_controller(
+        self, name: str = "controller", *, env: Mapping[str, str] | None = None, port: int = 0
+    ) -> ProcessGroup:
+        return await super().start_controller(name, env={**self.controller_env, **(env or {})}, port=port)
 
     # ------------------------------------------------------------------ work
 
@@ -252,8 +225,7 @@ class Stack:
         )
 
     async def replicas(self, deployment: str = BENCH) -> list[dict[str, Any]]:
-        state = (await self.http.get(f"{self.emulator}/_emulator/state")).json()
-        return list(state["deployments"].get(deployment, {}).get("replicas", []))
+        return await super().replicas(deployment)
 
     async def wait_replicas_zero(
         self, timeout_s: float = 60.0, deployment: str = BENCH
@@ -264,12 +236,6 @@ class Stack:
                 return []
             await asyncio.sleep(0.5)
         return await self.replicas(deployment)
-
-    def check_alive(self) -> None:
-        for child in self.procs.dead():
-            if child.name in self.expected_dead:
-                continue
-            raise AssertionError(f"{child.name} exited with {child.proc.returncode}:\n{child.log_tail()}")
 
     async def outcome(self, ids: Sequence[int]) -> Outcome:
         assert self.db is not None
@@ -292,21 +258,6 @@ class Stack:
             ],
             touched_after_done=[dict(a) for a in audit if a["old_status"] == "done"],
         )
-
-    async def metric(self, controller: str, name: str) -> list[tuple[dict[str, str], float]]:
-        """Samples of one metric from one controller's /metrics ([] when it does not answer)."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        try:
-            text = (await self.http.get(self.controller_urls[controller] + "/metrics")).text
-        except httpx.HTTPError:
-            return []
-        return [
-            (dict(sample.labels), float(sample.value))
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == name
-        ]
 
     async def role(self, controller: str) -> str | None:
         """'leader' or 'standby' from /readyz, None when it does not answer."""
@@ -347,9 +298,6 @@ class Stack:
         }
         return sorted(name for name, value in names.items() if any(value in t for t in texts))
 
-    def log_texts(self) -> list[str]:
-        return [p.read_text(errors="replace") for p in self.log_dir.rglob("*.log")]
-
     # ------------------------------------------------------------------ the end
 
     async def stop(self) -> list[int]:
@@ -357,6 +305,4 @@ class Stack:
         if self.db is not None:
             await self.db.close()
             self.db = None
-        await self.http.aclose()
-        await asyncio.to_thread(self.procs.stop_all)
-        return kill_leftovers(self.run_id)
+        return await super().stop()

@@ -27,7 +27,7 @@ import httpx
 import pytest
 import yaml
 
-from gpuscale.dev.demo.procs import free_port
+from gpuscale.dev.stack import free_port
 
 
 def prometheus_binary() -> str | None:

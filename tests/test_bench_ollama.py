@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from gpuscale.dev.standin import OllamaStandin
+from gpuscale.queue.results import SlideDescription
 from gpuscale.worker.bench_ollama import run_bench_ollama
 from gpuscale.worker.ollama_client import OllamaClient
-from gpuscale.worker.results import SlideDescription
 
 
 async def _burst(url: str, n: int) -> None:

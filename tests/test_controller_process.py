@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gpuscale.dev.demo.procs import free_port
 from gpuscale.dev.emulator.app import EmulatorConfig
 from gpuscale.dev.emulator.server import Emulator
+from gpuscale.dev.stack import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SLEEPER = f"{sys.executable} -c 'import time; time.sleep(600)'"

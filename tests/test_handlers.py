@@ -24,13 +24,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gpuscale.common.serving import AppServer
+from gpuscale.queue.tasktypes import validate_result
 from gpuscale.worker.errors import DocumentError, InvalidAnswer, MissingInput, OllamaError, TaskError
 from gpuscale.worker.handlers import HANDLERS, TaskContext
 from gpuscale.worker.handlers.base import deck_text, merge_visual_pages
 from gpuscale.worker.ollama_client import OllamaClient
 from gpuscale.worker.pdf import fetch_pdf
-from gpuscale.worker.results import validate_result
-from gpuscale.worker.serving import BackgroundServer
 from gpuscale.worker.settings import WorkerSettings
 
 HOST = "http://ollama.test:11434"
@@ -231,12 +231,12 @@ def doc_server(deck: Path) -> Iterator[str]:
             return Response(b"oops", status_code=503)
         return Response(b"not found", status_code=404)
 
-    server = BackgroundServer(Starlette(routes=[Route("/{name}", serve)]), name="docs")
-    server.start()
+    server = AppServer(Starlette(routes=[Route("/{name}", serve)]), name="docs")
+    server.start_thread()
     try:
         yield f"http://127.0.0.1:{server.port}"
     finally:
-        server.stop()
+        server.stop_thread()
 
 
 async def test_fetch_over_http(doc_server: str, deck: Path) -> None:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from gpuscale.common.serving import AppServer
 from gpuscale.worker.http import WorkerStatus, create_app
-from gpuscale.worker.serving import BackgroundServer
 
 ROOT = Path(__file__).resolve().parent.parent
 POOLS = ("visual", "text")
@@ -179,8 +179,8 @@ def _healthcheck(port: int) -> subprocess.CompletedProcess[str]:
 
 def test_healthcheck_command_against_a_real_worker_api() -> None:
     status = WorkerStatus(pool="bench", server_id="b1", model=None, slots=1)
-    server = BackgroundServer(create_app(status, None), name="health")
-    server.start()
+    server = AppServer(create_app(status, None), name="health")
+    server.start_thread()
     try:
         r = _healthcheck(server.port)
         assert r.returncode == 1 and r.stdout.strip() == "starting"
@@ -190,7 +190,7 @@ def test_healthcheck_command_against_a_real_worker_api() -> None:
         status.draining = True
         assert _healthcheck(server.port).returncode == 1
     finally:
-        server.stop()
+        server.stop_thread()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]

@@ -15,9 +15,9 @@ import pytest
 import respx
 
 from gpuscale.dev.standin import OllamaStandin
+from gpuscale.queue.results import StartupName
 from gpuscale.worker.errors import InvalidAnswer, OllamaError
 from gpuscale.worker.ollama_client import ModelNotFound, OllamaClient, parse_answer, same_model
-from gpuscale.worker.results import StartupName
 
 HOST = "http://ollama.test:11434"
 

@@ -16,8 +16,11 @@ import pytest
 from pydantic import BaseModel
 
 from gpuscale.dev.standin import OllamaStandin, parse_keep_alive
+from gpuscale.queue import tasktypes
+from gpuscale.queue.results import SlideDescription, SlideFeedback
 from gpuscale.worker.ollama_client import OllamaClient
-from gpuscale.worker.results import TEXT_ANSWERS, SlideDescription, SlideFeedback
+
+ANSWERS = [t.answer_model for t in tasktypes.all_types().values() if t.answer_model is not None]
 
 
 @pytest.fixture
@@ -43,7 +46,11 @@ async def test_version_tags_show_say_what_it_is(standin: OllamaStandin) -> None:
 
 async def test_structured_answers_validate_against_every_answer_model(standin: OllamaStandin) -> None:
     client = ollama.AsyncClient(host=standin.url)
-    models: list[type[BaseModel]] = [SlideDescription, SlideFeedback, *TEXT_ANSWERS.values()]
+    models: list[type[BaseModel]] = [
+        SlideDescription,
+        SlideFeedback,
+        *(t.answer_model for t in tasktypes.all_types().values() if t.answer_model),
+    ]
     for model in models:
         messages = [{"role": "user", "content": f"question for {model.__name__}"}]
         first = await client.chat(

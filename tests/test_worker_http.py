@@ -8,10 +8,10 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from gpuscale.common.serving import AppServer
 from gpuscale.dev.standin import OllamaStandin
 from gpuscale.worker.http import WorkerStatus, create_app
 from gpuscale.worker.ollama_client import OllamaClient
-from gpuscale.worker.serving import BackgroundServer
 
 TOKEN = "s3cret-token-value"
 
@@ -25,8 +25,8 @@ def standin() -> Iterator[OllamaStandin]:
 class Api:
     def __init__(self, status: WorkerStatus, token: SecretStr | None) -> None:
         self.status = status
-        self.server = BackgroundServer(create_app(status, token), name="worker-http")
-        self.server.start()
+        self.server = AppServer(create_app(status, token), name="worker-http")
+        self.server.start_thread()
         self.url = f"http://127.0.0.1:{self.server.port}"
 
     def get(self, path: str, **kw: object) -> httpx.Response:
@@ -50,7 +50,7 @@ def api(standin: OllamaStandin) -> Iterator[Api]:
     try:
         yield a
     finally:
-        a.server.stop()
+        a.server.stop_thread()
 
 
 def test_health_goes_from_starting_to_ready_to_draining(api: Api, standin: OllamaStandin) -> None:
@@ -85,7 +85,7 @@ def test_bench_worker_is_healthy_without_ollama() -> None:
         assert r.status_code == 200 and r.json()["ollama"] is None
         assert a.call("GET", "/api/models").status_code == 401  # no token configured: management is off
     finally:
-        a.server.stop()
+        a.server.stop_thread()
 
 
 @pytest.mark.parametrize(

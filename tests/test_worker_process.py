@@ -23,9 +23,9 @@ import pytest
 from pdfs import make_deck
 
 from gpuscale.dev.standin import OllamaStandin
-from gpuscale.queue import NewTask, Queue
+from gpuscale.queue import NewTask, Queue, tasktypes
+from gpuscale.queue.tasktypes import validate_result
 from gpuscale.worker.handlers.templates import template_for
-from gpuscale.worker.results import validate_result
 
 GPUSCALE = str(Path(sys.executable).with_name("gpuscale"))
 
@@ -195,13 +195,10 @@ def test_bad_pool_exits_2(db_env: dict[str, str]) -> None:
     assert r.returncode == 2 and "unknown pool 'gpu'" in r.stderr
 
 
-DECK_TEXT_TYPES = (
-    "company_offering_extraction",
-    "startup_name_extraction",
-    "healthcare_classification",
-    "funding_amount_extraction",
-    "deck_date_extraction",
-)
+# The five extractions: the text types that wait for the visual analysis.
+DECK_TEXT_TYPES = [
+    t.name for t in tasktypes.deck_order() if t.pool == "text" and t.after == ("visual_analysis",)
+]
 
 
 async def test_a_whole_deck_through_visual_and_text_workers(

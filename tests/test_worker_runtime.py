@@ -8,6 +8,7 @@ runs; the database side is the real queue.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 from typing import Any
@@ -126,7 +127,7 @@ async def test_failures_fail_only_their_task(
 ) -> None:
     """Raising, hanging past the time limit and returning garbage each fail one task; others pass."""
     monkeypatch.setitem(
-        tasktypes._REGISTRY, "noop", tasktypes.TaskType("noop", "bench", tasktypes.NoopPayload, timeout_s=0.5)
+        tasktypes._REGISTRY, "noop", dataclasses.replace(tasktypes.get("noop"), timeout_s=0.5)
     )
 
     async def handler(ctx: TaskContext) -> dict[str, Any]:

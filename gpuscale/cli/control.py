@@ -91,7 +91,7 @@ def controller(
 
 
 def _set_paused(pool: str, paused: bool, pools_file: Path | None) -> None:
-    from gpuscale.cli.queue import open_queue, run_db
+    from gpuscale.cli.database import open_queue, run_db
     from gpuscale.controller.store import ControllerStore
 
     config = _load_config(pools_file)

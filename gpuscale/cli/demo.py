@@ -90,10 +90,10 @@ def demo(
 
 
 async def _main(options: object, console: Console, *, headless: bool, json_out: bool) -> int:
-    from gpuscale.dev.demo.procs import ChildFailed
     from gpuscale.dev.demo.run import Demo, DemoError, DemoOptions
     from gpuscale.dev.demo.summary import render_summary
     from gpuscale.dev.demo.view import Snapshot, render
+    from gpuscale.dev.stack import ProcessFailed
 
     assert isinstance(options, DemoOptions)
     loop = asyncio.get_running_loop()
@@ -165,7 +165,7 @@ async def _main(options: object, console: Console, *, headless: bool, json_out: 
     except asyncio.CancelledError:
         console.print("interrupted; everything was stopped", style="yellow")
         return 130
-    except (DemoError, ChildFailed) as exc:
+    except (DemoError, ProcessFailed) as exc:
         console.print(f"error: {exc}", style="red", highlight=False)
         return 1
     finally:

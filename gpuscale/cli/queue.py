@@ -9,59 +9,23 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import typer
 
+from gpuscale.cli.database import open_queue, run_db
 from gpuscale.cli.errors import fail
 
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (print numbers; not tests).", no_args_is_help=True)
 
-T = TypeVar("T")
 
 if TYPE_CHECKING:  # imports stay lazy at run time so `--help` is fast
     from rich.console import Console
 
     from gpuscale.queue import Queue
-
-
-@asynccontextmanager
-async def open_queue(*, max_size: int = 4) -> AsyncIterator[Queue]:
-    """A :class:`~gpuscale.queue.Queue` on the configured database, schema migrated."""
-    from gpuscale.common.settings import get_settings
-    from gpuscale.db import Database, migrate
-    from gpuscale.queue import Queue
-
-    settings = get_settings()
-    async with Database(max_size=max_size) as pool:
-        async with pool.acquire() as conn:
-            await migrate(conn)  # type: ignore[arg-type]  # a pooled connection works the same
-        yield Queue(pool, max_payload_bytes=settings.max_payload_bytes, lease_s=settings.lease_seconds)
-
-
-def run_db(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run ``fn`` and turn a database that cannot be reached into a clear exit-2 message.
-
-    The message names the failure, never the DSN (it may carry a password)."""
-    import asyncpg
-
-    try:
-        return asyncio.run(fn())
-    except (
-        OSError,
-        asyncpg.exceptions.InvalidAuthorizationSpecificationError,
-        asyncpg.exceptions.InvalidCatalogNameError,
-        asyncpg.exceptions.InvalidPasswordError,
-    ) as exc:
-        raise fail(
-            f"cannot use the database ({type(exc).__name__}: {exc}); "
-            "check GPUSCALE_DATABASE_URL, or unset it to use the embedded PostgreSQL"
-        ) from None
 
 
 @db_app.command("migrate")

@@ -28,9 +28,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
-import uvicorn
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from gpuscale.common.serving import AppServer
 from gpuscale.common.settings import Settings
 from gpuscale.controller import metrics as m
 from gpuscale.controller.leader import LeaderElector
@@ -323,25 +323,14 @@ class ControllerApp:
     # -------------------------------------------------------------- run
     async def run(self) -> None:
         await self.setup()
-        server: uvicorn.Server | None = None
-        server_task: asyncio.Task[Any] | None = None
+        server: AppServer | None = None
         if self.http:
-            config = uvicorn.Config(
-                build_app(self),
-                host=self.settings.http_host,
-                port=self.settings.http_port,
-                log_level="warning",
-                lifespan="off",
+            # Signals stay ours (see the handlers below), so a signal stops the controller in
+            # order: tick, lock, then the HTTP server.  A taken port fails here, saying so.
+            server = AppServer(
+                build_app(self), self.settings.http_host, self.settings.http_port, name="controller-http"
             )
-            server = uvicorn.Server(config)
-            server_task = asyncio.create_task(server.serve())
-            # uvicorn captures SIGINT/SIGTERM while it serves; ours go in after it started, so a
-            # signal stops the controller in order (tick, lock, then the HTTP server).
-            while not server.started and not server_task.done():  # noqa: ASYNC110 (uvicorn has no event)
-                await asyncio.sleep(0.01)
-            if server_task.done():
-                await server_task  # raises why it could not start (e.g. the port is taken)
-                raise OSError(f"HTTP server on port {self.settings.http_port} did not start")
+            await server.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -385,10 +374,8 @@ class ControllerApp:
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
             await self.account_cost()
-            if server is not None and server_task is not None:
-                server.should_exit = True
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(server_task, timeout=5)
+            if server is not None:
+                await server.stop(timeout_s=5)
             await self.teardown()
             log.info("controller: stopped")
 

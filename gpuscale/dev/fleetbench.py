@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Collection, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +103,8 @@ def register_types(pools: int) -> None:
         try:
             tasktypes.get(name)
         except tasktypes.UnknownTaskType:
-            tasktypes.register(
-                tasktypes.TaskType(name, pool, tasktypes.NoopPayload, max_attempts=3, timeout_s=600)
-            )
+            # A copy of ``noop`` (payload, result, handler) routed to this pool.
+            tasktypes.register(replace(tasktypes.get("noop"), name=name, pool=pool, timeout_s=600))
 
 
 def assign(opts: FleetOptions) -> list[tuple[str, str]]:

@@ -253,16 +253,16 @@ class OllamaStandin:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> OllamaStandin:
-        from gpuscale.worker.serving import BackgroundServer
+        from gpuscale.common.serving import AppServer
 
-        self._server = BackgroundServer(self.app, self.host, self.requested_port, name="ollama-standin")
-        self._server.start()
+        self._server = AppServer(self.app, self.host, self.requested_port, name="ollama-standin")
+        self._server.start_thread()
         log.info("%s listening on %s (models: %s)", NAME, self.url, ", ".join(sorted(self.installed)))
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.stop()
+            self._server.stop_thread()
             log.info("%s on port %d stopped", NAME, self._server.port)
             self._server = None
 

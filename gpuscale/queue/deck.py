@@ -1,9 +1,10 @@
 """Submitting a pitch deck: check the PDF, count its pages, enqueue its whole task graph at once.
 
-The graph (DESIGN.md): visual analysis split into page batches so several replicas share a deck;
-``slide_feedback`` and the five text extractions wait for every batch; ``template_analysis``
-waits for ``healthcare_classification``; the three specialized analyses wait for
-``template_analysis``.  Everything is written in one transaction, or nothing is.
+The graph (DESIGN.md) is the task type catalogue's (:func:`gpuscale.queue.tasktypes.deck_order`):
+visual analysis split into page batches so several replicas share a deck; ``slide_feedback`` and
+the five text extractions wait for every batch; ``template_analysis`` waits for
+``healthcare_classification``; the three specialized analyses wait for ``template_analysis``.
+Everything is written in one transaction, or nothing is.
 
 A local PDF is first copied into the document store (:mod:`gpuscale.queue.documents`) and the
 payloads name it relative to the store's root, so the workers read it through their own mount of
@@ -21,18 +22,11 @@ from pathlib import Path
 
 import httpx
 
+from gpuscale.queue import tasktypes
 from gpuscale.queue.documents import DocumentRefused, DocumentStore, is_url
 from gpuscale.queue.tasks import InvalidTask, NewTask, Priority, Queue
 
-TEXT_AFTER_VISUAL = (
-    "company_offering_extraction",
-    "startup_name_extraction",
-    "healthcare_classification",
-    "funding_amount_extraction",
-    "deck_date_extraction",
-)
 _PDFIUM_LOCK = threading.Lock()
-SPECIALIZED = ("specialized_clinical", "specialized_regulatory", "specialized_science")
 
 
 class DeckError(InvalidTask):
@@ -168,26 +162,19 @@ async def enqueue_deck(
 
     tasks: list[NewTask] = []
     after: list[list[int]] = []
-    names: list[str] = []
+    index: dict[str, list[int]] = {}  # task type → its tasks' positions in ``tasks``
 
-    def add(task_type: str, payload: dict[str, object], deps: list[int]) -> int:
-        tasks.append(NewTask(task_type, payload, priority=priority, document_id=doc_id))
-        after.append(deps)
-        names.append(task_type)
-        return len(tasks) - 1
-
-    batches = [
-        add("visual_analysis", {"document": document, "first_page": a, "last_page": b}, [])
-        for a, b in page_batches(pages, batch_pages)
-    ]
-    add("slide_feedback", {"document": document}, batches)
-    text = {name: add(name, {"document": document}, batches) for name in TEXT_AFTER_VISUAL}
-    template = add("template_analysis", {"document": document}, [text["healthcare_classification"]])
-    for name in SPECIALIZED:
-        add(name, {"document": document}, [template])
+    for tt in tasktypes.deck_order():
+        deps = [i for name in tt.after or () for i in index[name]]
+        payloads: list[dict[str, object]] = [{"document": document}]
+        if tt.per_page_batch:
+            batches = page_batches(pages, batch_pages)
+            payloads = [{"document": document, "first_page": a, "last_page": b} for a, b in batches]
+        for payload in payloads:
+            tasks.append(NewTask(tt.name, payload, priority=priority, document_id=doc_id))
+            after.append(deps)
+            index.setdefault(tt.name, []).append(len(tasks) - 1)
 
     ids = await queue.enqueue_graph(tasks, after)
-    task_ids: dict[str, list[int]] = {}
-    for name, tid in zip(names, ids, strict=True):
-        task_ids.setdefault(name, []).append(tid)
+    task_ids = {name: [ids[i] for i in positions] for name, positions in index.items()}
     return DeckSubmission(doc_id, document, pages, task_ids)

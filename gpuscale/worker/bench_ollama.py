@@ -23,10 +23,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from gpuscale.queue.results import CompanyOffering, SlideDescription
 from gpuscale.worker.handlers.text import QUESTIONS, SYSTEM, _prompt
 from gpuscale.worker.handlers.visual import DESCRIBE_PROMPT, DESCRIBE_SYSTEM
 from gpuscale.worker.ollama_client import OllamaClient
-from gpuscale.worker.results import TEXT_ANSWERS, SlideDescription
 
 # A deck's text as the text pool's prompts see it (merged slide descriptions), long enough that the
 # prompt's size is realistic (~30 slides).
@@ -131,7 +131,7 @@ def _request(pool: str) -> tuple[type[BaseModel], str, str, list[bytes]]:
         return SlideDescription, DESCRIBE_SYSTEM, prompt, [sample_slide_png()]
     question = QUESTIONS["company_offering_extraction"]
     return (
-        TEXT_ANSWERS["company_offering_extraction"],
+        CompanyOffering,
         SYSTEM,
         _prompt(question, sample_deck_text()),
         [],

@@ -31,9 +31,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
-import uvicorn
 
 from gpuscale import __version__
+from gpuscale.common.serving import AppServer
 from gpuscale.db.connect import connect_pool
 from gpuscale.queue import ClaimedTask, Queue, ServerInfo, TaskStatus, listen, tasktypes
 from gpuscale.worker import metrics
@@ -41,8 +41,6 @@ from gpuscale.worker.errors import OllamaError, TaskError
 from gpuscale.worker.handlers import Handler, TaskContext, handlers_for_pool, replay
 from gpuscale.worker.http import WorkerStatus, create_app
 from gpuscale.worker.ollama_client import ModelNotFound, OllamaClient
-from gpuscale.worker.results import RESULT_MODELS
-from gpuscale.worker.serving import EmbeddedServer, bind_socket
 from gpuscale.worker.settings import WorkerSettings
 
 log = logging.getLogger("worker")
@@ -131,7 +129,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._server_status = "starting"
-        self._http: EmbeddedServer | None = None
+        self._http: AppServer | None = None
         self._background: list[asyncio.Task[Any]] = []
         self._labels = {"pool": pool}
 
@@ -235,28 +233,27 @@ class Worker:
 
     async def _start_http(self) -> None:
         try:
-            sock = bind_socket(self.settings.worker_host, self.settings.worker_port)
+            server = AppServer(
+                create_app(self.status, self.settings.worker_token),
+                self.settings.worker_host,
+                self.settings.worker_port,
+                name="http",
+            )
         except OSError as exc:
             where = f"{self.settings.worker_host}:{self.settings.worker_port}"
             raise StartupError(
                 f"cannot listen on {where}: {exc.strerror or exc} "
                 "(set GPUSCALE_WORKER_PORT; 0 picks a free port)"
             ) from None
-        self.http_port = sock.getsockname()[1]
+        self.http_port = server.port
         if self.settings.worker_port_file is not None:
             try:
                 self.settings.worker_port_file.write_text(f"{self.http_port}\n")
             except OSError as exc:
                 log.warning("cannot write the port file %s: %s", self.settings.worker_port_file, exc)
-        app = create_app(self.status, self.settings.worker_token)
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
-        self._http = EmbeddedServer(config)
-        self._background.append(asyncio.create_task(self._http.serve(sockets=[sock]), name="http"))
-        # Wait until it accepts connections, so "listening on" is true when logged.
-        for _ in range(500):
-            if self._http.started:
-                break
-            await asyncio.sleep(0.01)
+        # Returns once it accepts connections, so "listening on" is true when logged.
+        await server.start()
+        self._http = server
         log.info(
             "worker http listening on %s:%d",
             self.settings.worker_host,
@@ -541,8 +538,9 @@ class Worker:
             json.dumps(raw, allow_nan=False)
         except (TypeError, ValueError) as exc:
             return f"handler returned a result that is not valid JSON: {exc}"
-        model = RESULT_MODELS.get(task_type)
-        if model is not None:
+        known = tasktypes.all_types().get(task_type)
+        if known is not None:
+            model = known.result_model
             try:
                 model.model_validate(raw)
             except ValueError as exc:
@@ -682,13 +680,11 @@ class Worker:
         """Release whatever is still held, deregister, stop the HTTP server; idempotent."""
         self.status.stopping = True
         for task in self._background:
-            if task.get_name() != "http":
-                task.cancel()
+            task.cancel()
         for task in self._background:
-            if task.get_name() != "http":
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        self._background = [t for t in self._background if t.get_name() == "http"]
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._background = []
         if self._queue is not None and deregister:
             try:
                 await asyncio.wait_for(self.queue.deregister_server(self.server_id), _SHUTDOWN_DB_TIMEOUT_S)
@@ -701,11 +697,7 @@ class Worker:
                 await asyncio.wait_for(self._listen_conn.close(), 5)
             self._listen_conn = None
         if self._http is not None:
-            self._http.should_exit = True
-            for task in self._background:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.wait_for(task, 5)
-            self._background = []
+            await self._http.stop(timeout_s=5)
             self._http = None
         if self._db is not None:
             with contextlib.suppress(Exception):

@@ -17,17 +17,17 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpuscale.controller.providers import processes
+from gpuscale.common.processes import ProcessGroup, SpawnError, spawn
 from gpuscale.controller.providers.base import (
     REPLICA_RUNNING,
     REPLICA_STOPPING,
     LaunchSpec,
+    ProviderError,
     ProviderState,
     Replica,
     worker_command,
 )
 from gpuscale.controller.providers.pinned import PinnedDeployment, PinnedProvider, choose_victims, state_of
-from gpuscale.controller.providers.processes import ProcessReplica
 
 __all__ = ["LocalProvider", "choose_victims"]  # choose_victims: re-exported for its old importers
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Deployment(PinnedDeployment):
-    replicas: dict[str, ProcessReplica] = field(default_factory=dict)
+    replicas: dict[str, ProcessGroup] = field(default_factory=dict)
 
 
 class LocalProvider(PinnedProvider[_Deployment]):
@@ -70,7 +70,7 @@ class LocalProvider(PinnedProvider[_Deployment]):
                 log.warning("replica %s exited on its own (code %s)", rid, replica.process.returncode)
                 del dep.replicas[rid]
                 # Its group may still hold children; make sure nothing outlives it.
-                processes.kill_now(replica)
+                replica.kill_now()
 
     async def _reconcile(self, name: str, dep: _Deployment, idle: Collection[str] = ()) -> None:
         if self._closed:
@@ -90,12 +90,15 @@ class LocalProvider(PinnedProvider[_Deployment]):
                     "GPUSCALE_CONTAINER_ID": rid,
                     "GPUSCALE_POOL": dep.spec.pool,
                 }
-                dep.replicas[rid] = await processes.spawn(rid, argv, env, log_dir=self.log_dir)
+                try:
+                    dep.replicas[rid] = await spawn(rid, argv, env, log_dir=self.log_dir, kind="replica")
+                except SpawnError as exc:
+                    raise ProviderError(str(exc)) from None
         elif len(live) > want:
             victims = choose_victims([(r.id, r.started_at) for r in live], len(live) - want, idle)
             for rid in victims:
                 log.info("stopping replica %s of %s%s", rid, name, " (idle)" if rid in idle else "")
-                processes.begin_stop(dep.replicas[rid], self.stop_grace_s)
+                dep.replicas[rid].begin_stop(self.stop_grace_s)
 
     async def observe(self, deployment: str) -> ProviderState:
         dep = self._get(deployment)
@@ -116,7 +119,7 @@ class LocalProvider(PinnedProvider[_Deployment]):
         async with self._lock:
             self._closed = True
             tasks = [
-                processes.begin_stop(replica, self.stop_grace_s)
+                replica.begin_stop(self.stop_grace_s)
                 for dep in self._deployments.values()
                 for replica in dep.replicas.values()
             ]

@@ -31,19 +31,13 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from gpuscale.controller.simulate.trace import TraceTask
+from gpuscale.queue import tasktypes
 
 DAY_S = 86400.0
-EXTRACTIONS = (
-    "company_offering_extraction",
-    "startup_name_extraction",
-    "healthcare_classification",
-    "funding_amount_extraction",
-    "deck_date_extraction",
-)
-SPECIALIZED = ("specialized_clinical", "specialized_regulatory", "specialized_science")
 KINDS = ("busy-day", "quiet-week", "month", "platform-month")
 
 
@@ -173,37 +167,17 @@ def platform_deck_tasks(rng: random.Random, deck: int, arrival: float, spec: Tra
     """One deck's graph with the platform's numbers (see the module doc)."""
     pages = int(min(80, max(5, round(rng.gauss(spec.pages_mean, spec.pages_sd)))))
     prio = _platform_priority(rng)
-    prefix = f"d{deck:05d}"
-    out: list[TraceTask] = []
-    batches: list[str] = []
-    for b, first in enumerate(range(1, pages + 1, spec.batch_pages)):
-        n_pages = min(spec.batch_pages, pages - first + 1)
-        service = sum(rng.uniform(20.0, 30.0) for _ in range(n_pages))
-        tid = f"{prefix}-va{b + 1}"
-        batches.append(tid)
-        out.append(TraceTask(arrival, tid, "visual_analysis", round(service, 1), prio))
-    deps = tuple(batches)
-    out.append(
-        TraceTask(arrival, f"{prefix}-sf", "slide_feedback", round(rng.uniform(40, 90), 1), prio, deps)
+
+    def seconds(tt: tasktypes.TaskType) -> tuple[float, float]:
+        if tt.name == "slide_feedback":
+            return 40, 90
+        if tt.name == "template_analysis":
+            return 30, 90
+        return (60, 180) if tt.handler == "specialized" else (20, 60)
+
+    return _deck_graph(
+        rng, deck, arrival, prio, pages, spec.batch_pages, lambda: rng.uniform(20.0, 30.0), seconds
     )
-    for name in EXTRACTIONS:
-        out.append(TraceTask(arrival, f"{prefix}-{name}", name, round(rng.uniform(20, 60), 1), prio, deps))
-    template = f"{prefix}-template_analysis"
-    out.append(
-        TraceTask(
-            arrival,
-            template,
-            "template_analysis",
-            round(rng.uniform(30, 90), 1),
-            prio,
-            (f"{prefix}-healthcare_classification",),
-        )
-    )
-    for name in SPECIALIZED:
-        out.append(
-            TraceTask(arrival, f"{prefix}-{name}", name, round(rng.uniform(60, 180), 1), prio, (template,))
-        )
-    return out
 
 
 def _priority(rng: random.Random) -> str:
@@ -215,44 +189,52 @@ def deck_tasks(rng: random.Random, deck: int, arrival: float, spec: TraceSpec) -
     """The whole task graph of one deck, dependencies before dependents."""
     pages = int(min(60, max(6, round(rng.gauss(spec.pages_mean, spec.pages_sd)))))
     prio = _priority(rng)
-    prefix = f"d{deck:05d}"
-    out: list[TraceTask] = []
-    batches: list[str] = []
     sigma = 0.2
     mu = math.log(spec.seconds_per_page) - sigma**2 / 2
-    for b, first in enumerate(range(1, pages + 1, spec.batch_pages)):
-        n_pages = min(spec.batch_pages, pages - first + 1)
-        service = sum(rng.lognormvariate(mu, sigma) for _ in range(n_pages))
-        tid = f"{prefix}-va{b + 1}"
-        batches.append(tid)
-        out.append(TraceTask(arrival, tid, "visual_analysis", round(service, 1), prio))
-    deps = tuple(batches)
-    out.append(
-        TraceTask(arrival, f"{prefix}-sf", "slide_feedback", round(rng.uniform(40, 90), 1), prio, deps)
+    return _deck_graph(
+        rng,
+        deck,
+        arrival,
+        prio,
+        pages,
+        spec.batch_pages,
+        lambda: rng.lognormvariate(mu, sigma),
+        lambda tt: (40, 90) if tt.name == "slide_feedback" else (20, 60),
     )
-    for name in EXTRACTIONS:
-        out.append(TraceTask(arrival, f"{prefix}-{name}", name, round(rng.uniform(20, 60), 1), prio, deps))
-    out.append(
-        TraceTask(
-            arrival,
-            f"{prefix}-template_analysis",
-            "template_analysis",
-            round(rng.uniform(20, 60), 1),
-            prio,
-            (f"{prefix}-healthcare_classification",),
-        )
-    )
-    for name in SPECIALIZED:
-        out.append(
-            TraceTask(
-                arrival,
-                f"{prefix}-{name}",
-                name,
-                round(rng.uniform(20, 60), 1),
-                prio,
-                (f"{prefix}-template_analysis",),
-            )
-        )
+
+
+def _deck_graph(
+    rng: random.Random,
+    deck: int,
+    arrival: float,
+    prio: str,
+    pages: int,
+    batch_pages: int,
+    page_s: Callable[[], float],
+    seconds: Callable[[tasktypes.TaskType], tuple[float, float]],
+) -> list[TraceTask]:
+    """One deck's tasks in the catalogue's deck graph (:func:`gpuscale.queue.tasktypes.deck_order`):
+    a page-batch type gets ``page_s()`` per page of each batch, any other type a uniform draw
+    from ``seconds(type)``; dependencies before dependents."""
+    prefix = f"d{deck:05d}"
+    out: list[TraceTask] = []
+    ids: dict[str, tuple[str, ...]] = {}  # task type → its tasks' ids in this deck
+    for tt in tasktypes.deck_order():
+        deps = tuple(tid for name in tt.after or () for tid in ids[name])
+        if tt.per_page_batch:
+            batches = []
+            for b, first in enumerate(range(1, pages + 1, batch_pages)):
+                service = sum(page_s() for _ in range(min(batch_pages, pages - first + 1)))
+                batches.append(
+                    TraceTask(arrival, f"{prefix}-va{b + 1}", tt.name, round(service, 1), prio, deps)
+                )
+            out += batches
+            ids[tt.name] = tuple(t.task_id for t in batches)
+            continue
+        low, high = seconds(tt)
+        tid = f"{prefix}-sf" if tt.name == "slide_feedback" else f"{prefix}-{tt.name}"
+        out.append(TraceTask(arrival, tid, tt.name, round(rng.uniform(low, high), 1), prio, deps))
+        ids[tt.name] = (tid,)
     return out
 
 

@@ -8,7 +8,7 @@ demo pool rules.  It submits generated sample decks, shows a live view of the po
 a summary.
 
 - :mod:`gpuscale.dev.demo.decks`: sample pitch-deck PDFs (fpdf2);
-- :mod:`gpuscale.dev.demo.procs`: child processes, each in its own process group, always stopped;
+- :mod:`gpuscale.dev.stack` (shared with the end-to-end tests): brings the child processes up and down;
 - :mod:`gpuscale.dev.demo.view`: the live rich view;
 - :mod:`gpuscale.dev.demo.summary`: what the run cost and how it went (text and JSON);
 - :mod:`gpuscale.dev.demo.run`: the orchestration.

@@ -1,6 +1,6 @@
 """Orchestration of ``gpuscale demo``: start everything, submit decks, watch, summarise, stop.
 
-Order of start (each a child process through the real CLI, see :mod:`gpuscale.dev.demo.procs`):
+Order of start (each a child process through the real CLI, brought up by :mod:`gpuscale.dev.stack`):
 
 1. the embedded PostgreSQL under ``<data-dir>/pg`` (this process holds it), a fresh database
    ``gpuscale_demo`` in it, and ``gpuscale db migrate``;
@@ -28,8 +28,6 @@ import json
 import logging
 import os
 import secrets
-import signal
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -38,20 +36,18 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 import yaml
 
 from gpuscale.controller import deployspec
 from gpuscale.controller.pools import PoolsConfig, load_pools
 from gpuscale.dev.demo import decks as deckgen
-from gpuscale.dev.demo.procs import ChildFailed, ProcessSet, free_port, gpuscale_cmd, wait_http
 from gpuscale.dev.demo.summary import PoolSummary, Summary
 from gpuscale.dev.demo.view import Decision, DeckView, PoolView, Snapshot
+from gpuscale.dev.stack import RUN_MARKER, ProcessFailed, Stack, kill_leftovers
 
 log = logging.getLogger(__name__)
 
 DEMO_DB = "gpuscale_demo"
-RUN_MARKER = "GPUSCALE_DEMO_RUN"
 FINAL = ("done", "failed", "dead", "cancelled")
 _NOT_INHERITED = (
     "DATACRUNCH_",
@@ -151,12 +147,11 @@ class Demo:
                 f"no pool of {options.pools_file} has a deployment spec among "
                 f"{', '.join(map(str, options.deployment_files))} (matched by their GPUSCALE_POOL env)"
             )
-        self.procs: ProcessSet | None = None
+        self.stack: Stack | None = None
         self.pg: Any = None  # EmbeddedPostgres
         self.dsn = ""
         self.db: asyncpg.Pool | None = None
         self.queue: Any = None
-        self.http = httpx.AsyncClient(timeout=5.0)
         self.controller_url = ""
         self.emulator_url = ""
         self.ollama_url = ""
@@ -273,99 +268,50 @@ class Demo:
             old.unlink()
         progress("starting the embedded PostgreSQL")
         await self._start_database()
-        self.procs = ProcessSet(self.log_dir, self.base_env())
-        procs = self.procs
+        stack = self.stack = Stack(
+            log_dir=self.log_dir,
+            env=self.base_env(),
+            client_id=self.client_id,
+            client_secret=self.client_secret,
+            run_id=self.run_id,
+        )
 
         progress("migrating the database (gpuscale db migrate)")
-        await asyncio.to_thread(procs.run, "migrate", gpuscale_cmd("db", "migrate"))
+        await stack.migrate()
         from gpuscale.queue import Queue
 
         self.db = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4)
         self.queue = Queue(self.db)
 
         if self.o.ollama_host:
-            self.ollama_url = self.o.ollama_host.rstrip("/")
+            stack.use_ollama(self.o.ollama_host)
         else:
             progress("starting the Ollama stand-in (python -m gpuscale.dev.standin)")
-            port = free_port()
-            models = sorted(
-                {
-                    os.environ.get("GPUSCALE_VISUAL_MODEL", "gemma3:12b"),
-                    os.environ.get("GPUSCALE_TEXT_MODEL", "gemma3:12b"),
-                }
-            )
-            standin = procs.start(
-                "ollama-standin",
-                [
-                    sys.executable,
-                    "-m",
-                    "gpuscale.dev.standin",
-                    "--port",
-                    str(port),
-                    "--models",
-                    ",".join(models),
-                    "--latency",
-                    f"{self.o.standin_latency_s:g}",
-                    "--load-latency",
-                    "0.5",
-                ],
-            )
-            self.ollama_url = f"http://127.0.0.1:{port}"
-            await asyncio.to_thread(wait_http, f"{self.ollama_url}/api/version", standin, timeout=30)
-        procs.env["OLLAMA_HOST"] = self.ollama_url
+            models = {
+                os.environ.get("GPUSCALE_VISUAL_MODEL", "gemma3:12b"),
+                os.environ.get("GPUSCALE_TEXT_MODEL", "gemma3:12b"),
+            }
+            await stack.start_standin(models, latency_s=self.o.standin_latency_s)
+        self.ollama_url = stack.ollama_url
 
         progress("starting the DataCrunch emulator (gpuscale emulator)")
-        emu_port = self.o.emulator_port or free_port()
-        self.emulator_url = f"http://127.0.0.1:{emu_port}"
-        emu_env = {
-            # The emulator checks these like the real OAuth endpoint does.
-            "GPUSCALE_EMULATOR_CLIENT_ID": self.client_id,
-            "GPUSCALE_EMULATOR_CLIENT_SECRET": self.client_secret,
-        }
-        emulator = procs.start(
-            "emulator",
-            gpuscale_cmd(
-                "emulator",
-                "--port",
-                str(emu_port),
-                "--cold-start",
-                f"{self.o.replica_start_s:g}",
-                "--log-dir",
-                str(self.log_dir / "replicas"),
-                "--shared-dir",
-                str(self.data_dir / "shared"),
-            ),
-            env=emu_env,
+        self.emulator_url = await stack.start_emulator(
+            cold_start_s=self.o.replica_start_s,
+            port=self.o.emulator_port,
+            shared_dir=self.data_dir / "shared",
         )
-        await asyncio.to_thread(wait_http, f"{self.emulator_url}/_emulator/state", emulator, timeout=30)
-        provider_env = {
-            "DATACRUNCH_BASE_URL": f"{self.emulator_url}/v1",
-            "DATACRUNCH_CLIENT_ID": self.client_id,
-            "DATACRUNCH_CLIENT_SECRET": self.client_secret,
-        }
         progress("creating the deployments in the emulator (gpuscale deploy apply)")
-        spec_files = self.write_specs()
-        procs.env.update(provider_env)
-        await asyncio.to_thread(
-            procs.run, "deploy-apply", gpuscale_cmd("deploy", "apply", *map(str, spec_files))
-        )
+        await stack.apply_deployments(self.write_specs())
 
         progress("starting the controller (gpuscale controller)")
-        http_port = self.o.http_port or free_port()
-        self.controller_url = f"http://127.0.0.1:{http_port}"
-        controller = procs.start(
-            "controller",
-            gpuscale_cmd("controller", "--http-port", str(http_port)),
-            env={
-                "GPUSCALE_POOLS_FILE": str(self.o.pools_file.absolute()),
-                "GPUSCALE_PROVIDER": "datacrunch",
-                "GPUSCALE_HTTP_PORT": str(http_port),
-            },
+        await stack.start_controller(
+            env={"GPUSCALE_POOLS_FILE": str(self.o.pools_file.absolute())}, port=self.o.http_port
         )
+        self.controller_url = stack.controller_urls["controller"]
         # Listed before it is ready: Prometheus' discovery takes a few seconds to pick it up, and
         # the first scale-up happens soon after the decks arrive.
         self.write_targets()
-        await asyncio.to_thread(wait_http, f"{self.controller_url}/readyz", controller, timeout=60)
+        await stack.wait_controller()
 
         progress(f"generating {self.o.decks} sample deck(s) into {self.data_dir / 'decks'}")
         paths = await asyncio.to_thread(
@@ -407,13 +353,7 @@ class Demo:
         return time.monotonic() - self.started
 
     async def _get_json(self, url: str) -> Any:
-        try:
-            resp = await self.http.get(url)
-            if resp.status_code == 200:
-                return resp.json()
-        except (httpx.HTTPError, ValueError):
-            pass
-        return None
+        return await self.stack.get_json(url) if self.stack is not None else None
 
     def _account(self, emu_state: dict[str, Any] | None) -> dict[str, int]:
         """Integrate replica-seconds per pool from the emulator's replica list; replicas per pool."""
@@ -536,14 +476,11 @@ class Demo:
         return True
 
     def check_children(self) -> None:
-        if self.procs is None:
-            return
-        dead = self.procs.dead()
-        if dead:
-            c = dead[0]
-            raise DemoError(
-                f"{c.name} exited with {c.proc.returncode} (log: {c.log_path}):\n{c.log_tail(20)}"
-            )
+        if self.stack is not None:
+            try:
+                self.stack.check_alive()
+            except ProcessFailed as exc:
+                raise DemoError(str(exc)) from None
 
     async def run(self, on_snapshot: Callable[[Snapshot], None] = lambda _s: None) -> Snapshot:
         """Poll until finished or timed out; returns the last snapshot."""
@@ -591,23 +528,17 @@ class Demo:
     async def controller_metrics(self) -> dict[str, dict[str, float]]:
         """A few of the controller's own numbers: cold-start sum/count by pool, spend by pool."""
         out: dict[str, dict[str, float]] = {"cold_sum": {}, "cold_count": {}, "spend": {}}
-        try:
-            resp = await self.http.get(f"{self.controller_url}/metrics")
-        except httpx.HTTPError:
+        if self.stack is None:
             return out
-        from prometheus_client.parser import text_string_to_metric_families
-
-        for family in text_string_to_metric_families(resp.text):
-            for sample in family.samples:
-                pool = sample.labels.get("pool")
-                if pool is None:
-                    continue
-                if sample.name == "gpuscale_cold_start_seconds_sum":
-                    out["cold_sum"][pool] = sample.value
-                elif sample.name == "gpuscale_cold_start_seconds_count":
-                    out["cold_count"][pool] = sample.value
-                elif sample.name == "gpuscale_spend_usd_total":
-                    out["spend"][pool] = sample.value
+        names = {
+            "cold_sum": "gpuscale_cold_start_seconds_sum",
+            "cold_count": "gpuscale_cold_start_seconds_count",
+            "spend": "gpuscale_spend_usd_total",
+        }
+        for key, name in names.items():
+            for labels, value in await self.stack.metric("controller", name):
+                if "pool" in labels:
+                    out[key][labels["pool"]] = value
         return out
 
     async def summary(self, snap: Snapshot) -> Summary:
@@ -694,14 +625,14 @@ class Demo:
 
     async def stop(self) -> None:
         """Stop every child (reverse start order), then the database; kill anything left over."""
-        if self.procs is not None:
-            await asyncio.to_thread(self.procs.stop_all)
-        self.leftovers = await asyncio.to_thread(kill_leftovers, self.run_id)
+        if self.stack is not None:
+            self.leftovers = await self.stack.stop()
+        else:
+            self.leftovers = await asyncio.to_thread(kill_leftovers, self.run_id)
         if self.db is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.db.close(), 10)
             self.db = None
-        await self.http.aclose()
         if self.pg is not None:
             await asyncio.to_thread(self.pg.stop)
             self.pg = None
@@ -785,26 +716,4 @@ def _deck_view(name: str, doc_id: str, pages: int, tasks: list[dict[str, Any]]) 
     return DeckView(name, doc_id, pages, total, done, failed, len(running), round(progress, 1), stage)
 
 
-def kill_leftovers(run_id: str) -> list[int]:
-    """Kill every process whose environment carries this run's marker; returns their pids."""
-    marker = f"{RUN_MARKER}={run_id}".encode()
-    me = os.getpid()
-    killed: list[int] = []
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return killed
-    for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            env = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if marker in env.split(b"\0"):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(entry.name), signal.SIGKILL)
-                killed.append(int(entry.name))
-    return killed
-
-
-__all__ = ["ChildFailed", "Demo", "DemoError", "DemoOptions", "kill_leftovers"]
+__all__ = ["RUN_MARKER", "Demo", "DemoError", "DemoOptions", "ProcessFailed", "kill_leftovers"]

@@ -40,10 +40,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gpuscale.common.processes import ProcessGroup, ProcessGroups, SpawnError
 from gpuscale.controller import deployspec
-from gpuscale.controller.providers import processes
-from gpuscale.controller.providers.base import ProviderError
-from gpuscale.controller.providers.processes import ProcessReplica
 from gpuscale.dev.emulator.faults import Faults, FaultSpecError
 
 log = logging.getLogger(__name__)
@@ -113,7 +111,7 @@ class EmuReplica:
     id: str
     created_at: float
     ready_at: float
-    proc: ProcessReplica | None = None
+    proc: ProcessGroup | None = None
     failed: str | None = None
 
     @property
@@ -166,9 +164,8 @@ class EmulatorState:
         self.writes = 0  # authenticated POST/PATCH/DELETE calls: `deploy apply` tests count them
         self._random = random.Random(config.faults.seed)
         self.lock = asyncio.Lock()  # held by the reconciler and by every mutating API call
-        self._stops: set[asyncio.Task[None]] = set()
-        # Every process ever started and not yet reaped, for kill_all() at exit.
-        self.procs: dict[str, ProcessReplica] = {}
+        # Every replica process started and not yet reaped, for shutdown() and kill_all() at exit.
+        self.children = ProcessGroups(log_dir=config.log_dir, grace_s=config.grace_s, kind="replica")
 
     # ------------------------------------------------------------------ tokens
 
@@ -368,15 +365,7 @@ class EmulatorState:
         if replica.proc is None:
             dep.replicas.pop(replica.id, None)  # never started: nothing to stop
             return None
-        task = processes.begin_stop(replica.proc, self.config.grace_s)
-        self._stops.add(task)
-
-        def done(t: asyncio.Task[None], rid: str = replica.id) -> None:
-            self._stops.discard(t)
-            self.procs.pop(rid, None)
-
-        task.add_done_callback(done)
-        return task
+        return self.children.begin_stop(replica.proc)
 
     def _pick_victims(self, live: list[EmuReplica], count: int) -> list[EmuReplica]:
         # Replicas still starting go first (cancelling a cold start costs nothing), then the
@@ -410,8 +399,8 @@ class EmulatorState:
                             replica.id,
                             replica.proc.process.returncode,
                         )
-                        processes.kill_now(replica.proc)
-                        self.procs.pop(replica.id, None)
+                        replica.proc.kill_now()
+                        self.children.forget(replica.proc)
                     elif replica.proc.stop_task is not None and not replica.proc.stop_task.done():
                         continue
                     del dep.replicas[replica.id]
@@ -426,14 +415,10 @@ class EmulatorState:
                     and replica.ready_at <= now
                 ):
                     try:
-                        replica.proc = await processes.spawn(
-                            replica.id,
-                            self._command(dep),
-                            self._env(dep, replica.id),
-                            log_dir=self.config.log_dir,
+                        replica.proc = await self.children.start(
+                            replica.id, self._command(dep), env=self._env(dep, replica.id)
                         )
-                        self.procs[replica.id] = replica.proc
-                    except ProviderError as exc:
+                    except SpawnError as exc:
                         replica.failed = str(exc)
                         log.error("emulator: %s", exc)
             # Scale toward the pinned count, within the quota.
@@ -485,17 +470,12 @@ class EmulatorState:
             for dep in self.deployments.values():
                 for replica in list(dep.replicas.values()):
                     self._stop_replica(dep, replica)
-            # Anything else still alive (whatever its deployment became) goes too.
-            for proc in list(self.procs.values()):
-                task = processes.begin_stop(proc, self.config.grace_s)
-                self._stops.add(task)
-        if self._stops:
-            await asyncio.gather(*list(self._stops), return_exceptions=True)
+        # Anything else still alive (whatever its deployment became) goes too.
+        await self.children.stop_all()
 
     def kill_all(self) -> None:
         """Last resort from another thread or at exit: SIGKILL every replica's process group."""
-        for proc in list(self.procs.values()):
-            processes.kill_now(proc)
+        self.children.kill_all()
 
     def snapshot(self) -> dict[str, Any]:
         return {

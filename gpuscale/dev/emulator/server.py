@@ -1,30 +1,24 @@
 """Running the emulator: in the foreground (``gpuscale emulator``) or embedded in a test.
 
-:class:`Emulator` runs uvicorn on its own event loop in a background thread, so synchronous
+`Emulator` serves on its own event loop in a background thread, so synchronous
 tests (the official SDK is synchronous) and asynchronous ones (the controller) can both use it::
 
     with Emulator(EmulatorConfig(cold_start_s=0.2)) as emu:
         client = DataCrunchClient(emu.base_url, emu.client_id, emu.client_secret)
 
-``stop()`` shuts uvicorn down, which stops every replica process (SIGTERM, grace, SIGKILL).
+``stop()`` shuts the server down, which stops every replica process (SIGTERM, grace, SIGKILL).
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import json
 import logging
-import signal
-import threading
-import time
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
-import uvicorn
-
+from gpuscale.common.serving import AppServer
 from gpuscale.dev.emulator.app import EmulatorConfig, EmulatorState, create_app
 
 log = logging.getLogger(__name__)
@@ -41,9 +35,7 @@ class Emulator:
         self.port = port
         self.app = create_app(self.config)
         self.state: EmulatorState = self.app.state.emulator
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: AppServer | None = None
 
     def __repr__(self) -> str:
         return f"Emulator(url={self.url!r})"
@@ -66,49 +58,29 @@ class Emulator:
         return f"{self.url}/v1"
 
     def start(self, timeout_s: float = 15.0) -> Emulator:
-        if self._thread is not None:
+        if self._server is not None:
             return self
-        config = uvicorn.Config(
-            self.app, host=self.host, port=self.port, log_level="warning", lifespan="on", access_log=False
-        )
-        server = uvicorn.Server(config)
+        server = AppServer(self.app, self.host, self.port, name="datacrunch-emulator", lifespan="on")
+        try:
+            server.start_thread(timeout_s)
+        except (RuntimeError, TimeoutError):
+            server.stop_thread(timeout_s=1)
+            raise RuntimeError(f"the DataCrunch emulator did not start on {self.host}:{self.port}") from None
         self._server = server
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(server.serve())
-            finally:
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="datacrunch-emulator", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self._thread.join(timeout=1)
-                self._thread = None
-                raise RuntimeError(f"the DataCrunch emulator did not start on {self.host}:{self.port}")
-            time.sleep(0.01)
-        if self.port == 0:
-            self.port = server.servers[0].sockets[0].getsockname()[1]
+        self.port = server.port
         atexit.register(self.state.kill_all)
         log.info("DataCrunch emulator on %s", self.url)
         return self
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """Shut down; every replica gets SIGTERM, then SIGKILL after the grace period."""
-        if self._thread is None or self._server is None:
+        if self._server is None:
             return
-        self._server.should_exit = True
-        self._thread.join(timeout=timeout_s)
-        if self._thread.is_alive():
+        if not self._server.stop_thread(timeout_s):
             log.error("emulator did not stop in %.0fs; killing its replicas", timeout_s)
         self.state.kill_all()
         atexit.unregister(self.state.kill_all)
-        self._thread = None
+        self._server = None
 
     def __enter__(self) -> Emulator:
         return self.start()
@@ -155,28 +127,11 @@ class Emulator:
         return result
 
 
-class _ForegroundServer(uvicorn.Server):
-    """uvicorn, but a SIGTERM/SIGINT that ends in a clean shutdown exits 0 instead of being
-    re-raised against the process once the replicas are stopped."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in original.items():
-                signal.signal(sig, handler)
-
-
 async def serve_forever(config: EmulatorConfig, host: str, port: int) -> None:
-    """The ``gpuscale emulator`` command: uvicorn in the foreground; SIGINT/SIGTERM stop it
+    """The ``gpuscale emulator`` command: served in the foreground; SIGINT/SIGTERM stop it
     and, through the app's lifespan, every replica."""
-    server = _ForegroundServer(
-        uvicorn.Config(create_app(config), host=host, port=port, log_level="info", lifespan="on")
+    app = create_app(config)
+    server = AppServer(
+        app, host, port, name="datacrunch-emulator", lifespan="on", log_level="info", access_log=True
     )
-    with contextlib.suppress(asyncio.CancelledError):
-        await server.serve()
+    await server.serve()

@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from gpuscale.queue.results import PageAnalysis, VisualAnalysisResult
 from gpuscale.worker.errors import MissingInput, TaskError
 from gpuscale.worker.ollama_client import OllamaClient
-from gpuscale.worker.results import PageAnalysis, VisualAnalysisResult
 from gpuscale.worker.settings import WorkerSettings
 
 ProgressFn = Callable[[float, str], Awaitable[None]]

@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from gpuscale.queue.results import NoopResult
 from gpuscale.queue.tasktypes import NoopPayload
 from gpuscale.worker.errors import TaskError
 from gpuscale.worker.handlers.base import TaskContext, parse_payload
-from gpuscale.worker.results import NoopResult
 
 
 async def noop(ctx: TaskContext) -> dict[str, Any]:

@@ -2,18 +2,22 @@
 
 Each reads the deck as text — the merged ``visual_analysis`` descriptions in page order, found
 among the task's dependencies (directly or further up the graph) — and asks the language model for
-one answer model from :mod:`gpuscale.worker.results`.  ``template_analysis`` picks its template from the
-``healthcare_classification`` result; the ``specialized_*`` tasks use the template that
-``template_analysis`` used (falling back to the classification, then to ``general``).
+the answer model its task type declares (:mod:`gpuscale.queue.tasktypes`).  ``template_analysis``
+picks its template from the ``healthcare_classification`` result; the ``specialized_*`` tasks use
+the template that ``template_analysis`` used (falling back to the classification, then to
+``general``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
+from gpuscale.queue import tasktypes
+from gpuscale.queue.results import TextMeta
 from gpuscale.worker.handlers.base import TaskContext, deck_text, find_result, merge_visual_pages
 from gpuscale.worker.handlers.templates import TEMPLATES, Template, render_sections, template_for
-from gpuscale.worker.results import TEXT_ANSWERS, TextMeta
 
 SYSTEM = (
     "You are an analyst at a venture capital fund specialised in healthcare and deep tech. You "
@@ -77,6 +81,13 @@ def _prompt(question: str, text: str, context: str = "") -> str:
     return f"# Pitch deck\n\n{text}{ctx}\n\n# Question\n\n{question}"
 
 
+def _answer_model(task_type: str) -> type[BaseModel]:
+    model = tasktypes.get(task_type).answer_model
+    if model is None:
+        raise TypeError(f"task type {task_type!r} declares no answer model")
+    return model
+
+
 async def _ask(
     ctx: TaskContext,
     question: str,
@@ -94,7 +105,7 @@ async def _ask(
     await ctx.progress(10.0, f"asking {model} ({len(pages)} slides)")
     answer = await ollama.chat_structured(
         model,
-        TEXT_ANSWERS[ctx.task_type],
+        _answer_model(ctx.task_type),
         system=SYSTEM,
         prompt=_prompt(question, text, context),
         options={"num_ctx": ctx.settings.num_ctx},

@@ -11,11 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from gpuscale.queue.tasktypes import DocumentPayload, VisualAnalysisPayload
-from gpuscale.worker.errors import TaskError
-from gpuscale.worker.handlers.base import TaskContext, merge_visual_pages, parse_payload
-from gpuscale.worker.pdf import fetch_pdf, open_pdf
-from gpuscale.worker.results import (
+from gpuscale.queue.results import (
     PageAnalysis,
     SlideDescription,
     SlideFeedback,
@@ -23,6 +19,10 @@ from gpuscale.worker.results import (
     SlideFeedbackResult,
     VisualAnalysisResult,
 )
+from gpuscale.queue.tasktypes import DocumentPayload, VisualAnalysisPayload
+from gpuscale.worker.errors import TaskError
+from gpuscale.worker.handlers.base import TaskContext, merge_visual_pages, parse_payload
+from gpuscale.worker.pdf import fetch_pdf, open_pdf
 
 log = logging.getLogger(__name__)
 

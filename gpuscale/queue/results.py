@@ -9,13 +9,15 @@ Two kinds of model live here:
   (pages in order); text tasks store the answer's fields plus a ``meta`` object (model, template,
   pages used), so consumers read ``result["name"]`` directly.
 
-``RESULT_MODELS`` maps every task type to the model its stored result validates against.
+Each task type names its answer and result model in the catalogue (:mod:`gpuscale.queue.tasktypes`);
+they live in the queue package because both the worker (which writes results) and anyone reading
+them (the CLI, an API) depend on them.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -242,37 +244,3 @@ class NoopResult(BaseModel):
     model_config = ConfigDict(extra="forbid")
     slept_s: float
     server_id: str
-
-
-# The answer model each text task type asks the LLM for.
-TEXT_ANSWERS: dict[str, type[Answer]] = {
-    "company_offering_extraction": CompanyOffering,
-    "startup_name_extraction": StartupName,
-    "healthcare_classification": HealthcareClassification,
-    "funding_amount_extraction": FundingAmount,
-    "deck_date_extraction": DeckDate,
-    "template_analysis": TemplateAnalysis,
-    "specialized_clinical": ClinicalAnalysis,
-    "specialized_regulatory": RegulatoryAnalysis,
-    "specialized_science": ScienceAnalysis,
-}
-
-RESULT_MODELS: dict[str, type[BaseModel]] = {
-    "visual_analysis": VisualAnalysisResult,
-    "slide_feedback": SlideFeedbackResult,
-    "company_offering_extraction": CompanyOfferingResult,
-    "startup_name_extraction": StartupNameResult,
-    "healthcare_classification": HealthcareClassificationResult,
-    "funding_amount_extraction": FundingAmountResult,
-    "deck_date_extraction": DeckDateResult,
-    "template_analysis": TemplateAnalysisResult,
-    "specialized_clinical": ClinicalAnalysisResult,
-    "specialized_regulatory": RegulatoryAnalysisResult,
-    "specialized_science": ScienceAnalysisResult,
-    "noop": NoopResult,
-}
-
-
-def validate_result(task_type: str, result: dict[str, Any]) -> BaseModel:
-    """Validate a stored result against its task type's model (raises ``KeyError`` if unknown)."""
-    return RESULT_MODELS[task_type].model_validate(result)
