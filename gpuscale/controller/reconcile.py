@@ -10,7 +10,6 @@ cannot read its queue or its provider never scales down.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
 import logging
 import math
@@ -93,6 +92,36 @@ class Observed:
     errors: list[str] = field(default_factory=list)
     detail: WorkDetail | None = None
     at: float = field(default_factory=time.monotonic)  # when it was read, to skip stale ones
+    # Derived once per observation, not once per pool: with hundreds of servers and running
+    # tasks, redoing these for each of tens of pools made a tick grow with pools × fleet.
+    _by_pool: dict[str, list[ServerInfo]] | None = field(default=None, init=False, repr=False, compare=False)
+    _work: tuple[WorkRead | None] | None = field(default=None, init=False, repr=False, compare=False)
+    _registered: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def _index(self) -> dict[str, list[ServerInfo]]:
+        if self._by_pool is None:
+            self._by_pool = {}
+            for s in self.servers or ():
+                self._by_pool.setdefault(s.pool, []).append(s)
+        return self._by_pool
+
+    def servers_of(self, pool: str) -> list[ServerInfo] | None:
+        """The registry's servers of ``pool``; ``None`` when the registry could not be read."""
+        return None if self.servers is None else self._index().get(pool, [])
+
+    def registered(self) -> dict[str, int]:
+        """Live (starting or active) servers per pool."""
+        if self._registered is None:
+            self._registered = {
+                pool: sum(1 for s in servers if s.status in ("starting", "active"))
+                for pool, servers in self._index().items()
+            }
+        return self._registered
+
+    def work(self) -> WorkRead | None:
+        if self._work is None:
+            self._work = (work_read(self.stats, self.detail),)
+        return self._work[0]
 
 
 def merge_states(states: Sequence[ProviderState]) -> ProviderState:
@@ -245,7 +274,7 @@ class Reconciler:
         self._dead_seen: dict[str, int] = {}
         self._last_logged: dict[str, tuple[int, str, tuple[tuple[str, int], ...]]] = {}
         self._observed_at: dict[str, float] = {}
-        self._last_saved: dict[str, dict[str, Any]] = {}  # the policy state last written, per pool
+        self._last_saved: dict[str, tuple[Any, ...]] = {}  # what the state last written came from
         # Every series exists from the first scrape (at 0), so rate() sees the first event too.
         for name, r in config.pools.items():
             for child in (
@@ -308,7 +337,8 @@ class Reconciler:
             servers = await self.queue.list_servers()
             # Busy or idle from the tasks each server holds now, not from its last heartbeat.
             held = await self.queue.running_by_server()
-            servers = [dataclasses.replace(s, current_load=held.get(s.id, 0)) for s in servers]
+            for s in servers:  # fresh objects from this read: set in place, no copy per server
+                s.current_load = held.get(s.id, 0)
         except Exception as exc:
             servers = None
             errors.append(f"servers: {type(exc).__name__}")
@@ -405,13 +435,11 @@ class Reconciler:
             stats = PoolStats(name, {}, 0, 0, 0, 0, None, 0, 0, 0)  # type: ignore[arg-type]
         if provider_state is not None:
             self.provider_counts[name] = provider_state.target
-        registered: dict[str, int] = {}
-        for s in observed.servers or ():
-            if s.status in ("starting", "active"):
-                registered[s.pool] = registered.get(s.pool, 0) + 1
-        ctx = Context(rules=self.config.pools, expected=self.estimator.expected, registered=registered)
-        work = work_read(observed.stats, observed.detail)
-        obs, counts = build_observation(rules, work, observed.servers, provider_state, ctx)
+        servers = observed.servers_of(name)
+        ctx = Context(
+            rules=self.config.pools, expected=self.estimator.expected, registered=observed.registered()
+        )
+        obs, counts = build_observation(rules, observed.work(), servers, provider_state, ctx)
         budget = self._budget_view(budget_spend, now)
         decision = decide(
             rules,
@@ -424,11 +452,11 @@ class Reconciler:
         )
         self.states[name] = decision.state
         dep_obs = {
-            dep: deployment_obs(rules, dep, st, observed.servers) if st is not None else None
+            dep: deployment_obs(rules, dep, st, servers) if st is not None else None
             for dep, st in per_deployment.items()
         }
         placement: Placement | None = None
-        if provider_state is not None and observed.servers is not None:
+        if provider_state is not None and servers is not None:
             placement = place(
                 rules, dep_obs, decision.desired, self.placements[name], now, replace_ids=decision.replace
             )
@@ -439,21 +467,25 @@ class Reconciler:
         if not self.dry_run:
             # Written when it changed, not every tick: a write per pool per tick would grow with
             # the pools and the tick rate even when nothing happens.
-            saved = self._saved_state(rules, decision.state)
-            if saved != self._last_saved.get(name):
+            # Compared on the frozen state objects: building the saved form costs more than that.
+            learned = self.estimator.snapshot()
+            source = (decision.state, self.placements[name], {t: learned.get(t) for t in rules.task_types})
+            if source != self._last_saved.get(name):
                 try:
-                    await self.store.save_pool_state(name, saved, self.controller_id)
-                    self._last_saved[name] = saved
+                    await self.store.save_pool_state(
+                        name, self._saved_state(rules, decision.state), self.controller_id
+                    )
+                    self._last_saved[name] = source
                 except Exception as exc:  # the memory is a help, not a must: the next tick saves it
                     log.debug("pool %s: could not save the policy state: %s", name, type(exc).__name__)
-        self._observe_metrics(name, stats, obs, decision, counts, observed.servers, provider_state)
+        self._observe_metrics(name, stats, obs, decision, counts, servers, provider_state)
         self._placement_metrics(rules, per_deployment, placement)
 
         paused = observed.paused is None or name in observed.paused
         if placement is not None and placement.vanished and not paused:
-            await self._hand_back_vanished(rules, placement, observed.servers)
+            await self._hand_back_vanished(rules, placement, servers)
         outcome, error = await self._act(
-            rules, decision, provider_state, per_deployment, placement, observed.servers, paused, errors
+            rules, decision, provider_state, per_deployment, placement, servers, paused, errors
         )
         await self._record(rules, decision, provider_state, outcome, error, errors, placement)
         self._deployment_view(rules, view, per_deployment, dep_obs, placement, now)
