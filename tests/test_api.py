@@ -26,9 +26,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gpuscale.common.serving import AppServer
 from gpuscale.dev.standin import OllamaStandin
 from gpuscale.queue import Queue
-from gpuscale.worker.serving import BackgroundServer
 
 ALL_TYPES = {
     "visual_analysis",
@@ -284,12 +284,12 @@ def pdf_server() -> Iterator[str]:
             return Response(deck, media_type="application/pdf")
         return Response(b"not found", status_code=404)
 
-    server = BackgroundServer(Starlette(routes=[Route("/{name}", serve)]), name="pdfs")
-    server.start()
+    server = AppServer(Starlette(routes=[Route("/{name}", serve)]), name="pdfs")
+    server.start_thread()
     try:
         yield f"http://127.0.0.1:{server.port}"
     finally:
-        server.stop()
+        server.stop_thread()
 
 
 async def test_deck_limits_and_refusals_write_nothing(

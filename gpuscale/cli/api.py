@@ -23,10 +23,9 @@ def api(
     """
     import asyncio
 
-    import uvicorn
-
     from gpuscale.api import create_app
-    from gpuscale.cli.queue import run_db
+    from gpuscale.cli.database import run_db
+    from gpuscale.common.serving import AppServer
     from gpuscale.common.settings import get_settings
     from gpuscale.db import resolve_dsn
 
@@ -41,17 +40,22 @@ def api(
     async def serve() -> None:
         dsn = await asyncio.to_thread(resolve_dsn, settings)
         app = create_app(settings, dsn)
-        config = uvicorn.Config(
-            app,
-            host=listen_host,
-            port=listen_port,
-            log_config=None,  # our logging setup; the access log never shows headers
-            lifespan="on",
-            timeout_graceful_shutdown=10,
-        )
-        server = uvicorn.Server(config)
+        try:
+            server = AppServer(
+                app,
+                listen_host,
+                listen_port,
+                name="api",
+                lifespan="on",
+                log_level=None,
+                access_log=True,
+                log_config=None,  # our logging setup; the access log never shows headers
+                timeout_graceful_shutdown=10,
+            )
+        except OSError as exc:  # not the database: say so, before run_db reads it as one
+            raise fail(f"cannot listen on {listen_host}:{listen_port}: {exc.strerror or exc}") from None
         await server.serve()
-        if not server.started:
+        if not server.ready:
             raise OSError(f"the API did not start on {listen_host}:{listen_port}")
 
     run_db(serve)

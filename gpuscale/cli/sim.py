@@ -148,7 +148,7 @@ def export(
     import sys
     from datetime import UTC, datetime, timedelta
 
-    from gpuscale.cli.queue import open_queue, run_db
+    from gpuscale.cli.database import open_queue, run_db
     from gpuscale.controller.pools import parse_duration
     from gpuscale.controller.simulate.export import history_to_trace
     from gpuscale.controller.simulate.trace import write_trace, write_trace_to

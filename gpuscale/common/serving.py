@@ -93,13 +93,18 @@ class AppServer:
         *,
         name: str = "server",
         lifespan: Literal["on", "off", "auto"] = "off",
-        log_level: str = "warning",
+        log_level: str | None = "warning",
         access_log: bool = False,
+        **options: Any,
     ) -> None:
+        """``options``: more :class:`uvicorn.Config` settings (``log_config``,
+        ``timeout_graceful_shutdown``, ...)."""
         self.app = app
         self.host = host
         self.name = name
-        self._config = uvicorn.Config(app, lifespan=lifespan, log_level=log_level, access_log=access_log)
+        self._config = uvicorn.Config(
+            app, lifespan=lifespan, log_level=log_level, access_log=access_log, **options
+        )
         self._sock: socket.socket | None = bind_socket(host, port)
         self.port: int = int(self._sock.getsockname()[1])
         self._server: _Uvicorn | None = None
