@@ -92,6 +92,7 @@ CREATE TRIGGER e2e_done_audit AFTER UPDATE ON processing_queue
 def _spec(pool: str, name: str, concurrency: int) -> dict[str, Any]:
     spec = deployspec.load_file(ROOT / "deploy" / "datacrunch" / "visual.yaml")
     spec["name"] = name
+    spec["is_spot"] = False  # the template is the preferred (spot) visual deployment
     env = [
         e for e in spec["containers"][0]["env"] if e["name"] not in ("GPUSCALE_POOL", "GPUSCALE_LOG_FORMAT")
     ]
@@ -136,6 +137,8 @@ class Stack(DevStack):
                 "GPUSCALE_POLL_INTERVAL_S": "0.5",
                 "GPUSCALE_DRAIN_GRACE_S": "5",
                 "PYTHONUNBUFFERED": "1",
+                # `deploy apply` fills the specs' shared-volume placeholder with it.
+                "GPUSCALE_SHARED_VOLUME_ID": "e2e-shared",
             }
         )
         super().__init__(log_dir=workdir / "logs", env=env, client_id="e2e", client_secret=CLIENT_SECRET)

@@ -17,7 +17,7 @@ import pytest
 
 from gpuscale.common.settings import Settings
 from gpuscale.controller.app import ControllerApp
-from gpuscale.controller.deployspec import load_file
+from gpuscale.controller.deployspec import load_all
 from gpuscale.controller.pools import PoolRules, PoolsConfig
 from gpuscale.controller.providers.datacrunch import DataCrunchClient, DataCrunchProvider, RetryPolicy
 from gpuscale.controller.store import ControllerStore
@@ -80,7 +80,8 @@ async def _create_deployments(emu: Emulator) -> None:
     client = _client(emu)
     try:
         for name in ("visual", "text"):
-            await client.create_deployment(load_file(ROOT / "deploy" / "datacrunch" / f"{name}.yaml"))
+            for spec in load_all(ROOT / "deploy" / "datacrunch" / f"{name}.yaml"):
+                await client.create_deployment(spec)
     finally:
         await client.aclose()
 

@@ -61,7 +61,7 @@ def emulator() -> Iterator[Emulator]:
                     "apply",
                     str(ROOT / f"deploy/datacrunch/{name}.yaml"),
                 ],
-                env={**os.environ, **_dc_env(emu)},
+                env={**os.environ, **_dc_env(emu), "GPUSCALE_SHARED_VOLUME_ID": "sfs-test"},
                 check=True,
                 capture_output=True,
                 timeout=60,

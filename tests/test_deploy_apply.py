@@ -23,6 +23,7 @@ import yaml
 from verda.containers._containers import Deployment
 
 from gpuscale.controller import deployspec
+from gpuscale.controller.pools import load_pools
 from gpuscale.dev.emulator import Emulator, EmulatorConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,23 +46,31 @@ def assert_kept(original: Any, roundtrip: Any, path: str = "") -> None:
         assert roundtrip == original, f"{path}: {original!r} became {roundtrip!r}"
 
 
+def first_doc(name: str) -> Any:
+    """The first (preferred) deployment of a shipped spec file, as raw YAML."""
+    return next(d for d in yaml.safe_load_all((ROOT / "deploy" / "datacrunch" / name).read_text()) if d)
+
+
 def test_both_pools_have_a_spec_named_like_their_pool_rules() -> None:
     assert {p.name for p in DEPLOYMENT_SPECS} >= {"visual.yaml", "text.yaml"}
-    rules = yaml.safe_load((ROOT / "deploy" / "datacrunch" / "pools.yaml").read_text())
-    wanted = {
-        rules[key]["deployment"]
-        for key in rules
-        if isinstance(rules[key], dict) and "deployment" in rules[key]
-    }
-    assert wanted == {deployspec.load_file(p)["name"] for p in DEPLOYMENT_SPECS}
+    config = load_pools(ROOT / "deploy" / "datacrunch" / "pools.yaml")
+    for pool in ("visual", "text"):
+        # Every fallback deployment of the pool, in the pool's order, in the pool's own file.
+        names = [d["name"] for d in deployspec.load_all(ROOT / "deploy" / "datacrunch" / f"{pool}.yaml")]
+        assert names == [o.name for o in config.pools[pool].options]
+        assert len(names) == 3 and config.pools[pool].options[0].spot
 
 
 @pytest.mark.parametrize("path", DEPLOYMENT_SPECS, ids=lambda p: p.name)
 def test_spec_is_exactly_the_sdk_deployment_shape(path: Path) -> None:
-    raw = yaml.safe_load(path.read_text())
-    sdk = Deployment.from_dict(raw)
-    assert_kept(raw, sdk.to_dict())
-    deployspec.load_file(path)  # and our own strict loader agrees
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert len(docs) == len(deployspec.load_all(path))  # and our own strict loader agrees
+    for raw in docs:
+        sdk = Deployment.from_dict(raw)
+        assert_kept(raw, sdk.to_dict())
+        # The shared filesystem is mounted, its volume id filled in by `deploy apply`.
+        (mount,) = [m for m in sdk.containers[0].volume_mounts if m.type == "shared"]
+        assert (mount.mount_path, mount.volume_id) == ("/mnt/shared", deployspec.VOLUME_PLACEHOLDER)
 
 
 @pytest.mark.parametrize(
@@ -69,7 +78,9 @@ def test_spec_is_exactly_the_sdk_deployment_shape(path: Path) -> None:
     [("visual.yaml", "H100", "visual"), ("text.yaml", "A100", "text")],
 )
 def test_spec_contents(path: str, gpu: str, pool: str) -> None:
-    spec = deployspec.load_file(ROOT / "deploy" / "datacrunch" / path)
+    specs = deployspec.load_all(ROOT / "deploy" / "datacrunch" / path)
+    spec = specs[0]
+    assert spec["is_spot"] is True and [s["is_spot"] for s in specs[1:]] == [False, False]
     (container,) = spec["containers"]
     assert container["exposed_port"] == 8001
     assert container["healthcheck"] == {"enabled": True, "port": 8001, "path": "/api/health"}
@@ -84,10 +95,14 @@ def test_spec_contents(path: str, gpu: str, pool: str) -> None:
         assert "://" not in env[secret]["value_or_reference_to_secret"]
     assert spec["compute"] == {"name": gpu, "size": 1}
     assert spec["scaling"]["min_replica_count"] == 0
+    assert env["GPUSCALE_DOCUMENT_ROOT"]["value_or_reference_to_secret"] == "/mnt/shared/uploads"
+    # Fallbacks differ only in name, GPU and spot.
+    for other in specs[1:]:
+        assert other["containers"] == spec["containers"] and other["scaling"] == spec["scaling"]
 
 
 def test_an_unknown_field_fails(tmp_path: Path) -> None:
-    raw = yaml.safe_load((ROOT / "deploy" / "datacrunch" / "visual.yaml").read_text())
+    raw = first_doc("visual.yaml")
     raw["containers"][0]["helthcheck"] = {"enabled": True}
     bad = tmp_path / "typo.yaml"
     bad.write_text(yaml.safe_dump(raw))
@@ -108,7 +123,7 @@ def test_an_unknown_field_fails(tmp_path: Path) -> None:
     ],
 )
 def test_bad_specs_say_what_is_wrong(tmp_path: Path, mutate: Any, message: str) -> None:
-    raw = yaml.safe_load((ROOT / "deploy" / "datacrunch" / "visual.yaml").read_text())
+    raw = first_doc("visual.yaml")
     mutate(raw)
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(raw))
@@ -146,13 +161,18 @@ def emu() -> Iterator[Emulator]:
         yield emulator
 
 
-def apply(emu: Emulator, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    env = {
+def apply(
+    emu: Emulator, *args: str | Path, env_extra: dict[str, str | None] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env: dict[str, str | None] = {
         **os.environ,
         "DATACRUNCH_BASE_URL": emu.base_url,
         "DATACRUNCH_CLIENT_ID": emu.client_id,
         "DATACRUNCH_CLIENT_SECRET": emu.client_secret,
+        "GPUSCALE_SHARED_VOLUME_ID": "3f2c1b8e-sfs-uploads",
+        **(env_extra or {}),
     }
+    env = {k: v for k, v in env.items() if v is not None}
     return subprocess.run(
         [sys.executable, "-m", "gpuscale.cli", "deploy", "apply", *map(str, args)],
         env=env,
@@ -177,7 +197,16 @@ def test_apply_creates_then_changes_nothing(emu: Emulator) -> None:
 
     created = apply(emu, *files)
     assert created.returncode == 0, created.stderr
-    assert set(emu.snapshot()["deployments"]) >= {"gpuscale-visual", "gpuscale-text"}
+    made = set(emu.snapshot()["deployments"])
+    assert made >= {"gpuscale-visual-spot", "gpuscale-visual", "gpuscale-visual-a100"}
+    assert made >= {"gpuscale-text-spot", "gpuscale-text", "gpuscale-text-l40s"}
+    state = emu.state
+    assert state is not None
+    spot = state.deployments["gpuscale-visual-spot"].spec
+    assert spot["is_spot"] is True
+    assert {"type": "shared", "mount_path": "/mnt/shared", "volume_id": "3f2c1b8e-sfs-uploads"} in spot[
+        "containers"
+    ][0]["volume_mounts"]
 
     before = writes(emu)
     again = apply(emu, *files)
@@ -187,7 +216,7 @@ def test_apply_creates_then_changes_nothing(emu: Emulator) -> None:
 
 
 def test_apply_updates_with_a_diff_and_keeps_the_replica_counts(emu: Emulator, tmp_path: Path) -> None:
-    raw = yaml.safe_load((ROOT / "deploy" / "datacrunch" / "text.yaml").read_text())
+    raw = first_doc("text.yaml")
     raw["name"] = "deck-text-update"
     first = tmp_path / "text.yaml"
     first.write_text(yaml.safe_dump(raw))
@@ -240,7 +269,7 @@ def test_apply_rejects_bad_files_with_exit_2(emu: Emulator, tmp_path: Path) -> N
 
 
 def test_apply_reports_api_errors(emu: Emulator, tmp_path: Path) -> None:
-    raw = yaml.safe_load((ROOT / "deploy" / "datacrunch" / "visual.yaml").read_text())
+    raw = first_doc("visual.yaml")
     raw["name"] = "deck-tpu"
     raw["compute"]["name"] = "TPUv9"
     spec = tmp_path / "tpu.yaml"
@@ -250,8 +279,36 @@ def test_apply_reports_api_errors(emu: Emulator, tmp_path: Path) -> None:
     assert "TPUv9" in result.stderr and emu.client_secret not in result.stderr + result.stdout
 
 
+def test_apply_refuses_the_volume_placeholder_unfilled(emu: Emulator) -> None:
+    before = writes(emu)
+    result = apply(
+        emu, ROOT / "deploy" / "datacrunch" / "text.yaml", env_extra={"GPUSCALE_SHARED_VOLUME_ID": None}
+    )
+    assert result.returncode == 2
+    assert "volume_mounts[0].volume_id is ${GPUSCALE_SHARED_VOLUME_ID}" in result.stderr
+    assert "GPUSCALE_SHARED_VOLUME_ID" in result.stderr and writes(emu) == before
+
+
+def test_a_list_of_deployments_in_one_file(tmp_path: Path) -> None:
+    one, two = first_doc("visual.yaml"), first_doc("visual.yaml")
+    two["name"] = "deck-second"
+    listed = tmp_path / "list.yaml"
+    listed.write_text(yaml.safe_dump([one, two]))
+    assert [d["name"] for d in deployspec.load_all(listed)] == ["gpuscale-visual-spot", "deck-second"]
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(yaml.safe_dump_all([one, one]))
+    with pytest.raises(deployspec.SpecError, match="defined twice"):
+        deployspec.load_all(twice)
+    bad = tmp_path / "bad.yaml"
+    two["containers"][0]["volume_mounts"][0]["volume_id"] = None
+    bad.write_text(yaml.safe_dump_all([one, two]))
+    with pytest.raises(deployspec.SpecError, match=r"deployment #2: .*volume_id: a shared mount needs"):
+        deployspec.load_all(bad)
+
+
 def test_apply_needs_credentials(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DATACRUNCH_")}
+    env["GPUSCALE_SHARED_VOLUME_ID"] = "sfs-1"
     result = subprocess.run(
         [sys.executable, "-m", "gpuscale.cli", "deploy", "apply", str(DEPLOYMENT_SPECS[0])],
         env=env,

@@ -80,6 +80,12 @@ def test_dockerfile_properties(pool: str) -> None:
     assert f"GPUSCALE_POOL={pool}" in env
     assert f"GPUSCALE_{pool.upper()}_MODEL=${{MODEL}}" in env
     assert "OLLAMA_HOST=127.0.0.1:11434" in env, "Ollama stays on loopback; only the worker port is exposed"
+    # Ollama serves as many requests at once as the shipped pools file's `parallel` (the
+    # deployment specs say the same; see test_pools).
+    from gpuscale.controller.pools import load_pools
+
+    parallel = load_pools(ROOT / "deploy" / "datacrunch" / "pools.yaml").pools[pool].parallel
+    assert f"OLLAMA_NUM_PARALLEL={parallel}" in env
     assert ("EXPOSE", "8001") in ins
     [health] = [a for w, a in ins if w == "HEALTHCHECK"]
     assert '"-m", "gpuscale.worker.healthcheck"' in health and "--start-period=" in health

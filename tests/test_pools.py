@@ -196,8 +196,10 @@ def test_shipped_deployments_serve_as_the_shipped_pools_say() -> None:
     root = Path(__file__).resolve().parents[1] / "deploy" / "datacrunch"
     config = load_pools(root / "pools.yaml")
     for name, rules in config.pools.items():
-        spec = deployspec.load_file(root / f"{name}.yaml")
-        assert spec["name"] == rules.deployment
-        assert deployspec.serving_mismatches(spec, rules.tasks_per_replica, rules.parallel) == []
+        specs = deployspec.load_all(root / f"{name}.yaml")
+        assert [s["name"] for s in specs] == [o.name for o in rules.options]  # every fallback
+        for one in specs:
+            assert deployspec.serving_mismatches(one, rules.tasks_per_replica, rules.parallel) == []
+        spec = specs[0]
         fixed = deployspec.with_serving_env(spec, rules.tasks_per_replica + 1, rules.parallel + 1)
         assert len(deployspec.serving_mismatches(fixed, rules.tasks_per_replica, rules.parallel)) == 2

@@ -24,22 +24,39 @@ async def _apply(files: list[Path], dry_run: bool) -> int:
     from gpuscale.controller.providers import datacrunch_client
     from gpuscale.controller.providers.base import ProviderError
 
+    # Every deployment of every file (a pool's fallback deployments share its file).
+    specs: list[dict[str, Any]] = []
+    origins: list[Path] = []
     try:
-        specs = [deployspec.load_file(path) for path in files]
+        for path in files:
+            for spec in deployspec.load_all(path):
+                specs.append(spec)
+                origins.append(path)
     except deployspec.SpecError as exc:
         raise fail(str(exc)) from None
     names = [s["name"] for s in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise fail(f"deployment {', '.join(duplicates)} is defined in more than one file")
+    settings = get_settings()
+    volume_id = (settings.shared_volume_id or "").strip()
+    for i, (spec, path) in enumerate(zip(specs, origins, strict=True)):
+        unfilled = deployspec.placeholders(spec)
+        if unfilled and not volume_id:
+            raise fail(
+                f"{path}: {spec['name']}: {unfilled[0]} is {deployspec.VOLUME_PLACEHOLDER}; set "
+                "GPUSCALE_SHARED_VOLUME_ID to the id of the shared filesystem the containers mount"
+            )
+        if unfilled:
+            specs[i] = deployspec.fill_volume_id(spec, volume_id)
 
     try:
-        client = datacrunch_client(get_settings(), purpose="deploy apply")
+        client = datacrunch_client(settings, purpose="deploy apply")
     except ConfigError as exc:
         raise fail(str(exc)) from None
     suffix = " (dry run: nothing changed)" if dry_run else ""
     try:
-        for spec, path in zip(specs, files, strict=True):
+        for spec, path in zip(specs, origins, strict=True):
             name = spec["name"]
             current = await client.get_deployment(name)
             changes = deployspec.diff(current, spec)

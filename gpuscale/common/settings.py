@@ -86,6 +86,10 @@ class Settings(DatabaseAccess):
     local_log_dir: Path | None = None
 
     # DataCrunch emulator (issue 4).  Its credentials default to DATACRUNCH_CLIENT_ID/SECRET.
+    # The Verda shared filesystem (SFS) volume the deployments mount (issue 13): `deploy apply`
+    # puts it in place of ${GPUSCALE_SHARED_VOLUME_ID} in the specs and refuses to apply without it.
+    shared_volume_id: str | None = None
+
     emulator_port: int = 8765
     emulator_client_id: str | None = None
     emulator_client_secret: SecretStr | None = None

@@ -52,8 +52,9 @@ FAST_MIN_GAP_S = 0.25
 def default_launches(config: PoolsConfig, dsn: str) -> dict[str, LaunchSpec]:
     """Local/docker launch specs: one worker per replica, pointed at this controller's database."""
     return {
-        (r.deployment or name): LaunchSpec(pool=name, env={"GPUSCALE_DATABASE_URL": dsn})
+        opt.name: LaunchSpec(pool=name, env={"GPUSCALE_DATABASE_URL": dsn})
         for name, r in config.pools.items()
+        for opt in r.options
     }
 
 

@@ -1,8 +1,10 @@
 """DataCrunch deployment specs: load ``deploy/datacrunch/*.yaml``, normalise, diff.
 
-A spec file holds one deployment in the API's own shape (the JSON of ``POST
-/container-deployments``, written as YAML).  Loading checks every key against that shape, so a
-typo fails with the file and the path of the bad key instead of being silently dropped by the API.
+A spec file holds a pool's deployments in the API's own shape (the JSON of ``POST
+/container-deployments``, written as YAML): one mapping, a list of them, or several YAML
+documents (``---``), in the pool's order of preference (fallback deployments, see ``pools.py``).
+Loading checks every key against that shape, so a typo fails with the file and the path of the
+bad key instead of being silently dropped by the API.
 
 ``normalize()`` fills the API's defaults and drops read-only fields so that what a file asks for
 and what the API answers compare equal when they mean the same; the emulator stores deployments
@@ -26,6 +28,13 @@ import yaml
 READ_ONLY = ("endpoint_base_url", "created_at")
 REPLICA_COUNTS = ("min_replica_count", "max_replica_count")
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+# Shared filesystem mounts name their volume with this placeholder in the shipped specs: the id
+# is per account, so ``deploy apply`` fills it from GPUSCALE_SHARED_VOLUME_ID (and refuses to
+# apply a spec that still holds it).
+VOLUME_PLACEHOLDER = "${GPUSCALE_SHARED_VOLUME_ID}"
+VOLUME_TYPES = ("scratch", "shared", "memory", "secret")
 
 
 class SpecError(ValueError):
@@ -166,6 +175,13 @@ def validate(deployment: Any, *, ignore_private: bool = True) -> None:
         port = container["exposed_port"]
         if not 1 <= port <= 65535:
             raise SpecError(f"containers[{i}].exposed_port: {port} is not a port")
+        for j, mount in enumerate(container.get("volume_mounts") or []):
+            where = f"containers[{i}].volume_mounts[{j}]"
+            if mount["type"] not in VOLUME_TYPES:
+                raise SpecError(f"{where}.type: must be one of {', '.join(VOLUME_TYPES)}")
+            if mount["type"] == "shared" and not mount.get("volume_id"):
+                # The API refuses it too ("volume_mounts.*.volume_id should not be null").
+                raise SpecError(f"{where}.volume_id: a shared mount needs the volume's id")
     if deployment.get("scaling") is not None:
         validate_scaling(deployment["scaling"], path="scaling")
 
@@ -236,19 +252,58 @@ def normalize(deployment: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def load_file(path: Path) -> dict[str, Any]:
-    """One deployment spec file, checked against the API's shape (SpecError names the file)."""
+def load_all(path: Path) -> list[dict[str, Any]]:
+    """Every deployment of a spec file (one mapping, a list, or several YAML documents), in the
+    file's order, each checked against the API's shape (SpecError names the file and item)."""
     try:
-        data = yaml.safe_load(path.read_text())
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     except OSError as exc:
         raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
-    try:
-        validate(data, ignore_private=False)
-    except SpecError as exc:
-        raise SpecError(f"{path}: {exc}") from None
-    return normalize(data)
+    items: list[Any] = []
+    for doc in docs:
+        items.extend(doc if isinstance(doc, list) else [doc])
+    if not items:
+        raise SpecError(f"{path}: no deployment in the file")
+    out = []
+    for i, data in enumerate(items):
+        where = f"{path}" if len(items) == 1 else f"{path}: deployment #{i + 1}"
+        try:
+            validate(data, ignore_private=False)
+        except SpecError as exc:
+            raise SpecError(f"{where}: {exc}") from None
+        out.append(normalize(data))
+    names = [d["name"] for d in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SpecError(f"{path}: deployment {', '.join(twice)} is defined twice")
+    return out
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """The first (preferred) deployment of a spec file; :func:`load_all` reads them all."""
+    return load_all(path)[0]
+
+
+def placeholders(deployment: Mapping[str, Any]) -> list[str]:
+    """Paths of shared mounts whose volume id is still :data:`VOLUME_PLACEHOLDER`."""
+    return [
+        f"containers[{i}].volume_mounts[{j}].volume_id"
+        for i, container in enumerate(deployment.get("containers") or [])
+        for j, mount in enumerate(container.get("volume_mounts") or [])
+        if mount.get("type") == "shared" and mount.get("volume_id") == VOLUME_PLACEHOLDER
+    ]
+
+
+def fill_volume_id(deployment: Mapping[str, Any], volume_id: str) -> dict[str, Any]:
+    """A copy with every placeholder volume id replaced by ``volume_id``."""
+    out = copy.deepcopy(dict(deployment))
+    for container in out.get("containers") or []:
+        for mount in container.get("volume_mounts") or []:
+            if mount.get("type") == "shared" and mount.get("volume_id") == VOLUME_PLACEHOLDER:
+                mount["volume_id"] = volume_id
+    return out
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

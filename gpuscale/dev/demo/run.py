@@ -671,7 +671,9 @@ def _specs_by_pool(files: list[Path]) -> dict[str, dict[str, Any]]:
 
     out: dict[str, dict[str, Any]] = {}
     for path in files:
-        spec = deployspec.load_file(path)
+        # The pool's preferred deployment is the demo's template; the shared filesystem the
+        # emulator stands in for gets a fixed volume id (the shipped specs hold a placeholder).
+        spec = deployspec.fill_volume_id(deployspec.load_file(path), "demo-shared")
         for item in spec["containers"][0].get("env") or []:
             if item.get("name") == "GPUSCALE_POOL" and item.get("type") == "plain":
                 out[str(item["value_or_reference_to_secret"])] = spec
