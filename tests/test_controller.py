@@ -188,7 +188,7 @@ async def test_critical_task_scales_within_a_second(dsn: str, deployments: Emula
                 break
             await asyncio.sleep(0.05)
         assert app.is_leader
-        await asyncio.sleep(0.3)  # the LISTEN connection is up
+        await asyncio.wait_for(app.listening.wait(), 10)  # the LISTEN connection is up
         started = time.monotonic()
         await _enqueue(app.queue, 1, "startup_name_extraction", Priority.critical)
         while await _target(deployments, "gpuscale-text") == 0:
@@ -420,7 +420,7 @@ async def test_sigterm_lets_the_provider_call_in_progress_finish(dsn: str, deplo
             if app.is_leader and app.reconciler.views["visual"].at is not None:
                 break
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)  # the LISTEN connection is up
+        await asyncio.wait_for(app.listening.wait(), 10)  # the LISTEN connection is up
         deployments.set_faults(slow=0.7)  # every API answer takes 0.7 s
         await _enqueue(app.queue, 3)  # the fast path starts a reconcile of 'visual'
         await asyncio.sleep(1.0)  # ... which is now inside its (slow) provider calls

@@ -128,6 +128,17 @@ def wait_role(port: int, wanted: str, timeout: float = 20) -> None:
     raise AssertionError(f"controller on port {port} is not {wanted}")
 
 
+def wait_decision(port: int, pool: str, timeout: float = 30) -> None:
+    """Until the controller has recorded a decision for ``pool`` (its first tick did)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = httpx.get(f"http://127.0.0.1:{port}/api/events", params={"pool": pool, "limit": 1}, timeout=2)
+        if r.status_code == 200 and r.json()["events"]:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"controller on port {port} recorded no decision for {pool}")
+
+
 def stop(proc: subprocess.Popen[bytes]) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -253,7 +264,7 @@ def test_status_shows_the_controllers_view(ctl_env: dict[str, str], tmp_path: Pa
     try:
         wait_ready(port)
         wait_role(port, "leader")
-        time.sleep(1.5)  # a couple of ticks
+        wait_decision(port, "visual")
         out = subprocess.run(
             [
                 sys.executable,

@@ -144,14 +144,20 @@ async def test_dependencies_unblock_exactly_once(db: asyncpg.Pool, dsn: str) -> 
     assert stats.blocked == 2 and stats.blocked_on_running == 1
 
     notified: list[str] = []
+    arrived = asyncio.Event()
+
+    def on_notify(pool: str) -> None:
+        notified.append(pool)
+        arrived.set()
+
     conn = await asyncpg.connect(dsn)
     try:
-        await listen(conn, notified.append)
+        await listen(conn, on_notify)
         claimed = await q.claim("bench", "s", 100)
         assert sorted(c.id for c in claimed) == parents
         # complete all parents concurrently, one per transaction, from several connections
         await asyncio.gather(*(q.complete(p, "s", {"p": p}) for p in parents))
-        await asyncio.sleep(0.2)
+        await asyncio.wait_for(arrived.wait(), 10)  # the unblocked child's notification
     finally:
         await conn.close()
     child_row = await q.get_task(child)

@@ -17,10 +17,7 @@ import typer
 
 from gpuscale.cli.database import open_queue, run_db
 from gpuscale.cli.errors import fail
-
-db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks (print numbers; not tests).", no_args_is_help=True)
-
+from gpuscale.cli.groups import bench_app, db_app
 
 if TYPE_CHECKING:  # imports stay lazy at run time so `--help` is fast
     from rich.console import Console

@@ -12,6 +12,7 @@ import asyncio
 import typer
 
 from gpuscale.cli.errors import fail
+from gpuscale.cli.groups import bench_app
 
 
 def worker(
@@ -106,7 +107,5 @@ def bench_ollama(
 
 
 def register(app: typer.Typer) -> None:
-    from gpuscale.cli.queue import bench_app
-
     app.command("worker")(worker)
     bench_app.command("ollama")(bench_ollama)

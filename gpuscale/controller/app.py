@@ -79,6 +79,8 @@ class ControllerApp:
         self.interval = settings.reconcile_interval_s or config.reconcile_interval_s
         self.leader = LeaderElector(dsn)
         self._stop = asyncio.Event()
+        # Set while the LISTEN connection is up: the fast path works from then on (tests wait on it).
+        self.listening = asyncio.Event()
         self._pending_fast: set[str] = set()
         self._fast_task: asyncio.Task[None] | None = None
         self._last_fast = float("-inf")
@@ -299,6 +301,7 @@ class ControllerApp:
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, ev=lost: ev.set())
                 await listen(conn, self._on_work)
+                self.listening.set()
                 delay = 0.5
                 stop_wait = asyncio.ensure_future(self._stop.wait())
                 lost_wait = asyncio.ensure_future(lost.wait())
@@ -313,6 +316,7 @@ class ControllerApp:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 log.debug("listen connection: %s", type(exc).__name__)
             finally:
+                self.listening.clear()
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         conn.terminate()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -18,7 +18,28 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 if TYPE_CHECKING:
-    from gpuscale.controller.app import ControllerApp
+    from gpuscale.controller.store import ControllerStore
+    from gpuscale.queue import Queue
+
+
+class OpsSource(Protocol):
+    """What the ops API reads from the controller process (:class:`~gpuscale.controller.app.ControllerApp`);
+    a protocol, so this module does not import the process that serves it."""
+
+    controller_id: str
+
+    @property
+    def is_leader(self) -> bool: ...
+
+    @property
+    def queue(self) -> Queue: ...
+
+    @property
+    def store(self) -> ControllerStore: ...
+
+    async def database_ok(self) -> tuple[bool, str | None]: ...
+
+    async def pools_view(self) -> dict[str, Any]: ...
 
 
 def _jsonable(value: Any) -> Any:
@@ -35,7 +56,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def build_app(ctl: ControllerApp) -> Starlette:
+def build_app(ctl: OpsSource) -> Starlette:
     async def metrics(_: Request) -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
