@@ -55,7 +55,7 @@ async def test_env_logs_and_port(tmp_path: Path) -> None:
         {"deck-a": LaunchSpec("text", command=command, env={"GPUSCALE_DATABASE_URL": "postgresql://x/y"})},
         stop_grace_s=1,
         log_dir=tmp_path,
-        base_env={"PATH": "/usr/bin:/bin", "UNRELATED": "kept"},
+        base_env={"PATH": "/usr/bin:/bin", "UNRELATED": "left out"},
     )
     await provider.set_replicas("deck-a", 1)
     (rid,) = provider.pids("deck-a")
@@ -67,7 +67,7 @@ async def test_env_logs_and_port(tmp_path: Path) -> None:
     await until(logged, "the replica's log line")
     (env,) = replica_env(rid)
     assert env["GPUSCALE_POOL"] == "text" and env["GPUSCALE_DATABASE_URL"] == "postgresql://x/y"
-    assert env["GPUSCALE_WORKER_PORT"] == "0" and env["UNRELATED"] == "kept"
+    assert env["GPUSCALE_WORKER_PORT"] == "0" and env["PATH"] == "/usr/bin:/bin" and "UNRELATED" not in env
     await provider.aclose()
     await no_processes({rid})
 
@@ -113,3 +113,56 @@ async def test_make_provider_builds_each_back_end() -> None:
         make_provider(Settings.model_construct(provider="gcp"), launches)  # type: ignore[arg-type]
     for provider in (local, docker, dc):
         await provider.aclose()
+
+
+async def test_replicas_get_an_allow_list_not_the_controllers_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = "dc-secret-never-in-a-replica-41d7"
+    monkeypatch.setenv("DATACRUNCH_CLIENT_SECRET", secret)
+    monkeypatch.setenv("DATACRUNCH_CLIENT_ID", "dc-id")
+    monkeypatch.setenv("GPUSCALE_EMULATOR_CLIENT_SECRET", secret)
+    monkeypatch.setenv("GPUSCALE_DATACRUNCH_CLIENT_SECRET", secret)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("GPUSCALE_SERVER_ID", "one-id-for-all")  # per process: must not be shared
+    monkeypatch.setenv("GPUSCALE_VISUAL_MODEL", "gemma3:4b")  # a worker setting: passed on
+    monkeypatch.setenv("GPUSCALE_WORKER_TOKEN", "worker-token")
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    command = (sys.executable, "-c", "import time; time.sleep(60)")
+    # Built the way the controller builds it: from its settings and its own environment.
+    provider = make_provider(
+        Settings(provider="local", local_stop_grace_s=1),
+        {"deck-a": LaunchSpec("text", command=command, env={"GPUSCALE_DATABASE_URL": "postgresql://x/y"})},
+    )
+    try:
+        await provider.set_replicas("deck-a", 1)
+        (rid,) = provider.pids("deck-a")  # type: ignore[attr-defined]
+        await until(lambda: _has_env(rid), "the replica's process")
+        (env,) = replica_env(rid)
+    finally:
+        await provider.aclose()
+    await no_processes({rid})
+    assert secret not in "".join(env.values())
+    assert not any(k.startswith("DATACRUNCH_") for k in env)
+    assert "GPUSCALE_SERVER_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env
+    assert env["GPUSCALE_VISUAL_MODEL"] == "gemma3:4b" and env["GPUSCALE_WORKER_TOKEN"] == "worker-token"
+    assert env["LC_ALL"] == "C.UTF-8" and env["PATH"] and env["GPUSCALE_DATABASE_URL"] == "postgresql://x/y"
+
+
+async def _has_env(rid: str) -> bool:
+    return bool(replica_env(rid))
+
+
+def test_the_allow_list_covers_every_worker_setting() -> None:
+    from gpuscale.controller.providers.local import REPLICA_ENV
+    from gpuscale.worker.settings import WorkerSettings
+
+    per_process = {"container_id", "server_id", "worker_port", "worker_port_file"}
+    for name, info in WorkerSettings.model_fields.items():
+        if name in per_process:
+            continue
+        names = {f"GPUSCALE_{name.upper()}"}
+        alias = info.validation_alias
+        if alias is not None:
+            names = {str(a) for a in getattr(alias, "choices", [alias])}
+        assert names & REPLICA_ENV, f"worker setting {name} would not reach a local replica"

@@ -2,7 +2,8 @@
 
 Each area registers its commands from its own module in this package, so the root only
 assembles them.  Usage errors exit 2 (click's convention); so do configuration errors
-(:class:`ConfigError`), with the file, the field and what is wrong.
+(:class:`ConfigError`), with the file, the field and what is wrong, and settings from the
+environment that do not validate (the variable and the problem, never its value).
 """
 
 from __future__ import annotations
@@ -61,6 +62,16 @@ def main() -> None:
         app()
     except ConfigError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+    except Exception as exc:
+        # Imported here, not at the top, so that `--help` stays quick.
+        from pydantic import ValidationError
+
+        from gpuscale.common.settings import describe_settings_error, is_settings_error
+
+        if not (isinstance(exc, ValidationError) and is_settings_error(exc)):
+            raise  # a bug, not bad input: keep the traceback
+        typer.secho(f"error: {describe_settings_error(exc)}", err=True, fg=typer.colors.RED)
         sys.exit(2)
     finally:
         logging.shutdown()

@@ -57,13 +57,24 @@ def enqueue(
     ),
 ) -> None:
     """Enqueue one task; prints its id."""
-    from gpuscale.queue import InvalidTask, NewTask
+    from gpuscale.common.settings import get_settings
+    from gpuscale.queue import InvalidTask, NewTask, validate_task
 
     try:
         data = json.loads(payload)
     except json.JSONDecodeError as exc:
         raise fail(f"--payload is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise fail("--payload is nested too deeply") from None
+    for dep in depends_on:
+        if not 1 <= dep <= 2**63 - 1:
+            raise fail(f"--depends-on {dep}: not a task id (ids run from 1 to {2**63 - 1})")
     task = NewTask(task_type, data, priority, list(depends_on), document_id, max_attempts)
+    try:
+        # Everything but the dependencies' existence, before a database is started or touched.
+        validate_task(task, get_settings().max_payload_bytes)
+    except InvalidTask as exc:
+        raise fail(str(exc)) from None
 
     async def run() -> int:
         async with open_queue(max_size=2) as q:
@@ -104,7 +115,8 @@ def submit_deck(
     source: Path | str = pdf if is_url(pdf) else Path(pdf)
     if isinstance(source, Path):
         try:
-            count_pages(source.absolute())  # refuse a bad file before starting a database
+            # Refuse a bad file before starting a database.
+            count_pages(source.absolute(), max_pages=settings.max_pdf_pages)
         except DeckError as exc:
             raise fail(str(exc)) from None
     pages_per_task = batch_pages or settings.deck_batch_pages
@@ -119,6 +131,7 @@ def submit_deck(
                 batch_pages=pages_per_task,
                 priority=priority,
                 max_bytes=settings.deck_max_bytes,
+                max_pages=settings.max_pdf_pages,
             )
 
     try:

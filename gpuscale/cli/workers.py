@@ -30,6 +30,7 @@ def worker(
     """Run a worker: register, heartbeat, claim and run tasks of one pool; drain on SIGTERM."""
     from pydantic import ValidationError
 
+    from gpuscale.common.settings import describe_settings_error
     from gpuscale.db.connect import resolve_dsn
     from gpuscale.queue import tasktypes
     from gpuscale.worker.runtime import run_worker
@@ -41,8 +42,7 @@ def worker(
     try:
         settings = WorkerSettings()
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise fail(f"bad worker settings: {problems}") from None
+        raise fail(describe_settings_error(exc)) from None
     updates: dict[str, object] = {}
     if port is not None:
         if not 0 <= port <= 65535:

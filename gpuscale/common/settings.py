@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ProviderName = Literal["datacrunch", "docker", "local"]
@@ -141,3 +141,25 @@ class Settings(DatabaseAccess):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def is_settings_error(exc: ValidationError) -> bool:
+    """Whether ``exc`` came from reading settings (this module's or the worker's), not from data."""
+    return exc.title.endswith("Settings")
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    """One line naming each bad setting by its environment variable and saying what is wrong.
+
+    Never the value: the variable may hold a secret (a database URL with its password, a token),
+    so only pydantic's message, which does not repeat the input, is used."""
+    problems = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = [str(part) for part in err.get("loc", ())]
+        name = loc[0] if loc else "?"
+        # Fields are reported by name (env: GPUSCALE_<NAME>); aliased ones by their alias
+        # (e.g. DATACRUNCH_CLIENT_ID), which already is the variable.
+        var = name if name.isupper() else f"GPUSCALE_{name.upper()}"
+        where = ".".join([var, *loc[1:]])
+        problems.append(f"{where}: {str(err.get('msg', 'invalid')).removeprefix('Value error, ')}")
+    return "invalid setting " + "; ".join(problems)

@@ -8,6 +8,7 @@ here ever contains a secret (the pool rules and provider state carry none).
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -40,6 +41,9 @@ class OpsSource(Protocol):
     async def database_ok(self) -> tuple[bool, str | None]: ...
 
     async def pools_view(self) -> dict[str, Any]: ...
+
+# The pools file's rule for pool names (PoolRules.name): anything else names no pool.
+_POOL_NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 
 
 def _jsonable(value: Any) -> Any:
@@ -86,6 +90,10 @@ def build_app(ctl: OpsSource) -> Starlette:
 
     async def events(request: Request) -> Response:
         pool = request.query_params.get("pool") or None
+        if pool is not None and not _POOL_NAME.fullmatch(pool):
+            return JSONResponse(
+                {"error": "pool must be a pool name (a-z, 0-9, '_' or '-', at most 63)"}, status_code=400
+            )
         try:
             limit = int(request.query_params.get("limit", "50"))
         except ValueError:

@@ -115,7 +115,8 @@ class DeploymentOption(BaseModel):
 class PoolRules(BaseModel):
     """One pool's scaling rules.  Attribute names end in ``_s`` where the YAML key is a duration."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    # strict: YAML's ``yes``/``on`` and quoted numbers are refused where a number is expected.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, strict=True)
 
     name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z][a-z0-9_-]*$")
     min_replicas: int = Field(default=0, ge=0, le=1000)
@@ -277,7 +278,7 @@ def _opt_name(item: Any) -> Any:
 class PoolsConfig(BaseModel):
     """All pools plus the global rules."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
 
     pools: dict[str, PoolRules]
     monthly_budget_usd: float | None = Field(default=None, gt=0, allow_inf_nan=False)
@@ -415,6 +416,24 @@ def parse_pools(data: Any, source: str = "<pools>") -> PoolsConfig:
         raise PoolsFileError(f"{source}: {where + ': ' if where else ''}{_msg(first)}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            try:
+                dup = key in seen
+            except TypeError:
+                continue  # an unhashable key: the base constructor reports it
+            if dup:
+                line = key_node.start_mark.line + 1
+                raise PoolsFileError(f"key {key!r} is given twice in one mapping (line {line})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_pools(path: Path | str) -> PoolsConfig:
     """Read and validate a pools file.  Raises :class:`PoolsFileError` (file, field, problem)."""
     path = Path(path)
@@ -425,7 +444,9 @@ def load_pools(path: Path | str) -> PoolsConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise PoolsFileError(f"{path}: cannot read pools file: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
+    except PoolsFileError as exc:
+        raise PoolsFileError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise PoolsFileError(f"{path}: not valid YAML: {exc}") from None
     return parse_pools(data, str(path))

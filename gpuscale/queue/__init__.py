@@ -16,6 +16,7 @@ from gpuscale.queue.tasks import (
     TaskStatus,
     WorkDetail,
     listen,
+    validate_task,
 )
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "TaskStatus",
     "WorkDetail",
     "listen",
+    "validate_task",
 ]

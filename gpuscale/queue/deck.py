@@ -14,6 +14,8 @@ the same filesystem; an ``http(s)`` URL is downloaded once to count its pages an
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 import tempfile
 import threading
 import uuid
@@ -41,17 +43,46 @@ class DeckSubmission:
     task_ids: dict[str, list[int]]  # task type → ids (visual_analysis: one per page batch)
 
 
-def count_pages(pdf: Path) -> int:
-    """Pages of a PDF, via pdfium; :class:`DeckError` with a clear reason if it is not one."""
+DEFAULT_MAX_PAGES = 300  # GPUSCALE_MAX_PDF_PAGES
+
+
+def _read_head(pdf: Path) -> bytes:
+    """The first KiB of ``pdf``, refusing anything but a regular file *before* opening it.
+
+    Opening a FIFO for reading blocks until a writer comes, and a device may never end; so the
+    type is checked with ``stat`` first, and the file is opened non-blocking and checked again
+    (it may have been swapped in between)."""
+    not_regular = f"{pdf}: not a regular file (a FIFO, device or socket); give a PDF file"
     try:
-        with pdf.open("rb") as fh:
-            head = fh.read(1024)
+        st = os.stat(pdf)
     except FileNotFoundError:
         raise DeckError(f"{pdf}: no such file") from None
-    except IsADirectoryError:
-        raise DeckError(f"{pdf}: is a directory, not a PDF file") from None
     except OSError as exc:
         raise DeckError(f"{pdf}: cannot read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DeckError(f"{pdf}: is a directory, not a PDF file")
+    if not stat.S_ISREG(st.st_mode):
+        raise DeckError(not_regular)
+    try:
+        fd = os.open(pdf, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise DeckError(f"{pdf}: no such file") from None
+    except OSError as exc:
+        raise DeckError(f"{pdf}: cannot read: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DeckError(not_regular)
+        return os.read(fd, 1024)
+    except OSError as exc:
+        raise DeckError(f"{pdf}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+def count_pages(pdf: Path, *, max_pages: int | None = None) -> int:
+    """Pages of a PDF, via pdfium; :class:`DeckError` with a clear reason if it is not one, or
+    if it has more than ``max_pages`` pages."""
+    head = _read_head(pdf)
     # pdfium tolerates junk before the header; a deck upload should start with it.
     if b"%PDF-" not in head:
         raise DeckError(f"{pdf}: not a PDF file (no %PDF- header)")
@@ -70,6 +101,10 @@ def count_pages(pdf: Path) -> int:
             doc.close()
     if pages < 1:
         raise DeckError(f"{pdf}: the PDF has no pages")
+    if max_pages is not None and pages > max_pages:
+        raise DeckError(
+            f"{pdf}: {pages} pages is over the limit of {max_pages} pages (GPUSCALE_MAX_PDF_PAGES)"
+        )
     return pages
 
 
@@ -93,19 +128,23 @@ def _fetch_url(url: str, dest: Path, max_bytes: int | None, timeout_s: float) ->
         raise DeckError(f"{url}: cannot download: {type(exc).__name__}") from None
 
 
-def url_pages(url: str, *, max_bytes: int | None = None, timeout_s: float = 60.0) -> int:
+def url_pages(
+    url: str, *, max_bytes: int | None = None, timeout_s: float = 60.0, max_pages: int | None = None
+) -> int:
     """Pages of the PDF at ``url`` (downloaded to a temporary file that is then removed)."""
     with tempfile.TemporaryDirectory(prefix="gpuscale-deck-") as tmp:
         dest = Path(tmp) / "deck.pdf"
         _fetch_url(url, dest, max_bytes, timeout_s)
-        pages = count_pages(dest)
+        pages = count_pages(dest, max_pages=max_pages)
     return pages
 
 
-def _store_local(pdf: Path, store: DocumentStore, max_bytes: int | None) -> tuple[str, int]:
+def _store_local(
+    pdf: Path, store: DocumentStore, max_bytes: int | None, max_pages: int | None
+) -> tuple[str, int]:
     """Check a local PDF (pages, size), then copy it into ``store``: (its name there, pages)."""
     path = pdf.absolute()
-    pages = count_pages(path)
+    pages = count_pages(path, max_pages=max_pages)
     size = path.stat().st_size
     if max_bytes is not None and size > max_bytes:
         raise DeckError(f"{path}: {size} bytes is over the {max_bytes}-byte limit")
@@ -131,16 +170,17 @@ async def submit_deck(
     priority: Priority | str = Priority.normal,
     document_id: str | None = None,
     max_bytes: int | None = None,
+    max_pages: int | None = DEFAULT_MAX_PAGES,
 ) -> DeckSubmission:
-    """Validate ``pdf`` (a local file or an ``http(s)`` URL), store a local file in ``store``,
-    and enqueue the deck's task graph in one transaction."""
+    """Validate ``pdf`` (a local file or an ``http(s)`` URL; at most ``max_pages`` pages), store
+    a local file in ``store``, and enqueue the deck's task graph in one transaction."""
     if not isinstance(batch_pages, int) or batch_pages < 1:
         raise DeckError(f"batch_pages must be a positive integer, not {batch_pages!r}")
     if isinstance(pdf, str) and is_url(pdf):
-        pages = await asyncio.to_thread(url_pages, pdf, max_bytes=max_bytes)
+        pages = await asyncio.to_thread(url_pages, pdf, max_bytes=max_bytes, max_pages=max_pages)
         document = pdf
     else:
-        document, pages = await asyncio.to_thread(_store_local, Path(pdf), store, max_bytes)
+        document, pages = await asyncio.to_thread(_store_local, Path(pdf), store, max_bytes, max_pages)
     return await enqueue_deck(
         queue, document, pages, batch_pages=batch_pages, priority=priority, document_id=document_id
     )

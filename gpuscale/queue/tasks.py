@@ -38,6 +38,8 @@ NOTIFY_CHANNEL = "gpuscale_work"
 SERVER_STATUSES = ("starting", "active", "draining", "dead")
 _ID_SEQ = "processing_queue_id_seq"
 _MAX_TEXT = 16 * 1024  # error and progress texts are cut to this many characters
+MAX_PAYLOAD_DEPTH = 32  # nesting of objects/arrays in a payload; deeper is refused
+_MAX_ID = 2**63 - 1  # task ids are bigint
 
 
 class Priority(StrEnum):
@@ -172,6 +174,26 @@ class _Prepared:
     local_deps: list[int]  # indices into the same batch
 
 
+def _depth(value: Any) -> int:
+    """How deeply ``value`` nests lists and dicts, without recursion (it may be very deep)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            if level > MAX_PAYLOAD_DEPTH:
+                return level  # deep enough to refuse; no need to walk the rest
+            stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def validate_task(task: NewTask, max_payload_bytes: int = 256 * 1024) -> None:
+    """Check ``task`` as :meth:`Queue.enqueue` would, without a database (all but whether its
+    dependencies exist).  Raises :class:`InvalidTask`."""
+    _validate(task, max_payload_bytes)
+
+
 def _validate(task: NewTask, max_payload_bytes: int) -> _Prepared:
     try:
         tt = tasktypes.get(task.task_type)
@@ -181,6 +203,8 @@ def _validate(task: NewTask, max_payload_bytes: int) -> _Prepared:
         raise InvalidTask(
             f"{task.task_type}: payload must be a JSON object, not {type(task.payload).__name__}"
         )
+    if _depth(task.payload) > MAX_PAYLOAD_DEPTH:
+        raise InvalidTask(f"payload for {task.task_type} is nested more than {MAX_PAYLOAD_DEPTH} levels deep")
     try:
         model = tt.payload_model.model_validate(task.payload)
     except ValidationError as exc:
@@ -206,8 +230,8 @@ def _validate(task: NewTask, max_payload_bytes: int) -> _Prepared:
         raise InvalidTask(f"max_attempts must be a positive integer, not {max_attempts!r}")
     deps: list[int] = []
     for d in task.depends_on:
-        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-            raise InvalidTask(f"dependency ids must be positive integers, not {d!r}")
+        if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= _MAX_ID:
+            raise InvalidTask(f"dependency ids must be integers from 1 to {_MAX_ID}, not {d!r}")
         if d not in deps:
             deps.append(d)
     if task.document_id is not None and not isinstance(task.document_id, str):

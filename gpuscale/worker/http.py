@@ -8,7 +8,8 @@
   loaded, whether the worker is claiming (``ready``), and the current load.
 * ``GET /api/models``, ``POST /api/models/{name}`` (pull), ``DELETE /api/models/{name}`` — need
   ``Authorization: Bearer $GPUSCALE_WORKER_TOKEN`` (compared in constant time); 401 otherwise,
-  and always 401 when no token is configured (model management is then off).
+  and always 401 when no token is configured (model management is then off).  ``name`` must have
+  Ollama's ``[namespace/]name[:tag]`` form; anything else is 400 and never reaches Ollama.
 * ``GET /metrics`` — the worker's Prometheus metrics (:mod:`gpuscale.worker.metrics`).
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +39,27 @@ log = logging.getLogger(__name__)
 
 # A health check must answer quickly even when Ollama hangs.
 HEALTH_OLLAMA_TIMEOUT_S = 2.0
+
+# Ollama's model names: ``[host/][namespace/]name[:tag]`` (e.g. ``gemma3:12b``,
+# ``library/gemma3:12b``, ``hf.co/org/model:Q4_K_M``).  Every part starts with a letter, digit or
+# underscore, so ``.``/``..`` path segments, leading dashes, spaces and control characters never
+# reach Ollama.
+_PART = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}"
+MODEL_NAME_RE = re.compile(
+    rf"(?:[A-Za-z0-9_][A-Za-z0-9_.-]{{0,252}}(?::[0-9]{{1,5}})?/)?(?:{_PART}/)?{_PART}(?::{_PART})?"
+)
+
+
+def valid_model_name(name: str) -> bool:
+    return MODEL_NAME_RE.fullmatch(name) is not None and ".." not in name
+
+
+def _bad_model_name() -> JSONResponse:
+    # The name is not echoed back: it is whatever the caller sent.
+    return JSONResponse(
+        {"error": "invalid model name: expected Ollama's [namespace/]name[:tag], e.g. gemma3:12b"},
+        status_code=400,
+    )
 
 
 @dataclass
@@ -137,6 +160,8 @@ def create_app(status: WorkerStatus, token: SecretStr | None) -> Starlette:
             return resp
         assert status.ollama is not None
         name = request.path_params["name"]
+        if not valid_model_name(name):
+            return _bad_model_name()
         log.info("pulling model %s (requested over HTTP)", name)
         try:
             result = await status.ollama.pull(name)
@@ -151,6 +176,8 @@ def create_app(status: WorkerStatus, token: SecretStr | None) -> Starlette:
             return resp
         assert status.ollama is not None
         name = request.path_params["name"]
+        if not valid_model_name(name):
+            return _bad_model_name()
         force = request.query_params.get("force", "").lower() in ("1", "true", "yes")
         if status.model and same_model(name, status.model) and not force:
             # Deleting the model this worker serves would fail every task it claims next.

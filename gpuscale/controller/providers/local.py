@@ -5,6 +5,11 @@ that gets ``GPUSCALE_CONTAINER_ID`` and ``GPUSCALE_POOL``.  Like a cloud, the pr
 count it was set to (a replica that exits on its own is replaced on the next call); unlike
 DataCrunch it can choose whom to stop on a scale-down, so it stops idle replicas first, then the
 newest.  ``aclose()`` stops every replica it started: it never leaves an orphan.
+
+A replica does not inherit the controller's environment: it gets only the variables named in
+:data:`REPLICA_ENV` (the system basics and the worker's own settings), then its deployment's
+:class:`LaunchSpec` env.  So the DataCrunch credentials and the controller's other settings never
+reach a worker process, as they would not reach a cloud container.
 """
 
 from __future__ import annotations
@@ -29,9 +34,40 @@ from gpuscale.controller.providers.base import (
 )
 from gpuscale.controller.providers.pinned import PinnedDeployment, PinnedProvider, choose_victims, state_of
 
-__all__ = ["LocalProvider", "choose_victims"]  # choose_victims: re-exported for its old importers
+# choose_victims: re-exported for its old importers
+__all__ = ["REPLICA_ENV", "LocalProvider", "choose_victims", "replica_base_env"]
 
 log = logging.getLogger(__name__)
+
+# What a replica may take from the controller's environment (everything else is left out).
+REPLICA_ENV: frozenset[str] = frozenset(
+    {
+        # The system: where programs and libraries are, who and where we are, locale, time zone.
+        "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
+        "LD_LIBRARY_PATH", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE",
+        "PYTHONWARNINGS", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
+        "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+        "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
+        # The worker's settings (gpuscale.worker.settings.WorkerSettings) and logging.  Not its
+        # per-process ids (GPUSCALE_SERVER_ID, GPUSCALE_WORKER_PORT_FILE): replicas would share them.
+        "OLLAMA_HOST", "GPUSCALE_OLLAMA_HOST", "GPUSCALE_VISUAL_MODEL", "GPUSCALE_TEXT_MODEL",
+        "GPUSCALE_OLLAMA_TIMEOUT_S", "GPUSCALE_KEEP_ALIVE", "GPUSCALE_WARM_TIMEOUT_S", "GPUSCALE_NUM_CTX",
+        "GPUSCALE_MAX_PROMPT_CHARS", "GPUSCALE_HEARTBEAT_INTERVAL_S", "GPUSCALE_DRAIN_GRACE_S",
+        "GPUSCALE_POLL_INTERVAL_S", "GPUSCALE_LEASE_SECONDS", "GPUSCALE_RETRY_BASE_S",
+        "GPUSCALE_RETRY_MAX_S", "GPUSCALE_WORKER_CONCURRENCY", "GPUSCALE_CONCURRENCY",
+        "GPUSCALE_PDF_DPI", "GPUSCALE_MAX_PDF_BYTES", "GPUSCALE_FETCH_TIMEOUT_S",
+        "GPUSCALE_MAX_IMAGE_SIDE", "GPUSCALE_WORKER_HOST", "GPUSCALE_WORKER_TOKEN",
+        "GPUSCALE_LOG_LEVEL", "GPUSCALE_LOG_FORMAT",
+        # The dev tools mark every process of a run with this, to find leftovers.
+        "GPUSCALE_DEMO_RUN",
+    }
+)  # fmt: skip
+_REPLICA_ENV_PREFIXES = ("LC_",)
+
+
+def replica_base_env(source: Mapping[str, str]) -> dict[str, str]:
+    """The part of ``source`` (the controller's environment) that a replica may see."""
+    return {k: v for k, v in source.items() if k in REPLICA_ENV or k.startswith(_REPLICA_ENV_PREFIXES)}
 
 
 @dataclass
@@ -55,7 +91,7 @@ class LocalProvider(PinnedProvider[_Deployment]):
         super().__init__({name: _Deployment(spec) for name, spec in launches.items()})
         self.stop_grace_s = stop_grace_s
         self.log_dir = log_dir
-        self._base_env = dict(os.environ if base_env is None else base_env)
+        self._base_env = replica_base_env(os.environ if base_env is None else base_env)
         self._closed = False
 
     def __repr__(self) -> str:
