@@ -107,6 +107,8 @@ V = "visual_container_scaling"
         (f"{V}:\n  price_per_hour: on\n", ("price_per_hour", "number")),
         (f"{V}: {{}}\nmonthly_budget_usd: yes\n", ("monthly_budget_usd", "number")),
         (f"{V}:\n  max_replicas: '3'\n", ("max_replicas", "integer")),
+        (f"{V}:\n  deployments: [{{name: a, price_per_hour: yes}}]\n", ("deployments.0.price_per_hour",)),
+        (f"{V}:\n  deployments: [{{name: a, name: b}}]\n", ("name", "twice")),
     ],
 )
 def test_pools_file_duplicate_keys_and_booleans_refused(tmp_path: Path, doc: str, words: tuple[str]) -> None:

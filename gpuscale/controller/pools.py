@@ -102,7 +102,7 @@ DurationOrAuto = Annotated[float | Literal["auto"], BeforeValidator(_duration_or
 class DeploymentOption(BaseModel):
     """One provider deployment a pool may run its replicas on (``deployments:`` list item)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     name: str = Field(min_length=1, max_length=200)
     # None: the pool's ``price_per_hour``.  The controller prefers the API's prices when it can
@@ -163,7 +163,7 @@ class PoolRules(BaseModel):
     startup_backoff_s: Duration = Field(default=60.0, alias="startup_backoff")
     max_startup_backoff_s: Duration = Field(default=900.0, alias="max_startup_backoff")
     # Fallback deployments, in order of preference (empty: just ``deployment``).
-    deployments: tuple[DeploymentOption, ...] = ()
+    deployments: tuple[DeploymentOption, ...] = Field(default=(), strict=False)  # YAML gives a list
     # A deployment that reports quota_reached, misses startup_timeout or loses spot replicas too
     # often is skipped for this long; doubling per repeated failure, up to max_fallback_cooloff.
     fallback_cooloff_s: Duration = Field(default=300.0, alias="fallback_cooloff")
