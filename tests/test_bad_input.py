@@ -21,6 +21,7 @@ import pytest
 from fpdf import FPDF
 from pydantic import SecretStr
 
+from gpuscale.common.serving import AppServer
 from gpuscale.common.settings import Settings
 from gpuscale.controller.pools import PoolsFileError, load_pools
 from gpuscale.dev.standin import OllamaStandin
@@ -258,7 +259,6 @@ def worker_api() -> Iterator[tuple[str, OllamaStandin]]:
     """The worker API with the Ollama stand-in behind it; yields (url, stand-in)."""
     from gpuscale.worker.http import WorkerStatus, create_app
     from gpuscale.worker.ollama_client import OllamaClient
-    from gpuscale.worker.serving import BackgroundServer
 
     with OllamaStandin(models=["gemma3:12b"]) as standin:
         status = WorkerStatus(
@@ -268,12 +268,12 @@ def worker_api() -> Iterator[tuple[str, OllamaStandin]]:
             slots=1,
             ollama=OllamaClient(standin.url, timeout_s=5),
         )
-        server = BackgroundServer(create_app(status, SecretStr(SECRET)), name="worker-http")
-        server.start()
+        server = AppServer(create_app(status, SecretStr(SECRET)), name="worker-http")
+        server.start_thread()
         try:
             yield f"http://127.0.0.1:{server.port}", standin
         finally:
-            server.stop()
+            server.stop_thread()
 
 
 @pytest.mark.parametrize(
