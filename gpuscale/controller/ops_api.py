@@ -42,6 +42,7 @@ class OpsSource(Protocol):
 
     async def pools_view(self) -> dict[str, Any]: ...
 
+
 # The pools file's rule for pool names (PoolRules.name): anything else names no pool.
 _POOL_NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 
