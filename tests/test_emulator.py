@@ -310,7 +310,7 @@ def test_fault_specs_parse() -> None:
     assert (faults.token_ttl, faults.quota, faults.unhealthy, faults.seed) == (5.0, 2, ["*"], 7)
     assert parse_faults("unhealthy=deck-a|deck-b,no_capacity,refuse_zero").unhealthy == ["deck-a", "deck-b"]
     assert parse_faults("").to_dict() == parse_faults(None).to_dict()
-    for bad in ("throttle=2", "bogus=1", "quota=many", "slow"):
+    for bad in ("throttle=2", "bogus=1", "quota=Many Names!", "quota=-2", "slow"):
         with pytest.raises(FaultSpecError):
             parse_faults(bad)
 

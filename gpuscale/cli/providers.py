@@ -104,6 +104,86 @@ def apply(
         raise typer.Exit(code)
 
 
+async def _prices(currency: str) -> list[dict[str, Any]]:
+    from gpuscale.common.errors import ConfigError
+    from gpuscale.common.settings import get_settings
+    from gpuscale.controller.prices import parse_container_types
+    from gpuscale.controller.providers import datacrunch_client
+
+    try:
+        client = datacrunch_client(get_settings(), purpose="deploy prices")
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    try:
+        types = parse_container_types(await client.get_container_types(currency))
+    finally:
+        await client.aclose()
+    return [
+        {
+            "model": t.model,
+            "name": t.name,
+            "gpus": t.gpus,
+            "gpu_memory_gb": t.gpu_memory_gb,
+            "on_demand_per_hour": t.on_demand,
+            "spot_per_hour": t.spot,
+            "spot_saving": round(1 - t.spot / t.on_demand, 3) if t.on_demand else None,
+            "currency": t.currency,
+        }
+        for t in sorted(types, key=lambda t: (-t.on_demand, t.model))
+    ]
+
+
+@deploy_app.command("prices")
+def prices(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    currency: str = typer.Option("usd", "--currency", help="usd or eur."),
+) -> None:
+    """List the GPU types' container prices per hour, on demand and spot (GET /container-types).
+
+    The controller prices each deployment's replicas with these (its compute type and is_spot);
+    the pools file's prices are the fallback when the API cannot be read."""
+    import json
+
+    from gpuscale.controller.providers.base import ProviderError
+
+    currency = currency.strip().lower()
+    if currency not in ("usd", "eur"):
+        raise fail(f"--currency must be usd or eur, not {currency!r}")
+    try:
+        rows = asyncio.run(_prices(currency))
+    except ProviderError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Container prices per GPU-hour ({currency.upper()})")
+    for col, justify in (
+        ("GPU", "left"),
+        ("type", "left"),
+        ("memory", "right"),
+        ("on demand", "right"),
+        ("spot", "right"),
+        ("spot saves", "right"),
+    ):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in rows:
+        mem = f"{r['gpu_memory_gb']:g} GB" if r["gpu_memory_gb"] else ""
+        saving = f"{r['spot_saving']:.0%}" if r["spot_saving"] is not None else ""
+        table.add_row(
+            r["model"],
+            r["name"],
+            mem,
+            f"{r['on_demand_per_hour']:.2f}",
+            f"{r['spot_per_hour']:.2f}",
+            saving,
+        )
+    Console().print(table)
+
+
 def emulator(
     port: int = typer.Option(
         None, "--port", help="Port on 127.0.0.1 (default GPUSCALE_EMULATOR_PORT, 8765)."

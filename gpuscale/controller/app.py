@@ -44,6 +44,8 @@ from gpuscale.queue import Queue, listen
 
 log = logging.getLogger("gpuscale.controller")
 
+PRICE_REFRESH_S = 3600.0  # how often the provider's price list is read again
+
 # The fast path (see _fast_reconcile): notifications gathered this long, reconciles this far apart.
 FAST_COALESCE_S = 0.05
 FAST_MIN_GAP_S = 0.25
@@ -86,6 +88,8 @@ class ControllerApp:
         self._last_fast = float("-inf")
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_cost: float | None = None
+        self._api_prices: dict[str, float] = {}  # deployment → $/replica-hour from the API
+        self._prices_at = float("-inf")
         self._spend_cache: dict[str, float] | None = None
         self._timings_since: dt.datetime | None = None
         self._stopping = False
@@ -232,14 +236,56 @@ class ControllerApp:
         if last is None or not self.is_leader:
             return
         dt_s = now - last
+        await self.refresh_prices()
         for name, rules in self.config.pools.items():
-            replicas = self.reconciler.provider_counts.get(name, 0)
-            usd = replicas * rules.price_per_hour * dt_s / 3600
+            # Each deployment's replicas at its own price: the API's (GET /container-types) when
+            # it could be read, else the pools file's.
+            counts = self.reconciler.deployment_counts.get(name) or {}
+            replicas = sum(counts.values())
+            usd = 0.0
+            for opt in rules.options:
+                n = counts.get(opt.name, 0)
+                price, source = self.price_of(name, opt.name)
+                m.DEPLOYMENT_PRICE.labels(name, opt.name, source).set(price)
+                part = n * price * dt_s / 3600
+                m.DEPLOYMENT_SPEND_USD.labels(name, opt.name).inc(part)
+                usd += part
             m.SPEND_USD.labels(name).inc(usd)
             try:
                 await self._store.add_spend(name, usd, replicas * dt_s, dt.datetime.now(dt.UTC))
             except Exception as exc:
                 log.warning("cost accounting failed for %s: %s", name, type(exc).__name__)
+
+    def price_of(self, pool: str, deployment: str) -> tuple[float, str]:
+        """(price per replica-hour, "api" or "pools_file") of one of a pool's deployments."""
+        api = self._api_prices.get(deployment)
+        if api is not None:
+            return api, "api"
+        opt = self.config.pools[pool].option(deployment)
+        fallback = opt.price_per_hour if opt is not None else None
+        return float(
+            fallback if fallback is not None else self.config.pools[pool].price_per_hour
+        ), "pools_file"
+
+    async def refresh_prices(self, *, force: bool = False) -> None:
+        """Read the deployments' prices from the provider's API (hourly); a provider without
+        prices, or an API that cannot be read, leaves the pools file's prices in use."""
+        read = getattr(self.provider, "deployment_prices", None)
+        now = time.monotonic()
+        if read is None or (not force and now - self._prices_at < PRICE_REFRESH_S):
+            return
+        self._prices_at = now
+        names = [o.name for r in self.config.pools.values() for o in r.options]
+        try:
+            self._api_prices = dict(await read(names))
+        except Exception as exc:  # the pools file's prices stay in use
+            log.warning("prices: could not read the provider's prices (%s); using the pools file's", exc)
+            self._api_prices = {}
+            return
+        log.info(
+            "prices from the API: %s",
+            ", ".join(f"{k} ${v:.2f}/h" for k, v in sorted(self._api_prices.items())) or "none",
+        )
 
     async def retention(self) -> None:
         if not await self.leader.ensure():

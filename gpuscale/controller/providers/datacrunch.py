@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_PATH = "/oauth2/token"
 DEPLOYMENTS_PATH = "/container-deployments"
+CONTAINER_TYPES_PATH = "/container-types"
 
 # Words in an error's code or message that mark a capacity / quota refusal (not retryable, but
 # not our fault either: the controller holds and reports it).
@@ -464,6 +465,15 @@ class DataCrunchClient:
         path, endpoint = self._dep(name, "/restart")
         await self.request("POST", path, endpoint)
 
+    async def get_container_types(self, currency: str = "usd") -> list[dict[str, Any]]:
+        """``GET /container-types?currency=…``: per GPU type, on-demand and spot prices."""
+        if not re.fullmatch(r"[a-z]{3}", currency):
+            raise ProviderError(f"invalid currency {currency!r}")
+        data = await self.request("GET", f"{CONTAINER_TYPES_PATH}?currency={currency}", CONTAINER_TYPES_PATH)
+        if not isinstance(data, list):
+            raise ProviderError(f"GET {CONTAINER_TYPES_PATH}: expected a list")
+        return data
+
 
 def _expect_dict(data: Any, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
@@ -547,6 +557,20 @@ class DataCrunchProvider:
             except (ApiError, CapacityError) as exc:
                 log.info("DataCrunch refused 1/1 for %s too (%s)", deployment, exc)
         await self.client.pause(deployment)
+
+    async def deployment_prices(self, deployments: Collection[str]) -> dict[str, float]:
+        """Price per hour of each deployment from the API: its compute type and is_spot, priced
+        by ``GET /container-types``.  Deployments the API cannot price are left out."""
+        from gpuscale.controller.prices import deployment_price, parse_container_types
+
+        types = parse_container_types(await self.client.get_container_types())
+        out: dict[str, float] = {}
+        for name in deployments:
+            dep = await self.client.get_deployment(name)
+            price = deployment_price(types, dep) if dep is not None else None
+            if price is not None:
+                out[name] = price
+        return out
 
     async def pause(self, deployment: str) -> None:
         if await self.client.get_status(deployment) != "paused":

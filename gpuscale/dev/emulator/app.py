@@ -22,6 +22,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import math
 import os
 import random
 import secrets as secrets_mod
@@ -71,6 +72,8 @@ class EmulatorConfig:
     max_replicas: int = 20
     faults: Faults = field(default_factory=Faults)
     shared_dir: Path = Path(".gpuscale/emulator/shared")  # one folder per shared volume under it
+    # GPU model → (on-demand, spot) price strings for GET /container-types, over the defaults.
+    prices: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def shared_path(container: Mapping[str, Any], path: str, shared_dir: Path) -> str | None:
@@ -161,6 +164,8 @@ class EmulatorState:
         self.file_secrets: dict[str, tuple[list[dict[str, str]], float]] = {}
         self.registry_credentials: dict[str, tuple[dict[str, Any], float]] = {}
         self.requests = 0
+        self.preempted: list[str] = []  # spot replicas that vanished (faults ``preempt``)
+        self._preempt_checked: dict[str, float] = {}
         self.writes = 0  # authenticated POST/PATCH/DELETE calls: `deploy apply` tests count them
         self._random = random.Random(config.faults.seed)
         self.lock = asyncio.Lock()  # held by the reconciler and by every mutating API call
@@ -405,6 +410,8 @@ class EmulatorState:
                         continue
                     del dep.replicas[replica.id]
                     total_live -= 0 if replica.stopping else 1
+            if dep.spec.get("is_spot"):
+                total_live -= self._preempt(dep, now)
             # Start the processes of replicas whose cold start is over.
             unhealthy = self.faults.is_unhealthy(dep.name)
             for replica in dep.replicas.values():
@@ -431,6 +438,8 @@ class EmulatorState:
             allowed = desired
             if self.faults.quota is not None:
                 allowed = max(0, min(desired, self.faults.quota - (total_live - len(live))))
+            if self.faults.is_sold_out(dep.name):
+                allowed = min(allowed, len(live))  # keeps what it has, gets nothing new
             if len(live) < allowed:
                 for _ in range(allowed - len(live)):
                     rid = f"{dep.name}-{uuid.uuid4().hex[:10]}"
@@ -442,6 +451,39 @@ class EmulatorState:
                     self._stop_replica(dep, replica)
                     total_live -= 1
             dep.status = self._status(dep, desired, allowed, unhealthy)
+
+    def _preempt(self, dep: EmuDeployment, now: float) -> int:
+        """Spot preemption (faults ``preempt``): running replicas of a spot deployment vanish —
+        SIGKILL, no notice, gone from the replica list at once, as on the cloud; the scaling
+        pass below then starts a replacement.  Returns how many vanished."""
+        faults = self.faults
+        dt = max(0.0, now - self._preempt_checked.get(dep.name, now))
+        self._preempt_checked[dep.name] = now
+        if not (faults.preempt_rate or faults.preempt_next or faults.preempt_after is not None):
+            return 0
+        chance = 1.0 - math.exp(-faults.preempt_rate * dt / 3600.0) if faults.preempt_rate else 0.0
+        gone = 0
+        for replica in list(dep.replicas.values()):
+            proc = replica.proc
+            if proc is None or proc.stopping or proc.exited:
+                continue
+            hit = False
+            if faults.preempt_next > 0:
+                faults.preempt_next -= 1
+                hit = True
+            elif faults.preempt_after is not None and now - proc.started_at >= faults.preempt_after:
+                hit = True
+            elif chance and self._random.random() < chance:
+                hit = True
+            if not hit:
+                continue
+            log.warning("emulator: spot replica %s of %s preempted", replica.id, dep.name)
+            proc.kill_now()
+            self.children.forget(proc)
+            del dep.replicas[replica.id]
+            self.preempted.append(replica.id)
+            gone += 1
+        return gone
 
     @staticmethod
     def _status(dep: EmuDeployment, desired: int, allowed: int, unhealthy: bool) -> str:
@@ -498,6 +540,7 @@ class EmulatorState:
             },
             "faults": self.faults.to_dict(),
             "requests": self.requests,
+            "preempted": list(self.preempted),
             "writes": self.writes,
         }
 
@@ -709,6 +752,45 @@ async def compute_resources(request: Request, state: EmulatorState) -> Response:
     )
 
 
+# GET /container-types: per GPU type, on-demand and spot prices per hour (strings, as the API
+# sends them; H100 as in the reference: 1.75 / 0.87).  Shape from the SDK's ContainerType.
+CONTAINER_TYPES = (
+    ("H100", "H100 SXM5 80GB", 80, "1.75", "0.87"),
+    ("H200", "H200 SXM5 141GB", 141, "2.19", "1.10"),
+    ("B200", "B200 SXM6 180GB", 180, "3.29", "1.65"),
+    ("A100", "A100 SXM4 80GB", 80, "1.29", "0.65"),
+    ("L40S", "L40S 48GB", 48, "0.91", "0.46"),
+    ("RTX6000Ada", "RTX 6000 Ada 48GB", 48, "0.80", "0.40"),
+    ("RTXA6000", "RTX A6000 48GB", 48, "0.49", "0.25"),
+)
+
+
+async def container_types(request: Request, state: EmulatorState) -> Response:
+    currency = request.query_params.get("currency", "usd").lower()
+    if currency not in ("usd", "eur"):
+        raise ApiFailure(400, "invalid_request", f"unknown currency {currency!r}")
+    prices = state.config.prices
+    return _json(
+        [
+            {
+                "id": f"ct-{model.lower()}-1",
+                "model": model,
+                "name": name,
+                "instance_type": f"1{model}.serverless",
+                "cpu": {"description": "", "number_of_cores": 16},
+                "gpu": {"description": f"1x {name}", "number_of_gpus": 1},
+                "gpu_memory": {"description": f"{mem} GB", "size_in_gigabytes": mem},
+                "memory": {"description": "120 GB", "size_in_gigabytes": 120},
+                "serverless_price": prices.get(model, (od, spot))[0],
+                "serverless_spot_price": prices.get(model, (od, spot))[1],
+                "currency": currency,
+                "manufacturer": "NVIDIA",
+            }
+            for model, name, mem, od, spot in CONTAINER_TYPES
+        ]
+    )
+
+
 async def secrets_endpoint(request: Request, state: EmulatorState) -> Response:
     if request.method == "GET":
         return _json(
@@ -838,6 +920,7 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         r(dep + "/resume", resume, ["POST"]),
         r(dep + "/environment-variables", env_vars, ["GET", "POST", "PATCH", "DELETE"]),
         r("/v1/serverless-compute-resources", compute_resources, ["GET"]),
+        r("/v1/container-types", container_types, ["GET"]),
         r("/v1/secrets", secrets_endpoint, ["GET", "POST"]),
         r("/v1/secrets/{secret}", secret_item, ["DELETE"]),
         r("/v1/file-secrets", file_secrets, ["GET", "POST"]),
