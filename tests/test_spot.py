@@ -357,3 +357,39 @@ async def test_cost_uses_the_api_prices_per_deployment(make_app: Any, deployed: 
     finally:
         deployed.clear_faults()
     assert app.price_of("visual", ONDEMAND) == (1.75, "pools_file")
+
+
+def test_status_shows_where_replicas_run_and_why() -> None:
+    from rich.console import Console
+
+    from gpuscale.cli.queue import render_status
+
+    deployments = [
+        {
+            "name": SPOT,
+            "spot": True,
+            "price_per_hour": 0.87,
+            "replicas": 0,
+            "registered": 0,
+            "busy": 0,
+            "cooling_until": time.time() + 120,
+            "why": "cooling off 120s after quota_reached (failure #1)",
+        },
+        {
+            "name": ONDEMAND,
+            "spot": False,
+            "price_per_hour": 1.75,
+            "replicas": 2,
+            "registered": 2,
+            "busy": 1,
+            "cooling_until": None,
+            "why": f"fallback: {SPOT} cooling off",
+        },
+    ]
+    data = {"pools": {"visual": {"queued": 3, "deployments": deployments, "home": ONDEMAND}}, "servers": []}
+    console = Console(width=200, record=True)
+    render_status(data, console)
+    text = console.export_text()
+    assert "Deployments" in text and "spot" in text and "on demand" in text
+    assert "cooling 1" in text and "home" in text and "quota_reached" in text
+    assert "[{" not in text  # the list is a table of its own, not a column

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -235,7 +236,7 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
     # Shown only when some pool has them, to keep the table narrow.
     optional = [c for c in ("waiting_backoff", "cancelled") if any(p.get(c) for p in pools.values())]
     skip = {*base, *optional, "waiting_backoff", "cancelled", "queued_by_priority", "oldest_queued_age_s"}
-    skip.add("blocked_on_running")
+    skip.update({"blocked_on_running", "deployments", "home"})
     extra = sorted({k for p in pools.values() for k in p if k not in skip})
     table = Table(title="Pools", title_justify="left")
     table.add_column("pool", style="bold")
@@ -253,6 +254,7 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
             name, *cells, _duration(p.get("oldest_queued_age_s")), *(str(p.get(c, "-")) for c in extra)
         )
     console.print(table)
+    _render_deployments(pools, console)
 
     servers = data.get("servers", [])
     if not servers:
@@ -273,6 +275,35 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
             _duration(_since(s.get("started_at"))),
         )
     console.print(st)
+
+
+def _render_deployments(pools: dict[str, Any], console: Console) -> None:
+    """Where each pool's replicas run (fallback deployments): one row per deployment."""
+    from rich.table import Table
+
+    rows = [(name, d, p.get("home")) for name, p in pools.items() for d in p.get("deployments") or []]
+    if not rows or all(len(p.get("deployments") or []) < 2 for p in pools.values()):
+        return
+    table = Table(title="Deployments (in order of preference)", title_justify="left")
+    for col in ("pool", "deployment", "kind", "$/h", "replicas", "registered", "busy", "state", "why"):
+        table.add_column(col, justify="right" if col in ("$/h", "replicas", "registered", "busy") else "left")
+    now = time.time()
+    for pool, d, home in rows:
+        until = d.get("cooling_until")
+        state = "home" if d.get("name") == home else "-"
+        if until:
+            state = f"cooling {max(0.0, until - now):.0f}s"
+        price = d.get("price_per_hour")
+        table.add_row(
+            pool,
+            str(d.get("name")),
+            "spot" if d.get("spot") else "on demand",
+            "-" if price is None else f"{price:.2f}",
+            *("-" if d.get(k) is None else str(d[k]) for k in ("replicas", "registered", "busy")),
+            state,
+            str(d.get("why") or ""),
+        )
+    console.print(table)
 
 
 def _since(iso: str | None) -> float | None:
@@ -304,6 +335,10 @@ async def controller_status(q: Queue, controller_url: str | None) -> dict[str, d
                     "?" if p.get(k) is None else str(p[k])
                     for k in ("replicas_desired", "replicas_provider", "replicas_registered")
                 )
+                if len(p.get("deployments") or []) > 1:
+                    # Fallback deployments: where the replicas run and why.
+                    row["deployments"] = p["deployments"]
+                    row["home"] = p.get("home")
                 d = p.get("last_decision") or {}
                 if d:
                     row["decision"] = f"{d.get('desired')} ({d.get('reason')})"
