@@ -178,17 +178,22 @@ async def test_scale_up_beyond_one_waits_for_the_delay(make_app, deployments: Em
     assert await _target(deployments, "gpuscale-visual") > 1
 
 
+async def _leading_and_listening(app: ControllerApp, pool: str) -> None:
+    """Until ``app`` leads, has reconciled ``pool`` once, and its LISTEN connection is up."""
+    for _ in range(200):
+        if app.is_leader and app.reconciler.views[pool].at is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert app.is_leader
+    await asyncio.wait_for(app.listening.wait(), 10)
+
+
 async def test_critical_task_scales_within_a_second(dsn: str, deployments: Emulator) -> None:
     # A long tick interval: only the LISTEN/NOTIFY fast path can explain a quick reaction.
     app = ControllerApp(_settings(deployments, reconcile_interval_s=60), pools_config(), dsn, http=False)
     runner = asyncio.create_task(app.run())
     try:
-        for _ in range(200):
-            if app.is_leader and app.reconciler.views["text"].at is not None:
-                break
-            await asyncio.sleep(0.05)
-        assert app.is_leader
-        await asyncio.wait_for(app.listening.wait(), 10)  # the LISTEN connection is up
+        await _leading_and_listening(app, "text")
         started = time.monotonic()
         await _enqueue(app.queue, 1, "startup_name_extraction", Priority.critical)
         while await _target(deployments, "gpuscale-text") == 0:
@@ -416,11 +421,7 @@ async def test_sigterm_lets_the_provider_call_in_progress_finish(dsn: str, deplo
     app = ControllerApp(_settings(deployments, reconcile_interval_s=60), pools_config(), dsn, http=False)
     runner = asyncio.create_task(app.run())
     try:
-        for _ in range(200):
-            if app.is_leader and app.reconciler.views["visual"].at is not None:
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.wait_for(app.listening.wait(), 10)  # the LISTEN connection is up
+        await _leading_and_listening(app, "visual")
         deployments.set_faults(slow=0.7)  # every API answer takes 0.7 s
         await _enqueue(app.queue, 3)  # the fast path starts a reconcile of 'visual'
         await asyncio.sleep(1.0)  # ... which is now inside its (slow) provider calls

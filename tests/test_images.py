@@ -229,8 +229,8 @@ def test_the_wheel_built_from_the_image_context_leaves_the_dev_tools_out(tmp_pat
     assert not (src / "gpuscale" / "dev").exists()
 
 
-def _healthcheck(port: int) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "GPUSCALE_WORKER_PORT": str(port)}
+def _healthcheck(port: int | str, **env: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "GPUSCALE_WORKER_PORT": str(port), **env}
     return subprocess.run(
         [sys.executable, "-m", "gpuscale.worker.healthcheck"],
         env=env,
@@ -271,16 +271,9 @@ async def test_healthcheck_finds_a_worker_on_a_free_port_through_its_port_file(
     from gpuscale.worker.settings import WorkerSettings
 
     port_file = tmp_path / "gpuscale.worker.port"
-    env = {**os.environ, "GPUSCALE_WORKER_PORT": "0", "GPUSCALE_WORKER_PORT_FILE": str(port_file)}
 
     def check() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "gpuscale.worker.healthcheck"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        return _healthcheck(0, GPUSCALE_WORKER_PORT_FILE=str(port_file))
 
     assert check().stdout.startswith("starting: no port file")
     settings = WorkerSettings(

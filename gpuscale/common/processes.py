@@ -132,6 +132,10 @@ class ProcessGroup:
             self.stop_task = asyncio.create_task(stop(), name=f"stop-{self.name}")
         return self.stop_task
 
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the whole group (no wait)."""
+        _signal_group(self.process.pid, sig)
+
     def kill_now(self) -> None:
         """SIGKILL the whole group without waiting: the last resort at exit, and the cleanup of
         leftovers when the leader exited on its own.  Safe from any thread."""
@@ -146,16 +150,20 @@ async def spawn(
     log_dir: Path | None = None,
     cwd: Path | None = None,
     kind: str = "process",
+    pipes: bool = False,
 ) -> ProcessGroup:
     """Start ``argv`` in a new session with ``env`` (complete, not merged).  With ``log_dir`` its
-    stdout and stderr are appended to ``<log_dir>/<name>.log``; else they are inherited.  ``kind``
-    names what the child is in messages (``replica``)."""
+    stdout and stderr are appended to ``<log_dir>/<name>.log``; with ``pipes`` its stdin and stdout
+    are pipes (``group.process.stdin``/``stdout``) and stderr is inherited; else all are inherited
+    (stdin: /dev/null).  ``kind`` names what the child is in messages (``replica``)."""
     if not argv:
         raise SpawnError(f"empty command for {kind} {name}")
     stdout: int | None = None
     log_file = None
     log_path = None
-    if log_dir is not None:
+    if pipes:
+        stdout = asyncio.subprocess.PIPE
+    elif log_dir is not None:
         # A local append-only log file: quick enough not to matter to the event loop.
         log_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
         log_path = log_dir / f"{name}.log"
@@ -166,9 +174,9 @@ async def spawn(
             *argv,
             env=dict(env),
             cwd=cwd,
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.PIPE if pipes else asyncio.subprocess.DEVNULL,
             stdout=stdout,
-            stderr=asyncio.subprocess.STDOUT if stdout is not None else None,
+            stderr=asyncio.subprocess.STDOUT if log_file is not None else None,
             start_new_session=True,
             preexec_fn=_PREEXEC,  # one pre-resolved C call between fork and exec
         )

@@ -37,6 +37,8 @@ from typing import Any
 
 import asyncpg
 
+from gpuscale.common.processes import ProcessGroup, spawn
+
 log = logging.getLogger("gpuscale.bench.fleet")
 
 BENCH_APP = "gpuscale-bench"  # application_name of the bench's own connections (not counted)
@@ -345,9 +347,7 @@ def _pools_config(opts: FleetOptions, per_pool: dict[str, int]) -> Any:
     return parse_pools({"pools": pools, "reconcile_interval": opts.tick_s}, "<bench fleet>")
 
 
-async def _spawn_children(
-    opts: FleetOptions, replica_dsn: str, listen: bool
-) -> list[asyncio.subprocess.Process]:
+async def _spawn_children(opts: FleetOptions, replica_dsn: str, listen: bool) -> list[ProcessGroup]:
     replicas = assign(opts)
     k = opts.resolved_processes()
     settings = {
@@ -367,23 +367,21 @@ async def _spawn_children(
             "replicas": share,
             "settings": settings,
         }
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gpuscale.dev.fleetbench",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            start_new_session=True,  # a terminal's Ctrl-C goes to the parent, which stops them in order
+        # Its own process group: a terminal's Ctrl-C goes to the parent, which stops them in order.
+        group = await spawn(
+            f"fleet-{i}", [sys.executable, "-m", "gpuscale.dev.fleetbench"], os.environ, pipes=True
         )
-        assert proc.stdin is not None
-        proc.stdin.write((json.dumps(cfg) + "\n").encode())
-        await proc.stdin.drain()
-        proc.stdin.close()
-        procs.append(proc)
+        stdin = group.process.stdin
+        assert stdin is not None
+        stdin.write((json.dumps(cfg) + "\n").encode())
+        await stdin.drain()
+        stdin.close()
+        procs.append(group)
     return procs
 
 
-async def _read_line(proc: asyncio.subprocess.Process, prefix: str, timeout_s: float) -> str:
+async def _read_line(group: ProcessGroup, prefix: str, timeout_s: float) -> str:
+    proc = group.process
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout_s
     while True:
@@ -603,17 +601,15 @@ async def run_fleet(opts: FleetOptions, dsn: str, replica_dsn: str, listen_dsn: 
         await controller_task
     finally:
         for p in children:
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGTERM)
+            p.signal(signal.SIGTERM)
         results = []
         for p in children:
             try:
                 results.append(json.loads(await _read_line(p, "RESULT ", 120)))
             except (TimeoutError, RuntimeError, ValueError) as exc:
                 log.warning("bench: a replica process gave no result: %s", exc)
-            with contextlib.suppress(ProcessLookupError):
-                p.kill()
-            await p.wait()
+            p.kill_now()
+            await p.process.wait()
         stop_monitor.set()
         with contextlib.suppress(Exception):
             await monitor

@@ -158,15 +158,10 @@ def _platform_arrivals(rng: random.Random, spec: TraceSpec) -> list[float]:
     return sorted(times)
 
 
-def _platform_priority(rng: random.Random) -> str:
-    x = rng.random()
-    return "critical" if x < 0.02 else "high" if x < 0.12 else "normal"
-
-
 def platform_deck_tasks(rng: random.Random, deck: int, arrival: float, spec: TraceSpec) -> list[TraceTask]:
     """One deck's graph with the platform's numbers (see the module doc)."""
     pages = int(min(80, max(5, round(rng.gauss(spec.pages_mean, spec.pages_sd)))))
-    prio = _platform_priority(rng)
+    prio = _priority(rng, 0.02, 0.12)
 
     def seconds(tt: tasktypes.TaskType) -> tuple[float, float]:
         if tt.name == "slide_feedback":
@@ -180,9 +175,10 @@ def platform_deck_tasks(rng: random.Random, deck: int, arrival: float, spec: Tra
     )
 
 
-def _priority(rng: random.Random) -> str:
+def _priority(rng: random.Random, critical: float = 0.01, high_or_critical: float = 0.10) -> str:
+    """A deck's priority: critical with probability ``critical``, else high up to ``high_or_critical``."""
     x = rng.random()
-    return "critical" if x < 0.01 else "high" if x < 0.10 else "normal"
+    return "critical" if x < critical else "high" if x < high_or_critical else "normal"
 
 
 def deck_tasks(rng: random.Random, deck: int, arrival: float, spec: TraceSpec) -> list[TraceTask]:
