@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from gpuscale.db.connector import init_connection
 from gpuscale.db.embedded import EmbeddedPostgres
 from gpuscale.db.migrate import migrate
 from gpuscale.db.pgbouncer import PgBouncer, find_pgbouncer
@@ -116,8 +117,9 @@ def empty_dsn(pg_server: str) -> Iterator[str]:
 
 @pytest.fixture
 async def db(dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    """An asyncpg pool on this test's database."""
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=10)
+    """An asyncpg pool on this test's database, with the product's JSON codec (tests read and
+    write rows directly; ``Queue(db)`` and ``ControllerStore(db)`` accept it)."""
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=10, init=init_connection)
     assert pool is not None
     try:
         yield pool

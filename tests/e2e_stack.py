@@ -30,6 +30,7 @@ import yaml
 
 from gpuscale.common.processes import ProcessGroup
 from gpuscale.controller import deployspec
+from gpuscale.db.connector import init_connection
 from gpuscale.dev.stack import Stack as DevStack
 from gpuscale.queue import NewTask, Priority, Queue
 
@@ -182,7 +183,7 @@ class Stack(DevStack):
             await self.start_controller(f"controller-{i + 1}")
         for name in self.controllers:
             await self.wait_controller(name)
-        self.db = await asyncpg.create_pool(self.dsn, min_size=1, max_size=3)
+        self.db = await asyncpg.create_pool(self.dsn, min_size=1, max_size=3, init=init_connection)
         assert self.db is not None
         self.queue = Queue(self.db)
 

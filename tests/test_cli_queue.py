@@ -53,7 +53,10 @@ async def test_migrate_enqueue_and_refusals(db_env: dict[str, str], dsn: str) ->
     conn = await asyncpg.connect(dsn)
     try:
         row = await conn.fetchrow(
-            "SELECT status::text, priority::text, depends_on FROM processing_queue WHERE id = $1", second
+            """SELECT status::text, priority::text,
+                      ARRAY(SELECT depends_on FROM processing_task_deps WHERE task_id = id) AS depends_on
+                 FROM processing_queue WHERE id = $1""",
+            second,
         )
     finally:
         await conn.close()

@@ -290,12 +290,12 @@ async def test_dry_run_changes_nothing(make_app, deployments: Emulator) -> None:
 
 async def test_paused_pool_holds(make_app, deployments: Emulator) -> None:  # type: ignore[no-untyped-def]
     app = await make_app()
-    await ControllerStore(app.pool).set_paused("visual", True, "test")
+    await ControllerStore(app.db).set_paused("visual", True, "test")
     await _enqueue(app.queue, 5)
     await app.tick()
     assert await _target(deployments, "gpuscale-visual") == 0
     assert app.reconciler.views["visual"].paused
-    await ControllerStore(app.pool).set_paused("visual", False, "test")
+    await ControllerStore(app.db).set_paused("visual", False, "test")
     await app.tick()
     assert await _target(deployments, "gpuscale-visual") >= 1
 

@@ -4,7 +4,6 @@ the PDF lands in the document store under its content name and payloads name it 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -15,10 +14,6 @@ from fpdf import FPDF
 from gpuscale.queue import Priority, Queue
 from gpuscale.queue.deck import DeckError, page_batches, submit_deck
 from gpuscale.queue.documents import DocumentStore
-
-
-def _loads(v: object) -> dict[str, object]:
-    return json.loads(v) if isinstance(v, str) else v  # type: ignore[return-value]
 
 
 def make_pdf(path: Path, pages: int) -> Path:
@@ -66,11 +61,18 @@ async def test_graph_shape(db: asyncpg.Pool, tmp_path: Path, store: DocumentStor
             "specialized_science",
         ]
     )
-    rows = {r["id"]: r for r in await db.fetch("SELECT * FROM processing_queue")}
+    rows = {
+        r["id"]: r
+        for r in await db.fetch(
+            """SELECT q.*, ARRAY(SELECT d.depends_on FROM processing_task_deps d
+                                  WHERE d.task_id = q.id) AS depends_on
+                 FROM processing_queue q"""
+        )
+    }
     assert len(rows) == 3 + 1 + 5 + 1 + 3
     for r in rows.values():
         assert r["document_id"] == sub.document_id and r["priority"] == "high"
-    firsts = [_loads(rows[b]["payload"])["first_page"] for b in batches]
+    firsts = [rows[b]["payload"]["first_page"] for b in batches]
     assert sorted(int(str(f)) for f in firsts) == [1, 9, 17]
     last = await q.get_task(batches[-1])
     assert last is not None and last["payload"] == {

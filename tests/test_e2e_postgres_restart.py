@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 from e2e_stack import Stack
 
+from gpuscale.db.connector import init_connection
 from gpuscale.db.embedded import EmbeddedPostgres
 from gpuscale.db.migrate import migrate
 
@@ -63,7 +64,7 @@ async def test_postgres_restart_mid_run(tmp_path: Path) -> None:
         await asyncio.to_thread(server.start)
         assert server.dsn("e2e") == dsn
         restarted_s = time.monotonic() - t0
-        stack.db = await asyncpg.create_pool(dsn, min_size=1, max_size=3)
+        stack.db = await asyncpg.create_pool(dsn, min_size=1, max_size=3, init=init_connection)
         from gpuscale.queue import Queue
 
         stack.queue = Queue(stack.db)

@@ -7,6 +7,7 @@ import socket
 
 import asyncpg
 
+from gpuscale.db import Connector
 from gpuscale.db.pgbouncer import PgBouncer
 from gpuscale.queue import NewTask, Queue
 
@@ -27,17 +28,16 @@ async def test_transaction_mode_shares_server_connections(pooled_dsn: str) -> No
 
 
 async def test_queue_round_trip_through_the_pooler(pooled_dsn: str) -> None:
-    pool = await asyncpg.create_pool(pooled_dsn, min_size=1, max_size=2, statement_cache_size=0)
-    assert pool is not None
+    db = await Connector(pooled_dsn, min_connections=1, max_connections=2, statement_cache_size=0).open()
     try:
-        q = Queue(pool)
+        q = Queue(db)
         ids = await q.enqueue_many([NewTask("noop", {}, priority="critical") for _ in range(5)])
         got = await q.claim("bench", "s1", 10)
         assert sorted(t.id for t in got) == sorted(ids)
         assert sorted(await q.complete_many("s1", [(t.id, {}) for t in got])) == sorted(ids)
         assert (await q.stats())["bench"].done == 5
     finally:
-        await pool.close()
+        await db.close()
 
 
 def test_stop_frees_the_port(pg_server: str) -> None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import pytest
 
+from gpuscale.db import Connector, Listener
 from gpuscale.queue import (
     NOTIFY_CHANNEL,
     InvalidTask,
@@ -16,7 +19,6 @@ from gpuscale.queue import (
     Queue,
     QueueError,
     TaskStatus,
-    listen,
 )
 
 DOC = {"document": "/decks/a.pdf"}
@@ -30,6 +32,19 @@ async def count_rows(db: asyncpg.Pool) -> tuple[int, int]:
     tasks = await db.fetchval("SELECT count(*) FROM processing_queue")
     deps = await db.fetchval("SELECT count(*) FROM processing_task_deps")
     return tasks, deps
+
+
+@contextlib.asynccontextmanager
+async def _listening(dsn: str, callback: Callable[[str], None]) -> AsyncIterator[Listener]:
+    """LISTEN gpuscale_work through the seam's listener, subscribed when the block starts."""
+    listener = Connector(dsn).listener(NOTIFY_CHANNEL, callback)
+    task = asyncio.create_task(listener.run())
+    try:
+        await asyncio.wait_for(listener.listening.wait(), 10)
+        yield listener
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_enqueue_claim_complete_roundtrip(db: asyncpg.Pool) -> None:
@@ -150,16 +165,12 @@ async def test_dependencies_unblock_exactly_once(db: asyncpg.Pool, dsn: str) -> 
         notified.append(pool)
         arrived.set()
 
-    conn = await asyncpg.connect(dsn)
-    try:
-        await listen(conn, on_notify)
+    async with _listening(dsn, on_notify):
         claimed = await q.claim("bench", "s", 100)
         assert sorted(c.id for c in claimed) == parents
         # complete all parents concurrently, one per transaction, from several connections
         await asyncio.gather(*(q.complete(p, "s", {"p": p}) for p in parents))
         await asyncio.wait_for(arrived.wait(), 10)  # the unblocked child's notification
-    finally:
-        await conn.close()
     child_row = await q.get_task(child)
     assert child_row is not None and child_row["status"] == "queued" and child_row["pending_deps"] == 0
     assert notified.count("bench") >= 1
@@ -285,16 +296,12 @@ async def test_stats_and_depth(db: asyncpg.Pool) -> None:
 async def test_notify_on_enqueue(db: asyncpg.Pool, dsn: str) -> None:
     q = Queue(db)
     got: list[str] = []
-    conn = await asyncpg.connect(dsn)
-    try:
-        await listen(conn, got.append)
+    async with _listening(dsn, got.append):
         await q.enqueue(NewTask("startup_name_extraction", DOC))
         for _ in range(50):
             if got:
                 break
             await asyncio.sleep(0.02)
-    finally:
-        await conn.close()
     assert got == ["text"]
     assert NOTIFY_CHANNEL == "gpuscale_work"
 

@@ -7,7 +7,6 @@ against the Ollama stand-in over real HTTP, through a whole deck's task graph.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -242,23 +241,23 @@ async def test_a_whole_deck_through_visual_and_text_workers(
     for tid in ids:
         row = rows[tid]
         assert row["status"] == "done", (row["task_type"], row["error"])
-        validate_result(row["task_type"], json.loads(row["result"]))
-    batch1, batch2 = (json.loads(rows[i]["result"]) for i in ids[:2])
+        validate_result(row["task_type"], row["result"])
+    batch1, batch2 = (rows[i]["result"] for i in ids[:2])
     assert [p["page"] for p in batch1["pages"]] == [1, 2, 3]
     assert [p["page"] for p in batch2["pages"]] == [4, 5] and batch2["page_count"] == 5
-    feedback = json.loads(rows[ids[2]]["result"])
+    feedback = rows[ids[2]]["result"]
     assert [s["page"] for s in feedback["slides"]] == [1, 2, 3, 4, 5]
-    classification = json.loads(rows[ids[5]]["result"])
-    template = json.loads(rows[ids[8]]["result"])
+    classification = rows[ids[5]]["result"]
+    template = rows[ids[8]]["result"]
     assert template["meta"]["sector"] == classification["sector"]
     assert (
         template["meta"]["template"]
         == template_for(classification["sector"], classification["is_healthcare"]).name
     )
     for i in ids[9:]:
-        assert json.loads(rows[i]["result"])["meta"]["template"] == template["meta"]["template"]
+        assert rows[i]["result"]["meta"]["template"] == template["meta"]["template"]
     # Every text task read all five slides.
-    assert all(json.loads(rows[i]["result"])["meta"]["pages"] == 5 for i in ids[3:])
+    assert all(rows[i]["result"]["meta"]["pages"] == 5 for i in ids[3:])
     assert standin.calls["/api/chat"] >= 5 + 5 + 9
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import socket
 from typing import Any
 
@@ -102,7 +101,7 @@ async def test_noop_tasks_are_claimed_and_done(db: asyncpg.Pool, dsn: str) -> No
         await _wait_for(lambda: _all_final(db, ids))
         rows = await db.fetch("SELECT status::text, result, progress FROM processing_queue ORDER BY id")
         assert {r["status"] for r in rows} == {"done"}
-        assert all(json.loads(r["result"])["server_id"] == w.server_id for r in rows)
+        assert all(r["result"]["server_id"] == w.server_id for r in rows)
         assert all(r["progress"] == 100 for r in rows)
         # Metrics are served over HTTP on the port it chose.
         async with httpx.AsyncClient() as client:
@@ -293,25 +292,27 @@ async def test_heartbeat_survives_an_unexpected_error(
         assert beats[0] == "raised"
 
 
-async def test_heartbeat_survives_listen_failing_on_a_closed_connection(
+async def test_listen_reconnects_while_heartbeats_go_on(
     db: asyncpg.Pool, dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The connection closes between connect and LISTEN (InterfaceError): heartbeats go on and
-    the listener is opened again at a later beat."""
-    import gpuscale.worker.runtime as runtime
+    """The LISTEN connection drops, and the first attempt to listen again fails on a connection
+    closed between connect and LISTEN (InterfaceError): the listener tries again and listens,
+    and heartbeats go on meanwhile."""
+    from gpuscale.db.connector import Listener
 
-    real_listen = runtime.listen
+    real_subscribe = Listener._subscribe
     attempts: list[str] = []
 
-    async def flaky_listen(conn: asyncpg.Connection, callback: Any) -> None:
+    async def flaky_subscribe(self: Listener) -> Any:
         if not attempts:
             attempts.append("failed")
+            conn = await real_subscribe(self)
             await conn.close()
             await conn.execute("LISTEN gpuscale_work")  # raises InterfaceError: connection is closed
         attempts.append("ok")
-        await real_listen(conn, callback)
+        return await real_subscribe(self)
 
-    worker = Worker("bench", dsn=dsn, settings=_settings(heartbeat_interval_s=0.1))
+    worker = Worker("bench", dsn=dsn, settings=_settings(heartbeat_interval_s=0.1, poll_interval_s=60))
     async with Running(worker) as w:
         real_beat = w.queue.server_heartbeat
         beats = 0
@@ -322,17 +323,21 @@ async def test_heartbeat_survives_listen_failing_on_a_closed_connection(
             return await real_beat(server_id, **kw)
 
         monkeypatch.setattr(w.queue, "server_heartbeat", counting)
-        monkeypatch.setattr(runtime, "listen", flaky_listen)
-        assert w._listen_conn is not None
-        await w._listen_conn.close()  # the next heartbeat opens a new listener
+        listener = w._listener
+        assert listener is not None
+        await asyncio.wait_for(listener.listening.wait(), 10)
+        monkeypatch.setattr(Listener, "_subscribe", flaky_subscribe)
+        listener.drop()  # as an outage would
 
         async def relistening() -> bool:
-            conn = w._listen_conn
-            return attempts == ["failed", "ok"] and conn is not None and not conn.is_closed()
+            return attempts == ["failed", "ok"] and listener.connects == 2 and listener.listening.is_set()
 
         await _wait_for(relistening)
         seen = beats
         await _wait_for(lambda: _true(beats >= seen + 3))
+        # And it hears notifications again: new work wakes the worker before its poll interval.
+        [tid] = await w.queue.enqueue_many([NewTask("noop", {})])
+        await _wait_for(lambda: _true_status(db, tid, "done"))
 
 
 async def test_missing_schema_exits_1(empty_dsn: str) -> None:

@@ -19,7 +19,6 @@ from enum import Enum
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
-import asyncpg
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -30,7 +29,7 @@ from gpuscale import __version__
 from gpuscale.api import models as m
 from gpuscale.api.waiter import Finished
 from gpuscale.common.settings import Settings
-from gpuscale.db.migrate import migrate, pending
+from gpuscale.db.connector import DATABASE_ERRORS, INVALID_VALUE, UNREACHABLE, Connector
 from gpuscale.queue import FINAL_STATUSES, InvalidTask, NewTask, Priority, Queue, TaskStatus
 from gpuscale.queue.deck import DeckError, count_pages, enqueue_deck, url_pages
 from gpuscale.queue.documents import DocumentRefused, DocumentStore, is_url
@@ -49,8 +48,6 @@ Wait = Annotated[
     ),
 ]
 IdPath = Annotated[int, Path(ge=1, le=m.MAX_ID)]
-
-_UNAVAILABLE = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
 
 
 class ApiState:
@@ -102,29 +99,21 @@ def create_app(settings: Settings, dsn: str, *, migrate_on_start: bool = True) -
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = await asyncpg.create_pool(
-            dsn,
-            min_size=1,
-            max_size=10,
-            command_timeout=60,
-            statement_cache_size=settings.database_statement_cache_size,
-        )
-        assert pool is not None
+        db = await Connector.from_settings(settings, dsn, min_connections=1, max_connections=10).open()
         try:
             if migrate_on_start:
-                async with pool.acquire() as conn:
-                    await migrate(conn)
+                await db.migrate()
             # LISTEN needs a session of its own: the direct URL when a pooler sits in front.
-            finished = Finished(settings.listen_dsn(dsn))
+            finished = Finished(db.listen_dsn)
             finished.start()
-            queue = Queue(pool, max_payload_bytes=settings.max_payload_bytes, lease_s=settings.lease_seconds)
+            queue = Queue(db, max_payload_bytes=settings.max_payload_bytes, lease_s=settings.lease_seconds)
             app.state.api = ApiState(settings, queue, finished)
             try:
                 yield
             finally:
                 await finished.stop()
         finally:
-            await pool.close()
+            await db.close()
 
     app = FastAPI(
         title="gpuscale task API",
@@ -147,8 +136,8 @@ def _errors(app: FastAPI) -> None:
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": _describe(exc.errors())}, status_code=422)
 
-    @app.exception_handler(asyncpg.DataError)
-    async def bad_value(_request: Request, exc: asyncpg.DataError) -> JSONResponse:
+    @app.exception_handler(INVALID_VALUE)
+    async def bad_value(_request: Request, exc: Exception) -> JSONResponse:
         # A value PostgreSQL cannot store (e.g. a NUL in a string): the input's fault.
         return JSONResponse({"detail": f"invalid value: {exc.__class__.__name__}"}, status_code=422)
 
@@ -160,7 +149,7 @@ def _errors(app: FastAPI) -> None:
             headers={"Retry-After": "5"},
         )
 
-    for cls in _UNAVAILABLE:
+    for cls in UNREACHABLE:
         app.add_exception_handler(cls, unavailable)
 
     @app.middleware("http")
@@ -359,9 +348,8 @@ def _routes(app: FastAPI) -> None:
         """Database reachable and every migration this build knows applied (no token needed)."""
         state = _state(request)
         try:
-            async with state.queue.pool.acquire(timeout=5) as conn:
-                missing = await pending(conn)
-        except (*_UNAVAILABLE, asyncpg.PostgresError):
+            missing = await state.queue.db.pending_migrations(timeout_s=5)
+        except DATABASE_ERRORS:
             body = m.Health(status="unavailable", database=False, migrations_pending=[])
             return JSONResponse(body.model_dump(), status_code=503)
         names = [f"{x.version:04d}_{x.name}" for x in missing]

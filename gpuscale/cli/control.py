@@ -100,7 +100,7 @@ def _set_paused(pool: str, paused: bool, pools_file: Path | None) -> None:
 
     async def run() -> None:
         async with open_queue(max_size=2) as q:
-            await ControllerStore(q.pool).set_paused(
+            await ControllerStore(q.db).set_paused(
                 pool, paused, f"{getpass.getuser()}@{socket.gethostname()}"
             )
 

@@ -20,30 +20,24 @@ if TYPE_CHECKING:  # imports stay lazy at run time so `--help` is fast
 async def open_queue(*, max_size: int = 4) -> AsyncIterator[Queue]:
     """A :class:`~gpuscale.queue.Queue` on the configured database, schema migrated."""
     from gpuscale.common.settings import get_settings
-    from gpuscale.db import Database, migrate
+    from gpuscale.db import Connector, resolve_dsn
     from gpuscale.queue import Queue
 
     settings = get_settings()
-    async with Database(max_size=max_size) as pool:
-        async with pool.acquire() as conn:
-            await migrate(conn)  # type: ignore[arg-type]  # a pooled connection works the same
-        yield Queue(pool, max_payload_bytes=settings.max_payload_bytes, lease_s=settings.lease_seconds)
+    async with Connector(resolve_dsn(settings), max_connections=max_size) as db:
+        await db.migrate()
+        yield Queue(db, max_payload_bytes=settings.max_payload_bytes, lease_s=settings.lease_seconds)
 
 
 def run_db(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run ``fn`` and turn a database that cannot be reached into a clear exit-2 message.
 
     The message names the failure, never the DSN (it may carry a password)."""
-    import asyncpg
+    from gpuscale.db import CANNOT_USE
 
     try:
         return asyncio.run(fn())
-    except (
-        OSError,
-        asyncpg.exceptions.InvalidAuthorizationSpecificationError,
-        asyncpg.exceptions.InvalidCatalogNameError,
-        asyncpg.exceptions.InvalidPasswordError,
-    ) as exc:
+    except CANNOT_USE as exc:
         raise fail(
             f"cannot use the database ({type(exc).__name__}: {exc}); "
             "check GPUSCALE_DATABASE_URL, or unset it to use the embedded PostgreSQL"

@@ -29,11 +29,11 @@ if TYPE_CHECKING:  # imports stay lazy at run time so `--help` is fast
 @db_app.command("migrate")
 def db_migrate() -> None:
     """Apply pending schema migrations (idempotent, safe to run concurrently)."""
-    from gpuscale.db import Database, migrate
+    from gpuscale.db import Connector, resolve_dsn
 
     async def run() -> None:
-        async with Database(max_size=1) as pool, pool.acquire() as conn:
-            applied = await migrate(conn)  # type: ignore[arg-type]
+        async with Connector(resolve_dsn(), max_connections=1) as db:
+            applied = await db.migrate()
         typer.echo(
             f"applied {len(applied)} migration(s): {', '.join(f'{m.version:04d}_{m.name}' for m in applied)}"
             if applied
@@ -321,7 +321,7 @@ async def controller_status(q: Queue, controller_url: str | None) -> dict[str, d
     from gpuscale.controller.store import ControllerStore
 
     out: dict[str, dict[str, Any]] = {}
-    store = ControllerStore(q.pool)
+    store = ControllerStore(q.db)
     paused = await store.paused_pools()
     for pool, event in (await store.last_events()).items():
         out.setdefault(pool, {})["decision"] = f"{event['to_replicas']} ({event['reason']})"
@@ -437,7 +437,7 @@ def bench_queue(
     async def run() -> Any:
         async with open_queue(max_size=concurrency + 2) as q:
             return await run_queue_bench(
-                q.pool,
+                q.db,
                 tasks=tasks,
                 concurrency=concurrency,
                 claim_batch=claim_batch,

@@ -27,7 +27,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import asyncpg
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from gpuscale.common.serving import AppServer
@@ -39,8 +38,8 @@ from gpuscale.controller.pools import PoolsConfig
 from gpuscale.controller.providers import LaunchSpec, Provider, make_provider
 from gpuscale.controller.reconcile import PoolView, Reconciler
 from gpuscale.controller.store import ControllerStore
-from gpuscale.db import connect_pool, migrate
-from gpuscale.queue import Queue, listen
+from gpuscale.db import Connector
+from gpuscale.queue import Queue
 
 log = logging.getLogger("gpuscale.controller")
 
@@ -94,7 +93,7 @@ class ControllerApp:
         self._timings_since: dt.datetime | None = None
         self._stopping = False
         self._leading = False  # whether the last tick ran as leader (load saved state on a change)
-        self.pool: asyncpg.Pool | None = None
+        self.db: Connector | None = None
         self.http_port: int | None = None
 
     # -------------------------------------------------------------- accessors used by the API
@@ -112,8 +111,8 @@ class ControllerApp:
 
     async def database_ok(self) -> tuple[bool, str | None]:
         try:
-            assert self.pool is not None
-            await asyncio.wait_for(self.pool.fetchval("SELECT 1"), timeout=2)
+            assert self.db is not None
+            await asyncio.wait_for(self.db.fetchval("ping"), timeout=2)
             return True, None
         except Exception as exc:
             return False, type(exc).__name__
@@ -131,11 +130,10 @@ class ControllerApp:
 
     # -------------------------------------------------------------- lifecycle
     async def setup(self) -> None:
-        self.pool = await connect_pool(self.dsn, min_size=1, max_size=8)
-        async with self.pool.acquire() as conn:
-            await migrate(conn)
-        self._queue = Queue(self.pool, lease_s=self.settings.lease_seconds)
-        self._store = ControllerStore(self.pool)
+        self.db = await Connector(self.dsn, min_connections=1, max_connections=8).open()
+        await self.db.migrate()
+        self._queue = Queue(self.db, lease_s=self.settings.lease_seconds)
+        self._store = ControllerStore(self.db)
         self.provider = self._provider or make_provider(
             self.settings, default_launches(self.config, self.dsn)
         )
@@ -154,9 +152,8 @@ class ControllerApp:
         await self.leader.release()
         with contextlib.suppress(Exception):
             await self.provider.aclose()
-        if self.pool is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.pool.close(), timeout=5)
+        if self.db is not None:
+            await self.db.close()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -188,7 +185,7 @@ class ControllerApp:
         so summing over controllers never counts a task twice."""
         try:
             if self._timings_since is None:
-                self._timings_since = await self._queue.pool.fetchval("SELECT now()")
+                self._timings_since = await self._queue.database_now()
                 return
             rows = await self._queue.finished_since(self._timings_since)
         except Exception as exc:
@@ -338,38 +335,9 @@ class ControllerApp:
             self._pending_fast.clear()
 
     async def _listen_loop(self) -> None:
-        """Keep a LISTEN connection open; reconnect with backoff when it drops."""
-        delay = 0.5
-        while not self._stop.is_set():
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await asyncpg.connect(self.dsn, timeout=5)
-                lost = asyncio.Event()
-                conn.add_termination_listener(lambda _c, ev=lost: ev.set())
-                await listen(conn, self._on_work)
-                self.listening.set()
-                delay = 0.5
-                stop_wait = asyncio.ensure_future(self._stop.wait())
-                lost_wait = asyncio.ensure_future(lost.wait())
-                try:
-                    while not (self._stop.is_set() or lost.is_set()):
-                        await asyncio.wait({stop_wait, lost_wait}, timeout=5)
-                        if not (self._stop.is_set() or lost.is_set()):
-                            await conn.fetchval("SELECT 1", timeout=3)  # notice silent breakage
-                finally:
-                    stop_wait.cancel()
-                    lost_wait.cancel()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                log.debug("listen connection: %s", type(exc).__name__)
-            finally:
-                self.listening.clear()
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        conn.terminate()
-            if not self._stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), timeout=delay)
-                delay = min(delay * 2, 10)
+        """LISTEN for new claimable work (the fast path); the seam's listener reconnects.  The
+        app's ``listening`` event is set while it is subscribed."""
+        await self._queue.listener(self._on_work, listening=self.listening).run()
 
     # -------------------------------------------------------------- run
     async def run(self) -> None:

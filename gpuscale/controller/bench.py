@@ -14,8 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import asyncpg
-
+from gpuscale.db import Connector
 from gpuscale.queue import NewTask, Queue
 
 BENCH_POOL = "bench"
@@ -67,7 +66,7 @@ async def _enqueue(queue: Queue, n: int, batch: int, parallel: int) -> float:
 
 
 async def run_queue_bench(
-    pool: asyncpg.Pool,
+    db: Connector,
     *,
     tasks: int,
     concurrency: int,
@@ -76,7 +75,7 @@ async def run_queue_bench(
     depth_reads: int = 25,
     depth_rows: int | None = None,
 ) -> BenchResult:
-    queue = Queue(pool)
+    queue = Queue(db)
     await _reset(queue)
 
     enqueue_s = await _enqueue(queue, tasks, enqueue_batch, 1)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import asyncpg
-
 from gpuscale.controller.metrics import LEADER
+from gpuscale.db.connector import DATABASE_ERRORS, Connector, DedicatedSession
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +22,10 @@ LEADER_LOCK_KEY = 0x6770_7573_6C64  # "gpusld"
 
 class LeaderElector:
     def __init__(self, dsn: str, *, key: int = LEADER_LOCK_KEY, check_timeout_s: float = 2.0) -> None:
-        self._dsn = dsn
+        self._db = Connector(dsn)  # only for a dedicated connection: the lock lives on it
         self._key = key
         self._timeout = check_timeout_s
-        self._conn: asyncpg.Connection | None = None
+        self._conn: DedicatedSession | None = None
         self._lock = asyncio.Lock()
         self.is_leader = False
 
@@ -50,15 +49,13 @@ class LeaderElector:
                 if self._conn is None or self._conn.is_closed():
                     if self.is_leader:
                         await self._drop()
-                    self._conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
+                    self._conn = await self._db.dedicated(timeout_s=self._timeout)
                 if self.is_leader:
                     # The session (and with it the lock) must still be alive.
-                    await self._conn.fetchval("SELECT 1", timeout=self._timeout)
+                    await self._conn.fetchval("ping", timeout_s=self._timeout)
                     return True
-                got = await self._conn.fetchval(
-                    "SELECT pg_try_advisory_lock($1)", self._key, timeout=self._timeout
-                )
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                got = await self._conn.fetchval("try_leader_lock", self._key, timeout_s=self._timeout)
+            except DATABASE_ERRORS as exc:
                 log.debug("leader check failed: %s", type(exc).__name__)
                 await self._drop()
                 return False
@@ -73,9 +70,9 @@ class LeaderElector:
             if self._conn is not None and not self._conn.is_closed():
                 try:
                     if self.is_leader:
-                        await self._conn.execute("SELECT pg_advisory_unlock($1)", self._key)
-                    await self._conn.close(timeout=self._timeout)
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                        await self._conn.execute("release_leader_lock", self._key)
+                    await self._conn.close(timeout_s=self._timeout)
+                except DATABASE_ERRORS:
                     pass
             self._conn = None
             if self.is_leader:

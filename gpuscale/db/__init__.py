@@ -1,6 +1,33 @@
-"""Database access: where the PostgreSQL server is (external or embedded), pools, migrations."""
+"""The database seam: where the server is, the one :class:`Connector`, named statements, migrations.
 
-from gpuscale.db.connect import Database, connect_pool, resolve_dsn
+Every statement lives in ``queries.sql``; every connection goes through :class:`Connector`;
+:data:`UNREACHABLE` says what "the database is away" means for every retry in the product.
+"""
+
+from gpuscale.db.connect import resolve_dsn
+from gpuscale.db.connector import (
+    CANNOT_USE,
+    DATABASE_ERRORS,
+    MISCONFIGURED,
+    UNREACHABLE,
+    Connector,
+    DedicatedSession,
+    Listener,
+    Session,
+    is_unreachable,
+)
 from gpuscale.db.migrate import migrate
 
-__all__ = ["Database", "connect_pool", "migrate", "resolve_dsn"]
+__all__ = [
+    "CANNOT_USE",
+    "DATABASE_ERRORS",
+    "MISCONFIGURED",
+    "UNREACHABLE",
+    "Connector",
+    "DedicatedSession",
+    "Listener",
+    "Session",
+    "is_unreachable",
+    "migrate",
+    "resolve_dsn",
+]

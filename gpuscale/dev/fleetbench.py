@@ -38,6 +38,7 @@ from typing import Any
 import asyncpg
 
 from gpuscale.common.processes import ProcessGroup, spawn
+from gpuscale.db.connector import init_connection
 
 log = logging.getLogger("gpuscale.bench.fleet")
 
@@ -429,7 +430,7 @@ async def _monitor(dsn: str, stop: asyncio.Event, out: _Samples, pools: list[str
 
     conn = await asyncpg.connect(dsn, server_settings={"application_name": BENCH_APP})
     pool = await asyncpg.create_pool(
-        dsn, min_size=1, max_size=1, server_settings={"application_name": BENCH_APP}
+        dsn, min_size=1, max_size=1, server_settings={"application_name": BENCH_APP}, init=init_connection
     )
     assert pool is not None
     queue = Queue(pool)
@@ -563,7 +564,7 @@ async def run_fleet(opts: FleetOptions, dsn: str, replica_dsn: str, listen_dsn: 
         started = sum(int(r.split()[0]) for r in ready)
         controller_task = asyncio.create_task(controller.run())
         prod_pool = await asyncpg.create_pool(
-            dsn, min_size=1, max_size=2, server_settings={"application_name": BENCH_APP}
+            dsn, min_size=1, max_size=2, server_settings={"application_name": BENCH_APP}, init=init_connection
         )
         assert prod_pool is not None
         queue = Queue(prod_pool)

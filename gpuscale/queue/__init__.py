@@ -15,7 +15,6 @@ from gpuscale.queue.tasks import (
     ServerInfo,
     TaskStatus,
     WorkDetail,
-    listen,
     validate_task,
 )
 
@@ -34,6 +33,5 @@ __all__ = [
     "ServerInfo",
     "TaskStatus",
     "WorkDetail",
-    "listen",
     "validate_task",
 ]

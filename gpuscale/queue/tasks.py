@@ -1,4 +1,4 @@
-"""The PostgreSQL task queue and the server registry: every SQL statement on them lives here.
+"""The PostgreSQL task queue and the server registry (their statements are in gpuscale/db/queries.sql).
 
 Tasks are typed (:mod:`gpuscale.queue.tasktypes` routes each type to a pool and validates its payload),
 carry a priority, may depend on other tasks, and move through::
@@ -29,14 +29,13 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-import asyncpg
 from pydantic import ValidationError
 
+from gpuscale.db.connector import Connector, Listener
 from gpuscale.queue import tasktypes
 
 NOTIFY_CHANNEL = "gpuscale_work"
 SERVER_STATUSES = ("starting", "active", "draining", "dead")
-_ID_SEQ = "processing_queue_id_seq"
 _MAX_TEXT = 16 * 1024  # error and progress texts are cut to this many characters
 MAX_PAYLOAD_DEPTH = 32  # nesting of objects/arrays in a payload; deeper is refused
 _MAX_ID = 2**63 - 1  # task ids are bigint
@@ -167,7 +166,7 @@ class _Prepared:
     task_type: str
     pool: str
     document_id: str | None
-    payload_json: str
+    payload: dict[str, Any]
     priority: Priority
     max_attempts: int
     existing_deps: list[int]
@@ -213,8 +212,9 @@ def _validate(task: NewTask, max_payload_bytes: int) -> _Prepared:
         )
         raise InvalidTask(f"invalid payload for {task.task_type}: {problems}") from None
     # Store what the model accepted (coerced), limited to the fields the caller gave.
-    payload_json = json.dumps(model.model_dump(mode="json", exclude_unset=True), separators=(",", ":"))
-    size = len(payload_json.encode())
+    payload = model.model_dump(mode="json", exclude_unset=True)
+    # Measured as stored (compact JSON); the connector's codec writes the same text.
+    size = len(json.dumps(payload, separators=(",", ":")).encode())
     if size > max_payload_bytes:
         raise InvalidTask(
             f"payload for {task.task_type} is {size} bytes, over the limit of {max_payload_bytes} bytes"
@@ -236,67 +236,25 @@ def _validate(task: NewTask, max_payload_bytes: int) -> _Prepared:
             deps.append(d)
     if task.document_id is not None and not isinstance(task.document_id, str):
         raise InvalidTask("document_id must be a string")
-    return _Prepared(
-        task.task_type, tt.pool, task.document_id, payload_json, priority, max_attempts, deps, []
-    )
-
-
-def _loads(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, str) else value
-
-
-# One statement for a whole batch: ids come from the caller when it needed them in advance
-# (dependencies inside the batch), otherwise from the sequence; the counters trigger and the
-# NOTIFY for pools that got claimable work ride along.
-_INSERT_SQL = f"""
-WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::gpuscale_priority[],
-                         $6::integer[], $7::integer[], $8::bigint[])
-         WITH ORDINALITY AS t(task_type, pool, document_id, payload, priority, max_attempts,
-                              pending, given_id, ord)),
-ids AS MATERIALIZED (
-    SELECT ord, coalesce(given_id, nextval('{_ID_SEQ}')) AS id FROM input ORDER BY ord),
-ins AS (
-    INSERT INTO processing_queue (id, task_type, pool, document_id, payload, priority, status,
-                                  depends_on, pending_deps, max_attempts, queued_at)
-    SELECT ids.id, i.task_type, i.pool, i.document_id, i.payload, i.priority,
-           CASE WHEN i.pending > 0 THEN 'blocked' ELSE 'queued' END::gpuscale_task_status,
-           coalesce((SELECT array_agg(e.dep ORDER BY e.dep)
-                       FROM unnest($9::bigint[], $10::bigint[]) AS e(task, dep)
-                      WHERE e.task = ids.id), '{{}}'),
-           i.pending, i.max_attempts,
-           CASE WHEN i.pending > 0 THEN NULL ELSE now() END
-      FROM input i JOIN ids USING (ord)
-    RETURNING pool, status),
-edges AS (
-    INSERT INTO processing_task_deps (task_id, depends_on)
-    SELECT task, dep FROM unnest($9::bigint[], $10::bigint[]) AS e(task, dep)
-    RETURNING 1)
-SELECT (SELECT array_agg(id ORDER BY ord) FROM ids) AS ids,
-       (SELECT count(*) FROM edges) AS edges,
-       (SELECT count(*) FROM (SELECT pg_notify('{NOTIFY_CHANNEL}', pool)
-                                FROM (SELECT DISTINCT pool FROM ins WHERE status = 'queued') p) n)
-           AS notified
-"""
-
-_TASK_COLUMNS = """id, task_type, pool, document_id, payload, priority::text, status::text, depends_on,
-    pending_deps, attempts, max_attempts, not_before, lease_owner, lease_expires_at, progress,
-    progress_message, result, error, created_at, queued_at, started_at, finished_at, updated_at"""
+    return _Prepared(task.task_type, tt.pool, task.document_id, payload, priority, max_attempts, deps, [])
 
 
 class Queue:
-    """The queue and server registry on an asyncpg pool (the schema must be migrated)."""
+    """The queue and server registry on a :class:`~gpuscale.db.Connector` (schema migrated).
+
+    ``db`` may also be an asyncpg pool opened elsewhere (tests), set up with
+    :func:`gpuscale.db.connector.init_connection`."""
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        db: Connector | Any,
         *,
         max_payload_bytes: int = 256 * 1024,
         lease_s: float = 60.0,
         retry_base_s: float = 5.0,
         retry_max_s: float = 600.0,
     ) -> None:
-        self.pool = pool
+        self.db: Connector = db if isinstance(db, Connector) else Connector.over(db)
         self.max_payload_bytes = max_payload_bytes
         self.lease_s = lease_s
         self.retry_base_s = retry_base_s
@@ -332,41 +290,29 @@ class Queue:
         existing = sorted({d for p in prepared for d in p.existing_deps})
         any_local = any(p.local_deps for p in prepared)
 
-        async with self.pool.acquire() as conn:
-            if not existing and not any_local:
-                row = await conn.fetchrow(_INSERT_SQL, *self._insert_args(prepared, None, {}))
-                assert row is not None
-                return list(row["ids"])
-            async with conn.transaction():
-                status: dict[int, str] = {}
-                if existing:
-                    # FOR SHARE: a dependency being completed right now is waited for, so we see
-                    # its final status; one we lock first cannot finish until we commit, and its
-                    # completer then sees our edges (gpuscale_unblock runs as a later statement).
-                    rows = await conn.fetch(
-                        "SELECT id, status::text, task_type FROM processing_queue "
-                        "WHERE id = ANY($1::bigint[]) ORDER BY id FOR SHARE",
-                        existing,
-                    )
-                    status = {r["id"]: r["status"] for r in rows}
-                    missing = [d for d in existing if d not in status]
-                    if missing:
-                        raise InvalidTask(f"dependency task(s) not found: {', '.join(map(str, missing))}")
-                    bad = [
-                        f"{r['id']} ({r['task_type']}) is {r['status']}"
-                        for r in rows
-                        if r["status"] in _FAILED_STATUSES
-                    ]
-                    if bad:
-                        raise InvalidTask(
-                            f"cannot depend on a task that will never be done: {'; '.join(bad)}"
-                        )
-                ids = await conn.fetchval(
-                    f"SELECT array_agg(nextval('{_ID_SEQ}')) FROM generate_series(1, $1)", len(prepared)
-                )
-                row = await conn.fetchrow(_INSERT_SQL, *self._insert_args(prepared, list(ids), status))
-                assert row is not None
-                return list(row["ids"])
+        if not existing and not any_local:
+            row = await self.db.fetchrow("insert_tasks", *self._insert_args(prepared, None, {}))
+            assert row is not None
+            return list(row["ids"])
+        async with self.db.transaction() as tx:
+            status: dict[int, str] = {}
+            if existing:
+                rows = await tx.fetch("lock_dependencies", existing)
+                status = {r["id"]: r["status"] for r in rows}
+                missing = [d for d in existing if d not in status]
+                if missing:
+                    raise InvalidTask(f"dependency task(s) not found: {', '.join(map(str, missing))}")
+                bad = [
+                    f"{r['id']} ({r['task_type']}) is {r['status']}"
+                    for r in rows
+                    if r["status"] in _FAILED_STATUSES
+                ]
+                if bad:
+                    raise InvalidTask(f"cannot depend on a task that will never be done: {'; '.join(bad)}")
+            ids = await tx.fetchval("reserve_task_ids", len(prepared))
+            row = await tx.fetchrow("insert_tasks", *self._insert_args(prepared, list(ids), status))
+            assert row is not None
+            return list(row["ids"])
 
     def _insert_args(
         self, prepared: list[_Prepared], ids: list[int] | None, dep_status: dict[int, str]
@@ -388,7 +334,7 @@ class Queue:
             [p.task_type for p in prepared],
             [p.pool for p in prepared],
             [p.document_id for p in prepared],
-            [p.payload_json for p in prepared],
+            [p.payload for p in prepared],
             [p.priority.value for p in prepared],
             [p.max_attempts for p in prepared],
             pending,
@@ -406,38 +352,14 @@ class Queue:
         if n <= 0:
             return []
         lease = self.lease_s if lease_s is None else lease_s
-        rows = await self.pool.fetch(
-            """
-            WITH c AS (
-                SELECT id FROM processing_queue
-                 WHERE pool = $1 AND status = 'queued'
-                   AND (not_before IS NULL OR not_before <= now())
-                 ORDER BY priority DESC, id
-                 LIMIT $3
-                   FOR UPDATE SKIP LOCKED)
-            UPDATE processing_queue t
-               SET status = 'running', lease_owner = $2,
-                   lease_expires_at = now() + make_interval(secs => $4),
-                   attempts = t.attempts + 1, started_at = now(), not_before = NULL,
-                   progress = 0, progress_message = NULL, updated_at = now()
-              FROM c
-             WHERE t.id = c.id
-            RETURNING t.id, t.task_type, t.pool, t.document_id, t.payload, t.priority::text,
-                      t.attempts, t.max_attempts, t.depends_on, t.lease_expires_at,
-                      extract(epoch FROM now() - t.queued_at)::float8 AS queue_wait_s
-            """,
-            pool,
-            server_id,
-            n,
-            float(lease),
-        )
+        rows = await self.db.fetch("claim_tasks", pool, server_id, n, float(lease))
         out = [
             ClaimedTask(
                 id=r["id"],
                 task_type=r["task_type"],
                 pool=r["pool"],
                 document_id=r["document_id"],
-                payload=_loads(r["payload"]),
+                payload=r["payload"],
                 priority=Priority(r["priority"]),
                 attempts=r["attempts"],
                 max_attempts=r["max_attempts"],
@@ -460,31 +382,13 @@ class Queue:
         gave up on a task — say its completion could not be written — must not keep that task's
         lease alive, or the reaper would never hand it to someone else."""
         lease = self.lease_s if lease_s is None else lease_s
-        result = await self.pool.execute(
-            # SKIP LOCKED: a row being completed or failed right now needs no longer lease, and
-            # waiting for it could deadlock with a batched complete taking rows in another order.
-            """UPDATE processing_queue SET lease_expires_at = now() + make_interval(secs => $2)
-                WHERE id IN (SELECT id FROM processing_queue
-                              WHERE status = 'running' AND lease_owner = $1
-                                AND ($3::bigint[] IS NULL OR id = ANY($3::bigint[]))
-                                FOR UPDATE SKIP LOCKED)""",
-            server_id,
-            float(lease),
-            None if task_ids is None else list(task_ids),
+        return await self.db.execute(
+            "extend_leases", server_id, float(lease), None if task_ids is None else list(task_ids)
         )
-        return _rowcount(result)
 
     async def progress(self, task_id: int, server_id: str, percent: float, message: str = "") -> bool:
         pct = 0.0 if math.isnan(percent) else min(100.0, max(0.0, float(percent)))
-        result = await self.pool.execute(
-            """UPDATE processing_queue SET progress = $3, progress_message = $4, updated_at = now()
-                WHERE id = $1 AND status = 'running' AND lease_owner = $2""",
-            task_id,
-            server_id,
-            pct,
-            message[:_MAX_TEXT],
-        )
-        return _rowcount(result) == 1
+        return await self.db.execute("report_progress", task_id, server_id, pct, message[:_MAX_TEXT]) == 1
 
     async def complete(self, task_id: int, server_id: str, result: dict[str, Any]) -> bool:
         """Mark done and release dependents; False if ``server_id`` no longer holds the task."""
@@ -493,18 +397,19 @@ class Queue:
     async def complete_many(self, server_id: str, items: Iterable[tuple[int, dict[str, Any]]]) -> list[int]:
         """Complete a batch in one round trip; returns the ids actually completed."""
         ids: list[int] = []
-        results: list[str] = []
+        results: list[dict[str, Any]] = []
         for task_id, result in items:
-            ids.append(task_id)
             try:
-                results.append(json.dumps(result, separators=(",", ":"), allow_nan=False))
+                # Refuse a result that cannot be stored here, naming the task, rather than as an
+                # encoding error of the whole batch from the driver.
+                json.dumps(result, allow_nan=False)
             except (TypeError, ValueError) as exc:
                 raise QueueError(f"result of task {task_id} is not JSON-serializable: {exc}") from None
+            ids.append(task_id)
+            results.append(result)
         if not ids:
             return []
-        rows = await self.pool.fetch(
-            "SELECT id FROM gpuscale_complete($1::bigint[], $2::jsonb[], $3) AS id", ids, results, server_id
-        )
+        rows = await self.db.fetch("complete_tasks", ids, results, server_id)
         return [r["id"] for r in rows]
 
     async def fail(self, task_id: int, server_id: str, error: str, *, retryable: bool = True) -> TaskStatus:
@@ -512,26 +417,9 @@ class Queue:
         ``dead`` once attempts are used up; not retryable: ``failed``.  A final failure fails the
         task's dependents.  If ``server_id`` no longer holds the task nothing changes and its
         current status is returned."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            status = await conn.fetchval(
-                """
-                UPDATE processing_queue t
-                   SET status = CASE WHEN NOT $4 THEN 'failed'
-                                     WHEN t.attempts >= t.max_attempts THEN 'dead'
-                                     ELSE 'queued' END::gpuscale_task_status,
-                       not_before = CASE WHEN $4 AND t.attempts < t.max_attempts
-                           THEN now() + b.delay END,
-                       -- claimable again when the backoff ends: that is when queue wait starts
-                       queued_at = CASE WHEN $4 AND t.attempts < t.max_attempts
-                           THEN now() + b.delay ELSE t.queued_at END,
-                       finished_at = CASE WHEN NOT $4 OR t.attempts >= t.max_attempts THEN now() END,
-                       error = $3, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-                  FROM (SELECT make_interval(secs => least($6, $5 * power(2, q.attempts - 1))
-                                                     * (0.5 + random())) AS delay
-                          FROM processing_queue q WHERE q.id = $1) b
-                 WHERE t.id = $1 AND t.status = 'running' AND t.lease_owner = $2
-                RETURNING status::text
-                """,
+        async with self.db.transaction() as tx:
+            status = await tx.fetchval(
+                "fail_task",
                 task_id,
                 server_id,
                 error[:_MAX_TEXT],
@@ -540,97 +428,46 @@ class Queue:
                 float(self.retry_max_s),
             )
             if status is None:
-                current = await conn.fetchval(
-                    "SELECT status::text FROM processing_queue WHERE id = $1", task_id
-                )
+                current = await tx.fetchval("task_status", task_id)
                 if current is None:
                     raise QueueError(f"task {task_id} not found")
                 return TaskStatus(current)
             if status in _FAILED_STATUSES:
-                await conn.execute("SELECT gpuscale_fail_dependents($1::bigint[])", [task_id])
+                await tx.execute("fail_dependents", [task_id])
             return TaskStatus(status)
 
     async def release(self, task_id: int, server_id: str) -> bool:
         """Hand a held task back (drain) without spending an attempt."""
-        return await self._release_where("id = $1 AND lease_owner = $2", task_id, server_id) == 1
+        return int(await self.db.fetchval("release_task", task_id, server_id) or 0) == 1
 
     async def release_all(self, server_id: str) -> int:
         """Hand back everything ``server_id`` holds, without spending attempts."""
-        return await self._release_where("lease_owner = $1", server_id)
-
-    async def _release_where(self, where: str, *args: Any) -> int:
-        value = await self.pool.fetchval(
-            f"""
-            WITH r AS (
-                UPDATE processing_queue
-                   SET status = 'queued', attempts = greatest(attempts - 1, 0), lease_owner = NULL,
-                       lease_expires_at = NULL, not_before = NULL, queued_at = now(),
-                       progress = 0, progress_message = NULL, updated_at = now()
-                 WHERE status = 'running' AND {where}
-                RETURNING pool)
-            SELECT (SELECT count(*) FROM r)
-                 + 0 * (SELECT count(*) FROM (SELECT pg_notify('{NOTIFY_CHANNEL}', pool)
-                                                FROM (SELECT DISTINCT pool FROM r) p) n)
-            """,
-            *args,
-        )
-        return int(value or 0)
+        return int(await self.db.fetchval("release_server_tasks", server_id) or 0)
 
     async def cancel(self, task_id: int) -> bool:
         """Cancel a task that has not finished; its dependents fail.  False if already final."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            done = await conn.fetchval(
-                """UPDATE processing_queue
-                      SET status = 'cancelled', error = 'cancelled', finished_at = now(),
-                          lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-                    WHERE id = $1 AND status IN ('blocked', 'queued', 'running')
-                   RETURNING id""",
-                task_id,
-            )
+        async with self.db.transaction() as tx:
+            done = await tx.fetchval("cancel_task", task_id)
             if done is None:
                 return False
-            await conn.execute("SELECT gpuscale_fail_dependents($1::bigint[])", [task_id])
+            await tx.execute("fail_dependents", [task_id])
             return True
 
     async def reap_expired(self) -> int:
         """Tasks whose lease ran out go back to ``queued`` (or ``dead`` when attempts are used
         up, failing their dependents); returns how many were reaped."""
-        reaped = await self._requeue_held(
-            "status = 'running' AND lease_expires_at < now()",
-            "lease expired (held by ' || t.lease_owner || ')",
-        )
-        async with self.pool.acquire() as conn:
-            await conn.execute("SELECT gpuscale_compact_counts()")
+        reaped = await self._requeue("requeue_expired")
+        await self.compact_counts()
         return reaped
 
-    async def _requeue_held(self, where: str, reason_sql: str, *args: Any) -> int:
-        async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                f"""
-                WITH c AS (
-                    SELECT id FROM processing_queue WHERE {where} FOR UPDATE SKIP LOCKED),
-                r AS (
-                    UPDATE processing_queue t
-                       SET status = CASE WHEN t.attempts >= t.max_attempts THEN 'dead'
-                                         ELSE 'queued' END::gpuscale_task_status,
-                           error = '{reason_sql}',
-                           finished_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END,
-                           queued_at = CASE WHEN t.attempts >= t.max_attempts THEN t.queued_at
-                                            ELSE now() END,
-                           lease_owner = NULL, lease_expires_at = NULL, not_before = NULL,
-                           updated_at = now()
-                      FROM c WHERE t.id = c.id AND t.status = 'running'
-                    RETURNING t.id, t.pool, t.status::text AS status)
-                SELECT id, status,
-                       (SELECT count(*) FROM (SELECT pg_notify('{NOTIFY_CHANNEL}', pool)
-                          FROM (SELECT DISTINCT pool FROM r WHERE status = 'queued') p) n) AS notified
-                  FROM r
-                """,
-                *args,
-            )
+    async def _requeue(self, name: str, *args: Any) -> int:
+        """Run a requeue statement (``requeue_expired``, ``requeue_server_tasks``) and fail the
+        dependents of the tasks it sent to ``dead``, in one transaction."""
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch(name, *args)
             dead = [r["id"] for r in rows if r["status"] == "dead"]
             if dead:
-                await conn.execute("SELECT gpuscale_fail_dependents($1::bigint[])", dead)
+                await tx.execute("fail_dependents", dead)
             return len(rows)
 
     # ------------------------------------------------------------------ reads
@@ -638,18 +475,12 @@ class Queue:
     async def finished_since(self, after: datetime, *, limit: int = 5000) -> list[dict[str, Any]]:
         """Tasks that finished (done, failed, dead) after ``after``, oldest first, with their queue
         wait and the duration of their last attempt — for fleet-wide timing metrics."""
-        rows = await self.pool.fetch(
-            """SELECT pool, task_type, status::text AS status, finished_at,
-                      extract(epoch FROM started_at - queued_at)::float8 AS wait_s,
-                      extract(epoch FROM finished_at - started_at)::float8 AS duration_s
-                 FROM processing_queue
-                WHERE finished_at > $1 AND status IN ('done', 'failed', 'dead')
-                ORDER BY finished_at
-                LIMIT $2""",
-            after,
-            limit,
-        )
-        return [dict(r) for r in rows]
+        return [dict(r) for r in await self.db.fetch("finished_since", after, limit)]
+
+    async def database_now(self) -> datetime:
+        """The database server's clock (timing windows must not mix clocks)."""
+        value: datetime = await self.db.fetchval("database_now")
+        return value
 
     async def work_detail(self) -> WorkDetail:
         """What the controller needs to estimate each pool's work: claimable tasks per type (from
@@ -657,32 +488,11 @@ class Queue:
         and their progress, and the blocked tasks whose unfinished dependencies are all queued or
         running, with those dependencies.  Cost: the counters plus the running and blocked rows
         (bounded by the replicas' slots and the decks in flight), never the whole queue."""
-        async with self.pool.acquire() as conn:
-            counts = await conn.fetch(
-                """SELECT pool, task_type, sum(n)::bigint AS n FROM processing_queue_type_counts
-                    GROUP BY 1, 2 HAVING sum(n) <> 0"""
-            )
-            backoff = await conn.fetch(
-                """SELECT pool, task_type, count(*) AS n FROM processing_queue
-                    WHERE status = 'queued' AND not_before IS NOT NULL AND not_before > now()
-                    GROUP BY 1, 2"""
-            )
-            running = await conn.fetch(
-                """SELECT id, pool, task_type, lease_owner, progress,
-                          extract(epoch FROM now() - started_at)::float8 AS elapsed_s
-                     FROM processing_queue WHERE status = 'running'"""
-            )
-            blocked = await conn.fetch(
-                """SELECT t.id, t.pool, t.task_type, p.pool AS dep_pool, p.task_type AS dep_type,
-                          p.status::text AS dep_status, p.lease_owner AS dep_server,
-                          p.progress AS dep_progress,
-                          extract(epoch FROM now() - p.started_at)::float8 AS dep_elapsed_s
-                     FROM processing_queue t
-                     JOIN processing_task_deps d ON d.task_id = t.id
-                     JOIN processing_queue p ON p.id = d.depends_on
-                    WHERE t.status = 'blocked' AND p.status IN ('blocked', 'queued', 'running')
-                    ORDER BY t.id"""
-            )
+        async with self.db.session() as s:
+            counts = await s.fetch("work_queued_by_type")
+            backoff = await s.fetch("work_backoff_by_type")
+            running = await s.fetch("work_running")
+            blocked = await s.fetch("work_blocked_on_unfinished")
         by_type: dict[tuple[str, str], int] = {}
         for r in counts:
             by_type[(r["pool"], r["task_type"])] = int(r["n"])
@@ -726,36 +536,20 @@ class Queue:
     async def running_by_server(self) -> dict[str, int]:
         """Tasks running per lease owner (server id): who is busy right now, fresher than the
         load a worker last reported in its heartbeat."""
-        rows = await self.pool.fetch(
-            """SELECT lease_owner, count(*) AS n FROM processing_queue
-                WHERE status = 'running' AND lease_owner IS NOT NULL GROUP BY 1"""
-        )
-        return {r["lease_owner"]: int(r["n"]) for r in rows}
+        return {r["lease_owner"]: int(r["n"]) for r in await self.db.fetch("running_by_server")}
 
     async def get_task(self, task_id: int) -> dict[str, Any] | None:
-        row = await self.pool.fetchrow(
-            f"SELECT {_TASK_COLUMNS} FROM processing_queue WHERE id = $1",
-            task_id,
-        )
+        row = await self.db.fetchrow("get_task", task_id)
         if row is None:
             return None
         return _task_row(row)
 
     async def tasks_for_document(self, document_id: str) -> list[dict[str, Any]]:
-        rows = await self.pool.fetch(
-            """SELECT id, task_type, pool, status::text, progress, error FROM processing_queue
-                WHERE document_id = $1 ORDER BY id""",
-            document_id,
-        )
-        return [dict(r) for r in rows]
+        return [dict(r) for r in await self.db.fetch("tasks_for_document", document_id)]
 
     async def document_tasks(self, document_id: str) -> list[dict[str, Any]]:
         """Every task of a document with all its columns (payload and result decoded), by id."""
-        rows = await self.pool.fetch(
-            f"SELECT {_TASK_COLUMNS} FROM processing_queue WHERE document_id = $1 ORDER BY id",
-            document_id,
-        )
-        return [_task_row(r) for r in rows]
+        return [_task_row(r) for r in await self.db.fetch("document_tasks", document_id)]
 
     async def list_tasks(
         self,
@@ -767,88 +561,33 @@ class Queue:
     ) -> list[dict[str, Any]]:
         """A page of tasks by ascending id (keyset paging: pass the last id as ``after_id``),
         without payload and result."""
-        rows = await self.pool.fetch(
-            """SELECT id, task_type, pool, document_id, priority::text, status::text, attempts,
-                      max_attempts, progress, progress_message, error, created_at, started_at,
-                      finished_at, updated_at
-                 FROM processing_queue
-                WHERE ($1::text IS NULL OR document_id = $1)
-                  AND ($2::text IS NULL OR status = $2::gpuscale_task_status)
-                  AND id > $3
-                ORDER BY id LIMIT $4""",
-            document_id,
-            status,
-            after_id,
-            limit,
-        )
+        rows = await self.db.fetch("list_tasks", document_id, status, after_id, limit)
         return [dict(r) for r in rows]
 
     async def cancel_document(self, document_id: str) -> int:
         """Cancel every unfinished task of a document in one transaction; returns how many."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            ids = await conn.fetch(
-                """UPDATE processing_queue
-                      SET status = 'cancelled', error = 'cancelled', finished_at = now(),
-                          lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-                    WHERE document_id = $1 AND status IN ('blocked', 'queued', 'running')
-                   RETURNING id""",
-                document_id,
-            )
+        async with self.db.transaction() as tx:
+            ids = await tx.fetch("cancel_document_tasks", document_id)
             if ids:
                 # Dependents elsewhere (another document's tasks) fail with a reason.
-                await conn.execute("SELECT gpuscale_fail_dependents($1::bigint[])", [r["id"] for r in ids])
+                await tx.execute("fail_dependents", [r["id"] for r in ids])
             return len(ids)
 
     async def dependency_results(self, task_id: int) -> list[dict[str, Any]]:
-        rows = await self.pool.fetch(
-            """SELECT p.id, p.task_type, p.payload, p.result
-                 FROM processing_task_deps d JOIN processing_queue p ON p.id = d.depends_on
-                WHERE d.task_id = $1 ORDER BY p.id""",
-            task_id,
-        )
+        rows = await self.db.fetch("dependency_results", task_id)
         return [
-            {
-                "id": r["id"],
-                "task_type": r["task_type"],
-                "payload": _loads(r["payload"]),
-                "result": _loads(r["result"]),
-            }
+            {"id": r["id"], "task_type": r["task_type"], "payload": r["payload"], "result": r["result"]}
             for r in rows
         ]
 
     async def stats(self) -> dict[str, PoolStats]:
         """Per-pool counts from the counters table (cost independent of the table's size)."""
-        async with self.pool.acquire() as conn:
-            counts = await conn.fetch(
-                """SELECT pool, status::text, priority::text, sum(n)::bigint AS n
-                     FROM processing_queue_counts GROUP BY 1, 2, 3 HAVING sum(n) <> 0"""
-            )
-            backoff = await conn.fetch(
-                """SELECT pool, priority::text, count(*) AS n FROM processing_queue
-                    WHERE status = 'queued' AND not_before IS NOT NULL AND not_before > now()
-                    GROUP BY 1, 2"""
-            )
-            blocked_ready = await conn.fetch(
-                """SELECT t.pool, count(*) AS n FROM processing_queue t
-                    WHERE t.status = 'blocked'
-                      AND NOT EXISTS (SELECT 1 FROM processing_task_deps d
-                                        JOIN processing_queue p ON p.id = d.depends_on
-                                       WHERE d.task_id = t.id AND p.status = 'blocked')
-                    GROUP BY 1"""
-            )
+        async with self.db.session() as s:
+            counts = await s.fetch("stats_counts")
+            backoff = await s.fetch("stats_backoff")
+            blocked_ready = await s.fetch("stats_blocked_on_running")
             pools = sorted({r["pool"] for r in counts})
-            ages = await conn.fetch(
-                """SELECT p.pool, extract(epoch FROM now() - min(x.queued_at))::float8 AS age
-                     FROM unnest($1::text[]) AS p(pool)
-                    CROSS JOIN unnest(enum_range(NULL::gpuscale_priority)) AS pr(priority)
-                    CROSS JOIN LATERAL (
-                        SELECT q.queued_at FROM processing_queue q
-                         WHERE q.pool = p.pool AND q.status = 'queued' AND q.priority = pr.priority
-                           AND (q.not_before IS NULL OR q.not_before <= now())
-                         ORDER BY q.priority DESC, q.id LIMIT 1) x
-                    GROUP BY p.pool""",
-                pools,
-            )
+            ages = await s.fetch("stats_oldest_queued", pools)
         out: dict[str, PoolStats] = {}
 
         def get(pool: str) -> PoolStats:
@@ -857,19 +596,19 @@ class Queue:
             return out[pool]
 
         for r in counts:
-            s = get(r["pool"])
+            s_ = get(r["pool"])
             n = int(r["n"])
             st = r["status"]
             if st == "queued":
-                s.queued[Priority(r["priority"])] += n
+                s_.queued[Priority(r["priority"])] += n
             elif st in ("running", "blocked", "done", "failed", "dead", "cancelled"):
-                setattr(s, st, getattr(s, st) + n)
+                setattr(s_, st, getattr(s_, st) + n)
         for r in backoff:
-            s = get(r["pool"])
+            s_ = get(r["pool"])
             n = int(r["n"])
             pr = Priority(r["priority"])
-            s.queued[pr] = max(0, s.queued[pr] - n)
-            s.waiting_backoff += n
+            s_.queued[pr] = max(0, s_.queued[pr] - n)
+            s_.waiting_backoff += n
         for r in blocked_ready:
             get(r["pool"]).blocked_on_running = int(r["n"])
         for r in ages:
@@ -879,102 +618,44 @@ class Queue:
 
     async def depth(self, pool: str, cap: int) -> int:
         """Claimable tasks in ``pool``, at most ``cap``: counters minus tasks in retry backoff."""
-        value = await self.pool.fetchval(
-            """SELECT greatest(0, least($2::bigint,
-                   (SELECT coalesce(sum(n), 0) FROM processing_queue_counts
-                     WHERE pool = $1 AND status = 'queued')
-                 - (SELECT count(*) FROM processing_queue
-                     WHERE pool = $1 AND status = 'queued' AND not_before IS NOT NULL
-                       AND not_before > now())))""",
-            pool,
-            cap,
-        )
-        return int(value or 0)
+        return int(await self.db.fetchval("depth", pool, cap) or 0)
 
     async def depth_by_scan(self, pool: str) -> int:
         """The same number as :meth:`depth` without a cap, by counting rows: the slow way, kept
         for benchmarks to compare against and for tests to check the counters."""
-        value = await self.pool.fetchval(
-            """SELECT count(*) FROM processing_queue
-                WHERE pool = $1 AND status = 'queued'
-                  AND (not_before IS NULL OR not_before <= now())""",
-            pool,
-        )
-        return int(value or 0)
+        return int(await self.db.fetchval("depth_by_scan", pool) or 0)
 
     async def purge_pool(self, pool: str) -> int:
         """Delete every task of ``pool`` (benchmarks' scratch pool); returns how many."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            # Dependencies across pools are removed by the cascade; dependents elsewhere that
-            # waited for a purged task would wait forever, so purging is for isolated pools.
-            result = await conn.execute("DELETE FROM processing_queue WHERE pool = $1", pool)
-        return _rowcount(result)
+        async with self.db.transaction() as tx:
+            return await tx.execute("purge_pool", pool)
 
     async def purge_done(self, *, older_than_s: float, batch: int = 10_000) -> int:
         """Delete up to ``batch`` ``done`` tasks that finished more than ``older_than_s`` ago;
         returns how many.  Failed, dead and cancelled tasks stay: they are the dead letters ops
         look into.  A done task that an unfinished task still depends on is kept, since its
         result is that task's input."""
-        result = await self.pool.execute(
-            """
-            DELETE FROM processing_queue
-             WHERE id IN (
-                SELECT q.id FROM processing_queue q
-                 WHERE q.finished_at IS NOT NULL
-                   AND q.finished_at < now() - make_interval(secs => $1)
-                   AND q.status = 'done'
-                   AND NOT EXISTS (
-                        SELECT 1 FROM processing_task_deps d
-                          JOIN processing_queue t ON t.id = d.task_id
-                         WHERE d.depends_on = q.id
-                           AND t.status IN ('blocked', 'queued', 'running'))
-                 ORDER BY q.finished_at
-                 LIMIT $2
-                   FOR UPDATE SKIP LOCKED)
-            """,
-            float(older_than_s),
-            batch,
-        )
-        return _rowcount(result)
+        return await self.db.execute("purge_done", float(older_than_s), batch)
 
     async def history_since(self, since: datetime) -> list[dict[str, Any]]:
         """Completed tasks submitted at or after ``since``, from the compact history that outlives
         the retention of done tasks (oldest submission first)."""
-        rows = await self.pool.fetch(
-            """SELECT id, task_type, pool, document_id, priority::text AS priority, depends_on,
-                      attempts, created_at, queued_at, started_at, finished_at
-                 FROM processing_task_history
-                WHERE created_at >= $1
-                ORDER BY created_at, id""",
-            since,
-        )
-        return [dict(r) for r in rows]
+        return [dict(r) for r in await self.db.fetch("history_since", since)]
 
     async def purge_history(self, *, older_than_s: float, batch: int = 10_000) -> int:
         """Delete up to ``batch`` history rows of tasks submitted more than ``older_than_s`` ago."""
-        result = await self.pool.execute(
-            """DELETE FROM processing_task_history
-                WHERE id IN (SELECT id FROM processing_task_history
-                              WHERE created_at < now() - make_interval(secs => $1)
-                              ORDER BY created_at LIMIT $2)""",
-            float(older_than_s),
-            batch,
-        )
-        return _rowcount(result)
+        return await self.db.execute("purge_history", float(older_than_s), batch)
 
     async def vacuum(self) -> None:
         """``VACUUM (ANALYZE)`` the queue tables: after a big purge, so the next claims do not
         walk dead index entries.  Autovacuum does this in a long-running deployment; short-lived
         processes on the embedded server (benchmarks) stop it before autovacuum gets a turn."""
         await self.compact_counts()
-        async with self.pool.acquire() as conn:
-            await conn.execute(
-                "VACUUM (ANALYZE) processing_queue, processing_task_deps, processing_queue_counts"
-            )
+        await self.db.execute("vacuum_queue")
 
     async def compact_counts(self) -> int:
         """Fold the per-connection counter shards together (also done by :meth:`reap_expired`)."""
-        return int(await self.pool.fetchval("SELECT gpuscale_compact_counts()") or 0)
+        return int(await self.db.fetchval("compact_counts") or 0)
 
     # ------------------------------------------------------------------ server registry
 
@@ -982,26 +663,14 @@ class Queue:
         """Insert or refresh a server's row (status ``starting`` or ``active``)."""
         if info.status not in ("starting", "active"):
             raise QueueError(f"a server registers as starting or active, not {info.status!r}")
-        await self.pool.execute(
-            """
-            INSERT INTO processing_servers AS s
-                (id, server_type, pool, container_id, status, capabilities, current_load,
-                 max_concurrent_tasks, models, version, last_heartbeat, started_at)
-            VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, now(), coalesce($11, now()))
-            ON CONFLICT (id) DO UPDATE SET
-                server_type = EXCLUDED.server_type, pool = EXCLUDED.pool,
-                container_id = EXCLUDED.container_id, status = EXCLUDED.status,
-                capabilities = EXCLUDED.capabilities, current_load = EXCLUDED.current_load,
-                max_concurrent_tasks = EXCLUDED.max_concurrent_tasks, models = EXCLUDED.models,
-                version = EXCLUDED.version, last_heartbeat = now(),
-                started_at = coalesce($11, s.started_at), updated_at = now()
-            """,
+        await self.db.execute(
+            "register_server",
             info.id,
             f"{info.pool}_container"[:50],
             info.pool,
             info.container_id,
             info.status,
-            json.dumps(info.capabilities),
+            info.capabilities,
             info.current_load,
             info.max_concurrent_tasks,
             list(info.models),
@@ -1014,46 +683,27 @@ class Queue:
         have been handed back, so it should stop and register again)."""
         if status is not None and status not in SERVER_STATUSES:
             raise QueueError(f"unknown server status {status!r}")
-        result = await self.pool.execute(
-            """UPDATE processing_servers
-                  SET last_heartbeat = now(), current_load = $2, status = coalesce($3, status),
-                      updated_at = now()
-                WHERE id = $1 AND status <> 'dead'""",
-            server_id,
-            current_load,
-            status,
-        )
-        return _rowcount(result) == 1
+        return await self.db.execute("server_heartbeat", server_id, current_load, status) == 1
 
     async def set_server_status(self, server_id: str, status: str) -> None:
         if status not in SERVER_STATUSES:
             raise QueueError(f"unknown server status {status!r}; use one of {', '.join(SERVER_STATUSES)}")
-        await self.pool.execute(
-            "UPDATE processing_servers SET status = $2, updated_at = now() WHERE id = $1", server_id, status
-        )
+        await self.db.execute("set_server_status", server_id, status)
 
     async def deregister_server(self, server_id: str) -> None:
         """Remove a server; anything it still holds goes back to the queue without an attempt spent."""
         await self.release_all(server_id)
-        await self.pool.execute("DELETE FROM processing_servers WHERE id = $1", server_id)
+        await self.db.execute("delete_server", server_id)
 
     async def list_servers(self, pool: str | None = None, *, include_dead: bool = False) -> list[ServerInfo]:
-        rows = await self.pool.fetch(
-            """SELECT id, pool, container_id, status, capabilities, current_load,
-                      max_concurrent_tasks, models, version, last_heartbeat, started_at
-                 FROM processing_servers
-                WHERE ($1::text IS NULL OR pool = $1) AND ($2 OR status <> 'dead')
-                ORDER BY pool, started_at, id""",
-            pool,
-            include_dead,
-        )
+        rows = await self.db.fetch("list_servers", pool, include_dead)
         return [
             ServerInfo(
                 id=r["id"],
                 pool=r["pool"],
                 container_id=r["container_id"],
                 status=r["status"],
-                capabilities=_loads(r["capabilities"]) or {},
+                capabilities=r["capabilities"] or {},
                 current_load=r["current_load"],
                 max_concurrent_tasks=r["max_concurrent_tasks"],
                 models=list(r["models"]),
@@ -1066,45 +716,28 @@ class Queue:
 
     async def purge_dead_servers(self, *, older_than_s: float) -> int:
         """Delete registry rows of servers declared dead more than ``older_than_s`` ago."""
-        result = await self.pool.execute(
-            """DELETE FROM processing_servers
-                WHERE status = 'dead' AND updated_at < now() - make_interval(secs => $1)""",
-            float(older_than_s),
-        )
-        return _rowcount(result)
+        return await self.db.execute("purge_dead_servers", float(older_than_s))
 
     async def reap_dead_servers(self, timeout_s: float) -> list[str]:
         """Servers silent for ``timeout_s`` become ``dead``; their tasks go back to the queue
         (the interrupted attempt counts, so a task that keeps killing servers ends ``dead``)."""
-        rows = await self.pool.fetch(
-            """UPDATE processing_servers SET status = 'dead', updated_at = now()
-                WHERE status <> 'dead' AND last_heartbeat < now() - make_interval(secs => $1)
-               RETURNING id""",
-            float(timeout_s),
-        )
+        rows = await self.db.fetch("mark_silent_servers_dead", float(timeout_s))
         ids = [r["id"] for r in rows]
         if ids:
-            await self._requeue_held(
-                "status = 'running' AND lease_owner = ANY($1::text[])",
-                "server ' || t.lease_owner || ' stopped heartbeating",
-                ids,
-            )
+            await self._requeue("requeue_server_tasks", ids)
         return ids
+
+    def listener(self, callback: Callable[[str], None], **kw: Any) -> Listener:
+        """``LISTEN gpuscale_work``: ``callback(pool)`` runs whenever claimable work appears in a
+        pool; run the returned listener's ``run()`` in a task of its own (``kw``: see
+        :class:`~gpuscale.db.Listener`)."""
+        return self.db.listener(NOTIFY_CHANNEL, callback, **kw)
 
 
 def _task_row(row: Any) -> dict[str, Any]:
     out = dict(row)
-    out["payload"] = _loads(out["payload"])
-    out["result"] = _loads(out["result"])
     out["depends_on"] = list(out["depends_on"])
     return out
-
-
-def _rowcount(status: str) -> int:
-    try:
-        return int(status.rsplit(" ", 1)[-1])
-    except (ValueError, IndexError):
-        return 0
 
 
 def _check_acyclic(prepared: list[_Prepared]) -> None:
@@ -1129,13 +762,3 @@ def _check_acyclic(prepared: list[_Prepared]) -> None:
     for i in range(len(prepared)):
         if state[i] == 0:
             visit(i)
-
-
-async def listen(conn: asyncpg.Connection, callback: Callable[[str], None]) -> None:
-    """``LISTEN gpuscale_work`` on ``conn`` (a dedicated connection, not a pooled one);
-    ``callback(pool)`` runs whenever claimable work appears in a pool."""
-
-    def _on(_conn: Any, _pid: int, _channel: str, payload: object) -> None:
-        callback(str(payload))
-
-    await conn.add_listener(NOTIFY_CHANNEL, _on)

@@ -30,12 +30,10 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-import asyncpg
-
 from gpuscale import __version__
 from gpuscale.common.serving import AppServer
-from gpuscale.db.connect import connect_pool
-from gpuscale.queue import ClaimedTask, Queue, ServerInfo, TaskStatus, listen, tasktypes
+from gpuscale.db.connector import DATABASE_ERRORS, UNREACHABLE, Connector, Listener
+from gpuscale.queue import ClaimedTask, Queue, ServerInfo, TaskStatus, tasktypes
 from gpuscale.worker import metrics
 from gpuscale.worker.errors import OllamaError, TaskError
 from gpuscale.worker.handlers import Handler, TaskContext, handlers_for_pool, replay
@@ -52,16 +50,6 @@ _DEPENDENCY_DEPTH = 4
 _RAW_ANSWER_IN_ERROR = 12_000
 # Bounded time for the last database calls of a drain (release, deregister).
 _SHUTDOWN_DB_TIMEOUT_S = 10.0
-# Errors that mean "the connection is gone or the server is (re)starting", worth retrying: a
-# restart of PostgreSQL ends sessions with 57P01 and refuses new ones with 57P03 for a moment.
-_CONNECTION_TROUBLE: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.CrashShutdownError,
-)
 
 
 class StartupError(RuntimeError):
@@ -119,9 +107,9 @@ class Worker:
         )
         self.http_port: int | None = None
 
-        self._db: asyncpg.Pool | None = None
+        self._db: Connector | None = None
         self._queue: Queue | None = None
-        self._listen_conn: asyncpg.Connection | None = None
+        self._listener: Listener | None = None
         self._running: dict[int, asyncio.Task[None]] = {}
         self._reporting: set[int] = set()  # tasks past their handler, writing their outcome
         self._abandoned: dict[int, str] = {}  # task id → why we cancelled it ("drain", "lost")
@@ -196,10 +184,10 @@ class Worker:
 
     async def _start(self) -> None:
         try:
-            self._db = await connect_pool(self.dsn, min_size=1, max_size=self.slots + 3)
-        except (OSError, asyncpg.PostgresError) as exc:
+            self._db = await Connector(self.dsn, min_connections=1, max_connections=self.slots + 3).open()
+            exists = await self._db.fetchval("queue_schema_exists")
+        except DATABASE_ERRORS as exc:
             raise StartupError(f"cannot connect to the database: {exc}") from None
-        exists = await self._db.fetchval("SELECT to_regclass('processing_queue') IS NOT NULL")
         if not exists:
             raise StartupError("the database has no queue schema; run `gpuscale db migrate` first")
         self._queue = Queue(
@@ -212,7 +200,8 @@ class Worker:
             await self._start_http()
         await self.queue.register_server(self._server_info("starting"))
         self._background.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
-        await self._open_listener()
+        self._listener = self.queue.listener(self._on_notify)
+        self._background.append(asyncio.create_task(self._listener.run(), name="listen"))
 
     def _server_info(self, status: str) -> ServerInfo:
         return ServerInfo(
@@ -260,21 +249,6 @@ class Worker:
             self.http_port,
             extra=_fields(http_port=self.http_port),
         )
-
-    async def _open_listener(self) -> None:
-        conn: asyncpg.Connection | None = None
-        try:
-            conn = await asyncpg.connect(self.dsn)
-            await listen(conn, self._on_notify)
-            self._listen_conn = conn
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            # InterfaceError: the connection closed between connect and LISTEN (e.g. PostgreSQL
-            # restarting).  Polling still finds the work; the next heartbeat tries to listen again.
-            log.warning("LISTEN failed (%s); polling every %.1fs", exc, self.settings.poll_interval_s)
-            self._listen_conn = None
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(conn.close(), 5)
 
     def _on_notify(self, pool: str) -> None:
         if pool == self.pool:
@@ -340,13 +314,13 @@ class Worker:
                 try:
                     tasks = await self.queue.claim(self.pool, self.server_id, free)
                     backoff = 0.0
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                except DATABASE_ERRORS as exc:
                     backoff = min(max(backoff * 2, 0.5), self.settings.poll_interval_s)
                     log.warning("claim failed: %s; retrying in %.1fs", exc, backoff)
                     tasks = []
                 claimed = len(tasks)
                 if tasks:
-                    await self._observe_wait(tasks)
+                    self._observe_wait(tasks)
                 for task in tasks:
                     if self._stop.is_set():
                         # Stopped while claiming: hand it straight back.
@@ -360,21 +334,11 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def _observe_wait(self, tasks: list[ClaimedTask]) -> None:
+    def _observe_wait(self, tasks: list[ClaimedTask]) -> None:
         """Queue-wait metric: claim time minus when each task last became queued."""
-        try:
-            rows = await self.queue.pool.fetch(
-                """SELECT id, task_type, extract(epoch FROM started_at - queued_at)::float8 AS wait
-                     FROM processing_queue WHERE id = ANY($1::bigint[])""",
-                [t.id for t in tasks],
-            )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            return  # a metric is not worth failing a claim over
-        for r in rows:
-            if r["wait"] is not None and r["wait"] >= 0:
-                metrics.QUEUE_WAIT.labels(pool=self.pool, task_type=r["task_type"]).observe(r["wait"])
-
-    # ------------------------------------------------------------------ running one task
+        for t in tasks:
+            if t.queue_wait_s is not None:
+                metrics.QUEUE_WAIT.labels(pool=self.pool, task_type=t.task_type).observe(t.queue_wait_s)
 
     async def _execute(self, task: ClaimedTask) -> None:
         started = time.monotonic()
@@ -482,7 +446,7 @@ class Worker:
         async def progress(percent: float, message: str) -> None:
             try:
                 await self.queue.progress(task.id, self.server_id, percent, message[:500])
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_ERRORS as exc:
                 log.debug("progress update for task %s failed: %s", task.id, exc)
 
         async def dependency_results() -> list[dict[str, Any]]:
@@ -573,7 +537,7 @@ class Worker:
         for i in range(attempts):
             try:
                 return await call()
-            except _CONNECTION_TROUBLE as exc:
+            except UNREACHABLE as exc:
                 if i == attempts - 1:
                     raise
                 log.warning("database call failed (%s); retrying in %.1fs", exc, delay)
@@ -584,7 +548,7 @@ class Worker:
     async def _release(self, task_id: int) -> bool:
         try:
             return await asyncio.wait_for(self.queue.release(task_id, self.server_id), _SHUTDOWN_DB_TIMEOUT_S)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             log.warning("could not hand back task %s (%s); its lease will run out", task_id, exc)
             return False
 
@@ -594,7 +558,7 @@ class Worker:
         self._server_status = status
         try:
             await self.queue.set_server_status(self.server_id, status)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             log.warning("could not set server status %s: %s", status, exc)
 
     async def _heartbeat_loop(self) -> None:
@@ -616,7 +580,7 @@ class Worker:
             known = await self.queue.server_heartbeat(
                 self.server_id, current_load=len(self._running), status=self._server_status
             )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             metrics.HEARTBEATS.labels(pool=self.pool, result="error").inc()
             log.warning("heartbeat failed: %s", exc)
             return
@@ -634,14 +598,12 @@ class Worker:
                 if task_id not in self._reporting:
                     self._abandoned[task_id] = "lost"
                     runner.cancel()
-            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            with contextlib.suppress(*DATABASE_ERRORS):
                 await self.queue.register_server(
                     self._server_info("active" if self._server_status == "active" else "starting")
                 )
                 if self._server_status == "draining":
                     await self.queue.set_server_status(self.server_id, "draining")
-        if self._listen_conn is None or self._listen_conn.is_closed():
-            await self._open_listener()
 
     # ------------------------------------------------------------------ drain and shutdown
 
@@ -689,19 +651,15 @@ class Worker:
             try:
                 await asyncio.wait_for(self.queue.deregister_server(self.server_id), _SHUTDOWN_DB_TIMEOUT_S)
                 log.info("worker %s deregistered", self.server_id)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_ERRORS as exc:
                 log.warning("could not deregister (%s); the controller will reap this server", exc)
             self._queue = None
-        if self._listen_conn is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._listen_conn.close(), 5)
-            self._listen_conn = None
+        self._listener = None
         if self._http is not None:
             await self._http.stop(timeout_s=5)
             self._http = None
         if self._db is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._db.close(), 5)
+            await self._db.close()
             self._db = None
         if self.ollama is not None:
             with contextlib.suppress(Exception):

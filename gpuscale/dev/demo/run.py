@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import yaml
 
 from gpuscale.controller import deployspec
 from gpuscale.controller.pools import PoolsConfig, load_pools
+from gpuscale.db import Connector
 from gpuscale.dev.demo import decks as deckgen
 from gpuscale.dev.demo.summary import PoolSummary, Summary
 from gpuscale.dev.demo.view import Decision, DeckView, PoolView, Snapshot
@@ -47,7 +47,7 @@ from gpuscale.dev.stack import RUN_MARKER, ProcessFailed, Stack, kill_leftovers
 
 log = logging.getLogger(__name__)
 
-DEMO_DB = "gpuscale_demo"
+DEMO_DB = "gpuscale_demo"  # named in queries.sql (drop_demo_database, create_demo_database)
 FINAL = ("done", "failed", "dead", "cancelled")
 _NOT_INHERITED = (
     "DATACRUNCH_",
@@ -150,7 +150,7 @@ class Demo:
         self.stack: Stack | None = None
         self.pg: Any = None  # EmbeddedPostgres
         self.dsn = ""
-        self.db: asyncpg.Pool | None = None
+        self.db: Connector | None = None
         self.queue: Any = None
         self.controller_url = ""
         self.emulator_url = ""
@@ -239,11 +239,11 @@ class Demo:
 
         self.pg = EmbeddedPostgres(self.data_dir / "pg")
         await asyncio.to_thread(self.pg.start)
-        admin = await asyncpg.connect(self.pg.dsn("postgres"))
+        admin = await Connector(self.pg.dsn("postgres")).dedicated()
         try:
             # A fresh database each run, so the counts on screen are this run's.
-            await admin.execute(f'DROP DATABASE IF EXISTS "{DEMO_DB}" WITH (FORCE)')
-            await admin.execute(f'CREATE DATABASE "{DEMO_DB}"')
+            await admin.execute("drop_demo_database")
+            await admin.execute("create_demo_database")
         finally:
             await admin.close()
         self.dsn = self.pg.dsn(DEMO_DB)
@@ -280,7 +280,7 @@ class Demo:
         await stack.migrate()
         from gpuscale.queue import Queue
 
-        self.db = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4)
+        self.db = await Connector(self.dsn, min_connections=1, max_connections=4).open()
         self.queue = Queue(self.db)
 
         if self.o.ollama_host:
@@ -630,8 +630,7 @@ class Demo:
         else:
             self.leftovers = await asyncio.to_thread(kill_leftovers, self.run_id)
         if self.db is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.db.close(), 10)
+            await self.db.close(timeout_s=10)
             self.db = None
         if self.pg is not None:
             await asyncio.to_thread(self.pg.stop)

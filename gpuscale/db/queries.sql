@@ -1,0 +1,505 @@
+-- Every SQL statement of gpuscale, each under a name (loaded by gpuscale.db.queries).
+--
+-- A block starts with "-- name: <name>"; the comment lines right after it say what it does, and
+-- the block runs until the next "-- name:".  Statements take $n parameters only: nothing is ever
+-- spliced into this text.  jsonb parameters and columns are Python values (the connector
+-- registers the codec), so no statement needs ::text round trips for them.
+--
+-- Sections: tasks (enqueue, claim, complete, fail, release, reap, reads), the server registry,
+-- the controller's own tables, process plumbing (health, the leader lock, the demo database).
+
+-- ====================================================================== tasks: enqueue
+
+-- name: insert_tasks
+-- Insert a whole batch in one statement.  Ids come from the caller when it needed them in
+-- advance ($8: dependencies inside the batch), otherwise from the sequence; $9/$10 are the
+-- dependency edges (task, dependency).  The counters trigger and the NOTIFY for pools that got
+-- claimable work ride along.
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::gpuscale_priority[],
+                         $6::integer[], $7::integer[], $8::bigint[])
+         WITH ORDINALITY AS t(task_type, pool, document_id, payload, priority, max_attempts,
+                              pending, given_id, ord)),
+ids AS MATERIALIZED (
+    SELECT ord, coalesce(given_id, nextval('processing_queue_id_seq')) AS id FROM input ORDER BY ord),
+ins AS (
+    INSERT INTO processing_queue (id, task_type, pool, document_id, payload, priority, status,
+                                  pending_deps, max_attempts, queued_at)
+    SELECT ids.id, i.task_type, i.pool, i.document_id, i.payload, i.priority,
+           CASE WHEN i.pending > 0 THEN 'blocked' ELSE 'queued' END::gpuscale_task_status,
+           i.pending, i.max_attempts,
+           CASE WHEN i.pending > 0 THEN NULL ELSE now() END
+      FROM input i JOIN ids USING (ord)
+    RETURNING pool, status),
+edges AS (
+    INSERT INTO processing_task_deps (task_id, depends_on)
+    SELECT task, dep FROM unnest($9::bigint[], $10::bigint[]) AS e(task, dep)
+    RETURNING 1)
+SELECT (SELECT array_agg(id ORDER BY ord) FROM ids) AS ids,
+       (SELECT count(*) FROM edges) AS edges,
+       (SELECT count(*) FROM (SELECT pg_notify('gpuscale_work', pool)
+                                FROM (SELECT DISTINCT pool FROM ins WHERE status = 'queued') p) n)
+           AS notified
+
+-- name: lock_dependencies
+-- The existing tasks a batch depends on, FOR SHARE: one being completed right now is waited for,
+-- so we see its final status; one locked first cannot finish until the batch commits, and its
+-- completer then sees the new edges (gpuscale_unblock runs as a later statement).
+SELECT id, status::text, task_type FROM processing_queue
+ WHERE id = ANY($1::bigint[]) ORDER BY id FOR SHARE
+
+-- name: reserve_task_ids
+-- $1 ids from the task sequence, for a batch whose tasks depend on each other.
+SELECT array_agg(nextval('processing_queue_id_seq')) FROM generate_series(1, $1)
+
+-- ====================================================================== tasks: worker side
+
+-- name: claim_tasks
+-- Claim up to $3 claimable tasks of pool $1 for server $2 with a lease of $4 s: critical, high,
+-- normal, then oldest first.  SKIP LOCKED lets claimers run side by side.
+WITH c AS (
+    SELECT id FROM processing_queue
+     WHERE pool = $1 AND status = 'queued'
+       AND (not_before IS NULL OR not_before <= now())
+     ORDER BY priority DESC, id
+     LIMIT $3
+       FOR UPDATE SKIP LOCKED)
+UPDATE processing_queue t
+   SET status = 'running', lease_owner = $2,
+       lease_expires_at = now() + make_interval(secs => $4),
+       attempts = t.attempts + 1, started_at = now(), not_before = NULL,
+       progress = 0, progress_message = NULL, updated_at = now()
+  FROM c
+ WHERE t.id = c.id
+RETURNING t.id, t.task_type, t.pool, t.document_id, t.payload, t.priority::text,
+          t.attempts, t.max_attempts,
+          ARRAY(SELECT d.depends_on FROM processing_task_deps d
+                 WHERE d.task_id = t.id ORDER BY d.depends_on) AS depends_on,
+          t.lease_expires_at,
+          extract(epoch FROM now() - t.queued_at)::float8 AS queue_wait_s
+
+-- name: extend_leases
+-- Push back by $2 s the leases server $1 holds (only ids $3 when given).  SKIP LOCKED: a row
+-- being completed or failed right now needs no longer lease, and waiting for it could deadlock
+-- with a batched complete taking rows in another order.
+UPDATE processing_queue SET lease_expires_at = now() + make_interval(secs => $2)
+ WHERE id IN (SELECT id FROM processing_queue
+               WHERE status = 'running' AND lease_owner = $1
+                 AND ($3::bigint[] IS NULL OR id = ANY($3::bigint[]))
+                 FOR UPDATE SKIP LOCKED)
+
+-- name: report_progress
+UPDATE processing_queue SET progress = $3, progress_message = $4, updated_at = now()
+ WHERE id = $1 AND status = 'running' AND lease_owner = $2
+
+-- name: complete_tasks
+-- Mark tasks $1 done with results $2 if server $3 still holds them, and release their
+-- dependents (gpuscale_complete, migration 0003); returns the ids completed.
+SELECT id FROM gpuscale_complete($1::bigint[], $2::jsonb[], $3) AS id
+
+-- name: fail_task
+-- Record a failure of task $1 held by $2 with error $3.  Retryable ($4): queued again after a
+-- jittered exponential backoff (base $5 s, cap $6 s), or dead once attempts are used up; not
+-- retryable: failed.  Returns the new status, or no row when $2 no longer holds the task.
+UPDATE processing_queue t
+   SET status = CASE WHEN NOT $4 THEN 'failed'
+                     WHEN t.attempts >= t.max_attempts THEN 'dead'
+                     ELSE 'queued' END::gpuscale_task_status,
+       not_before = CASE WHEN $4 AND t.attempts < t.max_attempts
+           THEN now() + b.delay END,
+       -- claimable again when the backoff ends: that is when queue wait starts
+       queued_at = CASE WHEN $4 AND t.attempts < t.max_attempts
+           THEN now() + b.delay ELSE t.queued_at END,
+       finished_at = CASE WHEN NOT $4 OR t.attempts >= t.max_attempts THEN now() END,
+       error = $3, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+  FROM (SELECT make_interval(secs => least($6, $5 * power(2, q.attempts - 1))
+                                     * (0.5 + random())) AS delay
+          FROM processing_queue q WHERE q.id = $1) b
+ WHERE t.id = $1 AND t.status = 'running' AND t.lease_owner = $2
+RETURNING status::text
+
+-- name: task_status
+SELECT status::text FROM processing_queue WHERE id = $1
+
+-- name: fail_dependents
+-- Tasks waiting (directly or not) for the finally failed tasks $1 fail, naming the dependency.
+SELECT gpuscale_fail_dependents($1::bigint[])
+
+-- name: release_task
+-- Hand task $1 held by server $2 back without spending an attempt; returns how many (0 or 1).
+WITH r AS (
+    UPDATE processing_queue
+       SET status = 'queued', attempts = greatest(attempts - 1, 0), lease_owner = NULL,
+           lease_expires_at = NULL, not_before = NULL, queued_at = now(),
+           progress = 0, progress_message = NULL, updated_at = now()
+     WHERE status = 'running' AND id = $1 AND lease_owner = $2
+    RETURNING pool)
+SELECT (SELECT count(*) FROM r)
+     + 0 * (SELECT count(*) FROM (SELECT pg_notify('gpuscale_work', pool)
+                                    FROM (SELECT DISTINCT pool FROM r) p) n)
+
+-- name: release_server_tasks
+-- Hand back everything server $1 holds, without spending attempts; returns how many.
+WITH r AS (
+    UPDATE processing_queue
+       SET status = 'queued', attempts = greatest(attempts - 1, 0), lease_owner = NULL,
+           lease_expires_at = NULL, not_before = NULL, queued_at = now(),
+           progress = 0, progress_message = NULL, updated_at = now()
+     WHERE status = 'running' AND lease_owner = $1
+    RETURNING pool)
+SELECT (SELECT count(*) FROM r)
+     + 0 * (SELECT count(*) FROM (SELECT pg_notify('gpuscale_work', pool)
+                                    FROM (SELECT DISTINCT pool FROM r) p) n)
+
+-- name: cancel_task
+UPDATE processing_queue
+   SET status = 'cancelled', error = 'cancelled', finished_at = now(),
+       lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+ WHERE id = $1 AND status IN ('blocked', 'queued', 'running')
+RETURNING id
+
+-- name: requeue_expired
+-- Running tasks whose lease ran out go back to queued (or dead once attempts are used up);
+-- returns each one's id and new status.
+WITH c AS (
+    SELECT id FROM processing_queue
+     WHERE status = 'running' AND lease_expires_at < now() FOR UPDATE SKIP LOCKED),
+r AS (
+    UPDATE processing_queue t
+       SET status = CASE WHEN t.attempts >= t.max_attempts THEN 'dead'
+                         ELSE 'queued' END::gpuscale_task_status,
+           error = 'lease expired (held by ' || t.lease_owner || ')',
+           finished_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END,
+           queued_at = CASE WHEN t.attempts >= t.max_attempts THEN t.queued_at ELSE now() END,
+           lease_owner = NULL, lease_expires_at = NULL, not_before = NULL, updated_at = now()
+      FROM c WHERE t.id = c.id AND t.status = 'running'
+    RETURNING t.id, t.pool, t.status::text AS status)
+SELECT id, status,
+       (SELECT count(*) FROM (SELECT pg_notify('gpuscale_work', pool)
+          FROM (SELECT DISTINCT pool FROM r WHERE status = 'queued') p) n) AS notified
+  FROM r
+
+-- name: requeue_server_tasks
+-- The running tasks of servers $1 (declared dead) go back to queued (or dead once attempts are
+-- used up: the interrupted attempt counts); returns each one's id and new status.
+WITH c AS (
+    SELECT id FROM processing_queue
+     WHERE status = 'running' AND lease_owner = ANY($1::text[]) FOR UPDATE SKIP LOCKED),
+r AS (
+    UPDATE processing_queue t
+       SET status = CASE WHEN t.attempts >= t.max_attempts THEN 'dead'
+                         ELSE 'queued' END::gpuscale_task_status,
+           error = 'server ' || t.lease_owner || ' stopped heartbeating',
+           finished_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END,
+           queued_at = CASE WHEN t.attempts >= t.max_attempts THEN t.queued_at ELSE now() END,
+           lease_owner = NULL, lease_expires_at = NULL, not_before = NULL, updated_at = now()
+      FROM c WHERE t.id = c.id AND t.status = 'running'
+    RETURNING t.id, t.pool, t.status::text AS status)
+SELECT id, status,
+       (SELECT count(*) FROM (SELECT pg_notify('gpuscale_work', pool)
+          FROM (SELECT DISTINCT pool FROM r WHERE status = 'queued') p) n) AS notified
+  FROM r
+
+-- name: compact_counts
+-- Fold the per-connection counter shards together; returns how many rows it folded.
+SELECT gpuscale_compact_counts()
+
+-- ====================================================================== tasks: reads
+
+-- name: finished_since
+-- Tasks that finished (done, failed, dead) after $1, oldest first, at most $2, with their queue
+-- wait and the duration of their last attempt.
+SELECT pool, task_type, status::text AS status, finished_at,
+       extract(epoch FROM started_at - queued_at)::float8 AS wait_s,
+       extract(epoch FROM finished_at - started_at)::float8 AS duration_s
+  FROM processing_queue
+ WHERE finished_at > $1 AND status IN ('done', 'failed', 'dead')
+ ORDER BY finished_at
+ LIMIT $2
+
+-- name: running_by_server
+SELECT lease_owner, count(*) AS n FROM processing_queue
+ WHERE status = 'running' AND lease_owner IS NOT NULL GROUP BY 1
+
+-- name: get_task
+SELECT id, task_type, pool, document_id, payload, priority::text, status::text,
+       ARRAY(SELECT d.depends_on FROM processing_task_deps d
+              WHERE d.task_id = t.id ORDER BY d.depends_on) AS depends_on,
+       pending_deps, attempts, max_attempts, not_before, lease_owner, lease_expires_at, progress,
+       progress_message, result, error, created_at, queued_at, started_at, finished_at, updated_at
+  FROM processing_queue t WHERE id = $1
+
+-- name: document_tasks
+-- Every task of document $1 with all its columns, by id.
+SELECT id, task_type, pool, document_id, payload, priority::text, status::text,
+       ARRAY(SELECT d.depends_on FROM processing_task_deps d
+              WHERE d.task_id = t.id ORDER BY d.depends_on) AS depends_on,
+       pending_deps, attempts, max_attempts, not_before, lease_owner, lease_expires_at, progress,
+       progress_message, result, error, created_at, queued_at, started_at, finished_at, updated_at
+  FROM processing_queue t WHERE document_id = $1 ORDER BY id
+
+-- name: list_tasks
+-- A page of tasks by ascending id after $3 (keyset paging), at most $4, of document $1 and with
+-- status $2 when given; without payload and result.
+SELECT id, task_type, pool, document_id, priority::text, status::text, attempts,
+       max_attempts, progress, progress_message, error, created_at, started_at,
+       finished_at, updated_at
+  FROM processing_queue
+ WHERE ($1::text IS NULL OR document_id = $1)
+   AND ($2::text IS NULL OR status = $2::gpuscale_task_status)
+   AND id > $3
+ ORDER BY id LIMIT $4
+
+-- name: cancel_document_tasks
+-- Cancel every unfinished task of document $1; returns their ids.
+UPDATE processing_queue
+   SET status = 'cancelled', error = 'cancelled', finished_at = now(),
+       lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+ WHERE document_id = $1 AND status IN ('blocked', 'queued', 'running')
+RETURNING id
+
+-- name: work_queued_by_type
+-- Claimable work per (pool, task type) from the type counters (migration 0013).
+SELECT pool, task_type, sum(n)::bigint AS n FROM processing_queue_type_counts
+ GROUP BY 1, 2 HAVING sum(n) <> 0
+
+-- name: work_backoff_by_type
+-- Queued tasks still waiting out a retry backoff, per (pool, task type).
+SELECT pool, task_type, count(*) AS n FROM processing_queue
+ WHERE status = 'queued' AND not_before IS NOT NULL AND not_before > now()
+ GROUP BY 1, 2
+
+-- name: work_running
+-- Every running task with how long it has run and its progress.
+SELECT id, pool, task_type, lease_owner, progress,
+       extract(epoch FROM now() - started_at)::float8 AS elapsed_s
+  FROM processing_queue WHERE status = 'running'
+
+-- name: work_blocked_on_unfinished
+-- Blocked tasks with each of their unfinished dependencies.
+SELECT t.id, t.pool, t.task_type, p.pool AS dep_pool, p.task_type AS dep_type,
+       p.status::text AS dep_status, p.lease_owner AS dep_server,
+       p.progress AS dep_progress,
+       extract(epoch FROM now() - p.started_at)::float8 AS dep_elapsed_s
+  FROM processing_queue t
+  JOIN processing_task_deps d ON d.task_id = t.id
+  JOIN processing_queue p ON p.id = d.depends_on
+ WHERE t.status = 'blocked' AND p.status IN ('blocked', 'queued', 'running')
+ ORDER BY t.id
+
+-- name: tasks_for_document
+SELECT id, task_type, pool, status::text, progress, error FROM processing_queue
+ WHERE document_id = $1 ORDER BY id
+
+-- name: dependency_results
+-- The tasks task $1 directly depends on, with their payloads and results.
+SELECT p.id, p.task_type, p.payload, p.result
+  FROM processing_task_deps d JOIN processing_queue p ON p.id = d.depends_on
+ WHERE d.task_id = $1 ORDER BY p.id
+
+-- name: stats_counts
+-- Per-(pool, status, priority) counts from the counters table (cost independent of table size).
+SELECT pool, status::text, priority::text, sum(n)::bigint AS n
+  FROM processing_queue_counts GROUP BY 1, 2, 3 HAVING sum(n) <> 0
+
+-- name: stats_backoff
+-- Queued tasks still waiting out a retry backoff, per pool and priority.
+SELECT pool, priority::text, count(*) AS n FROM processing_queue
+ WHERE status = 'queued' AND not_before IS NOT NULL AND not_before > now()
+ GROUP BY 1, 2
+
+-- name: stats_blocked_on_running
+-- Blocked tasks none of whose dependencies is itself blocked, per pool.
+SELECT t.pool, count(*) AS n FROM processing_queue t
+ WHERE t.status = 'blocked'
+   AND NOT EXISTS (SELECT 1 FROM processing_task_deps d
+                     JOIN processing_queue p ON p.id = d.depends_on
+                    WHERE d.task_id = t.id AND p.status = 'blocked')
+ GROUP BY 1
+
+-- name: stats_oldest_queued
+-- Age in seconds of the oldest claimable task of each pool $1 (one index probe per priority).
+SELECT p.pool, extract(epoch FROM now() - min(x.queued_at))::float8 AS age
+  FROM unnest($1::text[]) AS p(pool)
+ CROSS JOIN unnest(enum_range(NULL::gpuscale_priority)) AS pr(priority)
+ CROSS JOIN LATERAL (
+    SELECT q.queued_at FROM processing_queue q
+     WHERE q.pool = p.pool AND q.status = 'queued' AND q.priority = pr.priority
+       AND (q.not_before IS NULL OR q.not_before <= now())
+     ORDER BY q.priority DESC, q.id LIMIT 1) x
+ GROUP BY p.pool
+
+-- name: depth
+-- Claimable tasks in pool $1, at most $2: counters minus tasks in retry backoff.
+SELECT greatest(0, least($2::bigint,
+       (SELECT coalesce(sum(n), 0) FROM processing_queue_counts
+         WHERE pool = $1 AND status = 'queued')
+     - (SELECT count(*) FROM processing_queue
+         WHERE pool = $1 AND status = 'queued' AND not_before IS NOT NULL
+           AND not_before > now())))
+
+-- name: depth_by_scan
+-- The same number as depth without a cap, by counting rows (benchmarks and tests compare).
+SELECT count(*) FROM processing_queue
+ WHERE pool = $1 AND status = 'queued'
+   AND (not_before IS NULL OR not_before <= now())
+
+-- ====================================================================== tasks: housekeeping
+
+-- name: purge_pool
+-- Delete every task of pool $1 (benchmarks' scratch pool).  Dependencies across pools are
+-- removed by the cascade; a dependent elsewhere would wait forever, so this is for isolated pools.
+DELETE FROM processing_queue WHERE pool = $1
+
+-- name: purge_done
+-- Delete up to $2 done tasks that finished more than $1 s ago.  Failed, dead and cancelled tasks
+-- stay (dead letters); a done task an unfinished task still depends on stays (its input).
+DELETE FROM processing_queue
+ WHERE id IN (
+    SELECT q.id FROM processing_queue q
+     WHERE q.finished_at IS NOT NULL
+       AND q.finished_at < now() - make_interval(secs => $1)
+       AND q.status = 'done'
+       AND NOT EXISTS (
+            SELECT 1 FROM processing_task_deps d
+              JOIN processing_queue t ON t.id = d.task_id
+             WHERE d.depends_on = q.id
+               AND t.status IN ('blocked', 'queued', 'running'))
+     ORDER BY q.finished_at
+     LIMIT $2
+       FOR UPDATE SKIP LOCKED)
+
+-- name: history_since
+-- Completed tasks submitted at or after $1, from the compact history (migration 0020).
+SELECT id, task_type, pool, document_id, priority::text AS priority, depends_on,
+       attempts, created_at, queued_at, started_at, finished_at
+  FROM processing_task_history
+ WHERE created_at >= $1
+ ORDER BY created_at, id
+
+-- name: purge_history
+-- Delete up to $2 history rows of tasks submitted more than $1 s ago.
+DELETE FROM processing_task_history
+ WHERE id IN (SELECT id FROM processing_task_history
+               WHERE created_at < now() - make_interval(secs => $1)
+               ORDER BY created_at LIMIT $2)
+
+-- name: vacuum_queue
+VACUUM (ANALYZE) processing_queue, processing_task_deps, processing_queue_counts
+
+-- ====================================================================== server registry
+
+-- name: register_server
+-- Insert or refresh a server's row; $11 (started_at) keeps the old value when NULL.
+INSERT INTO processing_servers AS s
+    (id, server_type, pool, container_id, status, capabilities, current_load,
+     max_concurrent_tasks, models, version, last_heartbeat, started_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now(), coalesce($11, now()))
+ON CONFLICT (id) DO UPDATE SET
+    server_type = EXCLUDED.server_type, pool = EXCLUDED.pool,
+    container_id = EXCLUDED.container_id, status = EXCLUDED.status,
+    capabilities = EXCLUDED.capabilities, current_load = EXCLUDED.current_load,
+    max_concurrent_tasks = EXCLUDED.max_concurrent_tasks, models = EXCLUDED.models,
+    version = EXCLUDED.version, last_heartbeat = now(),
+    started_at = coalesce($11, s.started_at), updated_at = now()
+
+-- name: server_heartbeat
+-- Refresh server $1's heartbeat and load; no row changes when it is unknown or declared dead.
+UPDATE processing_servers
+   SET last_heartbeat = now(), current_load = $2, status = coalesce($3, status),
+       updated_at = now()
+ WHERE id = $1 AND status <> 'dead'
+
+-- name: set_server_status
+UPDATE processing_servers SET status = $2, updated_at = now() WHERE id = $1
+
+-- name: delete_server
+DELETE FROM processing_servers WHERE id = $1
+
+-- name: list_servers
+-- Servers of pool $1 (all pools when NULL), dead ones only when $2.
+SELECT id, pool, container_id, status, capabilities, current_load,
+       max_concurrent_tasks, models, version, last_heartbeat, started_at
+  FROM processing_servers
+ WHERE ($1::text IS NULL OR pool = $1) AND ($2 OR status <> 'dead')
+ ORDER BY pool, started_at, id
+
+-- name: purge_dead_servers
+DELETE FROM processing_servers
+ WHERE status = 'dead' AND updated_at < now() - make_interval(secs => $1)
+
+-- name: mark_silent_servers_dead
+-- Servers silent for $1 s become dead; returns their ids.
+UPDATE processing_servers SET status = 'dead', updated_at = now()
+ WHERE status <> 'dead' AND last_heartbeat < now() - make_interval(secs => $1)
+RETURNING id
+
+-- ====================================================================== controller tables
+
+-- name: record_scaling_event
+INSERT INTO scaling_events
+       (pool, from_replicas, to_replicas, reason, detail, outcome, error, controller_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+
+-- name: scaling_events
+-- The latest $2 decisions of pool $1 (all pools when NULL), newest first.
+SELECT id, pool, at, from_replicas, to_replicas, reason, detail, outcome, error, controller_id
+  FROM scaling_events
+ WHERE $1::text IS NULL OR pool = $1
+ ORDER BY at DESC, id DESC
+ LIMIT $2
+
+-- name: last_scaling_events
+-- The latest recorded decision of every pool.
+SELECT DISTINCT ON (pool) pool, to_replicas, reason, outcome, extract(epoch FROM at) AS at
+  FROM scaling_events ORDER BY pool, at DESC, id DESC
+
+-- name: set_pool_paused
+INSERT INTO pool_control (pool, paused, updated_by) VALUES ($1, $2, $3)
+ON CONFLICT (pool) DO UPDATE
+   SET paused = EXCLUDED.paused, updated_at = now(), updated_by = EXCLUDED.updated_by
+
+-- name: paused_pools
+SELECT pool FROM pool_control WHERE paused
+
+-- name: add_pool_spend
+INSERT INTO pool_spend (pool, month, usd, replica_seconds) VALUES ($1, $2, $3, $4)
+ON CONFLICT (pool, month) DO UPDATE
+   SET usd = pool_spend.usd + EXCLUDED.usd,
+       replica_seconds = pool_spend.replica_seconds + EXCLUDED.replica_seconds
+
+-- name: month_spend
+SELECT pool, usd FROM pool_spend WHERE month = $1
+
+-- name: save_pool_state
+INSERT INTO pool_state (pool, state, controller_id) VALUES ($1, $2, $3)
+ON CONFLICT (pool) DO UPDATE
+   SET state = EXCLUDED.state, controller_id = EXCLUDED.controller_id, updated_at = now()
+
+-- name: load_pool_states
+SELECT pool, state FROM pool_state
+
+-- ====================================================================== process plumbing
+
+-- name: ping
+-- Is the session alive? (health checks, and a LISTEN connection noticing silent breakage)
+SELECT 1
+
+-- name: database_now
+SELECT now()
+
+-- name: queue_schema_exists
+SELECT to_regclass('processing_queue') IS NOT NULL
+
+-- name: try_leader_lock
+SELECT pg_try_advisory_lock($1)
+
+-- name: release_leader_lock
+SELECT pg_advisory_unlock($1)
+
+-- name: drop_demo_database
+-- The demo starts from a fresh database each run, so the counts on screen are this run's.
+DROP DATABASE IF EXISTS gpuscale_demo WITH (FORCE)
+
+-- name: create_demo_database
+CREATE DATABASE gpuscale_demo
