@@ -510,7 +510,9 @@ async def test_a_new_leader_takes_over_the_policy_memory(make_app, deployments: 
     assert await _target(deployments, "gpuscale-visual") < 2, "the new leader restarted the idle timers"
 
 
-async def test_work_detail_reads_queued_types_running_progress_and_blocked(make_app) -> None:  # type: ignore[no-untyped-def]
+async def test_work_detail_reads_queued_types_running_progress_and_blocked(
+    make_app, db: asyncpg.Pool
+) -> None:  # type: ignore[no-untyped-def]
     app = await make_app()
     q = app.queue
     await _enqueue(q, 3)
@@ -533,7 +535,7 @@ async def test_work_detail_reads_queued_types_running_progress_and_blocked(make_
     queued = {k: v for k, v in detail.queued_by_type.items() if v}
     assert queued == {("visual", "slide_feedback"): 1, ("visual", "visual_analysis"): 1}
     # The counters agree with a scan of the table.
-    rows = await q.pool.fetch(
+    rows = await db.fetch(
         """SELECT pool, task_type, count(*) AS n FROM processing_queue
             WHERE status = 'queued' AND (not_before IS NULL OR not_before <= now()) GROUP BY 1, 2"""
     )
@@ -551,7 +553,7 @@ async def test_work_detail_reads_queued_types_running_progress_and_blocked(make_
     ]
 
 
-async def test_learned_durations_are_exported_and_kept_by_a_new_leader(make_app) -> None:  # type: ignore[no-untyped-def]
+async def test_learned_durations_are_exported_and_kept_by_a_new_leader(make_app, db: asyncpg.Pool) -> None:  # type: ignore[no-untyped-def]
     from gpuscale.controller import metrics as m
 
     first = await make_app()
@@ -561,7 +563,7 @@ async def test_learned_durations_are_exported_and_kept_by_a_new_leader(make_app)
     await _enqueue(first.queue, 1, task_type="slide_feedback")
     await first.queue.register_server(ServerInfo(id="w1", pool="visual", status="active"))
     [task] = await first.queue.claim("visual", "w1", 1)
-    await first.queue.pool.execute(
+    await db.execute(
         "UPDATE processing_queue SET started_at = now() - interval '500 seconds' WHERE id = $1", task.id
     )
     assert await first.queue.complete(task.id, "w1", {"ok": True})
