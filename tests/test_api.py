@@ -125,7 +125,12 @@ async def test_every_prd_path_enqueues_its_task_type(api: ApiProc, db: asyncpg.P
             r = c.post(path, json=body)
             assert r.status_code == 202, (path, r.text)
             assert r.json()["task_type"] == task_type and r.json()["status"] == "blocked"
-            row = await db.fetchrow("SELECT * FROM processing_queue WHERE id = $1", r.json()["id"])
+            row = await db.fetchrow(
+                """SELECT q.*, ARRAY(SELECT depends_on FROM processing_task_deps
+                                      WHERE task_id = q.id) AS depends_on
+                     FROM processing_queue q WHERE id = $1""",
+                r.json()["id"],
+            )
             assert row["task_type"] == task_type and row["priority"] == "high"
             assert row["document_id"] == "acme" and list(row["depends_on"]) == [visual]
             assert row["pool"] == ("visual" if task_type == "slide_feedback" else "text")
