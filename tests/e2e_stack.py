@@ -90,10 +90,19 @@ CREATE TRIGGER e2e_done_audit AFTER UPDATE ON processing_queue
 """
 
 
-def _spec(pool: str, name: str, concurrency: int) -> dict[str, Any]:
+SHARED_VOLUME = "e2e-shared"
+# (pool, deployment, worker concurrency, spot) of the stack's deployments.
+DEPLOYMENTS: tuple[tuple[str, str, int, bool], ...] = (
+    ("bench", BENCH, 4, False),
+    ("visual", "e2e-visual", 1, False),
+    ("text", "e2e-text", 1, False),
+)
+
+
+def _spec(pool: str, name: str, concurrency: int, spot: bool = False) -> dict[str, Any]:
     spec = deployspec.load_file(ROOT / "deploy" / "datacrunch" / "visual.yaml")
     spec["name"] = name
-    spec["is_spot"] = False  # the template is the preferred (spot) visual deployment
+    spec["is_spot"] = spot  # the template is the preferred (spot) visual deployment
     env = [
         e for e in spec["containers"][0]["env"] if e["name"] not in ("GPUSCALE_POOL", "GPUSCALE_LOG_FORMAT")
     ]
@@ -118,7 +127,23 @@ class Outcome:
 
 
 class Stack(DevStack):
-    def __init__(self, dsn: str, workdir: Path, *, pools_yaml: str = POOLS, controllers: int = 1) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        workdir: Path,
+        *,
+        pools_yaml: str = POOLS,
+        controllers: int = 1,
+        deployments: Sequence[tuple[str, str, int, bool]] = DEPLOYMENTS,
+        standin_models: Sequence[str] = (),
+        standin_latency_s: float = 1.0,
+    ) -> None:
+        self.deployments = tuple(deployments)
+        self.standin_models = tuple(standin_models)
+        self.standin_latency_s = standin_latency_s
+        # The shared filesystem the deployments mount, as the emulator maps it on this host: a
+        # deck submitted with this as its document root is read by the replicas through theirs.
+        self.document_root = workdir / "shared" / SHARED_VOLUME / "uploads"
         self.dsn = dsn
         self.workdir = workdir
         self.pools_yaml = pools_yaml
@@ -139,7 +164,7 @@ class Stack(DevStack):
                 "GPUSCALE_DRAIN_GRACE_S": "5",
                 "PYTHONUNBUFFERED": "1",
                 # `deploy apply` fills the specs' shared-volume placeholder with it.
-                "GPUSCALE_SHARED_VOLUME_ID": "e2e-shared",
+                "GPUSCALE_SHARED_VOLUME_ID": SHARED_VOLUME,
             }
         )
         super().__init__(log_dir=workdir / "logs", env=env, client_id="e2e", client_secret=CLIENT_SECRET)
@@ -172,12 +197,14 @@ class Stack(DevStack):
         self.env["GPUSCALE_DATABASE_URL"] = self.dsn
         (self.workdir / "pools.yaml").write_text(self.pools_yaml)
         spec_files = []
-        for pool, name, conc in (("bench", BENCH, 4), ("visual", "e2e-visual", 1), ("text", "e2e-text", 1)):
+        for pool, name, conc, spot in self.deployments:
             path = self.workdir / f"{name}.yaml"
-            path.write_text(yaml.safe_dump(_spec(pool, name, conc), sort_keys=False))
+            path.write_text(yaml.safe_dump(_spec(pool, name, conc, spot), sort_keys=False))
             spec_files.append(path)
 
-        await self.start_emulator(cold_start_s=1, grace_s=8)
+        if self.standin_models:
+            await self.start_standin(self.standin_models, latency_s=self.standin_latency_s)
+        await self.start_emulator(cold_start_s=1, grace_s=8, shared_dir=self.workdir / "shared")
         await self.apply_deployments(spec_files)
         for i in range(self.n_controllers):
             await self.start_controller(f"controller-{i + 1}")

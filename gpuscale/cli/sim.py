@@ -53,12 +53,20 @@ def simulate(
     plot: Path | None = typer.Option(
         None, "--plot", help="Write a PNG of queue depth and replicas per pool."
     ),
+    spot: float | None = typer.Option(
+        None,
+        "--spot",
+        min=0.0,
+        help="Model spot and fallback deployments: spot replicas vanish at this rate per "
+        "replica-hour (e.g. 0.1); each replica billed at its deployment's price.",
+    ),
 ) -> None:
     """Replay a trace against a scaling policy with a virtual clock and report cost and latency."""
     from gpuscale.controller.pools import PoolsFileError, load_pools
     from gpuscale.controller.simulate.engine import POLICIES
     from gpuscale.controller.simulate.engine import simulate as run_sim
     from gpuscale.controller.simulate.report import format_text, summary
+    from gpuscale.controller.simulate.spot import SpotModel
     from gpuscale.controller.simulate.trace import TraceError, read_trace
 
     if policy not in POLICIES:
@@ -81,6 +89,7 @@ def simulate(
             seed=seed,
             counts_only=counts_only,
             period_s=None if period_days is None else period_days * 86400.0,
+            spot=None if spot is None else SpotModel(preemption_per_hour=spot, seed=seed),
         )
     except (PoolsFileError, TraceError) as exc:
         raise fail(str(exc)) from None

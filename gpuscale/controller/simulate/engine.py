@@ -48,6 +48,7 @@ from gpuscale.controller.observe import (
 )
 from gpuscale.controller.policy import BudgetView, DurationEstimator, PoolObservation, PoolState, decide
 from gpuscale.controller.pools import PoolRules, PoolsConfig
+from gpuscale.controller.simulate.spot import SpotModel, SpotState, apply_targets
 from gpuscale.controller.simulate.trace import TraceError, TraceTask
 
 POLICIES = ("gpuscale", "no-prewarm", "always-on", "seeds")
@@ -102,7 +103,17 @@ class _Task:
 
 
 class _Replica:
-    __slots__ = ("id", "pool", "ready_at", "requested_at", "stopped_at", "tasks")
+    __slots__ = (
+        "deployment",
+        "id",
+        "pool",
+        "preempt_at",
+        "price",
+        "ready_at",
+        "requested_at",
+        "stopped_at",
+        "tasks",
+    )
 
     def __init__(self, rid: str, pool: int, requested_at: float, ready_at: float) -> None:
         self.id = rid
@@ -111,6 +122,10 @@ class _Replica:
         self.ready_at = ready_at
         self.stopped_at: float | None = None
         self.tasks: list[_Task] = []
+        # Where it runs and what it costs per hour; spot replicas vanish at preempt_at (spot.py).
+        self.deployment = ""
+        self.price = 0.0
+        self.preempt_at = math.inf
 
 
 @dataclass
@@ -148,6 +163,10 @@ class PoolResult:
     tasks: int = 0
     replica_seconds: float = 0.0
     busy_gpu_seconds: float = 0.0  # sum of service_s of its tasks (the oracle's time)
+    # With the spot model: each replica at its deployment's price; preemptions and fallbacks.
+    spend_usd: float | None = None
+    preemptions: int = 0
+    fallbacks: int = 0
     replicas_started: int = 0
     max_replicas_seen: int = 0
     scale_events: dict[str, int] = field(default_factory=dict)
@@ -155,6 +174,8 @@ class PoolResult:
 
     @property
     def cost_usd(self) -> float:
+        if self.spend_usd is not None:
+            return self.spend_usd
         return self.replica_seconds / 3600.0 * self.price_per_hour
 
     @property
@@ -234,7 +255,9 @@ class _Sim:
         seed: int = 1,
         counts_only: bool = False,
         period_s: float | None = None,
+        spot: SpotModel | None = None,
     ) -> None:
+        self.spot = SpotState(spot) if spot is not None else None
         self.policy = policy
         self.period_s = period_s
         self.counts_only = counts_only
@@ -455,13 +478,17 @@ class _Sim:
             obs = replace(obs, queued_work_s=None, running_work_s=None, blocked_work_s=None)
         return obs, len(self.blocked[pool])
 
-    def _start_replica(self, pool: int, now: float) -> None:
+    def _start_replica(self, pool: int, now: float, deployment: str | None = None) -> None:
         rules = self.rules[self.pool_names[pool]]
         self.seq += 1
         ready_at = now + rules.cold_start_s
         if self.failure_rate and self.rng.random() < self.failure_rate:
             ready_at = math.inf  # never registers: the policy must notice and replace it
         rep = _Replica(f"{self.pool_names[pool]}-{self.seq}", pool, now, ready_at)
+        rep.deployment = deployment or rules.options[0].name
+        rep.price = rules.price_per_hour
+        if self.spot is not None:
+            rep.price, rep.preempt_at = self.spot.new_replica(rules, rep.deployment, now)
         self.replicas[pool].append(rep)
         self.all_replicas.append(rep)
         self.alive_count[pool] += 1
@@ -487,7 +514,7 @@ class _Sim:
         self.replicas[pool].remove(rep)
         self.alive_count[pool] -= 1
         self.alive_req_sum[pool] -= rep.requested_at
-        self.closed_cost += (now - rep.requested_at) * self.rules[self.pool_names[pool]].price_per_hour / 3600
+        self.closed_cost += (now - rep.requested_at) * rep.price / 3600
 
     def _budget(self, now: float) -> BudgetView | None:
         """Spend since the trace start, projected to a 30-day month with the controller's
@@ -517,6 +544,12 @@ class _Sim:
         for pool, name in enumerate(self.pool_names):
             rules = self.rules[name]
             result = self.results[name]
+            if self.spot is not None:
+                for rep in self.spot.due(self.replicas[pool], now):
+                    # Preempted: gone without notice, its work lost; the provider replaces it.
+                    self._stop(rep, now)  # type: ignore[arg-type]
+                    self._start_replica(pool, now, rep.deployment)
+                    result.preemptions += 1
             current = len(self.replicas[pool])
             obs, blocked_all = self._observe(pool, now, work, ctx)
             if self.policy == "always-on":
@@ -537,12 +570,28 @@ class _Sim:
                     failed = next((r for r in self.replicas[pool] if r.id == rid), None)
                     if failed is not None:
                         self._stop(failed, now)
-                        self._start_replica(pool, now)
+                        if self.spot is None:
+                            self._start_replica(pool, now)
                         result.scale_events[reason] = result.scale_events.get(reason, 0) + 1
                 current = len(self.replicas[pool])
                 if reason not in ("hold",) or obs.starting:
                     at_rest = False
-            if desired != current:
+            if self.spot is not None and self.policy != "always-on":
+                # Where the replicas go: the controller's placement over the pool's deployments.
+                targets = self.spot.place(name, rules, self.replicas[pool], desired, (), now)
+                if sum(targets.values()) != current:
+                    at_rest = False
+                    result.scale_events[reason] = result.scale_events.get(reason, 0) + 1
+
+                def start(dep: str, p: int = pool) -> None:
+                    self._start_replica(p, now, dep)
+
+                def stop(r: Any) -> None:
+                    self._stop(r, now)
+
+                apply_targets(targets, self.replicas[pool], start, stop, now)
+                result.fallbacks = self.spot.fallbacks.get(name, 0)
+            elif desired != current:
                 at_rest = False
                 result.scale_events[reason] = result.scale_events.get(reason, 0) + 1
                 if desired > current:
@@ -622,7 +671,10 @@ class _Sim:
             stop = rep.stopped_at
             if stop is None:
                 stop = period if self.policy == "always-on" else end
-            self.results[self.pool_names[rep.pool]].replica_seconds += stop - rep.requested_at
+            res = self.results[self.pool_names[rep.pool]]
+            res.replica_seconds += stop - rep.requested_at
+            if self.spot is not None:
+                res.spend_usd = (res.spend_usd or 0.0) + (stop - rep.requested_at) * rep.price / 3600.0
         for task in tasks:
             self.results[self.pool_names[task.pool]].tasks += 1
             self.results[self.pool_names[task.pool]].busy_gpu_seconds += task.service
@@ -663,6 +715,7 @@ def simulate(
     seed: int = 1,
     counts_only: bool = False,
     period_s: float | None = None,
+    spot: SpotModel | None = None,
 ) -> SimResult:
     """Replay ``trace`` against ``policy`` with the pools in ``config``; see the module doc.
 
@@ -672,7 +725,8 @@ def simulate(
     ``seed``), so startup timeouts, replacements and their backoff show in the replay.
     ``counts_only``: the policy gets task counts but no work estimates (it then sizes with each
     pool's ``default_task_duration``).  ``period_s``: the trace's period for the always-on cost
-    (default: the whole days it spans; a quiet week that ends on a Friday spans five)."""
+    (default: the whole days it spans; a quiet week that ends on a Friday spans five).
+    ``spot``: model spot and fallback deployments (:mod:`gpuscale.controller.simulate.spot`)."""
     if not 0.0 <= startup_failure_rate <= 1.0:
         raise ValueError("startup_failure_rate must be within [0, 1]")
     import time
@@ -692,6 +746,7 @@ def simulate(
         seed,
         counts_only,
         period_s,
+        spot,
     ).run()
     result.wall_s = time.perf_counter() - started
     return result

@@ -41,6 +41,11 @@ def summary(result: SimResult) -> dict[str, Any]:
                 "replicas_started": p.replicas_started,
                 "max_replicas_seen": p.max_replicas_seen,
                 "scale_events": dict(sorted(p.scale_events.items())),
+                **(
+                    {"preemptions": p.preemptions, "fallbacks": p.fallbacks}
+                    if p.spend_usd is not None
+                    else {}
+                ),
             }
             for name, p in result.pools.items()
         },
@@ -78,6 +83,18 @@ def format_text(data: dict[str, Any]) -> str:
         f"max {_minutes(data['wait_max_s'])}",
         f"deck completion p50 {_minutes(data['graph_p50_s'])}  p95 {_minutes(data['graph_p95_s'])}",
         "scale events    " + (", ".join(f"{k} {v}" for k, v in data["scale_events"].items()) or "none"),
+        *(
+            [
+                "spot            "
+                + ", ".join(
+                    f"{n}: {p['preemptions']} preempted, {p['fallbacks']} home change(s)"
+                    for n, p in data["pools"].items()
+                    if "preemptions" in p
+                )
+            ]
+            if any("preemptions" in p for p in data["pools"].values())
+            else []
+        ),
         f"(replayed in {data['sim_wall_s']:.2f}s, {data['sim_ticks']} controller ticks)",
     ]
     return "\n".join(lines)
