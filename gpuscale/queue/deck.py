@@ -17,18 +17,16 @@ import asyncio
 import os
 import stat
 import tempfile
-import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+from gpuscale.common.pdfium import PDFIUM_LOCK
 from gpuscale.queue import tasktypes
 from gpuscale.queue.documents import DocumentRefused, DocumentStore, is_url
 from gpuscale.queue.tasks import InvalidTask, NewTask, Priority, Queue
-
-_PDFIUM_LOCK = threading.Lock()
 
 
 class DeckError(InvalidTask):
@@ -90,7 +88,7 @@ def count_pages(pdf: Path, *, max_pages: int | None = None) -> int:
     import pypdfium2
 
     # pdfium is not thread-safe, and submissions run it in worker threads.
-    with _PDFIUM_LOCK:
+    with PDFIUM_LOCK:
         try:
             doc = pypdfium2.PdfDocument(str(pdf))
         except pypdfium2.PdfiumError as exc:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,10 +22,10 @@ from urllib.parse import urlsplit
 import httpx
 import pypdfium2 as pdfium
 
+from gpuscale.common.pdfium import PDFIUM_LOCK
 from gpuscale.queue.documents import DocumentRefused, DocumentStore
 from gpuscale.worker.errors import DocumentError, TaskError
 
-_PDFIUM_LOCK = threading.Lock()
 PDF_MAGIC = b"%PDF-"
 
 
@@ -123,14 +122,14 @@ class PdfDocument:
     def __init__(self, data: bytes, name: str = "document") -> None:
         self.name = name
         try:
-            with _PDFIUM_LOCK:
+            with PDFIUM_LOCK:
                 self._pdf = pdfium.PdfDocument(data)
                 self.page_count = len(self._pdf)
         except pdfium.PdfiumError as exc:
             raise DocumentError(f"{name}: not a valid PDF ({exc})") from None
 
     def close(self) -> None:
-        with _PDFIUM_LOCK:
+        with PDFIUM_LOCK:
             self._pdf.close()
 
     def __enter__(self) -> PdfDocument:
@@ -144,7 +143,7 @@ class PdfDocument:
         if not 1 <= page <= self.page_count:
             raise DocumentError(f"{self.name}: page {page} out of range 1..{self.page_count}")
         try:
-            with _PDFIUM_LOCK:
+            with PDFIUM_LOCK:
                 pdf_page = self._pdf[page - 1]
                 try:
                     w_pt, h_pt = pdf_page.get_size()
