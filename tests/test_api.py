@@ -269,7 +269,11 @@ async def test_cancel_a_task_and_a_deck(api: ApiProc, db: asyncpg.Pool, stored: 
         assert r.status_code == 409 and "already cancelled" in r.json()["detail"]
 
         deck = make_deck(pages=4)
-        sub = c.post("/api/decks", files={"file": ("deck.pdf", deck, "application/pdf")}).json()
+        files = {"file": ("deck.pdf", deck, "application/pdf")}
+        sub = c.post("/api/decks", params={"document_id": "acme-q3"}, files=files).json()
+        assert sub["document_id"] == "acme-q3"
+        r = c.post("/api/decks", params={"document_id": "acme-q3"}, files=files)
+        assert r.status_code == 409 and "already exists" in r.json()["detail"]
         r = c.delete(f"/api/decks/{sub['document_id']}")
         assert r.status_code == 200 and r.json()["cancelled"] == 11  # 1 page batch + 10
         assert r.json()["deck"]["status"] == "cancelled"

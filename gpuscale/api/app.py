@@ -431,7 +431,11 @@ def _routes(app: FastAPI) -> None:
         "/api/decks",
         status_code=202,
         response_model=m.DeckAccepted,
-        responses={413: {"model": m.Problem, "description": "the upload is too large"}},
+        responses={
+            409: {"model": m.Problem, "description": "the document_id is taken"},
+            413: {"model": m.Problem, "description": "the upload is too large"},
+            415: {"model": m.Problem, "description": "neither multipart nor JSON"},
+        },
         openapi_extra=deck_body,
         tags=["decks"],
         dependencies=[Auth],
@@ -440,12 +444,23 @@ def _routes(app: FastAPI) -> None:
         request: Request,
         priority: Priority = Priority.normal,
         batch_pages: Annotated[int | None, Query(ge=1, le=1000, description="Pages per visual task.")] = None,
+        document_id: Annotated[
+            str | None,
+            Query(
+                min_length=1,
+                max_length=200,
+                pattern=r"^[^\x00-\x1f]+$",
+                description="The deck's id (default: a new deck-<hex>); 409 if it is taken.",
+            ),
+        ] = None,
     ) -> JSONResponse:
         """Submit a deck: a PDF upload (multipart field ``file``) or ``{"document": "https://…"}``.
 
         Creates its whole task graph in one transaction and answers what ``gpuscale submit-deck
         --json`` prints; follow it at ``/api/decks/{document_id}``."""
         state = _state(request)
+        if document_id is not None and await state.queue.document_tasks(document_id):
+            raise HTTPException(409, f"deck {document_id!r} already exists")
         ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if ctype == "multipart/form-data":
             document, pages = await _read_upload(state, request)
@@ -477,6 +492,7 @@ def _routes(app: FastAPI) -> None:
                 pages,
                 batch_pages=batch_pages or state.settings.deck_batch_pages,
                 priority=priority,
+                document_id=document_id,
             )
         except InvalidTask as exc:
             raise HTTPException(422, str(exc)) from None

@@ -144,6 +144,7 @@ class Stack:
         self.http = httpx.AsyncClient(timeout=5.0)
         self.ollama_url = ""
         self.emulator_url = ""
+        self.api_url = ""
         self.controllers: dict[str, ProcessGroup] = {}
         self.controller_urls: dict[str, str] = {}  # child name -> http://127.0.0.1:port
         self.expected_dead: set[str] = set()  # children stopped or killed on purpose
@@ -228,6 +229,16 @@ class Stack:
         self.controllers[name] = child
         self.controller_urls[name] = f"http://127.0.0.1:{port}"
         return child
+
+    async def start_api(self, *, token: str, port: int = 0) -> str:
+        """``gpuscale api`` (the decks' front door) accepting ``token``; ready when /api/health is."""
+        port = port or free_port()
+        child = await self.procs.start(
+            "api", gpuscale_cmd("api", "--port", str(port)), env={"GPUSCALE_API_TOKEN": token}
+        )
+        self.api_url = f"http://127.0.0.1:{port}"
+        await wait_http(self.http, f"{self.api_url}/api/health", child, timeout_s=60)
+        return self.api_url
 
     async def wait_controller(self, name: str = "controller", timeout_s: float = 60.0) -> None:
         await wait_http(

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 from gpuscale.controller import deployspec
@@ -58,6 +59,7 @@ _NOT_INHERITED = (
     "GPUSCALE_POOLS_FILE",
     "GPUSCALE_PROVIDER",
     "GPUSCALE_HTTP_",
+    "GPUSCALE_API_",
     "GPUSCALE_EMULATOR_",
     "GPUSCALE_DOCKER_",
     "GPUSCALE_LOCAL_",
@@ -160,6 +162,8 @@ class Demo:
         # environment (tests pass known values to check they never leak); never printed.
         self.client_secret = os.environ.get("DATACRUNCH_CLIENT_SECRET") or secrets.token_urlsafe(24)
         self.worker_token = os.environ.get("GPUSCALE_WORKER_TOKEN") or secrets.token_urlsafe(24)
+        self.api_token = secrets.token_urlsafe(24)  # the decks go in through `gpuscale api`
+        self.api_url = ""
         self.decks: list[tuple[str, str, int]] = []  # (name, document_id, pages)
         self.started = 0.0
         self.snapshot = Snapshot()
@@ -190,6 +194,7 @@ class Demo:
             f"Provider: DataCrunch emulator at {self.emulator_url} (replicas are local `gpuscale worker` "
             f"processes, {self.o.replica_start_s:g} s container start) · controller at {self.controller_url}"
         )
+        lines.append(f"Decks submitted through the task API at {self.api_url} (gpuscale api, see /docs)")
         lines.append(f"Logs: {self.log_dir}")
         return lines
 
@@ -317,18 +322,25 @@ class Demo:
         paths = await asyncio.to_thread(
             deckgen.write_decks, self.data_dir / "decks", self.o.decks, pages=self.o.pages
         )
-        from gpuscale.queue.deck import submit_deck
-        from gpuscale.queue.documents import DocumentStore
-
-        for path in paths:
-            sub = await submit_deck(
-                self.queue,
-                path,
-                store=DocumentStore(self.document_root),
-                batch_pages=self.o.batch_pages,
-                document_id=f"demo-{self.run_id}-{path.stem}",
-            )
-            self.decks.append((path.stem, sub.document_id, sub.pages))
+        progress("starting the task API (gpuscale api) and submitting the decks through it")
+        self.api_url = await stack.start_api(token=self.api_token)
+        async with httpx.AsyncClient(
+            base_url=self.api_url, headers={"Authorization": f"Bearer {self.api_token}"}, timeout=60.0
+        ) as api:
+            for path in paths:
+                data = await asyncio.to_thread(path.read_bytes)
+                resp = await api.post(
+                    "/api/decks",
+                    params={
+                        "batch_pages": self.o.batch_pages,
+                        "document_id": f"demo-{self.run_id}-{path.stem}",
+                    },
+                    files={"file": (path.name, data, "application/pdf")},
+                )
+                if resp.status_code != 202:
+                    raise DemoError(f"the API refused {path.name}: HTTP {resp.status_code} {resp.text[:300]}")
+                sub = resp.json()
+                self.decks.append((path.stem, sub["document_id"], sub["pages"]))
         self.snapshot.header = self.header_lines()
 
     def write_specs(self) -> list[Path]:
