@@ -8,6 +8,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from gpuscale.db.pgbouncer import find_pgbouncer
+
 
 def _bench(*args: str) -> dict[str, object]:
     proc = subprocess.run(
@@ -46,7 +50,10 @@ def _check(result: dict[str, object]) -> None:
 
 
 def test_bench_fleet_direct() -> None:
-    _check(_bench("--replicas", "20", "--pools", "4", "--duration", "8", "--rate", "40"))
+    result = _bench("--replicas", "20", "--pools", "4", "--duration", "8", "--rate", "40")
+    _check(result)
+    # A worker's budget is two connections (work + LISTEN), the controller's four.
+    assert isinstance(result["peak_connections"], int) and result["peak_connections"] <= 20 * 2 + 4
 
 
 def test_bench_fleet_bad_input_is_one_line() -> None:
@@ -58,3 +65,25 @@ def test_bench_fleet_bad_input_is_one_line() -> None:
     )
     assert proc.returncode == 2
     assert "--replicas" in proc.stderr
+
+
+@pytest.mark.skipif(find_pgbouncer() is None and not os.environ.get("CI"), reason="pgbouncer not installed")
+def test_bench_fleet_through_pgbouncer() -> None:
+    result = _bench(
+        "--replicas",
+        "20",
+        "--pools",
+        "4",
+        "--duration",
+        "8",
+        "--rate",
+        "40",
+        "--pgbouncer",
+        "--poll-interval",
+        "0.5",
+    )
+    _check(result)
+    assert result["pgbouncer"] is True and result["workers_listen"] is False
+    # 20 replicas and a controller through a pool of 20 server connections, plus the controller's
+    # direct LISTEN and leader sessions.
+    assert isinstance(result["peak_connections"], int) and result["peak_connections"] <= 22

@@ -45,6 +45,8 @@ log = logging.getLogger("gpuscale.controller")
 
 PRICE_REFRESH_S = 3600.0  # how often the provider's price list is read again
 
+# Connections for the controller's work; LISTEN and the leader's session have one each.
+WORK_CONNECTIONS = 2
 # The fast path (see _fast_reconcile): notifications gathered this long, reconciles this far apart.
 FAST_COALESCE_S = 0.05
 FAST_MIN_GAP_S = 0.25
@@ -78,7 +80,8 @@ class ControllerApp:
         self.controller_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._provider = provider
         self.interval = settings.reconcile_interval_s or config.reconcile_interval_s
-        self.leader = LeaderElector(dsn)
+        # The lock lives on its session: never through a transaction pooler.
+        self.leader = LeaderElector(settings.listen_dsn(dsn))
         self._stop = asyncio.Event()
         # Set while the LISTEN connection is up: the fast path works from then on (tests wait on it).
         self.listening = asyncio.Event()
@@ -130,7 +133,15 @@ class ControllerApp:
 
     # -------------------------------------------------------------- lifecycle
     async def setup(self) -> None:
-        self.db = await Connector(self.dsn, min_connections=1, max_connections=8).open()
+        # At most four connections whatever the fleet: two for the work (ticks, reaper, API),
+        # LISTEN and the leader's session (both direct when GPUSCALE_DATABASE_LISTEN_URL is set).
+        self.db = await Connector(
+            self.dsn,
+            min_connections=1,
+            max_connections=WORK_CONNECTIONS,
+            listen_dsn=self.settings.listen_dsn(self.dsn),
+            statement_cache_size=self.settings.database_statement_cache_size,
+        ).open()
         await self.db.migrate()
         self._queue = Queue(self.db, lease_s=self.settings.lease_seconds)
         self._store = ControllerStore(self.db)
@@ -337,6 +348,9 @@ class ControllerApp:
     async def _listen_loop(self) -> None:
         """LISTEN for new claimable work (the fast path); the seam's listener reconnects.  The
         app's ``listening`` event is set while it is subscribed."""
+        if not self.settings.database_listen:
+            log.warning("GPUSCALE_DATABASE_LISTEN is off: new work waits for the next tick (no fast path)")
+            return
         await self._queue.listener(self._on_work, listening=self.listening).run()
 
     # -------------------------------------------------------------- run

@@ -84,6 +84,14 @@ async def init_connection(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(typename, encoder=_dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """Release a shared connection without asyncpg's reset query (``pg_advisory_unlock_all(); CLOSE
+    ALL; UNLISTEN *; RESET ALL``): a round trip after every statement, and nothing to undo, since
+    shared connections never carry session state (LISTEN and session locks live on dedicated ones,
+    migrations lock per transaction).  Behind a transaction pooler that query would even run on
+    whatever server session comes next.  An open transaction is still rolled back by asyncpg."""
+
+
 def _rowcount(status: str) -> int:
     """Rows affected, from a command status such as ``UPDATE 3`` (0 when it carries no count)."""
     try:
@@ -195,6 +203,7 @@ class Connector:
                 timeout=self.connect_timeout_s,
                 statement_cache_size=self.statement_cache_size,
                 init=init_connection,
+                reset=_keep_session,
             )
         return self
 

@@ -1,8 +1,8 @@
 """Ordered SQL migrations (``controller/db/migrations/NNNN_name.sql``).
 
-Each file runs in its own transaction and is recorded in ``schema_migrations``; a session-level
+Each file runs in its own transaction and is recorded in ``schema_migrations``; a transaction-level
 advisory lock serializes concurrent ``gpuscale db migrate`` runs, so running it twice, or twice at
-once, changes nothing the second time.
+once, changes nothing the second time (also through PgBouncer in transaction mode).
 """
 
 from __future__ import annotations
@@ -44,10 +44,15 @@ def load_migrations() -> list[Migration]:
 
 
 async def migrate(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> list[Migration]:
-    """Apply the pending migrations; returns those applied (empty when up to date)."""
+    """Apply the pending migrations; returns those applied (empty when up to date).
+
+    Each step takes the migration lock for its own transaction (``pg_advisory_xact_lock``) and
+    checks again under it whether the step is still pending: a session-level lock would break
+    behind a transaction pooler (PgBouncer), where lock and unlock can land on different server
+    sessions and the lock would leak."""
     applied: list[Migration] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
-    try:
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
                    version integer PRIMARY KEY,
@@ -55,18 +60,19 @@ async def migrate(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -
                    applied_at timestamptz NOT NULL DEFAULT now())"""
         )
         done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        for m in load_migrations():
-            if m.version in done:
-                continue
-            async with conn.transaction():
-                await conn.execute(m.sql)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", m.version, m.name
-                )
-            log.debug("applied migration %04d_%s", m.version, m.name)
-            applied.append(m)
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+    for m in load_migrations():
+        if m.version in done:
+            continue
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+            if await conn.fetchval("SELECT 1 FROM schema_migrations WHERE version = $1", m.version):
+                continue  # applied by a concurrent run while we waited for the lock
+            await conn.execute(m.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", m.version, m.name
+            )
+        log.debug("applied migration %04d_%s", m.version, m.name)
+        applied.append(m)
     return applied
 
 

@@ -330,6 +330,13 @@ class BenchProvider:
         return None
 
 
+def _pooler_settings(opts: FleetOptions, listen_dsn: str) -> dict[str, Any]:
+    """What a process behind PgBouncer is configured with: LISTEN direct, no prepared statements."""
+    if not opts.pgbouncer:
+        return {}
+    return {"database_listen_url": listen_dsn, "database_statement_cache_size": 0}
+
+
 def _pools_config(opts: FleetOptions, per_pool: dict[str, int]) -> Any:
     from gpuscale.controller.pools import parse_pools
 
@@ -348,7 +355,9 @@ def _pools_config(opts: FleetOptions, per_pool: dict[str, int]) -> Any:
     return parse_pools({"pools": pools, "reconcile_interval": opts.tick_s}, "<bench fleet>")
 
 
-async def _spawn_children(opts: FleetOptions, replica_dsn: str, listen: bool) -> list[ProcessGroup]:
+async def _spawn_children(
+    opts: FleetOptions, replica_dsn: str, listen_dsn: str, listen: bool
+) -> list[ProcessGroup]:
     replicas = assign(opts)
     k = opts.resolved_processes()
     settings = {
@@ -358,6 +367,7 @@ async def _spawn_children(opts: FleetOptions, replica_dsn: str, listen: bool) ->
     }
     if not listen:
         settings["database_listen"] = False
+    settings.update(_pooler_settings(opts, listen_dsn))
     procs = []
     for i in range(k):
         share = replicas[i::k]
@@ -552,13 +562,19 @@ async def run_fleet(opts: FleetOptions, dsn: str, replica_dsn: str, listen_dsn: 
 
             setattr(rec, "reconcile_some", timed)  # noqa: B010
 
-    settings = Settings(reaper_interval_s=5.0, cost_interval_s=60.0, heartbeat_timeout_s=30.0)
-    controller = BenchController(settings, config, listen_dsn, provider=provider, http=False)  # type: ignore[arg-type]
+    settings = Settings(
+        reaper_interval_s=5.0,
+        cost_interval_s=60.0,
+        heartbeat_timeout_s=30.0,
+        **_pooler_settings(opts, listen_dsn),  # type: ignore[arg-type]
+    )
+    # The controller goes through PgBouncer too, as in production; LISTEN and its leader lock direct.
+    controller = BenchController(settings, config, replica_dsn, provider=provider, http=False)  # type: ignore[arg-type]
 
     samples = _Samples()
     stop_monitor = asyncio.Event()
     monitor = asyncio.create_task(_monitor(dsn, stop_monitor, samples, pool_names(opts.pools)))
-    children = await _spawn_children(opts, replica_dsn, listen)
+    children = await _spawn_children(opts, replica_dsn, listen_dsn, listen)
     try:
         ready = [await _read_line(p, "READY ", 300) for p in children]
         started = sum(int(r.split()[0]) for r in ready)

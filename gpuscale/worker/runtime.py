@@ -7,7 +7,9 @@ One :class:`Worker` serves one pool.  Its life::
 
 * Claims take up to the free slots, woken by ``LISTEN gpuscale_work`` (the pool's name) or by a
   finished task, with polling every ``poll_interval_s`` as the fallback when a notification is
-  missed or the listening connection is down.
+  missed or the listening connection is down (``GPUSCALE_DATABASE_LISTEN=false``: polling only).
+* Connections: one for all the work whatever the slots, one for LISTEN (direct to PostgreSQL
+  when ``GPUSCALE_DATABASE_LISTEN_URL`` is set, e.g. behind PgBouncer), none for it when polling.
 * Each task runs in its own asyncio task under its type's time limit
   (:mod:`gpuscale.queue.tasktypes`).  A handler that raises, hangs or returns something that is not a
   valid result fails that task only, with a reason; the worker carries on.
@@ -42,6 +44,9 @@ from gpuscale.worker.ollama_client import ModelNotFound, OllamaClient
 from gpuscale.worker.settings import WorkerSettings
 
 log = logging.getLogger("worker")
+
+# Connections a worker holds for its work (LISTEN has one more of its own).
+WORK_CONNECTIONS = 1
 
 # How far up the dependency graph handlers look for their inputs (visual → classification →
 # template → specialised is three levels).
@@ -184,7 +189,16 @@ class Worker:
 
     async def _start(self) -> None:
         try:
-            self._db = await Connector(self.dsn, min_connections=1, max_connections=self.slots + 3).open()
+            # One connection for all of its work, whatever the slots (claims, progress, results
+            # and heartbeats are short statements), plus one for LISTEN unless it polls: a fleet
+            # of N replicas needs at most 2N connections (N through a pooler + N direct, or N).
+            self._db = await Connector(
+                self.dsn,
+                min_connections=1,
+                max_connections=WORK_CONNECTIONS,
+                listen_dsn=self.settings.listen_dsn(self.dsn),
+                statement_cache_size=self.settings.database_statement_cache_size,
+            ).open()
             exists = await self._db.fetchval("queue_schema_exists")
         except DATABASE_ERRORS as exc:
             raise StartupError(f"cannot connect to the database: {exc}") from None
@@ -200,8 +214,9 @@ class Worker:
             await self._start_http()
         await self.queue.register_server(self._server_info("starting"))
         self._background.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
-        self._listener = self.queue.listener(self._on_notify)
-        self._background.append(asyncio.create_task(self._listener.run(), name="listen"))
+        if self.settings.database_listen:
+            self._listener = self.queue.listener(self._on_notify)
+            self._background.append(asyncio.create_task(self._listener.run(), name="listen"))
 
     def _server_info(self, status: str) -> ServerInfo:
         return ServerInfo(
