@@ -322,3 +322,25 @@ def test_placement_properties(
         assert o is not None
         if name != p.home:
             assert p.targets[name] <= max(0, o.target), (name, p)
+
+
+def test_pools_file_deployments_are_checked() -> None:
+    import pytest
+
+    from gpuscale.controller.pools import PoolsFileError
+
+    def bad(body: dict[str, object], message: str) -> None:
+        with pytest.raises(PoolsFileError, match=message):
+            parse_pools({"visual_container_scaling": body})
+
+    two = [{"name": "a"}, {"name": "b"}]
+    bad({"deployment": "x", "deployments": two}, "either deployment or deployments")
+    bad({"deployments": [{"name": "a"}, {"name": "a"}]}, "lists a deployment twice")
+    bad({"deployments": [{"name": "a", "spot": "maybe"}]}, r"deployments\.0\.spot")
+    bad({"deployments": [{"name": "a", "price_per_hour": -1}]}, r"deployments\.0\.price_per_hour")
+    bad({"deployments": two, "fallback_cooloff": "1h", "max_fallback_cooloff": "5m"}, "max_fallback_cooloff")
+    ok = parse_pools({"visual_container_scaling": {"deployments": two, "price_per_hour": 2.0}}).pools[
+        "visual"
+    ]
+    assert ok.deployment == "a" and [o.price_per_hour for o in ok.options] == [2.0, 2.0]
+    assert ok.option("b") is not None and ok.option("c") is None

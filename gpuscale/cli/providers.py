@@ -191,7 +191,12 @@ def emulator(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     cold_start: float = typer.Option(2.0, "--cold-start", min=0, help="Seconds before a new replica starts."),
     grace: float = typer.Option(10.0, "--grace", min=0, help="Seconds between SIGTERM and SIGKILL."),
-    faults: str = typer.Option("", "--faults", help="Fault spec, e.g. 'throttle=0.2,error=0.1,quota=2'."),
+    faults: str = typer.Option(
+        "",
+        "--faults",
+        help="Fault spec, e.g. 'throttle=0.2,error=0.1,quota=2', 'quota=DEPLOYMENT' (sold out), "
+        "'preempt=0.5' (spot replicas per replica-hour), 'preempt=next:1' or 'preempt=after:30'.",
+    ),
     command: str = typer.Option(
         None,
         "--command",
