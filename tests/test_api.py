@@ -462,3 +462,16 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(api: ApiProc, stored:
         except Exception as exc:
             failures.append(f"{operation.label}: {exc}")
     assert not failures, "\n\n".join(failures)
+
+
+async def test_a_broken_document_store_is_a_503_not_a_500(
+    start_api: Any, tmp_path: Path, db: asyncpg.Pool
+) -> None:
+    """The shared filesystem gone wrong (here: the root is a file) is the service's trouble, said
+    as such; nothing is queued."""
+    (tmp_path / "not-a-dir").write_text("")
+    api = start_api(GPUSCALE_DOCUMENT_ROOT=str(tmp_path / "not-a-dir" / "documents"))
+    with api.client() as c:
+        r = c.post("/api/decks", files={"file": ("d.pdf", make_deck(pages=2), "application/pdf")})
+        assert r.status_code == 503 and "document store is unavailable" in r.json()["detail"], r.text
+    assert await count(db) == 0

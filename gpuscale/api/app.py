@@ -91,6 +91,7 @@ Auth = Depends(_authorized)
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": m.Problem, "description": "no or a wrong bearer token"},
     422: {"model": m.Problem, "description": "invalid input"},
+    503: {"model": m.Problem, "description": "the database or the document store is unavailable; retry"},
 }
 
 
@@ -309,10 +310,13 @@ async def _read_upload(state: ApiState, request: Request) -> tuple[str, int]:
     upload = form.get("file")
     if upload is None or isinstance(upload, str):
         raise HTTPException(422, "file: the multipart field 'file' with the PDF is required")
-    incoming = await asyncio.to_thread(state.store.begin)
+    try:
+        incoming = await asyncio.to_thread(state.store.begin)
+    except OSError as exc:
+        raise _store_unavailable(exc) from None
     try:
         while chunk := await upload.read(_CHUNK):
-            incoming.write(chunk)
+            await asyncio.to_thread(incoming.write, chunk)
             if incoming.size > limit:
                 raise HTTPException(413, f"the upload is over the {limit}-byte limit")
         await asyncio.to_thread(incoming.close)
@@ -325,10 +329,18 @@ async def _read_upload(state: ApiState, request: Request) -> tuple[str, int]:
             raise HTTPException(422, str(exc).replace(str(incoming.path), "file")) from None
         _check_pages(state, pages)
         name = await asyncio.to_thread(incoming.commit)
+    except OSError as exc:
+        raise _store_unavailable(exc) from None
     finally:
         await asyncio.to_thread(incoming.discard)
         await upload.close()
     return name, pages
+
+
+def _store_unavailable(exc: OSError) -> HTTPException:
+    # The shared filesystem is full, read-only or gone: not the client's fault, and not a bug.
+    log.warning("api: the document store cannot take an upload: %s", exc.strerror or type(exc).__name__)
+    return HTTPException(503, f"the document store is unavailable ({exc.strerror or type(exc).__name__})")
 
 
 def _check_pages(state: ApiState, pages: int) -> None:
