@@ -79,13 +79,15 @@ RETURNING t.id, t.task_type, t.pool, t.document_id, t.payload, t.priority::text,
           extract(epoch FROM now() - t.queued_at)::float8 AS queue_wait_s
 
 -- name: extend_leases
--- Push back by $2 s the leases server $1 holds (only ids $3 when given).  SKIP LOCKED: a row
--- being completed or failed right now needs no longer lease, and waiting for it could deadlock
--- with a batched complete taking rows in another order.
+-- Push back by $2 s the leases server $1 holds (only ids $3 when given; with $4, only leases
+-- that end within $4 s, so a heartbeat rewrites a task row every few beats, not every beat).
+-- SKIP LOCKED: a row being completed or failed right now needs no longer lease, and waiting for
+-- it could deadlock with a batched complete taking rows in another order.
 UPDATE processing_queue SET lease_expires_at = now() + make_interval(secs => $2)
  WHERE id IN (SELECT id FROM processing_queue
                WHERE status = 'running' AND lease_owner = $1
                  AND ($3::bigint[] IS NULL OR id = ANY($3::bigint[]))
+                 AND ($4::float8 IS NULL OR lease_expires_at < now() + make_interval(secs => $4))
                  FOR UPDATE SKIP LOCKED)
 
 -- name: report_progress

@@ -149,6 +149,15 @@ class _Counter(logging.Handler):
             self.samples[key] = self.samples.get(key, 0) + 1
 
 
+async def _watch_lag(into: list[float]) -> None:
+    """How late this process's event loop runs a 100 ms timer: the part of every latency measured
+    in this process that is the simulation's own CPU (or the machine's load), not the database."""
+    while True:
+        t0 = time.perf_counter()
+        await asyncio.sleep(0.1)
+        into.append((time.perf_counter() - t0 - 0.1) * 1000)
+
+
 # ------------------------------------------------------------------------------ the scratch server
 
 
@@ -259,6 +268,8 @@ async def _child(cfg: dict[str, Any]) -> dict[str, Any]:
     print(f"READY {started} {len(workers) - started}", flush=True)
     t_ready = time.monotonic()
     beats_at_ready, rows_at_ready = beats, beat_rows
+    lag_ms: list[float] = []
+    lag_task = asyncio.create_task(_watch_lag(lag_ms))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -266,6 +277,7 @@ async def _child(cfg: dict[str, Any]) -> dict[str, Any]:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     elapsed = time.monotonic() - t_ready
+    lag_task.cancel()
     beats_run, rows_run = beats - beats_at_ready, beat_rows - rows_at_ready
     for w in workers:
         w.request_stop()
@@ -276,6 +288,7 @@ async def _child(cfg: dict[str, Any]) -> dict[str, Any]:
         "exit_failures": failed,
         "claim_ms": [round(x, 3) for x in claim_ms],
         "complete_ms": [round(x, 3) for x in complete_ms],
+        "loop_lag_ms": [round(x, 2) for x in lag_ms],
         "heartbeats": beats_run,
         "heartbeat_rows": rows_run,
         "elapsed_s": elapsed,
@@ -288,7 +301,10 @@ async def _child(cfg: dict[str, Any]) -> dict[str, Any]:
 def child_main() -> None:
     cfg = json.loads(sys.stdin.readline())
     result = asyncio.run(_child(cfg))
-    print("RESULT " + json.dumps(result), flush=True)
+    # The raw latencies are too long for one pipe line: they go through a file next to the config.
+    out = Path(cfg["result_file"])
+    out.write_text(json.dumps(result))
+    print(f"RESULT {out}", flush=True)
 
 
 # ------------------------------------------------------------------------------ parent
@@ -356,7 +372,7 @@ def _pools_config(opts: FleetOptions, per_pool: dict[str, int]) -> Any:
 
 
 async def _spawn_children(
-    opts: FleetOptions, replica_dsn: str, listen_dsn: str, listen: bool
+    opts: FleetOptions, replica_dsn: str, listen_dsn: str, listen: bool, result_dir: Path
 ) -> list[ProcessGroup]:
     replicas = assign(opts)
     k = opts.resolved_processes()
@@ -377,6 +393,7 @@ async def _spawn_children(
             "slots": opts.slots,
             "replicas": share,
             "settings": settings,
+            "result_file": str(result_dir / f"replicas-{i}.json"),
         }
         # Its own process group: a terminal's Ctrl-C goes to the parent, which stops them in order.
         group = await spawn(
@@ -474,13 +491,12 @@ async def _produce(queue: Any, opts: FleetOptions, stop: asyncio.Event, out: _Sa
 
     names = pool_names(opts.pools)
     period = 0.1
-    carry = 0.0
     start = time.monotonic()
     k = 0
     while not stop.is_set():
-        carry += opts.rate * period
-        n, carry = int(carry), carry - int(carry)
-        if n:
+        # As many as the rate asks for by now: a late wake-up makes a bigger batch, not fewer tasks.
+        n = int(opts.rate * (time.monotonic() - start)) - k
+        if n > 0:
             batch = [
                 NewTask(task_type_for(names[(k + j) % len(names)]), {"sleep_s": opts.task_s})
                 for j in range(n)
@@ -562,19 +578,18 @@ async def run_fleet(opts: FleetOptions, dsn: str, replica_dsn: str, listen_dsn: 
 
             setattr(rec, "reconcile_some", timed)  # noqa: B010
 
-    settings = Settings(
-        reaper_interval_s=5.0,
-        cost_interval_s=60.0,
-        heartbeat_timeout_s=30.0,
-        **_pooler_settings(opts, listen_dsn),  # type: ignore[arg-type]
-    )
-    # The controller goes through PgBouncer too, as in production; LISTEN and its leader lock direct.
-    controller = BenchController(settings, config, replica_dsn, provider=provider, http=False)  # type: ignore[arg-type]
+    settings = Settings(reaper_interval_s=5.0, cost_interval_s=60.0, heartbeat_timeout_s=30.0)
+    # The replicas go through PgBouncer; the controller's four connections go straight to
+    # PostgreSQL (as the README advises), so its reads never queue behind the fleet's in the pooler.
+    controller = BenchController(settings, config, listen_dsn, provider=provider, http=False)  # type: ignore[arg-type]
 
     samples = _Samples()
+    parent_lag: list[float] = []
+    lag_task = asyncio.create_task(_watch_lag(parent_lag))
     stop_monitor = asyncio.Event()
     monitor = asyncio.create_task(_monitor(dsn, stop_monitor, samples, pool_names(opts.pools)))
-    children = await _spawn_children(opts, replica_dsn, listen_dsn, listen)
+    result_dir = Path(tempfile.mkdtemp(prefix="gpuscale-fleetbench-results-"))
+    children = await _spawn_children(opts, replica_dsn, listen_dsn, listen, result_dir)
     try:
         ready = [await _read_line(p, "READY ", 300) for p in children]
         started = sum(int(r.split()[0]) for r in ready)
@@ -622,8 +637,9 @@ async def run_fleet(opts: FleetOptions, dsn: str, replica_dsn: str, listen_dsn: 
         results = []
         for p in children:
             try:
-                results.append(json.loads(await _read_line(p, "RESULT ", 120)))
-            except (TimeoutError, RuntimeError, ValueError) as exc:
+                path = Path(await _read_line(p, "RESULT ", 120))
+                results.append(json.loads(await asyncio.to_thread(path.read_text)))
+            except (TimeoutError, RuntimeError, ValueError, OSError) as exc:
                 log.warning("bench: a replica process gave no result: %s", exc)
             p.kill_now()
             await p.process.wait()
@@ -631,6 +647,8 @@ async def run_fleet(opts: FleetOptions, dsn: str, replica_dsn: str, listen_dsn: 
         with contextlib.suppress(Exception):
             await monitor
         logging.getLogger().removeHandler(counter)
+        shutil.rmtree(result_dir, ignore_errors=True)
+        lag_task.cancel()
 
     claim = [x for r in results for x in r["claim_ms"]]
     complete = [x for r in results for x in r["complete_ms"]]
@@ -667,6 +685,9 @@ async def run_fleet(opts: FleetOptions, dsn: str, replica_dsn: str, listen_dsn: 
         "task_p99_ms": ms(final["e2e_p99"]),
         "wait_p50_ms": ms(final["wait_p50"]),
         "wait_p99_ms": ms(final["wait_p99"]),
+        "replica_loop_lag_p50_ms": pct([x for r in results for x in r["loop_lag_ms"]], 0.5),
+        "replica_loop_lag_p99_ms": pct([x for r in results for x in r["loop_lag_ms"]], 0.99),
+        "controller_loop_lag_p99_ms": pct(parent_lag, 0.99),
         "heartbeats_per_s": round(sum(r["heartbeats"] for r in results) / elapsed, 1),
         "heartbeat_rows_per_s": round(sum(r["heartbeat_rows"] for r in results) / elapsed, 1),
         "reconciles": len(tick_ms),

@@ -374,16 +374,27 @@ class Queue:
         return out
 
     async def extend_leases(
-        self, server_id: str, *, lease_s: float | None = None, task_ids: Sequence[int] | None = None
+        self,
+        server_id: str,
+        *,
+        lease_s: float | None = None,
+        task_ids: Sequence[int] | None = None,
+        ending_within_s: float | None = None,
     ) -> int:
         """Push back the lease of the tasks ``server_id`` holds; returns how many.
 
         ``task_ids``: only these (the tasks the worker is really still working on).  A worker that
         gave up on a task — say its completion could not be written — must not keep that task's
-        lease alive, or the reaper would never hand it to someone else."""
+        lease alive, or the reaper would never hand it to someone else.  ``ending_within_s``: only
+        leases that run out within that many seconds (a heartbeat then writes a task row every few
+        beats instead of every beat)."""
         lease = self.lease_s if lease_s is None else lease_s
         return await self.db.execute(
-            "extend_leases", server_id, float(lease), None if task_ids is None else list(task_ids)
+            "extend_leases",
+            server_id,
+            float(lease),
+            None if task_ids is None else list(task_ids),
+            None if ending_within_s is None else float(ending_within_s),
         )
 
     async def progress(self, task_id: int, server_id: str, percent: float, message: str = "") -> bool:

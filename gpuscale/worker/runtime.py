@@ -588,10 +588,18 @@ class Worker:
                 metrics.HEARTBEATS.labels(pool=self.pool, result="error").inc()
                 log.exception("heartbeat failed unexpectedly; carrying on")
 
+    def _renew_within_s(self) -> float:
+        """Renew a lease once it has at most half its length left (but always with two beats to
+        spare): with a 60 s lease and a 10 s heartbeat a task row is written every third beat."""
+        lease = self.settings.lease_seconds
+        return min(lease, max(lease / 2, 2 * self.settings.heartbeat_interval_s))
+
     async def heartbeat(self) -> None:
         """Extend the leases of held tasks and report load; re-register if we were declared dead."""
         try:
-            await self.queue.extend_leases(self.server_id, task_ids=list(self._running))
+            await self.queue.extend_leases(
+                self.server_id, task_ids=list(self._running), ending_within_s=self._renew_within_s()
+            )
             known = await self.queue.server_heartbeat(
                 self.server_id, current_load=len(self._running), status=self._server_status
             )
