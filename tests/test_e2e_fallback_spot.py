@@ -114,6 +114,10 @@ async def test_fallback_on_quota_spot_preemption_and_the_way_back(dsn: str, tmp_
         standin_latency_s=1.5,
     )
     stack.env["GPUSCALE_PDF_DPI"] = "40"
+    # Leases and the heartbeat timeout longer than a controller tick: the preempted replica's task
+    # must come back through the controller (no attempt spent), not through the reaper.
+    stack.env["GPUSCALE_LEASE_SECONDS"] = "10"
+    stack.controller_env["GPUSCALE_HEARTBEAT_TIMEOUT_S"] = "10"
     samples: list[dict[str, Any]] = []
     phase = "quota"
     preempted: list[int] = []

@@ -124,12 +124,19 @@ def test_recovery_moves_back_without_cutting_running_tasks() -> None:
     assert p.home == SPOT
     assert p.targets == {SPOT: 1, ONDEMAND: 2, A100: 0}  # the idle one goes first
     assert p.why[ONDEMAND] == "busy replicas finish first"
-    # One busy replica finished: it goes too, the spot deployment takes its share.
+    assert "probing after quota_reached" in p.why[SPOT]
+    # One busy replica finished.  The spot probe has not registered yet: the fallback keeps the
+    # now idle replica (a spot deployment still short of capacity costs no dip).
     fb2 = dep(ONDEMAND, rep("o1", busy=True), rep("o2"), target=2)
     spot = dep(SPOT, rep("s1", registered=False, at=301.0, status="starting"))
     p2 = place(r, {SPOT: spot, ONDEMAND: fb2, A100: dep(A100)}, 3, p.state, 310.0)
-    assert p2.targets == {SPOT: 2, ONDEMAND: 1, A100: 0}
+    assert p2.targets == {SPOT: 1, ONDEMAND: 2, A100: 0}
+    assert p2.why[ONDEMAND] == f"keeps 2 while {SPOT} probes"
     assert p2.vanished == {}  # o3 was removed by the controller, not preempted
+    # The probe registered: spot works again and takes the idle replica's share.
+    spot3 = dep(SPOT, rep("s1", at=301.0))
+    p3 = place(r, {SPOT: spot3, ONDEMAND: fb2, A100: dep(A100)}, 3, p2.state, 320.0)
+    assert p3.targets == {SPOT: 2, ONDEMAND: 1, A100: 0} and p3.why[SPOT] == "preferred"
 
 
 def test_a_cooling_preferred_deployment_keeps_its_working_replicas() -> None:

@@ -290,6 +290,11 @@ async def test_quota_reached_falls_back_and_replicas_move_back(make_app: Any, de
     assert await app.queue.complete(claimed.id, busy, {"ok": True})
     clock.now += 1
     await app.tick()
+    # Spot is probed with one replica; until it registers the fallback keeps its (idle) replica.
+    assert targets(deployed) == {SPOT: 1, ONDEMAND: 1, A100: 0}
+    await register(app.queue, deployed, SPOT)
+    clock.now += 1
+    await app.tick()
     assert targets(deployed) == {SPOT: 2, ONDEMAND: 0, A100: 0}
 
 

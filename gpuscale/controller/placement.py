@@ -17,6 +17,9 @@ Rules:
   notice, the replica is just gone from the list) within ``preemption_window``.  It is then
   skipped for ``fallback_cooloff`` × 2^(failures-1), at most ``max_fallback_cooloff``; the
   failure count is forgotten after ``max_fallback_cooloff`` without a failure.
+* **Probe before moving back.**  When a cool-off ends, the deployment that failed takes one new
+  replica at a time until one registers; the next deployment keeps the replicas it has (idle ones
+  too) meanwhile, so a deployment still short of capacity costs no dip and no extra cold start.
 * **Never cut running work.**  A deployment more preferred than home (cooling off) keeps its
   registered replicas (they work, and they are the cheaper ones); a deployment less preferred
   than home keeps only its *busy* replicas: its idle ones go first, the busy ones follow as their
@@ -83,6 +86,10 @@ class DeploymentMemory:
     last_failure_at: float | None = None
     preempted_at: tuple[float, ...] = ()  # vanished replicas within the preemption window
     preempted_total: int = 0
+    # After a failure, until one of its new replicas registers: it takes one replica at a time
+    # (a probe) and the fallback keeps what it has meanwhile.
+    probing: bool = False
+    last_registered: int = 0
     seen: tuple[str, ...] = ()  # replica ids seen last tick (not stopping)
     expected_gone: tuple[str, ...] = ()  # ids the controller stopped or saw stopping
     pending_down: int = 0  # replicas a scale-down still has to remove
@@ -217,6 +224,9 @@ def place(
             if kind == PREEMPTED:
                 recent = ()
             failures.append((opt.name, kind))
+            mem = replace(mem, probing=True)
+        elif mem.probing and not mem.cooling(now) and obs.registered > mem.last_registered:
+            mem = replace(mem, probing=False)  # a new replica registered: it works again
         live = [r for r in obs.replicas if r.status != "stopping"]
         if len(live) <= obs.target:
             pending = 0  # the last scale-down is done
@@ -230,6 +240,7 @@ def place(
                 | set(replace_ids) & {r.id for r in obs.replicas}
             ),
             pending_down=pending,
+            last_registered=obs.registered,
         )
 
     # --- home: the first deployment not cooling off ---------------------------------------------
@@ -280,14 +291,31 @@ def place(
             cut = min(keep[opt.name] - min(keep[opt.name], obs.busy), kept + home_floor - desired)
             keep[opt.name] -= cut
             kept -= cut
+    home_target = max(home_floor, desired - kept)
+    if home_obs is not None and mems[home].probing and not mems[home].cooling(now):
+        # Probing a deployment that failed: one new replica at a time; the next deployment keeps
+        # the replicas it has (idle ones too) until the probe registers, so a deployment still
+        # short of capacity costs no cold start and no dip.
+        probe = max(home_floor, home_obs.registered + 1)
+        for opt in options[home_rank + 1 :]:
+            obs = observed.get(opt.name)
+            if home_target <= probe or obs is None or mems[opt.name].cooling(now):
+                continue
+            held = min(home_target - probe, max(0, obs.target - keep[opt.name]))
+            keep[opt.name] += held
+            home_target -= held
+            if held:
+                why[opt.name] = f"keeps {keep[opt.name]} while {home} probes"
     targets: dict[str, int] = {}
     for opt in options:
         if observed.get(opt.name) is None:
             continue
-        targets[opt.name] = max(home_floor, desired - kept) if opt.name == home else keep[opt.name]
+        targets[opt.name] = home_target if opt.name == home else keep[opt.name]
     home_mem = mems[home]
     if home_mem.cooling(now):
         why[home] = f"every deployment is cooling off; this one ends first ({home_mem.last_failure})"
+    elif mems[home].probing:
+        why[home] = f"probing after {mems[home].last_failure}: one new replica at a time"
     elif home_rank > 0:
         why[home] = "fallback: " + ", ".join(
             f"{o.name} cooling off" for o in options[:home_rank] if mems[o.name].cooling(now)
