@@ -589,21 +589,22 @@ async def run_fleet(opts: FleetOptions, dsn: str, replica_dsn: str, listen_dsn: 
     stop_monitor = asyncio.Event()
     monitor = asyncio.create_task(_monitor(dsn, stop_monitor, samples, pool_names(opts.pools)))
     result_dir = Path(tempfile.mkdtemp(prefix="gpuscale-fleetbench-results-"))
+    # The controller and the bench's own connections first, as in production: a fleet that
+    # outgrows the server's connections then fails on its replicas, not on its controller.
+    controller_task = asyncio.create_task(controller.run())
+    for _ in range(600):  # until it leads and listens, so probes measure the fast path
+        if (controller.is_leader and controller.listening.is_set()) or controller_task.done():
+            break
+        await asyncio.sleep(0.05)
+    prod_pool = await asyncpg.create_pool(
+        dsn, min_size=1, max_size=2, server_settings={"application_name": BENCH_APP}, init=init_connection
+    )
+    assert prod_pool is not None
+    queue = Queue(prod_pool)
     children = await _spawn_children(opts, replica_dsn, listen_dsn, listen, result_dir)
     try:
         ready = [await _read_line(p, "READY ", 300) for p in children]
         started = sum(int(r.split()[0]) for r in ready)
-        controller_task = asyncio.create_task(controller.run())
-        prod_pool = await asyncpg.create_pool(
-            dsn, min_size=1, max_size=2, server_settings={"application_name": BENCH_APP}, init=init_connection
-        )
-        assert prod_pool is not None
-        queue = Queue(prod_pool)
-        # Wait until the controller leads (its first tick), so probes measure the fast path.
-        for _ in range(300):
-            if controller.is_leader:
-                break
-            await asyncio.sleep(0.05)
         t_run = time.monotonic()
         stop_prod = asyncio.Event()
         producer = asyncio.create_task(_produce(queue, opts, stop_prod, samples))
@@ -616,6 +617,7 @@ async def run_fleet(opts: FleetOptions, dsn: str, replica_dsn: str, listen_dsn: 
         # Drain: every task enqueued must end done.
         deadline = time.monotonic() + opts.drain_timeout_s
         ids = samples.enqueued
+        last_left, last_change = -1, time.monotonic()
         while time.monotonic() < deadline:
             left = await prod_pool.fetchval(
                 "SELECT count(*) FROM processing_queue WHERE id = ANY($1::bigint[]) AND status <> 'done'",
@@ -623,15 +625,20 @@ async def run_fleet(opts: FleetOptions, dsn: str, replica_dsn: str, listen_dsn: 
             )
             if not left:
                 break
+            if left != last_left:
+                last_left, last_change = left, time.monotonic()
+            elif time.monotonic() - last_change > 15:
+                break  # nothing moves (say, a pool none of whose replicas could connect): lost
             await asyncio.sleep(0.25)
         for tid in probe_ids:
             await queue.cancel(tid)
         final = await prod_pool.fetchrow(_FINAL_SQL, ids)
         assert final is not None
+    finally:
         await prod_pool.close()
         controller.request_stop()
-        await controller_task
-    finally:
+        with contextlib.suppress(Exception):
+            await controller_task
         for p in children:
             p.signal(signal.SIGTERM)
         results = []
