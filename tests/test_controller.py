@@ -581,3 +581,21 @@ async def test_learned_durations_are_exported_and_kept_by_a_new_leader(make_app,
             break
         await asyncio.sleep(0.1)
     assert second.reconciler.estimator.expected("slide_feedback") == pytest.approx(learned)
+
+
+def test_tasks_on_a_draining_replica_need_no_replica() -> None:
+    from gpuscale.controller.observe import Context, Fleet, PoolQueue, RunningTask, WorkRead, observe_pool
+
+    config = pools_config()
+    work = WorkRead(
+        pools={"visual": PoolQueue({}, {})},
+        running=[
+            RunningTask("visual", "visual_analysis", 5.0, 0.5, "kept"),
+            RunningTask("visual", "visual_analysis", 5.0, 0.5, "told-to-stop"),
+        ],
+    )
+    ctx = Context(rules=config.pools, expected=lambda _t: 60.0)
+    fleet = Fleet(provider_replicas=1, registered=1, idle=0, busy=1, draining=frozenset({"told-to-stop"}))
+    obs = observe_pool("visual", work, fleet, ctx)
+    # The stopped replica's task finishes there or comes back to the queue: no replica for it.
+    assert obs.running == 1 and obs.running_work_s == pytest.approx(30.0)

@@ -402,3 +402,31 @@ async def _all_up(ids: set[str]) -> bool:
 
 def test_snapshot_is_json(emu: Emulator) -> None:
     json.dumps(emu.snapshot())
+
+
+async def test_spawn_early_starts_the_process_in_the_cold_start_and_says_when_it_ends() -> None:
+    config = EmulatorConfig(cold_start_s=3.0, grace_s=2.0, tick_s=0.02, spawn_early=True)
+    with Emulator(config) as early:
+        c = DataCrunchClient(early.base_url, early.client_id, early.client_secret, timeout_s=5.0)
+        name = f"emu-{next(_names)}"
+        try:
+            await c.create_deployment(body(name))
+            await DataCrunchProvider(c).set_replicas(name, 1)
+            (replica,) = await c.get_replicas(name)
+            # The process runs at once, but the replica is still starting (its cold start).
+            (proc_env,) = await until(lambda: _env(replica["id"]), "the replica's process")
+            assert (await c.get_replicas(name))[0]["status"] == "starting"
+            ready_at = float(proc_env["GPUSCALE_REPLICA_READY_AT"])
+            started = early.snapshot()["deployments"][name]["replicas"][0]["started_at"]
+            assert ready_at == pytest.approx(started + 3.0, abs=0.01)
+            await running(c, name, 1)
+            # A scale-down cancels a replica still in its cold start before a running one.
+            await DataCrunchProvider(c).set_replicas(name, 2)
+            await DataCrunchProvider(c).set_replicas(name, 1)
+            (kept,) = await running(c, name, 1)
+            assert kept["id"] == replica["id"]
+        finally:
+            ids = {r["id"] for r in await c.get_replicas(name)}
+            await c.delete_deployment(name)
+            await no_processes(ids)
+            await c.aclose()

@@ -321,3 +321,16 @@ def test_replays_are_deterministic() -> None:
     a.pop("sim_wall_s")
     b.pop("sim_wall_s")
     assert a == b
+
+
+def test_scale_downs_that_stop_any_replica_cost_handed_back_work() -> None:
+    tasks = read_trace(DATA / "busy_day.csv")
+    config = load_pools(SHIPPED)
+    idle = simulate(tasks, config, victims="idle")
+    anyone = simulate(tasks, config, victims="any")
+    assert idle.unfinished == anyone.unfinished == 0
+    # DataCrunch picks the replica a scale-down stops; a busy one hands its work back.
+    assert anyone.cost_usd > idle.cost_usd
+    assert simulate(tasks, config, victims="any").cost_usd == anyone.cost_usd  # seeded
+    with pytest.raises(ValueError, match="victims"):
+        simulate(tasks, config, victims="youngest")

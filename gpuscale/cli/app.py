@@ -14,7 +14,7 @@ import sys
 import typer
 
 from gpuscale import __version__
-from gpuscale.cli import api, control, demo, providers, queue, sim, workers
+from gpuscale.cli import api, control, demo, providers, queue, replay, sim, workers
 from gpuscale.cli.errors import fail
 from gpuscale.common.errors import ConfigError
 
@@ -50,7 +50,7 @@ def _root(
     setup_logging(log_level, log_format)
 
 
-for _module in (queue, control, workers, sim, providers, demo, api):
+for _module in (queue, control, workers, sim, providers, demo, api, replay):
     _module.register(app)
 
 

@@ -207,6 +207,11 @@ def emulator(
         [], "--secret", help="NAME=VALUE for a secret reference (repeatable); else the environment."
     ),
     stop_order: str = typer.Option("random", "--stop-order", help="Which replica a scale-down stops."),
+    spawn_early: bool = typer.Option(
+        False,
+        "--spawn-early",
+        help="Start a replica's process at once; it registers when its cold start ends (replay).",
+    ),
     log_dir: Path = typer.Option(None, "--log-dir", help="Write each replica's output to DIR/<id>.log."),
     shared_dir: Path = typer.Option(
         Path(".gpuscale/emulator/shared"),
@@ -255,6 +260,7 @@ def emulator(
         default_command=command or DEFAULT_COMMAND,
         secrets=secrets,
         stop_order=stop_order,  # type: ignore[arg-type]
+        spawn_early=spawn_early,
         log_dir=log_dir,
         faults=parsed,
         shared_dir=shared_dir,

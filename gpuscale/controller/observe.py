@@ -99,6 +99,9 @@ class Fleet:
     starting: tuple[tuple[str, float], ...] = ()
     idle: int | None = None
     busy: int | None = None
+    # Servers told to stop (draining): what they still run finishes there or comes back to the
+    # queue; it needs no replica of the pool's count.
+    draining: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,7 @@ def observe_pool(name: str, work: WorkRead | None, fleet: Fleet, ctx: Context) -
     pq = work.pools.get(name) or PoolQueue({}, {})
     queued = {p: max(0, int(pq.queued.get(p, 0))) for p in ("normal", "high", "critical")}
     queued_work = sum(max(0, n) * est(t) for t, n in pq.queued_by_type.items())
-    running = [t for t in work.running if t.pool == name]
+    running = [t for t in work.running if t.pool == name and t.server not in fleet.draining]
     running_work = sum(remaining_s(est(t.task_type), t.elapsed_s, t.progress) for t in running)
     blocked = [b for b in work.blocked if b.pool == name]
     blocked_work = sum(est(b.task_type) for b in blocked)

@@ -184,12 +184,16 @@ def fleet_of(rules: PoolRules, servers: Sequence[ServerInfo] | None, provider: P
                 for r in provider.replicas
                 if r.id not in known and r.status != "stopping"
             ]
+    draining = frozenset(
+        s.id for s in servers or () if s.pool == rules.name and s.status not in ("starting", "active")
+    )
     return Fleet(
         provider_replicas=provider.target if provider is not None else None,
         registered=registered,
         starting=tuple(starting),
         idle=idle_n,
         busy=busy_n,
+        draining=draining,
     )
 
 

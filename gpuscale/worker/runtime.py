@@ -212,6 +212,11 @@ class Worker:
         )
         if self.http:
             await self._start_http()
+        ready_at = self.settings.replica_ready_at
+        if ready_at is not None and ready_at > time.time():
+            # The container's cold start is not over yet (the process was started early).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=ready_at - time.time())
         await self.queue.register_server(self._server_info("starting"))
         self._background.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
         if self.settings.database_listen:

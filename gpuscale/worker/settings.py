@@ -64,6 +64,11 @@ class WorkerSettings(DatabaseAccess):
     worker_replay: bool = False
     container_id: str | None = None
     server_id: str | None = None
+    # Epoch seconds when this replica's cold start ends, set by a provider that starts the process
+    # early (the emulator's --spawn-early): the worker registers no sooner.
+    replica_ready_at: float | None = Field(
+        default=None, validation_alias=AliasChoices("GPUSCALE_REPLICA_READY_AT")
+    )
 
     # Documents.  Payloads name a document relative to this root (the worker's own mount of the
     # document store, e.g. /mnt/shared/uploads on Verda) or give an http(s) URL.

@@ -52,6 +52,11 @@ from gpuscale.controller.simulate.spot import SpotModel, SpotState, apply_target
 from gpuscale.controller.simulate.trace import TraceError, TraceTask
 
 POLICIES = ("gpuscale", "no-prewarm", "always-on", "seeds")
+# Which replicas a scale-down stops: idle ones first (providers that take the controller's hint:
+# local, docker), or any running one (DataCrunch chooses itself; a busy one hands its tasks back).
+# ``newest`` / ``oldest``: the most recently / earliest requested running replica (deterministic,
+# as the emulator's --stop-order does; ``gpuscale replay`` compares with ``newest``).
+VICTIMS = ("idle", "any", "newest", "oldest")
 DAY_S = 86400.0
 _RANK = {"critical": 0, "high": 1, "normal": 2}
 _EPS = 1e-6
@@ -256,8 +261,14 @@ class _Sim:
         counts_only: bool = False,
         period_s: float | None = None,
         spot: SpotModel | None = None,
+        victims: str = "idle",
     ) -> None:
         self.spot = SpotState(spot) if spot is not None else None
+        if victims not in VICTIMS:
+            raise ValueError(f"victims must be one of {', '.join(VICTIMS)}, not {victims!r}")
+        self.victims = victims
+        # Its own stream, so the victims drawn never change which starts fail.
+        self.victim_rng = random.Random(seed + 1)
         self.policy = policy
         self.period_s = period_s
         self.counts_only = counts_only
@@ -383,8 +394,14 @@ class _Sim:
             return
         tpr = self.rules[self.pool_names[pool]].tasks_per_replica
         free = [r for r in self.replicas[pool] if r.ready_at <= now and len(r.tasks) < tpr]
-        while queue and free:
-            rep = min(free, key=lambda r: (len(r.tasks), r.ready_at))
+        rep: _Replica | None = None
+        while queue and (free or rep is not None):
+            # A worker claims as many tasks as it has free slots, in one claim (the least loaded
+            # worker first): with more slots than its model serves at once, it holds the extra
+            # tasks in Ollama's queue even while another replica is idle, as the real one does.
+            if rep is None:
+                rep = min(free, key=lambda r: (len(r.tasks), r.ready_at))
+                free.remove(rep)
             _, _, idx = heapq.heappop(queue)
             task = self.tasks[idx]
             self.queued_by_rank[pool][task.rank] -= 1
@@ -398,7 +415,7 @@ class _Sim:
             rep.tasks.append(task)
             self.busy[rep] = None
             if len(rep.tasks) >= tpr:
-                free.remove(rep)
+                rep = None
 
     def _advance(self, dt: float) -> None:
         if dt <= 0:
@@ -496,8 +513,17 @@ class _Sim:
         self.results[self.pool_names[pool]].replicas_started += 1
 
     def _stop_replicas(self, pool: int, count: int, now: float) -> None:
-        # Cancel starting replicas first (newest first), then idle ones, then busy ones.
+        # Cancel starting replicas first (newest first), then idle ones, then busy ones; or, as
+        # the DataCrunch cloud does (it does not know which are idle), any running one.
         order = sorted(self.replicas[pool], key=lambda r: (r.ready_at <= now, len(r.tasks), -r.requested_at))
+        if self.victims != "idle":
+            starting = [r for r in order if r.ready_at > now]
+            running = [r for r in self.replicas[pool] if r.ready_at <= now]
+            if self.victims == "any":
+                self.victim_rng.shuffle(running)
+            else:
+                running.sort(key=lambda r: r.requested_at, reverse=self.victims == "newest")
+            order = starting + running
         for rep in order[:count]:
             self._stop(rep, now)
 
@@ -716,6 +742,7 @@ def simulate(
     counts_only: bool = False,
     period_s: float | None = None,
     spot: SpotModel | None = None,
+    victims: str = "idle",
 ) -> SimResult:
     """Replay ``trace`` against ``policy`` with the pools in ``config``; see the module doc.
 
@@ -726,7 +753,11 @@ def simulate(
     ``counts_only``: the policy gets task counts but no work estimates (it then sizes with each
     pool's ``default_task_duration``).  ``period_s``: the trace's period for the always-on cost
     (default: the whole days it spans; a quiet week that ends on a Friday spans five).
-    ``spot``: model spot and fallback deployments (:mod:`gpuscale.controller.simulate.spot`)."""
+    ``spot``: model spot and fallback deployments (:mod:`gpuscale.controller.simulate.spot`).
+
+    ``victims``: which replicas a scale-down stops once no starting one is left: ``idle`` ones
+    first, ``any`` running one (random, as DataCrunch chooses for itself), or the ``newest`` /
+    ``oldest`` running one (deterministic, as the emulator's ``--stop-order``)."""
     if not 0.0 <= startup_failure_rate <= 1.0:
         raise ValueError("startup_failure_rate must be within [0, 1]")
     import time
@@ -747,6 +778,7 @@ def simulate(
         counts_only,
         period_s,
         spot,
+        victims,
     ).run()
     result.wall_s = time.perf_counter() - started
     return result

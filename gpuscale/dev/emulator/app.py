@@ -74,6 +74,10 @@ class EmulatorConfig:
     shared_dir: Path = Path(".gpuscale/emulator/shared")  # one folder per shared volume under it
     # GPU model → (on-demand, spot) price strings for GET /container-types, over the defaults.
     prices: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Start a replica's process as soon as it is requested and tell it when its cold start ends
+    # (GPUSCALE_REPLICA_READY_AT): the worker registers then, so the process's own start-up on a
+    # busy machine stays inside the cold start instead of adding to it (``gpuscale replay``).
+    spawn_early: bool = False
 
 
 def shared_path(container: Mapping[str, Any], path: str, shared_dir: Path) -> str | None:
@@ -125,6 +129,8 @@ class EmuReplica:
     def status(self) -> str:
         if self.stopping:
             return "stopping"
+        if self.proc is not None and self.ready_at > time.time():
+            return "starting"  # spawned early, still in its cold start
         if self.proc is not None:
             return "running"
         return "failed" if self.failed else "starting"
@@ -375,8 +381,9 @@ class EmulatorState:
     def _pick_victims(self, live: list[EmuReplica], count: int) -> list[EmuReplica]:
         # Replicas still starting go first (cancelling a cold start costs nothing), then the
         # emulator's choice among running ones: like the cloud, it does not ask which are idle.
-        starting = [r for r in live if r.proc is None]
-        running = [r for r in live if r.proc is not None]
+        now = time.time()
+        starting = [r for r in live if r.proc is None or r.ready_at > now]
+        running = [r for r in live if r.proc is not None and r.ready_at <= now]
         order = self.config.stop_order
         if order == "random":
             self._random.shuffle(running)
@@ -419,11 +426,14 @@ class EmulatorState:
                     replica.proc is None
                     and replica.failed is None
                     and not unhealthy
-                    and replica.ready_at <= now
+                    and (replica.ready_at <= now or self.config.spawn_early)
                 ):
+                    env = self._env(dep, replica.id)
+                    if self.config.spawn_early:
+                        env["GPUSCALE_REPLICA_READY_AT"] = f"{replica.ready_at:.3f}"
                     try:
                         replica.proc = await self.children.start(
-                            replica.id, self._command(dep), env=self._env(dep, replica.id)
+                            replica.id, self._command(dep), env=env
                         )
                     except SpawnError as exc:
                         replica.failed = str(exc)

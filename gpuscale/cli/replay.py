@@ -1,0 +1,164 @@
+"""``gpuscale replay``: a trace against a real stack (the demo's by default), compared with the
+simulator on the same trace and pools (see :mod:`gpuscale.dev.replay`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from gpuscale.cli.errors import fail
+
+# The keys --compare puts side by side (those of `gpuscale simulate --json` that measure the run).
+COMPARED = (
+    "cost_usd",
+    "oracle_cost_usd",
+    "wait_p50_s",
+    "wait_p95_s",
+    "graph_p50_s",
+    "graph_p95_s",
+    "tasks",
+    "unfinished",
+)
+
+
+def _with_replica_seconds(data: dict[str, Any], result: Any) -> dict[str, Any]:
+    data["replica_seconds"] = {name: round(p.replica_seconds, 1) for name, p in result.pools.items()}
+    return data
+
+
+def _cell(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    if not isinstance(a, int | float) or not isinstance(b, int | float) or b == 0:
+        return None
+    return round(a / b, 3)
+
+
+def compare_rows(real: dict[str, Any], sim: dict[str, Any]) -> list[tuple[str, Any, Any, float | None]]:
+    rows: list[tuple[str, Any, Any, float | None]] = [
+        (k, real[k], sim[k], _ratio(real[k], sim[k])) for k in COMPARED
+    ]
+    for pool, seconds in real["replica_seconds"].items():
+        other = sim["replica_seconds"].get(pool, 0.0)
+        rows.append((f"replica_seconds.{pool}", seconds, other, _ratio(seconds, other)))
+    rows.append(("scale_events", sum(real["scale_events"].values()), sum(sim["scale_events"].values()), None))
+    return rows
+
+
+def replay(
+    trace: Path = typer.Option(..., "--trace", help="Trace CSV (as for gpuscale simulate)."),
+    pools: Path = typer.Option(
+        None, "--pools", help="Pools file (default: GPUSCALE_POOLS_FILE or deploy/datacrunch/pools.yaml)."
+    ),
+    speed: float = typer.Option(15.0, "--speed", min=0.1, max=1000, help="K: trace seconds per wall second."),
+    start: str = typer.Option("0", "--start", help="Replay from this trace time (e.g. 9h)."),
+    length: str | None = typer.Option(None, "--length", help="Replay this much trace time (e.g. 2h)."),
+    data_dir: Path = typer.Option(Path(".gpuscale/replay"), "--data-dir", help="Logs, PostgreSQL, specs."),
+    database_url: str | None = typer.Option(
+        None, "--database-url", help="Use this (empty) database instead of an embedded PostgreSQL."
+    ),
+    compare: bool = typer.Option(False, "--compare", help="Also simulate the same trace; print both."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Replay a trace on real processes: the emulator's replicas are real workers, the controller
+    runs with every duration of the pools file divided by --speed, tasks take service_s / speed.
+    Reports in trace time the keys of `gpuscale simulate --json` plus replica_seconds per pool."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from gpuscale.controller.pools import PoolsFileError, load_pools, parse_duration
+    from gpuscale.controller.simulate.engine import simulate as run_sim
+    from gpuscale.controller.simulate.report import summary
+    from gpuscale.controller.simulate.trace import TraceError, read_trace
+    from gpuscale.dev.demo.procs import ChildFailed
+    from gpuscale.dev.replay import Progress as ReplayProgress
+    from gpuscale.dev.replay import ReplayError, ReplayOptions, slice_trace
+    from gpuscale.dev.replay import replay as run_replay
+
+    if pools is None:
+        from gpuscale.common.settings import get_settings
+
+        pools = get_settings().pools_file
+    try:
+        start_s = parse_duration(start)
+        length_s = None if length is None else parse_duration(length)
+    except ValueError as exc:
+        raise fail(f"--start/--length: {exc}") from None
+    try:
+        config = load_pools(pools)
+        tasks = slice_trace(read_trace(trace), start_s, length_s)
+    except (PoolsFileError, TraceError) as exc:
+        raise fail(str(exc)) from None
+    if not tasks:
+        raise fail(f"{trace}: no task arrives in the chosen slice")
+    sim_data: dict[str, Any] | None = None
+    if compare:
+        try:
+            # The emulator, like DataCrunch, does not stop an idle replica first: it stops the
+            # newest (--stop-order newest), and so does the simulator here.
+            sim = run_sim(tasks, config, victims="newest")
+        except TraceError as exc:
+            raise fail(str(exc)) from None
+        sim_data = _with_replica_seconds(summary(sim), sim)
+
+    console = Console(stderr=True)
+    options = ReplayOptions(speed=speed, data_dir=data_dir, database_url=database_url)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=as_json and not console.is_terminal,
+    ) as bar:
+        job = bar.add_task("starting", total=len(tasks))
+
+        def say(msg: str) -> None:
+            bar.update(job, description=msg)
+
+        def show(p: ReplayProgress) -> None:
+            reps = " ".join(f"{n} {c}" for n, c in sorted(p.replicas.items()))
+            bar.update(
+                job,
+                completed=p.done,
+                description=f"trace {p.trace_s / 3600:5.2f} h / {p.trace_end_s / 3600:.2f} h · {p.phase} · "
+                f"replicas {reps}",
+            )
+
+        try:
+            result, facts = asyncio.run(run_replay(tasks, config, options, say=say, on_progress=show))
+        except (ReplayError, ChildFailed) as exc:
+            raise fail(f"replay: {exc}") from None
+    data = _with_replica_seconds(summary(result), result)
+    data["replay"] = facts
+    if as_json:
+        out: dict[str, Any] = data if sim_data is None else {"replay": data, "simulate": sim_data}
+        if sim_data is not None:
+            out["ratio"] = {k: r for k, _a, _b, r in compare_rows(data, sim_data)}
+        typer.echo(json.dumps(out, sort_keys=True))
+        return
+    if sim_data is None:
+        from gpuscale.controller.simulate.report import format_text
+
+        typer.echo(format_text(data))
+        typer.echo(f"replica seconds {data['replica_seconds']}  ·  run {facts}")
+        return
+    table = Table(title=f"{trace.name}: replay at {speed:g}× vs simulate ({len(tasks)} tasks)")
+    for col in ("", "real", "simulated", "real / sim"):
+        table.add_column(col, justify="right" if col else "left")
+    for key, a, b, r in compare_rows(data, sim_data):
+        table.add_row(key, _cell(a), _cell(b), "" if r is None else f"{r:.2f}")
+    Console().print(table)
+    typer.echo(f"run: {facts}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("replay")(replay)

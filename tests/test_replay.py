@@ -1,0 +1,144 @@
+"""``gpuscale replay``: the pure parts (scaling a pools file, slicing a trace, the replay worker's
+Ollama-like serving) and one short replay on real processes checked against the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpuscale.controller.pools import load_pools, parse_pools
+from gpuscale.controller.simulate import TraceTask, read_trace, simulate
+from gpuscale.dev.replay import graphs_of, pools_yaml, scale_config, slice_trace
+from gpuscale.worker.errors import TaskError
+from gpuscale.worker.handlers import replay as replay_handlers
+from gpuscale.worker.handlers.base import TaskContext
+from gpuscale.worker.settings import WorkerSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "deploy/datacrunch/pools.yaml"
+BUSY = ROOT / "tests/data/busy_day.csv"
+
+
+def test_scale_config_divides_every_duration() -> None:
+    config = load_pools(SHIPPED)
+    fast = scale_config(config, 20.0)
+    for name, rules in config.pools.items():
+        quick = fast.pools[name]
+        assert quick.cold_start_s == rules.cold_start_s / 20
+        assert quick.startup_timeout_s == rules.startup_timeout_s / 20
+        assert quick.scale_up_delay_s == rules.scale_up_delay_s / 20
+        assert quick.drain_target_s == rules.drain_target_s / 20
+        assert quick.default_task_duration_s == rules.default_task_duration_s / 20
+        assert quick.task_durations_s == {t: v / 20 for t, v in rules.task_durations_s.items()}
+        assert quick.idle_timeout_s == rules.idle_timeout_s / 20  # auto follows the cold start
+        assert (quick.max_replicas, quick.parallel, quick.price_per_hour) == (
+            rules.max_replicas,
+            rules.parallel,
+            rules.price_per_hour,
+        )
+    assert fast.reconcile_interval_s == config.reconcile_interval_s / 20
+    import yaml
+
+    assert parse_pools(yaml.safe_load(pools_yaml(fast))) == fast
+
+
+def test_slice_keeps_whole_decks_from_zero() -> None:
+    tasks = read_trace(BUSY)
+    part = slice_trace(tasks, 9 * 3600, 2 * 3600)
+    assert part and all(0 <= t.arrival_s < 7200 for t in part)
+    assert {t.task_id for t in part} == {t.task_id for t in tasks if 9 * 3600 <= t.arrival_s < 11 * 3600}
+    decks = graphs_of(part)
+    assert len(decks) == len({t.task_id.split("-")[0] for t in part})
+    # Every dependency stays inside its deck.
+    ids = {t.task_id for t in part}
+    assert all(d in ids for t in part for d in t.depends_on)
+
+
+async def test_replay_worker_serves_one_at_a_time_in_arrival_order() -> None:
+    handler = replay_handlers.make(parallel=1)
+    events: list[tuple[str, str]] = []
+
+    def ctx(name: str, seconds: float) -> TaskContext:
+        async def progress(percent: float, _msg: str) -> None:
+            events.append((name, "progress"))
+
+        return TaskContext(
+            task_id=name,
+            task_type="visual_analysis",
+            payload={"document": replay_handlers.replay_document(seconds)},
+            settings=WorkerSettings(),
+            progress=progress,
+        )
+
+    async def run(name: str, seconds: float) -> None:
+        events.append((name, "claimed"))
+        out = await handler(ctx(name, seconds))
+        events.append((name, "done"))
+        assert out["replayed_s"] == pytest.approx(seconds)
+
+    await asyncio.gather(run("a", 0.05), run("b", 0.01), run("c", 0.0))
+    served = [n for n, what in events if what == "done"]
+    assert served == ["a", "b", "c"]  # first come, first served: b waited for a although shorter
+    with pytest.raises(TaskError, match="replay:<seconds>"):
+        await handler(dataclasses.replace(ctx("x", 0), payload={"document": "/d.pdf"}))
+
+
+def test_replay_mode_needs_no_model() -> None:
+    settings = WorkerSettings(worker_replay=True, ollama_num_parallel=2)
+    assert settings.model_for("visual") is None
+    assert settings.concurrency_for("visual") == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--start", "soon"], "--start"),
+        (["--start", "30h"], "no task arrives"),
+        (["--speed", "0"], "speed"),
+    ],
+)
+def test_cli_bad_input_exits_2(args: list[str], words: str, tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gpuscale.cli", "replay", "--trace", str(BUSY), "--pools", str(SHIPPED),
+         "--data-dir", str(tmp_path), *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert words in out.stderr
+    assert not any(tmp_path.iterdir()), "nothing written on bad input"
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_short_replay_agrees_with_the_simulator(dsn: str, tmp_path: Path) -> None:
+    """One busy hour (four decks) at 40×: real processes and the simulator agree within 25%."""
+    out = subprocess.run(
+        [sys.executable, "-m", "gpuscale.cli", "replay", "--trace", str(BUSY), "--pools", str(SHIPPED),
+         "--start", "9h", "--length", "1h", "--speed", "40", "--compare", "--json",
+         "--data-dir", str(tmp_path), "--database-url", dsn],
+        capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads(out.stdout)
+    real, sim = data["replay"], data["simulate"]
+    assert real["unfinished"] == 0 and real["tasks"] == sim["tasks"] > 0
+    assert real["replay"]["leftovers_killed"] == 0
+    for key in ("cost_usd", "graph_p50_s"):
+        assert sim[key] * 0.75 <= real[key] <= sim[key] * 1.25, (key, real[key], sim[key])
+    total = sum(real["replica_seconds"].values())
+    expected = sum(sim["replica_seconds"].values())
+    assert expected * 0.75 <= total <= expected * 1.25, (real["replica_seconds"], sim["replica_seconds"])
+    assert set(real) >= {"wait_p95_s", "graph_p95_s", "oracle_cost_usd", "scale_events", "pools"}
+
+
+def test_simulated_slice_is_what_compare_uses() -> None:
+    part = slice_trace(read_trace(BUSY), 9 * 3600, 3600)
+    result = simulate(part, load_pools(SHIPPED))
+    assert result.unfinished == 0 and result.tasks == len(part)
+    assert isinstance(part[0], TraceTask)
