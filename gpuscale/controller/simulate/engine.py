@@ -116,12 +116,14 @@ class _Replica:
         "price",
         "ready_at",
         "requested_at",
+        "seq",
         "stopped_at",
         "tasks",
     )
 
-    def __init__(self, rid: str, pool: int, requested_at: float, ready_at: float) -> None:
+    def __init__(self, rid: str, pool: int, requested_at: float, ready_at: float, seq: int = 0) -> None:
         self.id = rid
+        self.seq = seq
         self.pool = pool
         self.requested_at = requested_at
         self.ready_at = ready_at
@@ -501,7 +503,7 @@ class _Sim:
         ready_at = now + rules.cold_start_s
         if self.failure_rate and self.rng.random() < self.failure_rate:
             ready_at = math.inf  # never registers: the policy must notice and replace it
-        rep = _Replica(f"{self.pool_names[pool]}-{self.seq}", pool, now, ready_at)
+        rep = _Replica(f"{self.pool_names[pool]}-{self.seq}", pool, now, ready_at, self.seq)
         rep.deployment = deployment or rules.options[0].name
         rep.price = rules.price_per_hour
         if self.spot is not None:
@@ -522,7 +524,8 @@ class _Sim:
             if self.victims == "any":
                 self.victim_rng.shuffle(running)
             else:
-                running.sort(key=lambda r: r.requested_at, reverse=self.victims == "newest")
+                # Replicas requested together were still created one after another.
+                running.sort(key=lambda r: (r.requested_at, r.seq), reverse=self.victims == "newest")
             order = starting + running
         for rep in order[:count]:
             self._stop(rep, now)
