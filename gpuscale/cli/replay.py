@@ -77,10 +77,10 @@ def replay(
     from gpuscale.controller.simulate.engine import simulate as run_sim
     from gpuscale.controller.simulate.report import summary
     from gpuscale.controller.simulate.trace import TraceError, read_trace
-    from gpuscale.dev.demo.procs import ChildFailed
     from gpuscale.dev.replay import Progress as ReplayProgress
     from gpuscale.dev.replay import ReplayError, ReplayOptions, slice_trace
     from gpuscale.dev.replay import replay as run_replay
+    from gpuscale.dev.stack import ProcessFailed
 
     if pools is None:
         from gpuscale.common.settings import get_settings
@@ -135,7 +135,7 @@ def replay(
 
         try:
             result, facts = asyncio.run(run_replay(tasks, config, options, say=say, on_progress=show))
-        except (ReplayError, ChildFailed) as exc:
+        except (ReplayError, ProcessFailed) as exc:
             raise fail(f"replay: {exc}") from None
     data = _with_replica_seconds(summary(result), result)
     data["replay"] = facts

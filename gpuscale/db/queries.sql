@@ -505,3 +505,29 @@ DROP DATABASE IF EXISTS gpuscale_demo WITH (FORCE)
 
 -- name: create_demo_database
 CREATE DATABASE gpuscale_demo
+
+-- ====================================================================== gpuscale replay
+
+-- name: replay_final_count
+-- How many of the replayed tasks ($1) are in one of the states $2 (final ones).
+SELECT count(*) FROM processing_queue WHERE id = ANY($1::bigint[]) AND status::text = ANY($2::text[])
+
+-- name: replay_task_times
+-- The replayed tasks' states and times (epoch seconds), to report the replay in trace time.
+SELECT id, status::text AS status,
+       extract(epoch FROM queued_at)::float8 AS queued_at,
+       extract(epoch FROM started_at)::float8 AS started_at,
+       extract(epoch FROM finished_at)::float8 AS finished_at
+  FROM processing_queue WHERE id = ANY($1::bigint[])
+
+-- name: replay_registrations
+-- When each replica's worker registered (servers are deleted when they deregister, so the
+-- replay samples this while it runs).
+SELECT container_id, extract(epoch FROM started_at)::float8 AS started_at
+  FROM processing_servers WHERE container_id IS NOT NULL
+
+-- name: replay_scale_events
+-- The scale changes the controller applied, per pool and reason.
+SELECT pool, reason, count(*) AS n FROM scaling_events
+ WHERE from_replicas IS NOT NULL AND to_replicas <> from_replicas AND outcome = 'applied'
+ GROUP BY 1, 2

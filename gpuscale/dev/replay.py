@@ -19,15 +19,14 @@ At the end everything is read back from the database (claims, finishes) and from
 replica accounting (sampled while it runs), multiplied by K, and summarised with the simulator's
 own report (:func:`gpuscale.controller.simulate.report.summary`), plus ``replica_seconds`` per pool.
 
-Every child carries ``GPUSCALE_DEMO_RUN=<id>``; whatever of the run is still alive after the stop
-is killed and reported (see :func:`gpuscale.dev.demo.run.kill_leftovers`).
+The processes are :class:`gpuscale.dev.stack.Stack`'s: every child carries the run's marker, and
+whatever of the run is still alive after the stop is killed and reported.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import math
 import os
 import secrets
@@ -39,21 +38,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-import httpx
 import yaml
 
 from gpuscale.controller import deployspec
 from gpuscale.controller.pools import PoolRules, PoolsConfig, parse_pools
 from gpuscale.controller.simulate.engine import DAY_S, PoolResult, SimResult
 from gpuscale.controller.simulate.trace import TraceTask
-from gpuscale.dev.demo.procs import ChildFailed, ProcessSet, free_port, gpuscale_cmd, wait_http
-from gpuscale.dev.demo.run import RUN_MARKER, kill_leftovers
+from gpuscale.db import Connector
+from gpuscale.dev.stack import Stack
 from gpuscale.queue import NewTask, Queue
 from gpuscale.worker.handlers.replay import replay_document
 from gpuscale.worker.settings import WorkerSettings
 
-REPLAY_DB = "gpuscale_replay"
+# The replay's own embedded server holds the demo's database name (queries.sql creates it).
+REPLAY_DB = "gpuscale_demo"
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = (ROOT / "deploy" / "datacrunch" / "visual.yaml", ROOT / "deploy" / "datacrunch" / "text.yaml")
 FINAL = ("done", "failed", "dead", "cancelled")
@@ -197,14 +195,11 @@ class Replay:
             raise ReplayError(f"no deployment spec for pool(s) {', '.join(missing)} (by GPUSCALE_POOL)")
         self.client_secret = secrets.token_urlsafe(24)
         self.worker_token = secrets.token_urlsafe(24)
-        self.procs: ProcessSet | None = None
+        self.stack: Stack | None = None
         self.pg: Any = None
         self.dsn = ""
-        self.db: asyncpg.Pool | None = None
+        self.db: Connector | None = None
         self.queue: Queue | None = None
-        self.http = httpx.AsyncClient(timeout=5.0)
-        self.emulator_url = ""
-        self.controller_url = ""
         self.t0 = 0.0  # wall (time.time) when trace time 0 was
         self.db_ids: list[int] = []
         self.enqueued_at: dict[int, float] = {}  # graph index -> wall time it was enqueued
@@ -223,7 +218,6 @@ class Replay:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_INHERITED) or k in _KEEP}
         env.update(
             {
-                RUN_MARKER: self.run_id,
                 "GPUSCALE_DATABASE_URL": self.dsn,
                 "GPUSCALE_WORKER_TOKEN": self.worker_token,
                 "GPUSCALE_WORKER_HOST": "127.0.0.1",
@@ -247,29 +241,43 @@ class Replay:
 
         self.pg = EmbeddedPostgres(self.data_dir / "pg")
         await asyncio.to_thread(self.pg.start)
-        admin = await asyncpg.connect(self.pg.dsn("postgres"))
+        admin = await Connector(self.pg.dsn("postgres")).dedicated()
         try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{REPLAY_DB}" WITH (FORCE)')
-            await admin.execute(f'CREATE DATABASE "{REPLAY_DB}"')
+            # A fresh database each run, so everything read back is this run's.
+            await admin.execute("drop_demo_database")
+            await admin.execute("create_demo_database")
         finally:
             await admin.close()
         self.dsn = self.pg.dsn(REPLAY_DB)
 
     def _spec_files(self) -> list[Path]:
+        """Every deployment of every pool (fallbacks included), as the shipped specs say, with the
+        pool's serving settings and replay mode."""
         out_dir = self.data_dir / "deploy"
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = []
         for name, rules in self.scaled.pools.items():
-            spec = copy.deepcopy(self.specs[name])
-            spec["name"] = rules.deployment
-            spec = deployspec.with_serving_env(spec, rules.tasks_per_replica, rules.parallel)
-            env = [e for e in spec["containers"][0]["env"] if e["name"] != "GPUSCALE_WORKER_REPLAY"]
-            env.append(
-                {"name": "GPUSCALE_WORKER_REPLAY", "value_or_reference_to_secret": "true", "type": "plain"}
-            )
-            spec["containers"][0]["env"] = env
+            wanted = {o.name for o in rules.options}
+            docs = []
+            for spec in self.specs[name]:
+                if spec["name"] not in wanted:
+                    continue
+                spec = deployspec.with_serving_env(spec, rules.tasks_per_replica, rules.parallel)
+                env = [e for e in spec["containers"][0]["env"] if e["name"] != "GPUSCALE_WORKER_REPLAY"]
+                env.append(
+                    {
+                        "name": "GPUSCALE_WORKER_REPLAY",
+                        "value_or_reference_to_secret": "true",
+                        "type": "plain",
+                    }
+                )
+                spec["containers"][0]["env"] = env
+                docs.append(spec)
+            missing = sorted(wanted - {d["name"] for d in docs})
+            if missing:
+                raise ReplayError(f"pool {name}: no deployment spec named {', '.join(missing)}")
             path = out_dir / f"{name}.yaml"
-            path.write_text(yaml.safe_dump(spec, sort_keys=False))
+            path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
             paths.append(path)
         return paths
 
@@ -277,63 +285,42 @@ class Replay:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         say("starting PostgreSQL")
         await self._database()
-        self.procs = ProcessSet(self.log_dir, self._env())
-        procs = self.procs
-        await asyncio.to_thread(procs.run, "migrate", gpuscale_cmd("db", "migrate"))
-        self.db = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4)
+        stack = self.stack = Stack(
+            log_dir=self.log_dir,
+            env=self._env(),
+            client_id="replay",
+            client_secret=self.client_secret,
+            run_id=self.run_id,
+            stop_grace_s=30.0,
+        )
+        await stack.migrate()
+        self.db = await Connector(self.dsn, min_connections=1, max_connections=4).open()
         self.queue = Queue(self.db)
         cold = min(r.cold_start_s for r in self.scaled.pools.values())
         say(f"starting the emulator (cold start {cold:.2f}s)")
-        port = free_port()
-        self.emulator_url = f"http://127.0.0.1:{port}"
-        grace = _DRAIN_GRACE_S / self.k + 5  # SIGKILL only after the (scaled) drain
-        emulator = procs.start(
-            "emulator",
-            gpuscale_cmd("emulator", "--port", str(port), "--cold-start", f"{cold:.3f}", "--spawn-early",
-                         "--stop-order", "newest",
-                         "--grace", f"{grace:.3f}", "--log-dir", str(self.log_dir / "replicas")),
-            env={"GPUSCALE_EMULATOR_CLIENT_ID": "replay",
-                 "GPUSCALE_EMULATOR_CLIENT_SECRET": self.client_secret},
-        )  # fmt: skip
-        await asyncio.to_thread(wait_http, f"{self.emulator_url}/_emulator/state", emulator, timeout=30)
-        procs.env.update(
-            {
-                "DATACRUNCH_BASE_URL": f"{self.emulator_url}/v1",
-                "DATACRUNCH_CLIENT_ID": "replay",
-                "DATACRUNCH_CLIENT_SECRET": self.client_secret,
-            }
+        await stack.start_emulator(
+            cold_start_s=cold,
+            grace_s=_DRAIN_GRACE_S / self.k + 5,  # SIGKILL only after the (scaled) drain
+            # Replicas spawned at once register when their cold start ends; a scale-down stops
+            # the newest (the simulator compares with the same rule).
+            extra_args=("--spawn-early", "--stop-order", "newest"),
         )
         say("creating the deployments (gpuscale deploy apply)")
-        await asyncio.to_thread(
-            procs.run, "deploy-apply", gpuscale_cmd("deploy", "apply", *map(str, self._spec_files()))
-        )
+        await stack.apply_deployments(self._spec_files())
         say(f"starting the controller (every duration / {self.k:g})")
         pools_file = self.data_dir / "pools.yaml"
         pools_file.write_text(pools_yaml(self.scaled))
-        http_port = free_port()
-        self.controller_url = f"http://127.0.0.1:{http_port}"
-        controller = procs.start(
-            "controller",
-            gpuscale_cmd("controller", "--http-port", str(http_port)),
-            env={
-                "GPUSCALE_POOLS_FILE": str(pools_file),
-                "GPUSCALE_PROVIDER": "datacrunch",
-                "GPUSCALE_HTTP_PORT": str(http_port),
-                "GPUSCALE_COST_INTERVAL_S": "1",
-            },
-        )
-        await asyncio.to_thread(wait_http, f"{self.controller_url}/readyz", controller, timeout=60)
+        await stack.start_controller(env={"GPUSCALE_POOLS_FILE": str(pools_file)})
+        await stack.wait_controller()
 
     async def stop(self) -> None:
-        if self.procs is not None:
-            await asyncio.to_thread(self.procs.stop_all, 30.0)
-            self.procs = None
-        self.leftovers = await asyncio.to_thread(kill_leftovers, self.run_id)
+        if self.stack is not None:
+            self.leftovers = await self.stack.stop()
+            self.stack = None
         if self.db is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.db.close(), 10)
             self.db = None
-        await self.http.aclose()
         if self.pg is not None:
             await asyncio.to_thread(self.pg.stop)
             self.pg = None
@@ -372,11 +359,13 @@ class Replay:
 
     async def _sample(self) -> dict[str, int]:
         """Billed replicas per deployment now (starting or running), recorded per replica."""
-        resp = await self.http.get(f"{self.emulator_url}/_emulator/state")
-        resp.raise_for_status()
+        assert self.stack is not None
+        state = await self.stack.emulator_state()
+        if state is None:
+            raise ReplayError("the emulator does not answer")
         now = time.time()
         counts: dict[str, int] = {}
-        for dep, body in resp.json()["deployments"].items():
+        for dep, body in state["deployments"].items():
             n = 0
             for r in body["replicas"]:
                 if r["status"] not in ("starting", "running"):
@@ -389,35 +378,23 @@ class Replay:
                 else:
                     entry[2] = now
             counts[dep] = n
-            self.max_seen[dep] = max(self.max_seen.get(dep, 0), n)
         return counts
 
     async def _registrations(self) -> None:
         """When each replica's worker registered (servers are deleted when they deregister, so
         this is sampled while the replay runs)."""
         assert self.db is not None
-        rows = await self.db.fetch(
-            """SELECT container_id, extract(epoch FROM started_at)::float8 AS started_at
-                 FROM processing_servers WHERE container_id IS NOT NULL"""
-        )
-        for r in rows:
+        for r in await self.db.fetch("replay_registrations"):
             self.registered.setdefault(r["container_id"], r["started_at"])
 
     async def _final_count(self) -> int:
         assert self.db is not None
-        return int(
-            await self.db.fetchval(
-                """SELECT count(*) FROM processing_queue
-                    WHERE id = ANY($1::bigint[]) AND status::text = ANY($2)""",
-                [i for i in self.db_ids if i],
-                list(FINAL),
-            )
-        )
+        return int(await self.db.fetchval("replay_final_count", [i for i in self.db_ids if i], list(FINAL)))
 
     async def run(self, on_progress: Callable[[Progress], None] = lambda _p: None) -> SimResult:
-        assert self.procs is not None
+        assert self.stack is not None
         end_arrival = max((t.arrival_s for t in self.tasks), default=0.0)
-        by_dep = {r.deployment: n for n, r in self.scaled.pools.items()}
+        by_dep = {o.name: n for n, r in self.scaled.pools.items() for o in r.options}
         self.t0 = time.time() + 0.5
         feeder = asyncio.create_task(self._enqueue_all())
         last_check = 0.0
@@ -427,13 +404,15 @@ class Replay:
         try:
             while True:
                 counts = await self._sample()
-                replicas = {by_dep.get(d, d): n for d, n in counts.items()}
+                replicas: dict[str, int] = {}
+                for d, n in counts.items():  # a pool's deployments (fallbacks) together
+                    replicas[by_dep.get(d, d)] = replicas.get(by_dep.get(d, d), 0) + n
+                for pool_name, n in replicas.items():
+                    self.max_seen[pool_name] = max(self.max_seen.get(pool_name, 0), n)
                 if time.monotonic() - last_check > 1.0:
                     last_check = time.monotonic()
                     await self._registrations()
-                    dead = self.procs.dead()
-                    if dead:
-                        raise ChildFailed(f"{dead[0].name} exited:\n{dead[0].log_tail()}")
+                    self.stack.check_alive()
                     if feeder.done():
                         feeder.result()  # raises what went wrong enqueueing
                         done = await self._final_count()
@@ -466,14 +445,7 @@ class Replay:
     # ------------------------------------------------------------------ result
     async def result(self) -> SimResult:
         assert self.db is not None
-        rows = await self.db.fetch(
-            """SELECT id, status::text AS status,
-                      extract(epoch FROM queued_at)::float8 AS queued_at,
-                      extract(epoch FROM started_at)::float8 AS started_at,
-                      extract(epoch FROM finished_at)::float8 AS finished_at
-                 FROM processing_queue WHERE id = ANY($1::bigint[])""",
-            [i for i in self.db_ids if i],
-        )
+        rows = await self.db.fetch("replay_task_times", [i for i in self.db_ids if i])
         by_id = {r["id"]: r for r in rows}
         k, t0 = self.k, self.t0
         # Diagnostics in trace seconds: how long replicas took from request to registered, and
@@ -508,23 +480,19 @@ class Replay:
             last_event = max(last_event, (finish - t0) * k)
         end = max((v[2] - t0) * k for v in self.seen.values()) if self.seen else last_event
         end = max(end, last_event)
-        events = await self.db.fetch(
-            """SELECT pool, reason, count(*) AS n FROM scaling_events
-                WHERE from_replicas IS NOT NULL AND to_replicas <> from_replicas
-                  AND outcome = 'applied' GROUP BY 1, 2"""
-        )
+        events = await self.db.fetch("replay_scale_events")
         pools: dict[str, PoolResult] = {}
         for name, rules in self.config.pools.items():
             pools[name] = PoolResult(name=name, price_per_hour=rules.price_per_hour)
-        dep_pool = {r.deployment: n for n, r in self.scaled.pools.items()}
+        dep_pool = {o.name: n for n, r in self.scaled.pools.items() for o in r.options}
         for dep, first, last in self.seen.values():
             pool = dep_pool.get(dep)
             if pool is not None:
                 pools[pool].replica_seconds += (last - first) * k
                 pools[pool].replicas_started += 1
-        for dep, n in self.max_seen.items():
-            if dep in dep_pool:
-                pools[dep_pool[dep]].max_replicas_seen = n
+        for pool_name, n in self.max_seen.items():
+            if pool_name in pools:
+                pools[pool_name].max_replicas_seen = n
         types = self.config.type_to_pool()
         for t in self.tasks:
             pools[types[t.task_type]].tasks += 1
@@ -551,14 +519,18 @@ class Replay:
         )
 
 
-def _specs_by_pool(files: Sequence[Path]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
+def _specs_by_pool(files: Sequence[Path]) -> dict[str, list[dict[str, Any]]]:
+    """Every deployment of the spec files, by the pool their container serves (GPUSCALE_POOL)."""
+    out: dict[str, list[dict[str, Any]]] = {}
     for path in files:
-        spec = deployspec.load_file(Path(path))
-        env = {e["name"]: e["value_or_reference_to_secret"] for e in spec["containers"][0].get("env") or []}
-        pool = env.get("GPUSCALE_POOL")
-        if pool:
-            out[pool] = spec
+        for spec in deployspec.load_all(Path(path)):
+            spec = deployspec.fill_volume_id(spec, "replay-shared")
+            env = {
+                e["name"]: e["value_or_reference_to_secret"] for e in spec["containers"][0].get("env") or []
+            }
+            pool = env.get("GPUSCALE_POOL")
+            if pool:
+                out.setdefault(pool, []).append(spec)
     return out
 
 

@@ -184,6 +184,7 @@ class Stack:
         grace_s: float | None = None,
         port: int = 0,
         shared_dir: Path | None = None,
+        extra_args: Sequence[str] = (),
     ) -> str:
         """The DataCrunch emulator, checking this stack's client credentials like the real OAuth
         endpoint does; every later child gets ``DATACRUNCH_*`` pointing at it.  ``shared_dir``:
@@ -195,6 +196,7 @@ class Stack:
         argv += ["--log-dir", str(self.log_dir / "replicas")]
         if shared_dir is not None:
             argv += ["--shared-dir", str(shared_dir)]
+        argv += list(extra_args)  # e.g. gpuscale replay's --spawn-early --stop-order newest
         env = {
             "GPUSCALE_EMULATOR_CLIENT_ID": self.client_id,
             "GPUSCALE_EMULATOR_CLIENT_SECRET": self.client_secret,

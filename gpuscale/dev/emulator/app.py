@@ -432,9 +432,7 @@ class EmulatorState:
                     if self.config.spawn_early:
                         env["GPUSCALE_REPLICA_READY_AT"] = f"{replica.ready_at:.3f}"
                     try:
-                        replica.proc = await self.children.start(
-                            replica.id, self._command(dep), env=env
-                        )
+                        replica.proc = await self.children.start(replica.id, self._command(dep), env=env)
                     except SpawnError as exc:
                         replica.failed = str(exc)
                         log.error("emulator: %s", exc)
