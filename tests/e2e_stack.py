@@ -90,6 +90,14 @@ CREATE TRIGGER e2e_done_audit AFTER UPDATE ON processing_queue
 """
 
 
+# A short leader lease, so a failover takes seconds (the defaults are client-go's 15/10/2 s).
+LEASE_DURATION_S, RENEW_DEADLINE_S, RETRY_PERIOD_S = 3.0, 2.0, 0.5
+LEASE_ENV = {
+    "GPUSCALE_LEADER_LEASE_DURATION_S": str(LEASE_DURATION_S),
+    "GPUSCALE_LEADER_RENEW_DEADLINE_S": str(RENEW_DEADLINE_S),
+    "GPUSCALE_LEADER_RETRY_PERIOD_S": str(RETRY_PERIOD_S),
+}
+
 SHARED_VOLUME = "e2e-shared"
 # (pool, deployment, worker concurrency, spot) of the stack's deployments.
 DEPLOYMENTS: tuple[tuple[str, str, int, bool], ...] = (
@@ -172,6 +180,7 @@ class Stack(DevStack):
             "GPUSCALE_POOLS_FILE": str(workdir / "pools.yaml"),
             "GPUSCALE_HEARTBEAT_TIMEOUT_S": "3",
             "GPUSCALE_REAPER_INTERVAL_S": "1",
+            **LEASE_ENV,
         }
 
     @property

@@ -70,6 +70,7 @@ def assert_refused(r: subprocess.CompletedProcess[str], cwd: Path, *words: str) 
         ("GPUSCALE_HTTP_PORT", "abc", ("GPUSCALE_HTTP_PORT", "integer")),
         ("GPUSCALE_HEARTBEAT_TIMEOUT_S", "abc", ("GPUSCALE_HEARTBEAT_TIMEOUT_S", "number")),
         ("GPUSCALE_MAX_PDF_PAGES", "0", ("GPUSCALE_MAX_PDF_PAGES",)),
+        ("GPUSCALE_LEADER_RENEW_DEADLINE_S", "20", ("GPUSCALE_LEADER_RENEW_DEADLINE_S", "LEASE_DURATION")),
     ],
 )
 def test_invalid_setting_from_env_exits_2(tmp_path: Path, name: str, value: str, words: tuple[str]) -> None:

@@ -86,6 +86,15 @@ async def _create_deployments(emu: Emulator) -> None:
         await client.aclose()
 
 
+async def expire_lease(app: ControllerApp) -> None:
+    """The leader's term runs out by the database's clock, as when its process froze or died."""
+    conn = await asyncpg.connect(app.dsn)
+    try:
+        await conn.execute("UPDATE controller_lease SET renewed_at = renewed_at - interval '1 day'")
+    finally:
+        await conn.close()
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = time.time()
@@ -210,7 +219,7 @@ async def test_scales_down_after_idle(make_app, deployments: Emulator) -> None: 
     clock = Clock()
     app = await make_app()
     app.reconciler.clock = clock
-    await app.provider.set_replicas("gpuscale-visual", 2)
+    await app.raw_provider.set_replicas("gpuscale-visual", 2)
     await app.tick()
     assert await _target(deployments, "gpuscale-visual") == 2, "scaled down at once"
     clock.now += 30
@@ -227,7 +236,7 @@ async def test_holds_on_provider_errors(make_app, deployments: Emulator) -> None
     clock = Clock()
     app = await make_app()
     app.reconciler.clock = clock
-    await app.provider.set_replicas("gpuscale-visual", 2)
+    await app.raw_provider.set_replicas("gpuscale-visual", 2)
     await app.tick()
     deployments.set_faults(error=1.0)
     try:
@@ -245,7 +254,7 @@ async def test_holds_on_database_errors(make_app, deployments: Emulator, pg_serv
     clock = Clock()
     app = await make_app()
     app.reconciler.clock = clock
-    await app.provider.set_replicas("gpuscale-visual", 2)
+    await app.raw_provider.set_replicas("gpuscale-visual", 2)
     await app.tick()
     # The queue becomes unreadable (a real error from the real server: its database is gone).
     broken = await asyncpg.create_pool(pg_server, min_size=1, max_size=1)
@@ -306,14 +315,15 @@ async def test_only_the_leader_acts_and_a_standby_takes_over(make_app, deploymen
     assert await first.tick()
     assert not await second.tick(), "two leaders at once"
     assert first.is_leader and not second.is_leader
-    # The leader's session dies (as when its process is killed): the lock goes with it.
+    lease = (await second.pools_view())["lease"]
+    assert lease["holder"] == first.controller_id and lease["generation"] == 1 and not lease["expired"]
+    # The leader's session dies: with a lease, that alone changes nothing (it reconnects).
     assert first.leader._conn is not None
     first.leader._conn.terminate()
-    # The server releases the lock when it notices the session is gone: moments, not a tick.
-    for _ in range(50):
-        if await second.tick():
-            break
-        await asyncio.sleep(0.1)
+    assert await first.tick() and not await second.tick()
+    # Its term runs out (as when the process is frozen or killed): the standby takes over.
+    await expire_lease(first)
+    assert await second.tick()
     assert second.is_leader
     assert not await first.tick(), "the old leader acted while the standby leads"
     assert not first.is_leader
@@ -329,14 +339,14 @@ async def test_replica_that_never_registers_is_replaced(make_app, deployments: E
     await _enqueue(app.queue, 1)
     await app.tick()
     assert await _target(deployments, "gpuscale-visual") == 1
-    first = {r.id for r in (await app.provider.observe("gpuscale-visual")).replicas}
+    first = {r.id for r in (await app.raw_provider.observe("gpuscale-visual")).replicas}
     assert len(first) == 1
     before = m.REPLACEMENTS.labels("visual")._value.get()
     clock.now += 11
     await app.tick()
     assert app.reconciler.views["visual"].last_decision["reason"] == "startup_timeout"
     assert m.REPLACEMENTS.labels("visual")._value.get() == before + 1
-    now_ids = {r.id for r in (await app.provider.observe("gpuscale-visual")).replicas}
+    now_ids = {r.id for r in (await app.raw_provider.observe("gpuscale-visual")).replicas}
     assert not (first & now_ids), "the replica that never registered is still there"
     reasons = [e["reason"] for e in await app.store.events("visual")]
     assert "startup_timeout" in reasons
@@ -492,20 +502,16 @@ async def test_a_new_leader_takes_over_the_policy_memory(make_app, deployments: 
     clock = Clock()
     first = await make_app()
     first.reconciler.clock = clock
-    await first.provider.set_replicas("gpuscale-visual", 2)
+    await first.raw_provider.set_replicas("gpuscale-visual", 2)
     await first.tick()  # visual: 2 idle replicas, the idle timers start now
     clock.now += 45
     await first.tick()
     assert await _target(deployments, "gpuscale-visual") == 2
-    assert first.leader._conn is not None
-    first.leader._conn.terminate()
+    await expire_lease(first)
     second = await make_app()
     second.reconciler.clock = clock
     clock.now += 20  # 65 s idle in all: past the 60 s delay only if the timers were carried over
-    for _ in range(50):
-        if await second.tick():
-            break
-        await asyncio.sleep(0.1)
+    assert await second.tick()
     assert second.is_leader
     assert await _target(deployments, "gpuscale-visual") < 2, "the new leader restarted the idle timers"
 
@@ -572,14 +578,10 @@ async def test_learned_durations_are_exported_and_kept_by_a_new_leader(make_app,
     learned = first.reconciler.estimator.expected("slide_feedback")
     assert learned > before + 50
     assert gauge._value.get() == pytest.approx(learned)
-    assert first.leader._conn is not None
-    first.leader._conn.terminate()
+    await expire_lease(first)
     second = await make_app()
     assert second.reconciler.estimator.expected("slide_feedback") == pytest.approx(before)
-    for _ in range(50):
-        if await second.tick():
-            break
-        await asyncio.sleep(0.1)
+    assert await second.tick()
     assert second.reconciler.estimator.expected("slide_feedback") == pytest.approx(learned)
 
 

@@ -89,6 +89,10 @@ def ctl_env(db_env: dict[str, str], emulator: Emulator, tmp_path: Path) -> dict[
         **_dc_env(emulator),
         "GPUSCALE_POOLS_FILE": str(pools),
         "GPUSCALE_DATACRUNCH_RETRY_ATTEMPTS": "2",
+        # A short leader lease: a killed leader's term ends in seconds.
+        "GPUSCALE_LEADER_LEASE_DURATION_S": "3",
+        "GPUSCALE_LEADER_RENEW_DEADLINE_S": "2",
+        "GPUSCALE_LEADER_RETRY_PERIOD_S": "0.5",
     }
 
 

@@ -1,6 +1,6 @@
 """End to end: kill -9 the leader controller mid-run while a standby runs; the standby takes over.
 
-Two ``gpuscale controller`` processes share the database; one holds the leader lock.  While a few
+Two ``gpuscale controller`` processes share the database; one holds the leader lease.  While a few
 hundred tasks run, the test samples both controllers' ``gpuscale_leader`` gauge and then SIGKILLs
 the leader.  The standby must take over within seconds and the run must finish (every task
 ``done`` exactly once, the pool back to zero).  "Never both act" is checked two ways: no sample

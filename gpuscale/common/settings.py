@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ProviderName = Literal["datacrunch", "docker", "local"]
@@ -106,6 +106,12 @@ class Settings(DatabaseAccess):
     retention_batch: int = 5000
     # The compact task history (`gpuscale trace export`, `gpuscale tune`) is kept this long.
     history_retention_days: float = 90.0
+    # Leadership (issue 10): a lease in the database, as client-go's leader election.  The leader
+    # renews it every retry period; one that has not renewed for the renew deadline stops acting,
+    # before the lease (the duration after its last renewal) expires and a standby may take it.
+    leader_lease_duration_s: float = Field(default=15.0, gt=0, le=3600)
+    leader_renew_deadline_s: float = Field(default=10.0, gt=0)
+    leader_retry_period_s: float = Field(default=2.0, gt=0)
 
     ollama_host: str = Field(
         default="http://127.0.0.1:11434", validation_alias=AliasChoices("OLLAMA_HOST", "GPUSCALE_OLLAMA_HOST")
@@ -133,6 +139,18 @@ class Settings(DatabaseAccess):
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 
+    @model_validator(mode="after")
+    def _lease_timings(self) -> Settings:
+        if self.leader_renew_deadline_s >= self.leader_lease_duration_s:
+            raise ValueError(
+                "GPUSCALE_LEADER_RENEW_DEADLINE_S must be less than GPUSCALE_LEADER_LEASE_DURATION_S"
+            )
+        if self.leader_retry_period_s * 1.2 >= self.leader_renew_deadline_s:
+            raise ValueError(
+                "GPUSCALE_LEADER_RETRY_PERIOD_S × 1.2 must be less than GPUSCALE_LEADER_RENEW_DEADLINE_S"
+            )
+        return self
+
     @property
     def embedded_pg_dir(self) -> Path:
         return (self.pg_dir or self.data_dir / "pg").absolute()
@@ -156,10 +174,14 @@ def describe_settings_error(exc: ValidationError) -> str:
     problems = []
     for err in exc.errors(include_url=False, include_input=False):
         loc = [str(part) for part in err.get("loc", ())]
-        name = loc[0] if loc else "?"
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        if not loc:  # a rule across settings: its message names them
+            problems.append(msg)
+            continue
+        name = loc[0]
         # Fields are reported by name (env: GPUSCALE_<NAME>); aliased ones by their alias
         # (e.g. DATACRUNCH_CLIENT_ID), which already is the variable.
         var = name if name.isupper() else f"GPUSCALE_{name.upper()}"
         where = ".".join([var, *loc[1:]])
-        problems.append(f"{where}: {str(err.get('msg', 'invalid')).removeprefix('Value error, ')}")
+        problems.append(f"{where}: {msg}")
     return "invalid setting " + "; ".join(problems)

@@ -1,5 +1,11 @@
-"""The ``gpuscale controller`` process: wiring of the database, the leader lock, the provider,
+"""The ``gpuscale controller`` process: wiring of the database, the leader lease, the provider,
 the reconciler, the periodic jobs (apscheduler) and the ops HTTP server.
+
+Leadership is a lease in the database (:mod:`gpuscale.controller.leader`), renewed by a task of
+its own every retry period; the provider the reconciler uses is fenced by it
+(:class:`~gpuscale.controller.providers.fenced.FencedProvider`), so only the current leader's
+term ever reaches the provider.  When this process stops leading, a provider whose replicas are
+its own processes (``local``) stops them: they belong to the pool, not to this process.
 
 Jobs (AsyncIOScheduler, one instance of each at a time):
 
@@ -32,10 +38,11 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from gpuscale.common.serving import AppServer
 from gpuscale.common.settings import Settings
 from gpuscale.controller import metrics as m
-from gpuscale.controller.leader import LeaderElector
+from gpuscale.controller.leader import LeaseElector, export_leader_gauge
 from gpuscale.controller.ops_api import build_app
 from gpuscale.controller.pools import PoolsConfig
 from gpuscale.controller.providers import LaunchSpec, Provider, make_provider
+from gpuscale.controller.providers.fenced import FencedProvider
 from gpuscale.controller.reconcile import PoolView, Reconciler
 from gpuscale.controller.store import ControllerStore
 from gpuscale.db import Connector
@@ -80,8 +87,24 @@ class ControllerApp:
         self.controller_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._provider = provider
         self.interval = settings.reconcile_interval_s or config.reconcile_interval_s
-        # The lock lives on its session: never through a transaction pooler.
-        self.leader = LeaderElector(settings.listen_dsn(dsn))
+        # At most four connections whatever the fleet: two for the work (ticks, reaper, API),
+        # LISTEN and the leader's lease (both direct when GPUSCALE_DATABASE_LISTEN_URL is set).
+        self.db = Connector(
+            dsn,
+            min_connections=1,
+            max_connections=WORK_CONNECTIONS,
+            listen_dsn=settings.listen_dsn(dsn),
+            statement_cache_size=settings.database_statement_cache_size,
+        )
+        self.leader = LeaseElector(
+            self.db,
+            self.controller_id,
+            lease_duration_s=settings.leader_lease_duration_s,
+            renew_deadline_s=settings.leader_renew_deadline_s,
+            retry_period_s=settings.leader_retry_period_s,
+            on_stopped_leading=self._stopped_leading,
+        )
+        self._lease_stop = asyncio.Event()
         self._stop = asyncio.Event()
         # Set while the LISTEN connection is up: the fast path works from then on (tests wait on it).
         self.listening = asyncio.Event()
@@ -96,7 +119,6 @@ class ControllerApp:
         self._timings_since: dt.datetime | None = None
         self._stopping = False
         self._leading = False  # whether the last tick ran as leader (load saved state on a change)
-        self.db: Connector | None = None
         self.http_port: int | None = None
 
     # -------------------------------------------------------------- accessors used by the API
@@ -114,7 +136,6 @@ class ControllerApp:
 
     async def database_ok(self) -> tuple[bool, str | None]:
         try:
-            assert self.db is not None
             await asyncio.wait_for(self.db.fetchval("ping"), timeout=2)
             return True, None
         except Exception as exc:
@@ -125,6 +146,8 @@ class ControllerApp:
         return {
             "controller_id": self.controller_id,
             "role": "leader" if self.is_leader else "standby",
+            "term": self.leader.generation if self.is_leader else None,
+            "lease": await self.leader.read(),
             "dry_run": self.dry_run,
             "provider": self.provider.name,
             "pools": list(views.values()),
@@ -133,21 +156,15 @@ class ControllerApp:
 
     # -------------------------------------------------------------- lifecycle
     async def setup(self) -> None:
-        # At most four connections whatever the fleet: two for the work (ticks, reaper, API),
-        # LISTEN and the leader's session (both direct when GPUSCALE_DATABASE_LISTEN_URL is set).
-        self.db = await Connector(
-            self.dsn,
-            min_connections=1,
-            max_connections=WORK_CONNECTIONS,
-            listen_dsn=self.settings.listen_dsn(self.dsn),
-            statement_cache_size=self.settings.database_statement_cache_size,
-        ).open()
+        await self.db.open()
         await self.db.migrate()
         self._queue = Queue(self.db, lease_s=self.settings.lease_seconds)
         self._store = ControllerStore(self.db)
-        self.provider = self._provider or make_provider(
+        self.raw_provider = self._provider or make_provider(
             self.settings, default_launches(self.config, self.dsn)
         )
+        # Every call the reconciler (or anything else here) makes goes through the fence.
+        self.provider = FencedProvider(self.raw_provider, self.leader.may_act)
         self.reconciler = Reconciler(
             self.config,
             self._queue,
@@ -155,16 +172,29 @@ class ControllerApp:
             self.provider,
             controller_id=self.controller_id,
             dry_run=self.dry_run,
-            may_act=self.leader.ensure,
+            may_act=self.leader.may_act,
         )
-        m.LEADER.set(0)
+        export_leader_gauge(self.leader)
+
+    async def _stopped_leading(self) -> None:
+        """The lease is lost (not renewed within the renew deadline, or taken): stop what this
+        process started where that is processes of its own, so the pool's new leader does not
+        run on top of them."""
+        self._leading = False
+        self._timings_since = None
+        step_down = getattr(self.raw_provider, "step_down", None)
+        if step_down is not None:
+            await step_down()
 
     async def teardown(self) -> None:
-        await self.leader.release()
+        # Stop acting, stop what we started, and only then hand the lease over: a standby that
+        # took it earlier could start replicas while ours still run.
+        self.leader.resign()
+        self._lease_stop.set()
         with contextlib.suppress(Exception):
-            await self.provider.aclose()
-        if self.db is not None:
-            await self.db.close()
+            await self.raw_provider.aclose()
+        await self.leader.release()
+        await self.db.close()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -179,9 +209,12 @@ class ControllerApp:
         await self.export_task_timings()
         return True
 
-    async def _lead(self) -> bool:
-        """Whether this process may act now; on becoming leader, take over the saved policy state."""
-        if not await self.leader.ensure():
+    async def _lead(self, *, renew: bool = True) -> bool:
+        """Whether this process may act now; on becoming leader, take over the saved policy state.
+
+        ``renew=False`` (the fast path) trusts the lease task's last renewal instead of renewing
+        first: every provider call is fenced anyway."""
+        if not (await self.leader.ensure() if renew else self.leader.is_leader):
             self._timings_since = None
             self._leading = False
             return False
@@ -338,7 +371,7 @@ class ControllerApp:
                 await asyncio.sleep(wait)
                 pools, self._pending_fast = sorted(self._pending_fast), set()
                 self._last_fast = loop.time()
-                if pools and await self._lead():
+                if pools and await self._lead(renew=False):
                     await self.reconciler.reconcile_some(pools, self._spend_cache)
         except Exception:
             log.exception("fast reconcile failed")
@@ -385,6 +418,7 @@ class ControllerApp:
         scheduler.add_job(job(self.retention), "interval", seconds=3600, **common)
         scheduler.start()
         listener = asyncio.create_task(self._listen_loop())
+        lease = asyncio.create_task(self.leader.run(self._lease_stop))
         log.info(
             "controller %s: provider=%s pools=%s interval=%.1fs%s http=%s",
             self.controller_id,
@@ -406,6 +440,8 @@ class ControllerApp:
             scheduler.shutdown(wait=False)
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
+            self._lease_stop.set()
+            await asyncio.gather(lease, return_exceptions=True)
             await self.account_cost()
             if server is not None:
                 await server.stop(timeout_s=5)
@@ -441,7 +477,7 @@ class ControllerApp:
         await self.setup()
         try:
             if not await self.leader.ensure():
-                return False, "another controller holds the leader lock (or the database is unreachable)"
+                return False, "another controller holds the leader lease (or the database is unreachable)"
             await self.reap()
             decisions = await self.reconciler.reconcile_all(await self._month_spend())
             errors = [e for v in self.reconciler.views.values() for e in v.errors]

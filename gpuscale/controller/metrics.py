@@ -67,7 +67,20 @@ REPLACEMENTS = Counter(
     "Replicas given up on (not registered within startup_timeout) and replaced.",
     ["pool"],
 )
-LEADER = Gauge("gpuscale_leader", "1 while this controller holds the leader lock, else 0.")
+LEADER = Gauge(
+    "gpuscale_leader", "1 while this controller leads (holds the lease, within its renew deadline), else 0."
+)
+PROVIDER_FENCE = Counter(
+    "gpuscale_provider_fence_total",
+    "Provider calls checked by the leader fence, by outcome (allowed, refused).",
+    ["outcome"],
+)
+for _outcome in ("allowed", "refused"):
+    PROVIDER_FENCE.labels(_outcome)  # both series exist from the first scrape
+LAST_PROVIDER_CALL = Gauge(
+    "gpuscale_provider_last_call_timestamp_seconds",
+    "When this controller last let a provider call through its leader fence (Unix time; 0: never).",
+)
 OBSERVE_ERRORS = Counter(
     "gpuscale_observe_errors_total",
     "Observations that failed (the pool held its replicas), by source.",

@@ -41,6 +41,7 @@ from gpuscale.controller.policy import (
 )
 from gpuscale.controller.pools import PoolRules, PoolsConfig
 from gpuscale.controller.providers.base import Provider, ProviderState
+from gpuscale.controller.providers.fenced import FencedProvider, NotLeader
 from gpuscale.controller.store import ControllerStore, ScalingEvent
 from gpuscale.queue import PoolStats, Queue, ServerInfo, WorkDetail
 
@@ -364,7 +365,7 @@ class Reconciler:
         errors: list[str] = []
         for dep, res in zip(names, results, strict=True):
             if isinstance(res, BaseException):
-                if not isinstance(res, Exception):
+                if not isinstance(res, Exception) or isinstance(res, NotLeader):
                     raise res
                 per[dep] = None
                 label = "provider" if len(names) == 1 else f"provider {dep}"
@@ -421,6 +422,11 @@ class Reconciler:
             started = time.perf_counter()
             try:
                 return await self._reconcile_locked(rules, observed, budget_spend)
+            except NotLeader as exc:
+                # The fence refused a provider call: this process does not lead (any more).  It
+                # neither acts nor records anything for the pool: that is the leader's to do.
+                log.info("pool %s: reconcile stopped, %s", name, exc)
+                return None
             finally:
                 m.RECONCILE_SECONDS.labels(name).observe(time.perf_counter() - started)
 
@@ -578,8 +584,12 @@ class Reconciler:
             return "unchanged", None
         if self.dry_run:
             return "dry_run", None
-        if self._may_act is not None and not await self._may_act():
-            return "not_leader", None
+        if (
+            self._may_act is not None
+            and not isinstance(self.provider, FencedProvider)  # that one checks before each call
+            and not await self._may_act()
+        ):
+            raise NotLeader(f"pool {rules.name}: not the leader; nothing changed")
         idle = [
             s.container_id
             for s in servers or ()
@@ -593,6 +603,8 @@ class Reconciler:
                 if stop:
                     await self._replace(dep, st.target, stop)
                 await self.provider.set_replicas(dep, target, idle=idle)
+            except NotLeader:
+                raise
             except Exception as exc:
                 log.warning(
                     "pool %s: provider call for %s failed: %s: %s", rules.name, dep, type(exc).__name__, exc

@@ -493,11 +493,49 @@ SELECT now()
 -- name: queue_schema_exists
 SELECT to_regclass('processing_queue') IS NOT NULL
 
--- name: try_leader_lock
-SELECT pg_try_advisory_lock($1)
+-- ====================================================================== the leader lease
+-- Times are the database's (clock_timestamp(), not the transaction's now()), so every controller
+-- judges expiry by one clock.  $1 is the lease's name, $2 the holder's identity.
 
--- name: release_leader_lock
-SELECT pg_advisory_unlock($1)
+-- name: lease_acquire
+-- Take lease $1 for $2 if it is free: never taken, released, expired, or already $2's (a holder
+-- that stepped down starts a new term).  A new term gets the next generation.  No row: another
+-- holder's term is running.  Two candidates at once: the row lock orders them, and the second
+-- sees the first's fresh term and gets no row.
+INSERT INTO controller_lease AS l (name, holder, generation, duration_s, acquired_at, renewed_at)
+VALUES ($1, $2, 1, $3, clock_timestamp(), clock_timestamp())
+ON CONFLICT (name) DO UPDATE
+   SET holder = EXCLUDED.holder, generation = l.generation + 1, duration_s = EXCLUDED.duration_s,
+       acquired_at = EXCLUDED.acquired_at, renewed_at = EXCLUDED.renewed_at
+ WHERE l.holder IS NULL OR l.holder = EXCLUDED.holder
+    OR l.renewed_at + make_interval(secs => l.duration_s) <= clock_timestamp()
+RETURNING generation
+
+-- name: lease_renew
+-- Extend $2's term $3 of lease $1 (for $4 seconds from now), only while it has not expired: an
+-- expired term is over even if nobody took it.  No row: the term is over.
+UPDATE controller_lease
+   SET renewed_at = clock_timestamp(), duration_s = $4
+ WHERE name = $1 AND holder = $2 AND generation = $3
+   AND renewed_at + make_interval(secs => duration_s) > clock_timestamp()
+RETURNING generation
+
+-- name: lease_check
+-- The fence before a provider action: is term $3 of lease $1 still $2's and unexpired?
+SELECT generation FROM controller_lease
+ WHERE name = $1 AND holder = $2 AND generation = $3
+   AND renewed_at + make_interval(secs => duration_s) > clock_timestamp()
+
+-- name: lease_release
+-- Hand the lease back at the end of term $3, so a standby need not wait for it to expire.
+UPDATE controller_lease SET holder = NULL WHERE name = $1 AND holder = $2 AND generation = $3
+
+-- name: lease_read
+-- The lease as it stands, with the database's clock (status, tests).
+SELECT holder, generation, duration_s, acquired_at, renewed_at,
+       renewed_at + make_interval(secs => duration_s) <= clock_timestamp() AS expired,
+       clock_timestamp() AS now
+  FROM controller_lease WHERE name = $1
 
 -- name: drop_demo_database
 -- The demo starts from a fresh database each run, so the counts on screen are this run's.

@@ -152,6 +152,23 @@ class LocalProvider(PinnedProvider[_Deployment]):
         """Replica id → process id (tests and the demo use it to look for orphans)."""
         return {rid: r.pid for rid, r in self._get(deployment).replicas.items()}
 
+    async def step_down(self) -> None:
+        """This controller no longer leads: its replicas belong to the pool, not to it, so it stops
+        every one (SIGTERM, then SIGKILL after the grace period, in the background) and sets every
+        deployment to zero, rather than leave a new leader's pool over ``max_replicas``."""
+        async with self._lock:
+            stopping = 0
+            for dep in self._deployments.values():
+                dep.target = 0
+                for replica in dep.replicas.values():
+                    if not replica.stopping:
+                        replica.begin_stop(self.stop_grace_s)
+                        stopping += 1
+            if stopping:
+                log.warning(
+                    "not leading any more: stopping the %d replica(s) this controller started", stopping
+                )
+
     async def aclose(self) -> None:
         """Stop every replica (SIGTERM, grace, SIGKILL) and wait until all are gone."""
         async with self._lock:
