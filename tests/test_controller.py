@@ -1,7 +1,7 @@
 """The controller against a real PostgreSQL and the DataCrunch emulator (replicas are processes).
 
 The clock of the reconciler is injected where a test must step past a delay; everything else is
-real: the queue, the leader lock, the DataCrunch client speaking HTTP to the emulator.
+real: the queue, the leader lease, the DataCrunch client speaking HTTP to the emulator.
 """
 
 from __future__ import annotations

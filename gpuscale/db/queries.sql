@@ -6,7 +6,7 @@
 -- registers the codec), so no statement needs ::text round trips for them.
 --
 -- Sections: tasks (enqueue, claim, complete, fail, release, reap, reads), the server registry,
--- the controller's own tables, process plumbing (health, the leader lock, the demo database).
+-- the controller's own tables, process plumbing (health, the leader lease, the demo database).
 
 -- ====================================================================== tasks: enqueue
 
