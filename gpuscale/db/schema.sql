@@ -240,6 +240,17 @@ BEGIN
     RETURN released;
 END $$;
 
+CREATE TABLE controller_lease (
+    name text NOT NULL,
+    holder text,
+    generation bigint NOT NULL,
+    duration_s double precision NOT NULL,
+    acquired_at timestamp with time zone NOT NULL,
+    renewed_at timestamp with time zone NOT NULL,
+    CONSTRAINT controller_lease_duration_s_check CHECK ((duration_s > (0)::double precision)),
+    CONSTRAINT controller_lease_generation_check CHECK ((generation > 0))
+);
+
 CREATE TABLE pool_control (
     pool text NOT NULL,
     paused boolean DEFAULT false NOT NULL,
@@ -373,6 +384,9 @@ CREATE SEQUENCE scaling_events_id_seq
 ALTER SEQUENCE scaling_events_id_seq OWNED BY scaling_events.id;
 
 ALTER TABLE ONLY scaling_events ALTER COLUMN id SET DEFAULT nextval('scaling_events_id_seq'::regclass);
+
+ALTER TABLE ONLY controller_lease
+    ADD CONSTRAINT controller_lease_pkey PRIMARY KEY (name);
 
 ALTER TABLE ONLY pool_control
     ADD CONSTRAINT pool_control_pkey PRIMARY KEY (pool);
