@@ -91,7 +91,10 @@ CREATE TRIGGER e2e_done_audit AFTER UPDATE ON processing_queue
 
 
 # A short leader lease, so a failover takes seconds (the defaults are client-go's 15/10/2 s).
-LEASE_DURATION_S, RENEW_DEADLINE_S, RETRY_PERIOD_S = 3.0, 2.0, 0.5
+# GPUSCALE_E2E_LEASE="15,10,2" runs the tests with other timings (to measure takeovers).
+LEASE_DURATION_S, RENEW_DEADLINE_S, RETRY_PERIOD_S = (
+    float(x) for x in os.environ.get("GPUSCALE_E2E_LEASE", "3,2,0.5").split(",")
+)
 LEASE_ENV = {
     "GPUSCALE_LEADER_LEASE_DURATION_S": str(LEASE_DURATION_S),
     "GPUSCALE_LEADER_RENEW_DEADLINE_S": str(RENEW_DEADLINE_S),

@@ -118,14 +118,15 @@ async def test_frozen_leader_is_replaced_and_wakes_up_fenced(dsn: str, tmp_path:
             )
             conn = await asyncpg.connect(dsn)
             try:
-                late = await conn.fetchval(
-                    "SELECT count(*) FROM scaling_events WHERE controller_id = $1 AND at > to_timestamp($2)",
+                late = await conn.fetch(
+                    "SELECT pool, reason, outcome, at FROM scaling_events"
+                    " WHERE controller_id = $1 AND at > to_timestamp($2)",
                     leader_id,
                     woke_wall,
                 )
             finally:
                 await conn.close()
-            assert late == 0, f"cycle {cycle}: the woken leader recorded {late} decision(s)"
+            assert late == [], f"cycle {cycle}: the woken leader recorded {[dict(r) for r in late]}"
             stack.check_alive()
         while await stack.unfinished(ids):
             stack.check_alive()

@@ -173,6 +173,7 @@ class ControllerApp:
             controller_id=self.controller_id,
             dry_run=self.dry_run,
             may_act=self.leader.may_act,
+            leading=lambda: self.leader.is_leader,
         )
         export_leader_gauge(self.leader)
 

@@ -251,6 +251,7 @@ class Reconciler:
         controller_id: str,
         dry_run: bool = False,
         may_act: Callable[[], Any] | None = None,
+        leading: Callable[[], bool] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -260,6 +261,9 @@ class Reconciler:
         self.controller_id = controller_id
         self.dry_run = dry_run
         self._may_act = may_act
+        # Whether this process leads right now (a local check, no round trip): the pool's saved
+        # state and its timeline are the leader's to write.
+        self._leading = leading or (lambda: True)
         self.clock = clock
         self.states: dict[str, PoolState] = {name: PoolState() for name in config.pools}
         # Expected seconds per task type, learned from the tasks seen finishing; saved with the
@@ -480,7 +484,7 @@ class Reconciler:
             # Compared on the frozen state objects: building the saved form costs more than that.
             learned = self.estimator.snapshot()
             source = (decision.state, self.placements[name], {t: learned.get(t) for t in rules.task_types})
-            if source != self._last_saved.get(name):
+            if source != self._last_saved.get(name) and self._leading():
                 try:
                     await self.store.save_pool_state(
                         name, self._saved_state(rules, decision.state), self.controller_id
@@ -718,6 +722,10 @@ class Reconciler:
             log.warning(msg + " error=%s", *args, fields["error"], extra={"fields": fields})
         else:
             log.info(msg, *args, extra={"fields": fields})
+        if not self._leading():
+            # It lost the lease during this reconcile (a freeze, say): the timeline is the new
+            # leader's; what was logged above stays in this process's log.
+            return
         try:
             await self.store.record_event(
                 ScalingEvent(
