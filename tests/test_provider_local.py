@@ -157,7 +157,8 @@ def test_the_allow_list_covers_every_worker_setting() -> None:
     from gpuscale.controller.providers.local import REPLICA_ENV
     from gpuscale.worker.settings import WorkerSettings
 
-    per_process = {"container_id", "server_id", "worker_port", "worker_port_file"}
+    # Set per replica by whoever starts it, never inherited from the controller.
+    per_process = {"container_id", "server_id", "worker_port", "worker_port_file", "replica_ready_at"}
     for name, info in WorkerSettings.model_fields.items():
         if name in per_process:
             continue
