@@ -597,7 +597,7 @@ async def run_fleet(opts: FleetOptions, dsn: str, replica_dsn: str, listen_dsn: 
             break
         await asyncio.sleep(0.05)
     prod_pool = await asyncpg.create_pool(
-        dsn, min_size=1, max_size=2, server_settings={"application_name": BENCH_APP}, init=init_connection
+        dsn, min_size=2, max_size=2, server_settings={"application_name": BENCH_APP}, init=init_connection
     )
     assert prod_pool is not None
     queue = Queue(prod_pool)
