@@ -12,10 +12,13 @@ The file accepts the seeds' format exactly as written (``002_4d6e370fed16f91c.tx
 
 A top-level key ``<pool>_container_scaling`` (or ``<pool>_scaling``) defines pool ``<pool>``; a
 ``pools:`` mapping of name → rules is accepted as well.  Each pool may add: the task types it
-serves (default: the registry's types for that pool), ``tasks_per_replica``, the provider
-``deployment``, ``price_per_hour``, ``cold_start``, ``prewarm``, expected ``task_durations`` and
-the sizing knobs below.  Instead of one ``deployment``, a pool may list ``deployments`` in order of
-preference, each with its own price and/or ``spot: true``::
+serves (default: the registry's types for that pool), ``parallel`` (requests its model serves at
+once: ``OLLAMA_NUM_PARALLEL``, default 1) with an optional ``batching`` curve (aggregate
+throughput at 1..parallel requests, from ``gpuscale bench ollama``), ``tasks_per_replica`` (tasks
+its worker holds, default ``parallel``), the provider ``deployment``, ``price_per_hour``,
+``cold_start``, ``prewarm``, expected ``task_durations`` and the sizing knobs below.  Instead of
+one ``deployment``, a pool may list ``deployments`` in order of preference, each with its own
+price and/or ``spot: true``::
 
     deployments:
       - {name: gpuscale-visual-spot, spot: true, price_per_hour: 0.87}
