@@ -231,29 +231,46 @@ class Connector:
 
     # ------------------------------------------------------------------ statements
 
+    @contextlib.asynccontextmanager
+    async def _guard(self) -> AsyncIterator[None]:
+        """When the database turns out to be away, retire every idle connection: after a restart
+        they are all dead, and without this each would fail once more before being replaced, so
+        the process would stumble for a while after the database came back."""
+        try:
+            yield
+        except UNREACHABLE:
+            if self._conns is not None:
+                with contextlib.suppress(Exception):
+                    await self._conns.expire_connections()
+            raise
+
     async def execute(self, name: str, *args: Any, timeout_s: float | None = None) -> int:
         """Run statement ``name``; returns how many rows it affected."""
-        return _rowcount(await self._pool.execute(sql(name), *args, timeout=timeout_s))
+        async with self._guard():
+            return _rowcount(await self._pool.execute(sql(name), *args, timeout=timeout_s))
 
     async def fetch(self, name: str, *args: Any, timeout_s: float | None = None) -> list[asyncpg.Record]:
-        return await self._pool.fetch(sql(name), *args, timeout=timeout_s)
+        async with self._guard():
+            return await self._pool.fetch(sql(name), *args, timeout=timeout_s)
 
     async def fetchrow(self, name: str, *args: Any, timeout_s: float | None = None) -> asyncpg.Record | None:
-        return await self._pool.fetchrow(sql(name), *args, timeout=timeout_s)
+        async with self._guard():
+            return await self._pool.fetchrow(sql(name), *args, timeout=timeout_s)
 
     async def fetchval(self, name: str, *args: Any, timeout_s: float | None = None) -> Any:
-        return await self._pool.fetchval(sql(name), *args, timeout=timeout_s)
+        async with self._guard():
+            return await self._pool.fetchval(sql(name), *args, timeout=timeout_s)
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[Session]:
         """One shared connection for several statements (no transaction)."""
-        async with self._pool.acquire() as conn:
+        async with self._guard(), self._pool.acquire() as conn:
             yield Session(conn)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Session]:
         """One transaction: committed when the block ends, rolled back when it raises."""
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._guard(), self._pool.acquire() as conn, conn.transaction():
             yield Session(conn)
 
     async def dedicated(self, *, timeout_s: float | None = None) -> DedicatedSession:
@@ -308,7 +325,7 @@ class Listener:
         connect_timeout_s: float = 10.0,
         check_interval_s: float = 5.0,
         backoff_initial_s: float = 0.25,
-        backoff_max_s: float = 10.0,
+        backoff_max_s: float = 5.0,
     ) -> None:
         self._dsn = dsn
         self.channel = channel

@@ -32,6 +32,15 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+    wait_random,
+)
+
 from gpuscale import __version__
 from gpuscale.common.serving import AppServer
 from gpuscale.db.connector import DATABASE_ERRORS, UNREACHABLE, Connector, Listener
@@ -55,6 +64,12 @@ _DEPENDENCY_DEPTH = 4
 _RAW_ANSWER_IN_ERROR = 12_000
 # Bounded time for the last database calls of a drain (release, deregister).
 _SHUTDOWN_DB_TIMEOUT_S = 10.0
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    if state.attempt_number == 1:
+        log.warning("database unreachable (%s); holding the outcome and retrying", type(exc).__name__)
 
 
 class StartupError(RuntimeError):
@@ -217,7 +232,12 @@ class Worker:
             # The container's cold start is not over yet (the process was started early).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=ready_at - time.time())
-        await self.queue.register_server(self._server_info("starting"))
+        try:
+            await self.queue.register_server(self._server_info("starting"))
+        except DATABASE_ERRORS as exc:
+            # The database went away right after we reached it: the first heartbeat that gets
+            # through finds this server unknown and registers it.
+            log.warning("could not register yet (%s); the heartbeat will", type(exc).__name__)
         self._background.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
         if self.settings.database_listen:
             self._listener = self.queue.listener(self._on_notify)
@@ -325,7 +345,12 @@ class Worker:
     # ------------------------------------------------------------------ claiming
 
     async def _claim_loop(self) -> None:
+        """Claim into free slots until stopped.  While the database is away, claims fail and are
+        retried with a backoff no longer than the poll interval, so claiming resumes within about
+        one poll interval of its return; running tasks go on meanwhile.  Nothing the database
+        does ends this loop: only a stop does."""
         backoff = 0.0
+        outage_since: float | None = None
         while not self._stop.is_set():
             self._wake.clear()
             free = self.slots - len(self._running)
@@ -334,9 +359,20 @@ class Worker:
                 try:
                     tasks = await self.queue.claim(self.pool, self.server_id, free)
                     backoff = 0.0
-                except DATABASE_ERRORS as exc:
-                    backoff = min(max(backoff * 2, 0.5), self.settings.poll_interval_s)
-                    log.warning("claim failed: %s; retrying in %.1fs", exc, backoff)
+                    if outage_since is not None:
+                        log.info(
+                            "claiming again (the database was unreachable for %.1fs)",
+                            time.monotonic() - outage_since,
+                        )
+                        outage_since = None
+                except Exception as exc:  # the database's errors above all; never the loop's end
+                    backoff = min(max(backoff * 2, 0.25), self.settings.poll_interval_s)
+                    if outage_since is None:
+                        outage_since = time.monotonic()
+                        if isinstance(exc, DATABASE_ERRORS):
+                            log.warning("claim failed (%s: %s); retrying", type(exc).__name__, exc)
+                        else:
+                            log.exception("claim failed unexpectedly; retrying")
                     tasks = []
                 claimed = len(tasks)
                 if tasks:
@@ -361,6 +397,9 @@ class Worker:
                 metrics.QUEUE_WAIT.labels(pool=self.pool, task_type=t.task_type).observe(t.queue_wait_s)
 
     async def _execute(self, task: ClaimedTask) -> None:
+        # The queue as it is now: _shutdown waits for every runner before it lets go of the queue,
+        # and holding it here means no report of this task ever finds it torn down.
+        queue = self.queue
         started = time.monotonic()
         tt = task.task_type
         labels = {"pool": self.pool, "task_type": tt}
@@ -405,7 +444,7 @@ class Worker:
             metrics.TASK_DURATION.labels(**labels).observe(time.monotonic() - started)
             if error is None:
                 assert result is not None
-                ok = await self._db_retry(lambda: self.queue.complete(task.id, self.server_id, result))
+                ok = await self._db_retry(lambda: queue.complete(task.id, self.server_id, result))
                 outcome = "done" if ok else "lost"
                 if ok:
                     log.info(
@@ -420,7 +459,7 @@ class Worker:
             else:
                 metrics.TASK_FAILURES.labels(**labels).inc()
                 status = await self._db_retry(
-                    lambda: self.queue.fail(task.id, self.server_id, error, retryable=retryable)
+                    lambda: queue.fail(task.id, self.server_id, error, retryable=retryable)
                 )
                 outcome = {
                     TaskStatus.queued: "retry",
@@ -463,10 +502,14 @@ class Worker:
             timeout_s = 900.0
         deps_cache: list[dict[str, Any]] | None = None
 
+        queue = self.queue
+
         async def progress(percent: float, message: str) -> None:
+            # A progress report is worth nothing next to the task: whatever goes wrong (the
+            # database away, above all), the handler carries on.
             try:
-                await self.queue.progress(task.id, self.server_id, percent, message[:500])
-            except DATABASE_ERRORS as exc:
+                await queue.progress(task.id, self.server_id, percent, message[:500])
+            except Exception as exc:
                 log.debug("progress update for task %s failed: %s", task.id, exc)
 
         async def dependency_results() -> list[dict[str, Any]]:
@@ -551,19 +594,23 @@ class Worker:
             frontier = nxt
         return out
 
-    async def _db_retry(self, call: Any, attempts: int = 5) -> Any:
-        """Run a queue call, retrying connection trouble a few times (the outcome matters)."""
-        delay = 0.2
-        for i in range(attempts):
-            try:
+    async def _db_retry(self, call: Any) -> Any:
+        """Write a task's outcome, retrying while the database is unreachable.
+
+        The task stays ours until its lease has run out *and* the controller's reaper has handed
+        it back, so the finished work is worth waiting for: the write goes through as soon as the
+        database is back (backoff at most 2 s), for up to twice the lease.  After that the task
+        has most likely run elsewhere; the error goes up and the outcome counts as lost."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(UNREACHABLE),
+            wait=wait_exponential(multiplier=0.1, max=2.0) + wait_random(0, 0.1),
+            stop=stop_after_delay(max(2 * self.settings.lease_seconds, 10.0)),
+            before_sleep=_log_retry,
+            reraise=True,
+        ):
+            with attempt:
                 return await call()
-            except UNREACHABLE as exc:
-                if i == attempts - 1:
-                    raise
-                log.warning("database call failed (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay *= 2
-        return None
+        raise AssertionError("unreachable: tenacity either returns or raises")
 
     async def _release(self, task_id: int) -> bool:
         try:
@@ -669,6 +716,15 @@ class Worker:
     async def _shutdown(self, *, deregister: bool) -> None:
         """Release whatever is still held, deregister, stop the HTTP server; idempotent."""
         self.status.stopping = True
+        # Never tear the queue down under a running handler: hand back what still runs (a drain
+        # has already done so; this is for an exit by any other way) and wait for the runners.
+        leftover = [(tid, r) for tid, r in self._running.items() if not r.done()]
+        for task_id, runner in leftover:
+            if task_id not in self._reporting:
+                self._abandoned[task_id] = "drain"
+                runner.cancel()
+        if leftover:
+            await asyncio.wait([r for _, r in leftover], timeout=_SHUTDOWN_DB_TIMEOUT_S + 5)
         for task in self._background:
             task.cancel()
         for task in self._background:
