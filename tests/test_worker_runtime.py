@@ -272,6 +272,67 @@ async def test_declared_dead_worker_hands_back_tasks_without_spending_an_attempt
     assert calls == 2
 
 
+async def test_claim_loop_survives_an_unexpected_error(
+    db: asyncpg.Pool, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim that raises something unforeseen (asyncpg's pool has raised InternalClientError
+    from its own state machine during a database restart) does not end the worker: it claims
+    again and does the work."""
+    worker = Worker("bench", dsn=dsn, settings=_settings())
+    async with Running(worker) as w:
+        real = w.queue.claim
+        raised: list[str] = []
+
+        async def flaky(*args: Any, **kw: Any) -> Any:
+            if not raised:
+                raised.append("once")
+                raise RuntimeError("cannot switch to state 15; another operation (2) is in progress")
+            return await real(*args, **kw)
+
+        monkeypatch.setattr(w.queue, "claim", flaky)
+        [tid] = await w.queue.enqueue_many([NewTask("noop", {})])
+        await _wait_for(lambda: _true_status(db, tid, "done"))
+        assert raised == ["once"]
+
+
+async def test_shutdown_never_leaves_a_handler_on_a_torn_down_queue(
+    db: asyncpg.Pool, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However the worker comes to shut down (here: the drain itself fails), a handler still
+    running is cancelled and its task handed back before the queue goes away: its progress
+    reports never meet a torn-down queue ("worker not started")."""
+    started = asyncio.Event()
+    problems: list[BaseException] = []
+
+    async def handler(ctx: TaskContext) -> dict[str, Any]:
+        started.set()
+        try:
+            while True:
+                await ctx.progress(50.0, "working")
+                await asyncio.sleep(0.02)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # e.g. AssertionError("worker not started")
+            problems.append(exc)
+            raise
+
+    [tid] = await Queue(db).enqueue_many([NewTask("noop", {})])
+    worker = Worker("bench", dsn=dsn, settings=_settings(), handlers={"noop": handler})
+
+    async def broken_drain() -> None:
+        raise RuntimeError("an unforeseen failure on the way out")
+
+    monkeypatch.setattr(worker, "_drain", broken_drain)
+    runner = asyncio.create_task(worker.run())
+    await asyncio.wait_for(started.wait(), 15)
+    worker.request_stop()
+    with pytest.raises(RuntimeError, match="unforeseen"):
+        await asyncio.wait_for(runner, 30)
+    assert problems == []
+    row = await db.fetchrow("SELECT status::text, attempts FROM processing_queue WHERE id = $1", tid)
+    assert (row["status"], row["attempts"]) == ("queued", 0)  # handed back, no attempt spent
+
+
 async def test_heartbeat_survives_an_unexpected_error(
     db: asyncpg.Pool, dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
