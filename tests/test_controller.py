@@ -427,6 +427,62 @@ def test_upstream_eta_uses_per_type_durations_and_progress() -> None:
     assert upstream_eta([], ctx, {}) is None
 
 
+def test_observation_follows_chains_of_stages_and_counts_what_freed_replicas_cannot_take() -> None:
+    """template_analysis waits for a running healthcare_classification, the three specialized
+    analyses for the template: all about to arrive, their ETAs down the chain; the replica that
+    finishes each stage takes one task of the next, so only the tasks beyond those need more."""
+    from gpuscale.controller.observe import (
+        BlockedTask,
+        Context,
+        Fleet,
+        PoolQueue,
+        RunningTask,
+        Upstream,
+        WorkRead,
+        chain_etas,
+        observe_pool,
+    )
+    from gpuscale.controller.policy import DurationEstimator
+
+    config = pools_config(default_task_duration=60)
+    text = config.pools["text"].model_copy(
+        update={"task_durations_s": {"template_analysis": 50.0, "specialized_science": 100.0}}
+    )
+    pools = {**config.pools, "text": text}
+    ctx = Context(rules=pools, expected=DurationEstimator(pools.values()).expected, registered={"text": 1})
+    running = RunningTask("text", "healthcare_classification", 20.0, 0.5, "t1", deck_age_s=400.0)
+    template = BlockedTask(
+        "text",
+        "template_analysis",
+        (Upstream("text", "healthcare_classification", "running", 20.0, 0.5, "t1", id=1),),
+        id=2,
+        deck_age_s=400.0,
+    )
+    specs = [
+        BlockedTask(
+            "text", "specialized_science", (Upstream("text", "template_analysis", "blocked", id=2),), id=k
+        )
+        for k in (3, 4, 5)
+    ]
+    orphan = BlockedTask("text", "deck_date_extraction", (Upstream("visual", "x", "blocked", id=99),), id=6)
+    work = WorkRead(
+        pools={"text": PoolQueue({}, {}, oldest_deck_age_s=None)},
+        running=[running],
+        blocked=[template, *specs, orphan],
+    )
+    etas = chain_etas(work.blocked, ctx, work.server_load())
+    # healthcare: 60 s expected, half done → 30 s; the template then runs 50 s.
+    assert etas[:4] == [pytest.approx(30.0)] + [pytest.approx(80.0)] * 3
+    assert etas[4] is None  # waits on something that is not under way
+    fleet = Fleet(provider_replicas=1, registered=1, idle=0, busy=1)
+    o = observe_pool("text", work, fleet, ctx)
+    # Four tasks about to arrive, two feeders (healthcare, template) free their replicas: 2 more.
+    assert o.blocked_on_running == 2
+    assert o.blocked_work_s == pytest.approx((50.0 + 3 * 100.0) / 4 * 2)
+    assert o.upstream_eta_s == pytest.approx(30.0)
+    assert o.deck_age_s == pytest.approx(400.0)
+
+
 async def test_sigterm_lets_the_provider_call_in_progress_finish(dsn: str, deployments: Emulator) -> None:
     app = ControllerApp(_settings(deployments, reconcile_interval_s=60), pools_config(), dsn, http=False)
     runner = asyncio.create_task(app.run())
@@ -552,11 +608,15 @@ async def test_work_detail_reads_queued_types_running_progress_and_blocked(
         ("v2", "visual_analysis"),
     ]
     assert next(r for r in detail.running if r.server == "v1").progress == pytest.approx(0.4)
-    # Only the extraction is about to arrive (its batch is queued); the template waits on a
-    # blocked task.
-    assert [(b.task_type, [d.status for d in b.deps]) for b in detail.blocked] == [
-        ("startup_name_extraction", ["queued"])
+    # The extraction waits on a queued batch; the template on the blocked extraction, named by id
+    # so the observation can follow the chain to its ETA.
+    assert [(b.task_type, [(d.status, d.id) for d in b.deps]) for b in detail.blocked] == [
+        ("startup_name_extraction", [("queued", batch)]),
+        ("template_analysis", [("blocked", later)]),
     ]
+    assert all(b.deck_age_s is not None and b.deck_age_s >= 0 for b in detail.blocked)
+    assert detail.oldest_deck_age_s.keys() == {"visual"}
+    assert all(r.deck_age_s is not None for r in detail.running)
 
 
 async def test_learned_durations_are_exported_and_kept_by_a_new_leader(make_app, db: asyncpg.Pool) -> None:  # type: ignore[no-untyped-def]

@@ -340,3 +340,43 @@ def test_duration_estimator_learns() -> None:
     est.observe("visual_analysis", float("nan"))
     assert est.expected("visual_analysis") == 150
     assert est.expected("unknown") == 60.0
+
+
+def test_stage_deadline_sizes_for_the_oldest_decks_time_left() -> None:
+    """Deadline sizing: the pool's part of a deck should be done ``stage_deadline`` after it was
+    submitted; replicas are worth their cold start while that is not met."""
+    r = rules(tasks_per_replica=1, max_replicas=8)
+    four = obs(queued=4, queued_work_s=4 * 200, deck_age_s=0.0)
+    # 7 minutes for a 4-batch deck: one replica per batch (120 s start + 200 s).
+    dl = r.model_copy(update={"stage_deadline_s": 420.0})
+    assert decide(dl, four, PoolState(), 0.0).desired == 4
+    # 12 minutes: two replicas do it (120 s + 2 × 200 s), no more.
+    loose = r.model_copy(update={"stage_deadline_s": 720.0})
+    assert decide(loose, four, PoolState(), 0.0).desired == 2
+    # The same work for a deck already 6 minutes old: back to one per batch.
+    late = obs(queued=4, queued_work_s=800, deck_age_s=360.0)
+    assert decide(loose, late, PoolState(), 0.0).desired == 4
+    # Never more replicas than tasks, never above max_replicas.
+    assert decide(dl, obs(queued=2, queued_work_s=400, deck_age_s=9999.0), PoolState(), 0.0).desired == 2
+    many = obs(queued=40, queued_work_s=40 * 200, deck_age_s=0.0)
+    assert decide(dl, many, PoolState(), 0.0).desired == 8
+
+
+def test_stage_deadline_prewarms_for_a_chain_of_stages() -> None:
+    """Work about to arrive is sized against what is left of the deadline once it arrives, with
+    no cold start to charge (the replicas start while the upstream work runs)."""
+    r = rules(tasks_per_replica=1, max_replicas=8, stage_deadline_s=600.0, prewarm=True)
+    soon = obs(blocked_on_running=6, blocked_work_s=600.0, upstream_eta_s=100.0, deck_age_s=200.0)
+    d = decide(r, soon, PoolState(), 0.0)
+    # 300 s left once it arrives, and replicas started now can work 20 s after that (their cold
+    # start overlaps the upstream work): two would take 300 + 20 s, three take 200 + 20 s.
+    assert (d.desired, d.reason) == (3, P.PREWARM_DEPENDENCY)
+    # 100 s older: 200 s left: one replica per task (100 + 20 s).
+    older = obs(blocked_on_running=6, blocked_work_s=600.0, upstream_eta_s=100.0, deck_age_s=300.0)
+    assert decide(r, older, PoolState(), 0.0).desired == 6
+    # A replica that would be ready only after the work is done is not started.
+    busy = obs(1, 2, 2, queued_work_s=60, running_work_s=60, busy_replicas=2, registered=2, deck_age_s=560.0)
+    assert decide(r, busy, PoolState(), 0.0).desired == 2
+    # Not yet due (further away than a cold start): nothing starts.
+    later = obs(blocked_on_running=6, blocked_work_s=600.0, upstream_eta_s=400.0, deck_age_s=200.0)
+    assert decide(r, later, PoolState(), 0.0).desired == 0

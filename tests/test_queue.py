@@ -411,3 +411,24 @@ async def test_unserializable_result_refused_and_long_errors_cut(db: asyncpg.Poo
     assert await q.fail(tid, "s", "x" * 100_000, retryable=False) is TaskStatus.failed
     row = await q.get_task(tid)
     assert row is not None and 1000 < len(row["error"]) < 100_000
+
+
+async def test_claim_order_puts_the_older_deck_and_its_critical_path_first(db: asyncpg.Pool) -> None:
+    """Priority, then the deck submitted first, then the longest chain of dependents after the
+    task (healthcare_classification before the other extractions), then first come."""
+    q = Queue(db)
+    doc = {"document": "/d.pdf"}
+    names = ["company_offering_extraction", "startup_name_extraction", "healthcare_classification"]
+
+    async def deck() -> list[int]:
+        tasks = [NewTask(n, doc) for n in names]
+        tasks += [NewTask("template_analysis", doc), NewTask("specialized_science", doc)]
+        return await q.enqueue_graph(tasks, [[], [], [], [2], [3]])
+
+    first = await deck()
+    second = await deck()
+    heights = await db.fetch("SELECT id, height FROM processing_queue ORDER BY id")
+    assert [r["height"] for r in heights[:5]] == [0, 0, 2, 1, 0]
+    urgent = await q.enqueue(NewTask("deck_date_extraction", doc, priority="high"))
+    claimed = [t.id for t in await q.claim("text", "w", 7)]
+    assert claimed == [urgent, first[2], first[0], first[1], second[2], second[0], second[1]]

@@ -124,24 +124,39 @@ def test_priority_order_and_critical() -> None:
 
 
 def test_committed_traces_meet_the_targets_with_the_shipped_pools() -> None:
+    """The seeds' load (text tasks 20–60 s, no batch uploads): the shipped rules, tuned on the
+    platform's load, still meet their objectives; pre-warm is what makes decks fast."""
     config = load_pools(SHIPPED)
+    assert config.objectives is not None
     for name in ("busy_day.csv", "quiet_week.csv"):
         trace = read_trace(DATA / name)
         data = summary(simulate(trace, config))
         assert data["unfinished"] == 0
-        assert data["cost_usd"] <= 1.6 * data["oracle_cost_usd"], (name, data)
-        assert data["wait_p95_s"] <= 300, (name, data)
-        assert data["graph_p95_s"] <= 1200, (name, data)
+        assert data["objectives"] and all(o["met"] for o in data["objectives"].values()), (name, data)
+        assert data["cost_usd"] <= 1.75 * data["oracle_cost_usd"], (name, data)
         assert data["cost_usd"] < data["always_on_cost_usd"] / 10
         no_prewarm = summary(simulate(trace, config, policy="no-prewarm"))
-        assert no_prewarm["graph_p50_s"] > data["graph_p50_s"], name
+        assert no_prewarm["graph_p50_s"] > data["graph_p50_s"] + 120, name
+
+
+def test_platform_month_meets_the_deck_objectives_at_1x_and_2x() -> None:
+    """Issue 12's bar on the platform's load (batch uploads included): deck p50 ≤ 12.5 min, p95
+    ≤ 20 min, task wait p95 ≤ 5 min at ≤ 1.5× the oracle floor; at twice the decks per day the
+    same file still meets the latency objectives at ≤ 1.5× the floor."""
+    config = load_pools(SHIPPED)
+    for per_day in (None, 24.0):
+        data = summary(simulate(generate("platform-month", seed=1, decks_per_day=per_day), config))
+        assert data["unfinished"] == 0
+        assert all(o["met"] for o in data["objectives"].values()), (per_day, data)
+        assert data["graph_p50_s"] <= 750 and data["graph_p95_s"] <= 1200 and data["wait_p95_s"] <= 300
+        assert data["cost_usd"] <= 1.5 * data["oracle_cost_usd"], (per_day, data["cost_vs_oracle"])
 
 
 def test_targets_hold_with_counts_only() -> None:
     """A controller that reports counts without work estimates still meets the targets."""
     config = load_pools(SHIPPED)
     data = summary(simulate(read_trace(DATA / "busy_day.csv"), config, counts_only=True))
-    assert data["cost_usd"] <= 1.6 * data["oracle_cost_usd"]
+    assert data["cost_usd"] <= 1.75 * data["oracle_cost_usd"]
     assert data["wait_p95_s"] <= 300 and data["graph_p95_s"] <= 1200
 
 
@@ -311,7 +326,7 @@ def test_failed_starts_are_replaced_and_back_off() -> None:
     assert broken.unfinished == 40
     hours = broken.end_s / 3600
     per_hour = broken.cost_usd / hours
-    assert per_hour < 0.25 * (0.5 + 0.8)
+    assert per_hour < 0.25 * sum(r.price_per_hour for r in config.pools.values())
 
 
 def test_replays_are_deterministic() -> None:

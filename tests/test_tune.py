@@ -65,7 +65,10 @@ def test_tune_finds_cheaper_rules_that_still_meet_the_objectives() -> None:
     assert data["graph_p95_s"] <= 1500 and data["wait_p95_s"] <= 400
     assert data["cost_usd"] == pytest.approx(result.best.data["cost_usd"])
     # Everything else in the file is kept.
-    assert result.document["visual_container_scaling"]["deployment"] == "gpuscale-visual"
+    assert (
+        result.document["visual_container_scaling"]["deployments"]
+        == raw["visual_container_scaling"]["deployments"]
+    )
 
 
 def test_cli_tune_writes_rules_and_plot(tmp_path: Path) -> None:

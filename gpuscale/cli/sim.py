@@ -134,6 +134,13 @@ def generate(
         help="Decks per working day (default: 30 busy-day, 3 quiet-week, 15 month, 12 platform-month).",
     ),
     days: int | None = typer.Option(None, "--days", min=1, max=366, help="Length in days (default by kind)."),
+    batch_share: float | None = typer.Option(
+        None,
+        "--batch-share",
+        min=0.0,
+        max=1.0,
+        help="platform-month: share of uploads that are a batch of 3–8 decks (default 0.08).",
+    ),
 ) -> None:
     """Write a realistic trace from the seeds' numbers (30-page decks in working-hour bursts).
 
@@ -145,7 +152,9 @@ def generate(
 
     if kind not in KINDS:
         raise fail(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
-    tasks = gen(kind, seed=seed, decks_per_day=decks_per_day, days=days)
+    if batch_share is not None and kind != "platform-month":
+        raise fail("--batch-share applies to --kind platform-month only")
+    tasks = gen(kind, seed=seed, decks_per_day=decks_per_day, days=days, batch_share=batch_share)
     try:
         n = write_trace(out, tasks)
     except OSError as exc:
@@ -201,11 +210,11 @@ def _minutes(seconds: float) -> str:
 
 def tune(
     trace: Path = typer.Option(..., "--trace", help="Trace CSV to tune against."),
-    slo: str = typer.Option(
-        ...,
+    slo: str | None = typer.Option(
+        None,
         "--slo",
         help="Objectives: deck_p50, deck_p95, wait_p50, wait_p95 as NAME=DURATION, comma-separated "
-        "(e.g. deck_p95=20m,wait_p95=5m).",
+        "(e.g. deck_p95=20m,wait_p95=5m).  Default: the pools file's objectives.",
     ),
     pools: Path = typer.Option(
         None, "--pools", help="Starting rules (default: GPUSCALE_POOLS_FILE or deploy/datacrunch/pools.yaml)."
@@ -231,10 +240,12 @@ def tune(
     from gpuscale.controller.simulate.tune import SLO_KEYS, Evaluation, format_duration, parse_slo
     from gpuscale.controller.simulate.tune import tune as run_tune
 
-    try:
-        objectives = parse_slo(slo)
-    except ValueError as exc:
-        raise fail(f"--slo: {exc}") from None
+    objectives: dict[str, float] = {}
+    if slo is not None:
+        try:
+            objectives = parse_slo(slo)
+        except ValueError as exc:
+            raise fail(f"--slo: {exc}") from None
     if pools is None:
         from gpuscale.common.settings import get_settings
 
@@ -243,7 +254,12 @@ def tune(
         if path is not None and (path.is_dir() or not path.absolute().parent.is_dir()):
             raise fail(f"{what} {path}: not a file in an existing directory")
     try:
-        load_pools(pools)  # the clear error for a bad file
+        config = load_pools(pools)  # the clear error for a bad file
+        if not objectives:
+            if config.objectives is None or not config.objectives.targets():
+                raise fail(f"give --slo, or objectives in {pools} (e.g. objectives: {{deck_p95: 20m}})")
+            objectives = config.objectives.targets()
+            slo = ",".join(f"{k}={format_duration(v)}" for k, v in objectives.items())
         raw = yaml.safe_load(pools.read_text(encoding="utf-8"))
         tasks = read_trace(trace)
         if not tasks:
@@ -321,6 +337,7 @@ def tune(
         )
     typer.echo(f"cheapest rules that meet {goal}: {summary_line}; {best.describe()}")
     if out is not None:
+        result.document["objectives"] = {k: format_duration(v) for k, v in objectives.items()}
         header = (
             f"# Written by gpuscale tune --trace {trace.name} --slo {slo} (from {pools.name}):\n"
             f"# {summary_line} on that trace.\n"

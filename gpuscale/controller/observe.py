@@ -4,14 +4,17 @@ Pure (no I/O, no clock).  The controller (:func:`gpuscale.controller.reconcile.b
 and the simulator (:mod:`gpuscale.controller.simulate.engine`) both build their
 :class:`~gpuscale.controller.policy.PoolObservation` here, so the policy decides on the same
 inputs in production as in a replay: per-type work estimates from the learned durations, the
-remaining work of running tasks from their progress, the tasks about to arrive (blocked only on
-queued or running work) and when they will, and the monthly budget projection.
+remaining work of running tasks from their progress, the tasks about to arrive (blocked on
+queued or running work, directly or down a chain of stages) and when they will, the age of the
+oldest deck with work in the pool (for ``stage_deadline`` sizing), and the monthly budget
+projection.
 
 What a reader supplies:
 
 * :class:`WorkRead` — per pool, claimable tasks by priority and by task type (cheap: counters),
   the running tasks with how long they have run and the progress their worker reported, and the
-  blocked tasks whose unfinished dependencies are all queued or running (with those dependencies);
+  blocked tasks with their unfinished dependencies (a blocked one named by id); each with the
+  age of its deck;
 * :class:`Fleet` — per pool, the provider's replicas, the registered workers, and which of them
   hold tasks;
 * a :class:`~gpuscale.controller.policy.DurationEstimator` (expected seconds per task type).
@@ -42,11 +45,13 @@ class RunningTask:
     elapsed_s: float
     progress: float | None = None
     server: str | None = None
+    deck_age_s: float | None = None  # since its deck (task graph) was submitted
 
 
 @dataclass(frozen=True)
 class Upstream:
-    """An unfinished dependency of a blocked task: ``status`` is ``queued`` or ``running``."""
+    """An unfinished dependency of a blocked task: ``status`` is ``queued``, ``running`` or
+    ``blocked`` (then ``id`` names it among the blocked tasks read, for the chain's ETA)."""
 
     pool: str
     task_type: str
@@ -54,15 +59,19 @@ class Upstream:
     elapsed_s: float = 0.0
     progress: float | None = None
     server: str | None = None
+    id: int | str | None = None
 
 
 @dataclass(frozen=True)
 class BlockedTask:
-    """A blocked task whose unfinished dependencies are all queued or running (about to arrive)."""
+    """A blocked task and its unfinished dependencies.  About to arrive when every dependency is
+    queued, running, or itself a blocked task about to arrive (a chain of stages under way)."""
 
     pool: str
     task_type: str
     deps: tuple[Upstream, ...]
+    id: int | str | None = None
+    deck_age_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,7 @@ class PoolQueue:
     queued: Mapping[str, int]
     queued_by_type: Mapping[str, int]
     oldest_queued_age_s: float | None = None
+    oldest_deck_age_s: float | None = None  # the oldest deck with a claimable task here
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,13 @@ class WorkRead:
     pools: Mapping[str, PoolQueue]
     running: Sequence[RunningTask] = ()
     blocked: Sequence[BlockedTask] = ()
+    # chain_etas of ``blocked``, worked out once for all the pools observed on this read.
+    _etas: list[list[float | None]] = field(default_factory=list, compare=False, repr=False)
+
+    def blocked_etas(self, ctx: Context) -> list[float | None]:
+        if not self._etas:
+            self._etas.append(chain_etas(self.blocked, ctx, self.server_load()))
+        return self._etas[0]
 
     def server_load(self) -> dict[str, int]:
         load: dict[str, int] = {}
@@ -126,29 +143,56 @@ def remaining_s(
     return max(left, floor * expected)
 
 
-def upstream_eta(blocked: Sequence[BlockedTask], ctx: Context, load: Mapping[str, int]) -> float | None:
-    """Seconds until the first of ``blocked`` becomes claimable: for each task, the latest of its
-    dependencies (a running one: its remaining work, longer when its replica holds more tasks
-    than its model serves at once; a queued one: its expected duration, plus a cold start when
-    its pool has no replica ready); the soonest over the tasks.  ``None`` when none."""
-    eta: float | None = None
-    for task in blocked:
-        worst = 0.0
-        for dep in task.deps:
+def chain_etas(blocked: Sequence[BlockedTask], ctx: Context, load: Mapping[str, int]) -> list[float | None]:
+    """Per blocked task, seconds until it becomes claimable, or ``None`` when something upstream
+    cannot start yet.  A dependency that is running: its remaining work, longer when its replica
+    holds more tasks than its model serves at once; queued: its expected duration, plus a cold
+    start when its pool has no replica ready; blocked: its own ETA plus its expected duration
+    (``template_analysis`` waiting for a running ``healthcare_classification``)."""
+    by_id = {b.id: i for i, b in enumerate(blocked) if b.id is not None}
+    memo: dict[int, float | None] = {}
+    visiting: set[int] = set()
+
+    def eta_of(i: int) -> float | None:
+        if i in memo:
+            return memo[i]
+        if i in visiting:  # a cycle cannot happen in a queue; never loop on bad input
+            return None
+        visiting.add(i)
+        worst: float | None = 0.0
+        for dep in blocked[i].deps:
             expected = ctx.expected(dep.task_type)
             dep_rules = ctx.rules.get(dep.pool)
             if dep.status == "running":
                 left = remaining_s(expected, dep.elapsed_s, dep.progress, _UPSTREAM_FLOOR)
                 parallel = dep_rules.parallel if dep_rules is not None else 1
                 held = load.get(dep.server, 1) if dep.server is not None else 1
-                worst = max(worst, left * max(1.0, held / parallel))
-            else:
+                t: float | None = left * max(1.0, held / parallel)
+            elif dep.status == "queued":
                 cold = 0.0
                 if ctx.registered.get(dep.pool, 0) <= 0 and dep_rules is not None:
                     cold = dep_rules.cold_start_s
-                worst = max(worst, expected + cold)
-        eta = worst if eta is None else min(eta, worst)
-    return eta
+                t = expected + cold
+            else:
+                j = by_id.get(dep.id) if dep.id is not None else None
+                up = eta_of(j) if j is not None else None
+                t = None if up is None else up + expected
+            if t is None:
+                worst = None
+                break
+            worst = t if worst is None else max(worst, t)
+        visiting.discard(i)
+        memo[i] = worst
+        return worst
+
+    return [eta_of(i) for i in range(len(blocked))]
+
+
+def upstream_eta(blocked: Sequence[BlockedTask], ctx: Context, load: Mapping[str, int]) -> float | None:
+    """Seconds until the first of ``blocked`` becomes claimable (see :func:`chain_etas`); ``None``
+    when none is about to arrive."""
+    etas = [e for e in chain_etas(blocked, ctx, load) if e is not None]
+    return min(etas) if etas else None
 
 
 def observe_pool(name: str, work: WorkRead | None, fleet: Fleet, ctx: Context) -> PoolObservation:
@@ -171,9 +215,39 @@ def observe_pool(name: str, work: WorkRead | None, fleet: Fleet, ctx: Context) -
     queued_work = sum(max(0, n) * est(t) for t, n in pq.queued_by_type.items())
     running = [t for t in work.running if t.pool == name and t.server not in fleet.draining]
     running_work = sum(remaining_s(est(t.task_type), t.elapsed_s, t.progress) for t in running)
-    blocked = [b for b in work.blocked if b.pool == name]
-    blocked_work = sum(est(b.task_type) for b in blocked)
-    eta = upstream_eta(blocked, ctx, work.server_load()) if blocked else None
+    etas = work.blocked_etas(ctx) if work.blocked else []
+    # About to arrive: blocked tasks of this pool whose chain upstream is under way.  Those that
+    # wait only for this pool's own work are taken by the replicas that work frees
+    # (slide_feedback after the page batches, template_analysis after healthcare): only the
+    # ones beyond those replicas need more (two of the three specialized analyses).
+    blocked_n = 0
+    blocked_work = 0.0
+    eta: float | None = None
+    same_n = 0
+    same_work = 0.0
+    feeders: set[int | str] = set()
+    deck_age = pq.oldest_deck_age_s
+    for b, e in zip(work.blocked, etas, strict=True):
+        if b.pool != name or e is None:
+            continue
+        eta = e if eta is None else min(eta, e)
+        if b.deck_age_s is not None:
+            deck_age = b.deck_age_s if deck_age is None else max(deck_age, b.deck_age_s)
+        ids = [d.id for d in b.deps if d.id is not None]
+        if b.deps and len(ids) == len(b.deps) and all(d.pool == name for d in b.deps):
+            same_n += 1
+            same_work += est(b.task_type)
+            feeders.update(ids)
+        else:
+            blocked_n += 1
+            blocked_work += est(b.task_type)
+    extra = max(0, same_n - len(feeders))
+    if extra:
+        blocked_n += extra
+        blocked_work += same_work * extra / same_n
+    for t in running:
+        if t.deck_age_s is not None:
+            deck_age = t.deck_age_s if deck_age is None else max(deck_age, t.deck_age_s)
     return PoolObservation(
         queued=queued,
         # Without the server list the controller cannot tell busy replicas from idle ones: it
@@ -186,10 +260,11 @@ def observe_pool(name: str, work: WorkRead | None, fleet: Fleet, ctx: Context) -
         busy_replicas=fleet.busy,
         queued_work_s=queued_work,
         running_work_s=running_work,
-        blocked_on_running=len(blocked),
+        blocked_on_running=blocked_n,
         blocked_work_s=blocked_work,
         upstream_eta_s=eta,
         oldest_queued_age_s=pq.oldest_queued_age_s,
+        deck_age_s=deck_age,
     )
 
 

@@ -11,6 +11,14 @@ How it decides, per pool (``sizing: work``, the default):
   one step at a time while the backlog would not clear within ``drain_target`` *and* the next
   step saves more time than the cold start it costs; tasks are indivisible, so a step that does
   not shorten the busiest replica's share saves nothing.
+* **Deadlines (``stage_deadline``).**  A pool may say by when, after a deck's upload, its part of
+  the deck should be done.  The drain target is then what is left of that for the oldest deck
+  with work in the pool (queued, running or about to arrive), and replicas are added while it is
+  not met and the step makes the work finish sooner (a cold start is worth a deck's deadline,
+  a replica that would be ready only after the others are done is not); the queue-threshold
+  count rule does not apply.  Work about to arrive is sized from when it will arrive, with only
+  the part of the cold start the upstream work does not cover, and pre-warm starts exactly one
+  cold start ahead (not a tick early: an idle replica waiting for work costs).
 * **Delays.**  The up-condition (more replicas wanted than exist) must hold for
   ``scale_up_delay``, except: a ``critical`` task (when ``critical_immediate``), certain work
   queued while the pool is at zero (nothing can serve it; waiting only adds latency), and
@@ -112,6 +120,9 @@ class PoolObservation:
     blocked_work_s: float | None = None
     upstream_eta_s: float | None = None
     oldest_queued_age_s: float | None = None
+    # Age of the oldest deck (task graph) with work queued, running or about to arrive in this
+    # pool: how much of its deadline is spent (``stage_deadline`` sizing).
+    deck_age_s: float | None = None
 
     @property
     def queued_total(self) -> int | None:
@@ -253,19 +264,33 @@ def drain_time(work_s: float, tasks: int, n: int, ready: int, cold_start_s: floa
 
 
 def work_replicas(
-    rules: PoolRules, work_s: float, tasks: int, ready: int, *, start: int = 0, cap: int | None = None
+    rules: PoolRules,
+    work_s: float,
+    tasks: int,
+    ready: int,
+    *,
+    start: int = 0,
+    cap: int | None = None,
+    drain_target_s: float | None = None,
+    marginal: bool = True,
+    cold_s: float | None = None,
 ) -> int:
     """Replicas the work needs: grow while the backlog would not clear within ``drain_target``
-    and the next useful step saves more time than the cold starts it costs."""
+    (``drain_target_s`` when given) and — with ``marginal`` — the next useful step saves more time
+    than the cold starts it costs.  Without ``marginal`` (deadline sizing) any step that makes the
+    work finish sooner counts: a deck's deadline is worth the cold starts, but a replica that
+    would be ready only after the others are done is not.  ``cold_s``: seconds until a replica
+    started now can work (default: the cold start)."""
     cap = rules.max_replicas if cap is None else cap
+    target = rules.drain_target_s if drain_target_s is None else drain_target_s
     if tasks <= 0 or work_s <= 0:
         return min(start, cap)
-    c = rules.cold_start_s
+    c = rules.cold_start_s if cold_s is None else max(0.0, cold_s)
     n = max(1, start)
     limit = min(cap, tasks)  # more replicas than tasks cannot help
     while n < limit:
         now_t = drain_time(work_s, tasks, n, ready, c)
-        if now_t <= rules.drain_target_s:
+        if now_t <= target:
             break
         # Next n that actually shortens the busiest replica's share (tasks are indivisible).
         share = math.ceil(tasks / n)
@@ -276,7 +301,7 @@ def work_replicas(
             break
         saved = now_t - drain_time(work_s, tasks, nxt, ready, c)
         new_starts = max(0, nxt - max(n, ready))
-        if saved <= c * max(1, new_starts):
+        if saved <= (c * max(1, new_starts) if marginal else 0.0):
             break
         n = nxt
     return min(n, cap)
@@ -462,21 +487,47 @@ def decide(
             else running * rules.default_task_duration_s / 2
         )
         tasks = queued + running
-        n = work_replicas(rules, q_work + r_work, tasks, ready)
-        # Tasks waiting for a slot count once they reach the threshold (or nothing serves them).
-        if queued >= rules.scale_up_threshold or current == 0:
+        # Deadline sizing (``stage_deadline``): the pool's share of the oldest deck's time left
+        # is the drain target, and replicas are worth their cold start while it is not met.
+        deadline = rules.stage_deadline_s is not None
+        drain: float | None = None
+        if rules.stage_deadline_s is not None:
+            drain = max(1.0, rules.stage_deadline_s - (obs.deck_age_s or 0.0))
+        n = work_replicas(rules, q_work + r_work, tasks, ready, drain_target_s=drain, marginal=not deadline)
+        # Tasks waiting for a slot count once they reach the threshold (or nothing serves them);
+        # with deadline sizing the deadline alone says how many replicas the work is worth.
+        if not deadline and (queued >= rules.scale_up_threshold or current == 0):
             n = max(n, math.ceil(tasks / tpr))
         if queued > 0:
             n = max(n, 1)
-        if critical and critical_immediate:
+        if critical and critical_immediate and not deadline:
             # Critical tasks claim first: they need a slot on a replica that exists or is starting.
+            # (With a deadline they claim first too; the deadline says how many replicas.)
             n = max(n, math.ceil((running + critical) / tpr))
         target = _clamp(max(n, floor_running), rules)
         prewarm_target = 0
-        if blocked and (eta is None or eta <= rules.cold_start_s + tick_s):
-            prewarm_target = _clamp(
-                work_replicas(rules, q_work + r_work + blocked_work, tasks + blocked, ready), rules
-            )
+        lead = rules.cold_start_s + (0.0 if rules.stage_deadline_s is not None else tick_s)
+        if blocked and (eta is None or eta <= lead):
+            if drain is None:
+                prewarm_target = _clamp(
+                    work_replicas(rules, q_work + r_work + blocked_work, tasks + blocked, ready), rules
+                )
+            else:
+                # Counted from when the upstream work is done: what is left of the deadline then,
+                # and the part of a cold start that the upstream work does not cover.
+                lead_s = eta or 0.0
+                prewarm_target = _clamp(
+                    work_replicas(
+                        rules,
+                        q_work + r_work + blocked_work,
+                        tasks + blocked,
+                        ready,
+                        drain_target_s=max(1.0, drain - lead_s),
+                        marginal=False,
+                        cold_s=rules.cold_start_s - lead_s,
+                    ),
+                    rules,
+                )
 
     # Work due within a cold start keeps the replicas pre-warm would start for it: idling until
     # it arrives costs less than stopping now and starting again (and cannot flap with pre-warm).

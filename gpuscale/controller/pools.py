@@ -159,6 +159,11 @@ class PoolRules(BaseModel):
     default_task_duration_s: Duration = Field(default=60.0, alias="default_task_duration")
     # Work sizing: enough replicas that the queued + running work clears within this time.
     drain_target_s: Duration = Field(default=600.0, alias="drain_target")
+    # Deadline sizing: this pool's part of a deck should be done this long after the deck was
+    # submitted.  The drain target becomes what is left of it for the oldest deck with work here,
+    # and replicas are added while that is not met (their cold start is worth the deadline).
+    # None: drain_target with the cold-start saving rule.
+    stage_deadline_s: Duration | None = Field(default=None, alias="stage_deadline")
     # At most this many replicas added by one decision (None: no limit).
     max_step_up: int | None = Field(default=None, ge=1)
     # After a replica misses startup_timeout, wait this long (doubling per repeated failure, up to
@@ -278,6 +283,29 @@ def _opt_name(item: Any) -> Any:
     return item.name if isinstance(item, DeploymentOption) else item.get("name")
 
 
+class Objectives(BaseModel):
+    """Service objectives the rules are tuned for (``objectives:`` in the pools file): deck
+    completion (submission → last task done) and task wait (claimable → claimed) percentiles.
+    ``gpuscale simulate`` reports against them and ``gpuscale tune`` searches for the cheapest
+    rules that meet them; each pool's ``stage_deadline`` is how the policy works towards them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    deck_p50_s: Duration | None = Field(default=None, alias="deck_p50")
+    deck_p95_s: Duration | None = Field(default=None, alias="deck_p95")
+    wait_p50_s: Duration | None = Field(default=None, alias="wait_p50")
+    wait_p95_s: Duration | None = Field(default=None, alias="wait_p95")
+
+    def targets(self) -> dict[str, float]:
+        """Name (``deck_p95``) → seconds, for the objectives that are set."""
+        out = {}
+        for name in ("deck_p50", "deck_p95", "wait_p50", "wait_p95"):
+            value = getattr(self, f"{name}_s")
+            if value is not None:
+                out[name] = float(value)
+        return out
+
+
 class PoolsConfig(BaseModel):
     """All pools plus the global rules."""
 
@@ -289,6 +317,7 @@ class PoolsConfig(BaseModel):
     critical_immediate: bool = True
     # How often the controller observes and decides.
     reconcile_interval_s: Duration = Field(default=10.0, alias="reconcile_interval")
+    objectives: Objectives | None = None
 
     @model_validator(mode="after")
     def _check(self) -> PoolsConfig:
@@ -338,7 +367,7 @@ def _check_task_types(pools: dict[str, PoolRules], keys: dict[str, str]) -> None
             )
 
 
-_GLOBAL_KEYS = {"monthly_budget_usd", "critical_immediate", "reconcile_interval"}
+_GLOBAL_KEYS = {"monthly_budget_usd", "critical_immediate", "reconcile_interval", "objectives"}
 _SUFFIXES = ("_container_scaling", "_scaling")
 
 

@@ -210,13 +210,22 @@ def work_read(stats: Mapping[str, PoolStats] | None, detail: WorkDetail | None) 
             queued={str(p): int(n) for p, n in s.queued.items()} if s is not None else {},
             queued_by_type={t: n for (p, t), n in detail.queued_by_type.items() if p == name},
             oldest_queued_age_s=s.oldest_queued_age_s if s is not None else None,
+            oldest_deck_age_s=detail.oldest_deck_age_s.get(name),
         )
-    running = [RunningTask(r.pool, r.task_type, r.elapsed_s, r.progress, r.server) for r in detail.running]
+    running = [
+        RunningTask(r.pool, r.task_type, r.elapsed_s, r.progress, r.server, r.deck_age_s)
+        for r in detail.running
+    ]
     blocked = [
         BlockedTask(
             b.pool,
             b.task_type,
-            tuple(Upstream(d.pool, d.task_type, d.status, d.elapsed_s, d.progress, d.server) for d in b.deps),
+            tuple(
+                Upstream(d.pool, d.task_type, d.status, d.elapsed_s, d.progress, d.server, d.id)
+                for d in b.deps
+            ),
+            b.id,
+            b.deck_age_s,
         )
         for b in detail.blocked
     ]

@@ -13,22 +13,23 @@
 -- name: insert_tasks
 -- Insert a whole batch in one statement.  Ids come from the caller when it needed them in
 -- advance ($8: dependencies inside the batch), otherwise from the sequence; $9/$10 are the
--- dependency edges (task, dependency).  The counters trigger and the NOTIFY for pools that got
--- claimable work ride along.
+-- dependency edges (task, dependency); $11 each task's height (the longest chain of dependents
+-- after it in the batch: the claim order's critical path).  The counters trigger and the NOTIFY
+-- for pools that got claimable work ride along.
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::gpuscale_priority[],
-                         $6::integer[], $7::integer[], $8::bigint[])
+                         $6::integer[], $7::integer[], $8::bigint[], $11::integer[])
          WITH ORDINALITY AS t(task_type, pool, document_id, payload, priority, max_attempts,
-                              pending, given_id, ord)),
+                              pending, given_id, height, ord)),
 ids AS MATERIALIZED (
     SELECT ord, coalesce(given_id, nextval('processing_queue_id_seq')) AS id FROM input ORDER BY ord),
 ins AS (
     INSERT INTO processing_queue (id, task_type, pool, document_id, payload, priority, status,
-                                  pending_deps, max_attempts, queued_at)
+                                  pending_deps, max_attempts, queued_at, height)
     SELECT ids.id, i.task_type, i.pool, i.document_id, i.payload, i.priority,
            CASE WHEN i.pending > 0 THEN 'blocked' ELSE 'queued' END::gpuscale_task_status,
            i.pending, i.max_attempts,
-           CASE WHEN i.pending > 0 THEN NULL ELSE now() END
+           CASE WHEN i.pending > 0 THEN NULL ELSE now() END, i.height
       FROM input i JOIN ids USING (ord)
     RETURNING pool, status),
 edges AS (
@@ -56,12 +57,14 @@ SELECT array_agg(nextval('processing_queue_id_seq')) FROM generate_series(1, $1)
 
 -- name: claim_tasks
 -- Claim up to $3 claimable tasks of pool $1 for server $2 with a lease of $4 s: critical, high,
--- normal, then oldest first.  SKIP LOCKED lets claimers run side by side.
+-- normal; then the deck submitted first (its deadline comes first); then the task with the
+-- longest chain of dependents (the deck graph's critical path); then first come (migration 0021).
+-- SKIP LOCKED lets claimers run side by side.
 WITH c AS (
     SELECT id FROM processing_queue
      WHERE pool = $1 AND status = 'queued'
        AND (not_before IS NULL OR not_before <= now())
-     ORDER BY priority DESC, id
+     ORDER BY priority DESC, created_at, height DESC, id
      LIMIT $3
        FOR UPDATE SKIP LOCKED)
 UPDATE processing_queue t
@@ -72,7 +75,7 @@ UPDATE processing_queue t
   FROM c
  WHERE t.id = c.id
 RETURNING t.id, t.task_type, t.pool, t.document_id, t.payload, t.priority::text,
-          t.attempts, t.max_attempts,
+          t.created_at, t.height, t.attempts, t.max_attempts,
           ARRAY(SELECT d.depends_on FROM processing_task_deps d
                  WHERE d.task_id = t.id ORDER BY d.depends_on) AS depends_on,
           t.lease_expires_at,
@@ -272,14 +275,18 @@ SELECT pool, task_type, count(*) AS n FROM processing_queue
  GROUP BY 1, 2
 
 -- name: work_running
--- Every running task with how long it has run and its progress.
+-- Every running task with how long it has run, its progress and its deck's age.
 SELECT id, pool, task_type, lease_owner, progress,
-       extract(epoch FROM now() - started_at)::float8 AS elapsed_s
+       extract(epoch FROM now() - started_at)::float8 AS elapsed_s,
+       extract(epoch FROM now() - created_at)::float8 AS deck_age_s
   FROM processing_queue WHERE status = 'running'
 
 -- name: work_blocked_on_unfinished
--- Blocked tasks with each of their unfinished dependencies.
-SELECT t.id, t.pool, t.task_type, p.pool AS dep_pool, p.task_type AS dep_type,
+-- Blocked tasks (with their deck's age) and each of their unfinished dependencies (by id: the
+-- observation follows chains of blocked tasks to their ETA).
+SELECT t.id, t.pool, t.task_type,
+       extract(epoch FROM now() - t.created_at)::float8 AS deck_age_s,
+       p.id AS dep_id, p.pool AS dep_pool, p.task_type AS dep_type,
        p.status::text AS dep_status, p.lease_owner AS dep_server,
        p.progress AS dep_progress,
        extract(epoch FROM now() - p.started_at)::float8 AS dep_elapsed_s
@@ -287,7 +294,19 @@ SELECT t.id, t.pool, t.task_type, p.pool AS dep_pool, p.task_type AS dep_type,
   JOIN processing_task_deps d ON d.task_id = t.id
   JOIN processing_queue p ON p.id = d.depends_on
  WHERE t.status = 'blocked' AND p.status IN ('blocked', 'queued', 'running')
- ORDER BY t.id
+ ORDER BY t.id, p.id
+
+-- name: work_oldest_deck
+-- Per pool, the age in seconds of the oldest deck with a claimable task: the first row of the
+-- claim index per priority (a few index probes, never a scan of the queue).
+SELECT p.pool, extract(epoch FROM now() - min(x.created_at))::float8 AS age
+  FROM (SELECT DISTINCT pool FROM processing_queue_type_counts) p
+ CROSS JOIN unnest(enum_range(NULL::gpuscale_priority)) AS pr(priority)
+ CROSS JOIN LATERAL (
+    SELECT q.created_at FROM processing_queue q
+     WHERE q.pool = p.pool AND q.status = 'queued' AND q.priority = pr.priority
+     ORDER BY q.priority DESC, q.created_at LIMIT 1) x
+ GROUP BY p.pool
 
 -- name: tasks_for_document
 SELECT id, task_type, pool, status::text, progress, error FROM processing_queue

@@ -295,6 +295,8 @@ CREATE TABLE processing_queue (
     started_at timestamp with time zone,
     finished_at timestamp with time zone,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    height integer DEFAULT 0 NOT NULL,
+    CONSTRAINT processing_queue_height_check CHECK ((height >= 0)),
     CONSTRAINT processing_queue_max_attempts_check CHECK ((max_attempts >= 1)),
     CONSTRAINT processing_queue_pending_deps_check CHECK ((pending_deps >= 0)),
     CONSTRAINT processing_queue_progress_check CHECK (((progress >= (0)::double precision) AND (progress <= (100)::double precision)))
@@ -422,7 +424,7 @@ CREATE INDEX processing_queue_backoff_idx ON processing_queue USING btree (pool,
 
 CREATE INDEX processing_queue_blocked_idx ON processing_queue USING btree (pool) WHERE (status = 'blocked'::gpuscale_task_status);
 
-CREATE INDEX processing_queue_claim_idx ON processing_queue USING btree (pool, priority DESC, id) WHERE (status = 'queued'::gpuscale_task_status);
+CREATE INDEX processing_queue_claim_idx ON processing_queue USING btree (pool, priority DESC, created_at, height DESC, id) WHERE (status = 'queued'::gpuscale_task_status);
 
 CREATE INDEX processing_queue_document_idx ON processing_queue USING btree (document_id) WHERE (document_id IS NOT NULL);
 

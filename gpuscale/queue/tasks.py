@@ -126,15 +126,19 @@ class RunningRow:
     progress: float | None
     server: str | None
     status: str = "running"
+    id: int | None = None
+    deck_age_s: float | None = None  # since its deck (its task graph) was submitted
 
 
 @dataclass
 class BlockedRow:
-    """A blocked task whose unfinished dependencies are all queued or running."""
+    """A blocked task and its unfinished dependencies (queued, running or blocked)."""
 
     pool: str
     task_type: str
     deps: list[RunningRow]
+    id: int | None = None
+    deck_age_s: float | None = None
 
 
 @dataclass
@@ -144,6 +148,7 @@ class WorkDetail:
     queued_by_type: dict[tuple[str, str], int]
     running: list[RunningRow]
     blocked: list[BlockedRow]
+    oldest_deck_age_s: dict[str, float] = field(default_factory=dict)  # per pool, claimable tasks
 
 
 @dataclass
@@ -341,6 +346,7 @@ class Queue:
             ids if ids is not None else [None] * len(prepared),
             edge_task,
             edge_dep,
+            _heights(prepared),
         ]
 
     # ------------------------------------------------------------------ worker side
@@ -348,7 +354,8 @@ class Queue:
     async def claim(
         self, pool: str, server_id: str, n: int, *, lease_s: float | None = None
     ) -> list[ClaimedTask]:
-        """Claim up to ``n`` claimable tasks of ``pool``: critical, high, normal, then oldest first."""
+        """Claim up to ``n`` claimable tasks of ``pool``: critical, high, normal; then the deck
+        submitted first; then the task with the longest chain of dependents; then oldest first."""
         if n <= 0:
             return []
         lease = self.lease_s if lease_s is None else lease_s
@@ -369,8 +376,10 @@ class Queue:
             )
             for r in rows
         ]
+        # RETURNING has no order: hand them to the worker in claim order.
         order = {Priority.critical: 0, Priority.high: 1, Priority.normal: 2}
-        out.sort(key=lambda t: (order[t.priority], t.id))
+        rank = {r["id"]: (r["created_at"], -r["height"]) for r in rows}
+        out.sort(key=lambda t: (order[t.priority], *rank[t.id], t.id))
         return out
 
     async def extend_leases(
@@ -496,14 +505,16 @@ class Queue:
     async def work_detail(self) -> WorkDetail:
         """What the controller needs to estimate each pool's work: claimable tasks per type (from
         the counters, minus those in retry backoff), the running tasks with how long they have run
-        and their progress, and the blocked tasks whose unfinished dependencies are all queued or
-        running, with those dependencies.  Cost: the counters plus the running and blocked rows
+        and their progress, the blocked tasks with their unfinished dependencies (by id, so the
+        observation can follow chains of stages), each with its deck's age, and per pool the age of
+        the oldest deck with a claimable task.  Cost: the counters plus the running and blocked rows
         (bounded by the replicas' slots and the decks in flight), never the whole queue."""
         async with self.db.session() as s:
             counts = await s.fetch("work_queued_by_type")
             backoff = await s.fetch("work_backoff_by_type")
             running = await s.fetch("work_running")
             blocked = await s.fetch("work_blocked_on_unfinished")
+            decks = await s.fetch("work_oldest_deck")
         by_type: dict[tuple[str, str], int] = {}
         for r in counts:
             by_type[(r["pool"], r["task_type"])] = int(r["n"])
@@ -517,17 +528,21 @@ class Queue:
                 max(0.0, float(r["elapsed_s"] or 0.0)),
                 float(r["progress"]) / 100.0 if r["progress"] else None,
                 r["lease_owner"],
+                id=r["id"],
+                deck_age_s=max(0.0, float(r["deck_age_s"] or 0.0)),
             )
             for r in running
         ]
         tasks: dict[int, BlockedRow] = {}
-        stuck: set[int] = set()
         for r in blocked:
             tid = r["id"]
-            if r["dep_status"] == "blocked":
-                stuck.add(tid)
-                continue
-            row = tasks.setdefault(tid, BlockedRow(r["pool"], r["task_type"], []))
+            row = tasks.setdefault(
+                tid,
+                BlockedRow(
+                    r["pool"], r["task_type"], [], id=tid, deck_age_s=max(0.0, float(r["deck_age_s"] or 0.0))
+                ),
+            )
+            # A blocked dependency is named by id: the observation follows the chain to its ETA.
             row.deps.append(
                 RunningRow(
                     r["dep_pool"],
@@ -536,12 +551,14 @@ class Queue:
                     float(r["dep_progress"]) / 100.0 if r["dep_progress"] else None,
                     r["dep_server"],
                     r["dep_status"],
+                    id=r["dep_id"],
                 )
             )
         return WorkDetail(
             queued_by_type=by_type,
             running=run,
-            blocked=[b for tid, b in tasks.items() if tid not in stuck],
+            blocked=list(tasks.values()),
+            oldest_deck_age_s={r["pool"]: max(0.0, float(r["age"])) for r in decks if r["age"] is not None},
         )
 
     async def running_by_server(self) -> dict[str, int]:
@@ -749,6 +766,30 @@ def _task_row(row: Any) -> dict[str, Any]:
     out = dict(row)
     out["depends_on"] = list(out["depends_on"])
     return out
+
+
+def _heights(prepared: list[_Prepared]) -> list[int]:
+    """Per task, the longest chain of dependents after it within the batch (the claim order puts
+    a deck's critical path first).  The batch is acyclic (checked before)."""
+    dependents: list[list[int]] = [[] for _ in prepared]
+    for i, p in enumerate(prepared):
+        for j in p.local_deps:
+            dependents[j].append(i)
+    height: dict[int, int] = {}
+
+    def of(i: int) -> int:
+        stack = [i]
+        while stack:
+            k = stack[-1]
+            todo = [j for j in dependents[k] if j not in height]
+            if todo:
+                stack.extend(todo)
+                continue
+            stack.pop()
+            height[k] = max((height[j] + 1 for j in dependents[k]), default=0)
+        return height[i]
+
+    return [of(i) for i in range(len(prepared))]
 
 
 def _check_acyclic(prepared: list[_Prepared]) -> None:

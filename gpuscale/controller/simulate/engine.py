@@ -3,9 +3,11 @@
 Model:
 
 * A task is submitted at ``arrival_s``; it is *ready* (claimable) once it has arrived and all its
-  dependencies are done.  Ready tasks are claimed in priority order (critical, high, normal), then
-  oldest first, by the least-loaded registered replica of their pool with a free slot
-  (``tasks_per_replica``), at once (workers are woken by LISTEN/NOTIFY).
+  dependencies are done.  Ready tasks are claimed in the queue's order — priority (critical,
+  high, normal), then the deck submitted first, then the longest chain of dependents first (the
+  deck graph's critical path), then oldest first — by the least-loaded registered replica of
+  their pool with a free slot (``tasks_per_replica``), at once (workers are woken by
+  LISTEN/NOTIFY).
 * A replica serves as Ollama does: it holds up to ``tasks_per_replica`` claimed tasks, and its
   model serves the first ``parallel`` of them at once (FIFO, in claim order; the others wait in
   Ollama's queue).  ``m`` tasks served together each progress at ``speedup(m) / m`` of their solo
@@ -68,10 +70,12 @@ class _Task:
     __slots__ = (
         "arrival",
         "claimed_at",
+        "deck_at",
         "dependents",
         "deps",
         "end_at",
         "graph",
+        "height",
         "id",
         "idx",
         "pool",
@@ -105,6 +109,8 @@ class _Task:
         self.remaining = t.service_s
         self.replica: _Replica | None = None
         self.graph = idx
+        self.deck_at = t.arrival_s  # when its deck (task graph) was submitted: its deadline's start
+        self.height = 0  # the longest chain of dependents after it: its place on the critical path
 
 
 class _Replica:
@@ -204,6 +210,8 @@ class SimResult:
     always_on_cost_usd: float
     ticks: int
     wall_s: float = 0.0
+    # The pools file's objectives (name → seconds), to report against.
+    objectives: dict[str, float] = field(default_factory=dict)
 
     @property
     def cost_usd(self) -> float:
@@ -309,7 +317,7 @@ class _Sim:
             [0.0] + [self.rules[name].speedup(m) / m for m in range(1, self.rules[name].parallel + 1)]
             for name in self.pool_names
         ]
-        self.queues: list[list[tuple[int, float, int]]] = [[] for _ in range(n_pools)]
+        self.queues: list[list[tuple[int, float, int, float, int]]] = [[] for _ in range(n_pools)]
         self.queued_by_rank: list[list[int]] = [[0, 0, 0] for _ in range(n_pools)]
         self.blocked: list[set[int]] = [set() for _ in range(n_pools)]
         self.replicas: list[list[_Replica]] = [[] for _ in range(n_pools)]
@@ -346,8 +354,13 @@ class _Sim:
                 a, b = find(t.idx), find(d)
                 if a != b:
                     parent[a] = b
+        first: dict[int, float] = {}
         for t in self.tasks:
             t.graph = find(t.idx)
+            first[t.graph] = min(first.get(t.graph, math.inf), t.arrival)
+        for t in reversed(self.tasks):  # dependents are listed after their dependencies
+            t.deck_at = first[t.graph]
+            t.height = max((self.tasks[j].height + 1 for j in t.dependents), default=0)
 
     # --- task flow --------------------------------------------------------------------------
 
@@ -355,7 +368,12 @@ class _Sim:
         task.status = QUEUED
         if math.isnan(task.ready_at):
             task.ready_at = now
-        heapq.heappush(self.queues[task.pool], (task.rank, task.ready_at, task.idx))
+        # The queue's claim order: priority, then the deck submitted first (the earliest
+        # deadline), then the longest chain of dependents first (the critical path:
+        # healthcare_classification before the other extractions), then first come.
+        heapq.heappush(
+            self.queues[task.pool], (task.rank, task.deck_at, -task.height, task.ready_at, task.idx)
+        )
         self.queued_by_rank[task.pool][task.rank] += 1
         by_type = self.queued_by_type[task.pool]
         by_type[task.type] = by_type.get(task.type, 0) + 1
@@ -404,7 +422,7 @@ class _Sim:
             if rep is None:
                 rep = min(free, key=lambda r: (len(r.tasks), r.ready_at))
                 free.remove(rep)
-            _, _, idx = heapq.heappop(queue)
+            idx = heapq.heappop(queue)[-1]
             task = self.tasks[idx]
             self.queued_by_rank[pool][task.rank] -= 1
             self.queued_by_type[pool][task.type] -= 1
@@ -444,7 +462,12 @@ class _Sim:
         assert task.replica is not None
         progress = 1.0 - task.remaining / task.service if task.service > 0 else None
         return RunningTask(
-            self.pool_names[task.pool], task.type, now - task.claimed_at, progress, task.replica.id
+            self.pool_names[task.pool],
+            task.type,
+            now - task.claimed_at,
+            progress,
+            task.replica.id,
+            now - task.deck_at,
         )
 
     def _work(self, now: float) -> WorkRead:
@@ -453,13 +476,14 @@ class _Sim:
             name: PoolQueue(
                 queued={"critical": r[0], "high": r[1], "normal": r[2]},
                 queued_by_type=dict(self.queued_by_type[i]),
+                oldest_deck_age_s=now - min(e[1] for e in self.queues[i]) if self.queues[i] else None,
             )
             for i, (name, r) in enumerate(zip(self.pool_names, self.queued_by_rank, strict=True))
         }
         running = [self._running(t, now) for rep in self.busy for t in rep.tasks]
         blocked: list[BlockedTask] = []
         for pool, ids in enumerate(self.blocked):
-            for i in ids:
+            for i in sorted(ids):
                 task = self.tasks[i]
                 deps: list[Upstream] = []
                 for d in task.deps:
@@ -469,14 +493,18 @@ class _Sim:
                     if dep.status == RUNNING:
                         r = self._running(dep, now)
                         deps.append(
-                            Upstream(r.pool, r.task_type, "running", r.elapsed_s, r.progress, r.server)
+                            Upstream(r.pool, r.task_type, "running", r.elapsed_s, r.progress, r.server, d)
                         )
                     elif dep.status == QUEUED:
-                        deps.append(Upstream(self.pool_names[dep.pool], dep.type, "queued"))
+                        deps.append(Upstream(self.pool_names[dep.pool], dep.type, "queued", id=d))
+                    elif dep.status == BLOCKED:
+                        deps.append(Upstream(self.pool_names[dep.pool], dep.type, "blocked", id=d))
                     else:
-                        break
+                        break  # not submitted yet: nothing about to arrive
                 else:
-                    blocked.append(BlockedTask(self.pool_names[pool], task.type, tuple(deps)))
+                    blocked.append(
+                        BlockedTask(self.pool_names[pool], task.type, tuple(deps), i, now - task.deck_at)
+                    )
         return WorkRead(pools=pools, running=running, blocked=blocked)
 
     def _observe(self, pool: int, now: float, work: WorkRead, ctx: Context) -> tuple[PoolObservation, int]:
@@ -784,6 +812,8 @@ def simulate(
         victims,
     ).run()
     result.wall_s = time.perf_counter() - started
+    if config.objectives is not None:
+        result.objectives = config.objectives.targets()
     return result
 
 

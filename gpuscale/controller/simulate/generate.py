@@ -56,7 +56,13 @@ class TraceSpec:
     batch_share: float = 0.08  # platform: share of uploads that are a batch of 3–8 decks
 
 
-def spec_for(kind: str, *, decks_per_day: float | None = None, days: int | None = None) -> TraceSpec:
+def spec_for(
+    kind: str,
+    *,
+    decks_per_day: float | None = None,
+    days: int | None = None,
+    batch_share: float | None = None,
+) -> TraceSpec:
     specs = {
         "busy-day": TraceSpec(days=1, decks_per_working_day=30.0, exact_decks=30),
         "quiet-week": TraceSpec(days=7, decks_per_working_day=3.0),
@@ -71,6 +77,10 @@ def spec_for(kind: str, *, decks_per_day: float | None = None, days: int | None 
         spec = replace(spec, decks_per_working_day=decks_per_day, exact_decks=exact)
     if days is not None:
         spec = replace(spec, days=days)
+    if batch_share is not None:
+        if not spec.platform:
+            raise ValueError("batch_share applies to the platform-month kind only")
+        spec = replace(spec, batch_share=batch_share)
     return spec
 
 
@@ -235,10 +245,15 @@ def _deck_graph(
 
 
 def generate(
-    kind: str, *, seed: int = 1, decks_per_day: float | None = None, days: int | None = None
+    kind: str,
+    *,
+    seed: int = 1,
+    decks_per_day: float | None = None,
+    days: int | None = None,
+    batch_share: float | None = None,
 ) -> list[TraceTask]:
     """A trace of ``kind`` (see :data:`KINDS`); the same seed gives the same trace."""
-    spec = spec_for(kind, decks_per_day=decks_per_day, days=days)
+    spec = spec_for(kind, decks_per_day=decks_per_day, days=days, batch_share=batch_share)
     rng = random.Random(seed)
     tasks: list[TraceTask] = []
     if spec.platform:

@@ -49,9 +49,27 @@ def summary(result: SimResult) -> dict[str, Any]:
             }
             for name, p in result.pools.items()
         },
+        "objectives": _objectives(result),
         "sim_ticks": result.ticks,
         "sim_wall_s": round(result.wall_s, 3),
     }
+
+
+_OBJECTIVE_KEYS = {
+    "deck_p50": lambda r: percentile(r.graph_times, 50),
+    "deck_p95": lambda r: percentile(r.graph_times, 95),
+    "wait_p50": lambda r: percentile(r.waits, 50),
+    "wait_p95": lambda r: percentile(r.waits, 95),
+}
+
+
+def _objectives(result: SimResult) -> dict[str, dict[str, Any]]:
+    """Each objective of the pools file: its target, the replay's value, whether it was met."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, target in result.objectives.items():
+        value = float(_OBJECTIVE_KEYS[name](result))
+        out[name] = {"target_s": round(target, 1), "value_s": round(value, 1), "met": value <= target}
+    return out
 
 
 def _minutes(seconds: float) -> str:
@@ -95,6 +113,17 @@ def format_text(data: dict[str, Any]) -> str:
             if any("preemptions" in p for p in data["pools"].values())
             else []
         ),
+    ]
+    if data.get("objectives"):
+        lines.append(
+            "objectives      "
+            + ", ".join(
+                f"{k} ≤ {o['target_s'] / 60:g} min: {o['value_s'] / 60:.1f} min "
+                + ("met" if o["met"] else "MISSED")
+                for k, o in data["objectives"].items()
+            )
+        )
+    lines += [
         f"(replayed in {data['sim_wall_s']:.2f}s, {data['sim_ticks']} controller ticks)",
     ]
     return "\n".join(lines)

@@ -117,7 +117,19 @@ def knobs_for(config: PoolsConfig) -> list[Knob]:
         out.append(Knob(name, "scale_up_delay", _durations((0, 15, 30, 60, 120))))
         out.append(Knob(name, "scale_down_delay", _durations(("auto", 30, 60, 120, 300, 600))))
         out.append(Knob(name, "prewarm", _bools))
+        if config.pools[name].stage_deadline_s is not None:
+            out.insert(
+                len(config.pools), Knob(name, "stage_deadline", _steps(30.0, (-90, -60, -30, 30, 60, 120)))
+            )
     return out
+
+
+def _steps(lo: float, deltas: Sequence[float]) -> Callable[[Any], list[Any]]:
+    def values(cur: Any) -> list[Any]:
+        c = parse_duration(cur)
+        return [format_duration(max(lo, c + d)) for d in deltas if max(lo, c + d) != c]
+
+    return values
 
 
 def _current(config: PoolsConfig, knob: Knob, changes: dict[tuple[str, str], Any]) -> Any:
@@ -128,9 +140,13 @@ def _current(config: PoolsConfig, knob: Knob, changes: dict[tuple[str, str], Any
         "drain_target": "drain_target_s",
         "scale_up_delay": "scale_up_delay_s",
         "scale_down_delay": "scale_down_delay_s",
+        "stage_deadline": "stage_deadline_s",
     }.get(knob.key, knob.key)
     value = getattr(rules, attr)
-    if knob.key in ("drain_target", "scale_up_delay", "scale_down_delay") and value != "auto":
+    if (
+        knob.key in ("drain_target", "scale_up_delay", "scale_down_delay", "stage_deadline")
+        and value != "auto"
+    ):
         return format_duration(float(value))
     return value
 
