@@ -156,6 +156,7 @@ class Connector:
         statement_cache_size: int = 100,
         command_timeout_s: float = 60.0,
         connect_timeout_s: float = 10.0,
+        application_name: str | None = None,
     ) -> None:
         self.dsn = dsn
         self.listen_dsn = listen_dsn or dsn
@@ -164,6 +165,8 @@ class Connector:
         self.statement_cache_size = statement_cache_size
         self.command_timeout_s = command_timeout_s
         self.connect_timeout_s = connect_timeout_s
+        # Shown in pg_stat_activity (a benchmark leaves its own connections out of its counts).
+        self._server_settings = {"application_name": application_name} if application_name else None
         self._conns: asyncpg.Pool | None = None
         self._owned = True
 
@@ -204,6 +207,7 @@ class Connector:
                 statement_cache_size=self.statement_cache_size,
                 init=init_connection,
                 reset=_keep_session,
+                server_settings=self._server_settings,
             )
         return self
 
@@ -279,6 +283,7 @@ class Connector:
             self.listen_dsn,
             timeout=timeout_s or self.connect_timeout_s,
             statement_cache_size=self.statement_cache_size,
+            server_settings=self._server_settings,
         )
         try:
             await init_connection(conn)

@@ -556,6 +556,32 @@ SELECT holder, generation, duration_s, acquired_at, renewed_at,
        clock_timestamp() AS now
   FROM controller_lease WHERE name = $1
 
+-- name: max_connections
+SELECT current_setting('max_connections')::integer
+
+-- name: client_connections
+-- Client connections to the server, leaving out those whose application_name is $1 (a
+-- benchmark's own).
+SELECT count(*) FROM pg_stat_activity
+ WHERE backend_type = 'client backend' AND application_name <> $1
+
+-- name: count_unfinished_of
+-- How many of tasks $1 are not done yet.
+SELECT count(*) FROM processing_queue WHERE id = ANY($1::bigint[]) AND status <> 'done'
+
+-- name: fleet_bench_outcome
+-- What became of tasks $1: done, retried, and timings from the server's clock (bench fleet).
+SELECT count(*) FILTER (WHERE status = 'done') AS done,
+       coalesce(sum(attempts - 1) FILTER (WHERE attempts > 1), 0) AS retried,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY e2e) FILTER (WHERE status = 'done') AS e2e_p50,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY e2e) FILTER (WHERE status = 'done') AS e2e_p99,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY wait) FILTER (WHERE status = 'done') AS wait_p50,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY wait) FILTER (WHERE status = 'done') AS wait_p99
+  FROM (SELECT status, attempts,
+               extract(epoch FROM finished_at - created_at) AS e2e,
+               extract(epoch FROM started_at - queued_at) AS wait
+          FROM processing_queue WHERE id = ANY($1::bigint[])) t
+
 -- name: drop_demo_database
 -- The demo starts from a fresh database each run, so the counts on screen are this run's.
 DROP DATABASE IF EXISTS gpuscale_demo WITH (FORCE)

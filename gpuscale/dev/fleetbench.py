@@ -35,10 +35,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 from gpuscale.common.processes import ProcessGroup, spawn
-from gpuscale.db.connector import init_connection
+from gpuscale.db.connector import DATABASE_ERRORS, Connector
 
 log = logging.getLogger("gpuscale.bench.fleet")
 
@@ -170,15 +168,9 @@ def scratch_postgres(max_connections: int) -> Iterator[str]:
     server = EmbeddedPostgres(root / "pg")
     try:
         server.start()
-
-        async def configure() -> None:
-            conn = await asyncpg.connect(server.dsn("postgres"))
-            try:
-                await conn.execute(f"ALTER SYSTEM SET max_connections = {int(max_connections)}")
-            finally:
-                await conn.close()
-
-        asyncio.run(configure())
+        # A server setting, not a statement: the last line of postgresql.conf wins.
+        with (server.pgdata / "postgresql.conf").open("a") as conf:
+            conf.write(f"\nmax_connections = {int(max_connections)}\n")
         server.stop()  # max_connections takes a restart
         server.start()
         yield server.dsn("postgres")
@@ -426,21 +418,6 @@ async def _read_line(group: ProcessGroup, prefix: str, timeout_s: float) -> str:
             return text[len(prefix) :]
 
 
-# What became of the tasks the producer enqueued: done, retried, and timings from the server's clock.
-_FINAL_SQL = """
-SELECT count(*) FILTER (WHERE status = 'done') AS done,
-       coalesce(sum(attempts - 1) FILTER (WHERE attempts > 1), 0) AS retried,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY e2e) FILTER (WHERE status = 'done') AS e2e_p50,
-       percentile_cont(0.99) WITHIN GROUP (ORDER BY e2e) FILTER (WHERE status = 'done') AS e2e_p99,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY wait) FILTER (WHERE status = 'done') AS wait_p50,
-       percentile_cont(0.99) WITHIN GROUP (ORDER BY wait) FILTER (WHERE status = 'done') AS wait_p99
-  FROM (SELECT status, attempts,
-               extract(epoch FROM finished_at - created_at) AS e2e,
-               extract(epoch FROM started_at - queued_at) AS wait
-          FROM processing_queue WHERE id = ANY($1::bigint[])) t
-"""
-
-
 @dataclass
 class _Samples:
     peak_connections: int = 0
@@ -455,20 +432,13 @@ class _Samples:
 async def _monitor(dsn: str, stop: asyncio.Event, out: _Samples, pools: list[str]) -> None:
     from gpuscale.queue import Queue
 
-    conn = await asyncpg.connect(dsn, server_settings={"application_name": BENCH_APP})
-    pool = await asyncpg.create_pool(
-        dsn, min_size=1, max_size=1, server_settings={"application_name": BENCH_APP}, init=init_connection
-    )
-    assert pool is not None
-    queue = Queue(pool)
+    conn = await Connector(dsn, application_name=BENCH_APP).dedicated()
+    db = await Connector(dsn, min_connections=1, max_connections=1, application_name=BENCH_APP).open()
+    queue = Queue(db)
     try:
         i = 0
         while not stop.is_set():
-            n = await conn.fetchval(
-                """SELECT count(*) FROM pg_stat_activity
-                    WHERE backend_type = 'client backend' AND application_name <> $1""",
-                BENCH_APP,
-            )
+            n = await conn.fetchval("client_connections", BENCH_APP)
             out.connection_samples.append(int(n))
             out.peak_connections = max(out.peak_connections, int(n))
             if i % 4 == 0:
@@ -482,7 +452,7 @@ async def _monitor(dsn: str, stop: asyncio.Event, out: _Samples, pools: list[str
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.25)
     finally:
-        await pool.close()
+        await db.close()
         await conn.close()
 
 
@@ -504,7 +474,7 @@ async def _produce(queue: Any, opts: FleetOptions, stop: asyncio.Event, out: _Sa
             k += n
             try:
                 out.enqueued.extend(await queue.enqueue_many(batch))
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_ERRORS as exc:
                 out.enqueue_errors += 1
                 log.warning("bench producer: enqueue failed: %s", exc)
         k_next = start + period * (1 + round((time.monotonic() - start) / period))
@@ -535,19 +505,15 @@ async def _probes(
 async def run_fleet(opts: FleetOptions, dsn: str, replica_dsn: str, listen_dsn: str) -> dict[str, Any]:
     from gpuscale.common.settings import Settings
     from gpuscale.controller.app import ControllerApp
-    from gpuscale.db import migrate
     from gpuscale.queue import Queue
 
     register_types(opts.pools)
     counter = _Counter()
     logging.getLogger().addHandler(counter)
     load_before = os.getloadavg()[0]
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-        max_conn = int(await conn.fetchval("SHOW max_connections"))
-    finally:
-        await conn.close()
+    async with Connector(dsn, max_connections=1) as admin:
+        await admin.migrate()
+        max_conn = int(await admin.fetchval("max_connections"))
 
     replicas = assign(opts)
     per_pool: dict[str, list[str]] = {}
@@ -596,11 +562,8 @@ async def run_fleet(opts: FleetOptions, dsn: str, replica_dsn: str, listen_dsn: 
         if (controller.is_leader and controller.listening.is_set()) or controller_task.done():
             break
         await asyncio.sleep(0.05)
-    prod_pool = await asyncpg.create_pool(
-        dsn, min_size=2, max_size=2, server_settings={"application_name": BENCH_APP}, init=init_connection
-    )
-    assert prod_pool is not None
-    queue = Queue(prod_pool)
+    prod_db = await Connector(dsn, min_connections=2, max_connections=2, application_name=BENCH_APP).open()
+    queue = Queue(prod_db)
     children = await _spawn_children(opts, replica_dsn, listen_dsn, listen, result_dir)
     try:
         ready = [await _read_line(p, "READY ", 300) for p in children]
@@ -619,10 +582,7 @@ async def run_fleet(opts: FleetOptions, dsn: str, replica_dsn: str, listen_dsn: 
         ids = samples.enqueued
         last_left, last_change = -1, time.monotonic()
         while time.monotonic() < deadline:
-            left = await prod_pool.fetchval(
-                "SELECT count(*) FROM processing_queue WHERE id = ANY($1::bigint[]) AND status <> 'done'",
-                ids,
-            )
+            left = await prod_db.fetchval("count_unfinished_of", ids)
             if not left:
                 break
             if left != last_left:
@@ -632,10 +592,10 @@ async def run_fleet(opts: FleetOptions, dsn: str, replica_dsn: str, listen_dsn: 
             await asyncio.sleep(0.25)
         for tid in probe_ids:
             await queue.cancel(tid)
-        final = await prod_pool.fetchrow(_FINAL_SQL, ids)
+        final = await prod_db.fetchrow("fleet_bench_outcome", ids)
         assert final is not None
     finally:
-        await prod_pool.close()
+        await prod_db.close()
         controller.request_stop()
         with contextlib.suppress(Exception):
             await controller_task
