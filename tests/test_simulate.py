@@ -3,6 +3,7 @@ the trace format and generator, and the CLI."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -225,6 +226,18 @@ def test_platform_month_has_the_platform_load_shape() -> None:
     text = [t for t in a if t.task_type not in ("visual_analysis", "slide_feedback")]
     assert all(20 <= t.service_s <= 180 for t in text)
     assert max(t.service_s for t in text) > 120  # the specialized analyses run long
+
+    # More batch uploads: a larger share of the decks arrives in groups of 3 or more.
+    def grouped(tasks: list[TraceTask]) -> float:
+        at = sorted(
+            {t.arrival_s for t in tasks if t.task_type == "visual_analysis" and t.task_id.endswith("va1")}
+        )
+        close = sum(1 for a, b in itertools.pairwise(at) if b - a <= 60)
+        return close / len(at)
+
+    assert grouped(generate("platform-month", seed=11, batch_share=0.3)) > grouped(a) + 0.1
+    with pytest.raises(ValueError, match="platform-month"):
+        generate("month", seed=1, batch_share=0.3)
     double = generate("platform-month", seed=11, decks_per_day=24)
     assert 1.5 < len({t.task_id.split("-")[0] for t in double}) / len(decks) < 2.8
 
