@@ -93,26 +93,26 @@ def _drop_db(pg_server: str, name: str) -> None:
     asyncio.run(run())
 
 
-@pytest.fixture
-def dsn(pg_server: str, pg_template: str) -> Iterator[str]:
-    """A fresh, migrated database for this test; its DSN."""
-    name = f"t_{os.getpid()}_{next(_counter)}"
-    _create_db(pg_server, name, pg_template)
+def _fresh_db(pg_server: str, prefix: str, template: str | None) -> Iterator[str]:
+    """A database of its own for one test, copied from template (None: empty); its DSN, dropped after."""
+    name = f"{prefix}_{os.getpid()}_{next(_counter)}"
+    _create_db(pg_server, name, template)
     try:
         yield with_database(pg_server, name)
     finally:
         _drop_db(pg_server, name)
+
+
+@pytest.fixture
+def dsn(pg_server: str, pg_template: str) -> Iterator[str]:
+    """A fresh, migrated database for this test; its DSN."""
+    yield from _fresh_db(pg_server, "t", pg_template)
 
 
 @pytest.fixture
 def empty_dsn(pg_server: str) -> Iterator[str]:
     """A fresh database with no schema at all (for migration tests)."""
-    name = f"e_{os.getpid()}_{next(_counter)}"
-    _create_db(pg_server, name, None)
-    try:
-        yield with_database(pg_server, name)
-    finally:
-        _drop_db(pg_server, name)
+    yield from _fresh_db(pg_server, "e", None)
 
 
 @pytest.fixture

@@ -135,49 +135,50 @@ def create_app(status: WorkerStatus, token: SecretStr | None) -> Starlette:
         body["detail"] = status.detail
         return JSONResponse(body, status_code=200 if state in ("ready", "model_unloaded") else 503)
 
-    def _no_ollama() -> JSONResponse | None:
-        if status.ollama is None:
-            return JSONResponse({"error": f"the {status.pool} pool runs no Ollama"}, status_code=409)
-        return None
-
-    async def list_models(request: Request) -> Response:
+    def _ollama_for(request: Request) -> OllamaClient | Response:
+        """This worker's Ollama client for an authorized request, or the response that refuses it."""
         if not _authorized(request, token):
             return _unauthorized()
-        if (resp := _no_ollama()) is not None:
-            return resp
-        assert status.ollama is not None
+        if status.ollama is None:
+            return JSONResponse({"error": f"the {status.pool} pool runs no Ollama"}, status_code=409)
+        return status.ollama
+
+    def _model_request(request: Request) -> tuple[OllamaClient, str] | Response:
+        """The Ollama client and the valid model name a /models/{name} request is about, or the refusal."""
+        ollama = _ollama_for(request)
+        if isinstance(ollama, Response):
+            return ollama
+        name = request.path_params["name"]
+        if not valid_model_name(name):
+            return _bad_model_name()
+        return ollama, name
+
+    async def list_models(request: Request) -> Response:
+        ollama = _ollama_for(request)
+        if isinstance(ollama, Response):
+            return ollama
         try:
-            installed = await status.ollama.list_models()
-            loaded = await status.ollama.loaded_models()
+            installed = await ollama.list_models()
+            loaded = await ollama.loaded_models()
         except OllamaError as exc:
             return JSONResponse({"error": str(exc)}, status_code=502)
         return JSONResponse({"pool_model": status.model, "models": installed, "loaded": loaded})
 
     async def pull_model(request: Request) -> Response:
-        if not _authorized(request, token):
-            return _unauthorized()
-        if (resp := _no_ollama()) is not None:
-            return resp
-        assert status.ollama is not None
-        name = request.path_params["name"]
-        if not valid_model_name(name):
-            return _bad_model_name()
+        if isinstance(found := _model_request(request), Response):
+            return found
+        ollama, name = found
         log.info("pulling model %s (requested over HTTP)", name)
         try:
-            result = await status.ollama.pull(name)
+            result = await ollama.pull(name)
         except OllamaError as exc:
             return JSONResponse({"error": str(exc)}, status_code=502)
         return JSONResponse({"model": name, "status": result or "success"})
 
     async def delete_model(request: Request) -> Response:
-        if not _authorized(request, token):
-            return _unauthorized()
-        if (resp := _no_ollama()) is not None:
-            return resp
-        assert status.ollama is not None
-        name = request.path_params["name"]
-        if not valid_model_name(name):
-            return _bad_model_name()
+        if isinstance(found := _model_request(request), Response):
+            return found
+        ollama, name = found
         force = request.query_params.get("force", "").lower() in ("1", "true", "yes")
         if status.model and same_model(name, status.model) and not force:
             # Deleting the model this worker serves would fail every task it claims next.
@@ -186,7 +187,7 @@ def create_app(status: WorkerStatus, token: SecretStr | None) -> Starlette:
                 status_code=409,
             )
         try:
-            await status.ollama.delete(name)
+            await ollama.delete(name)
         except ModelNotFound:
             return JSONResponse({"error": f"model {name} is not installed"}, status_code=404)
         except OllamaError as exc:
