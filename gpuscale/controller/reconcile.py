@@ -333,39 +333,41 @@ class Reconciler:
 
     # ------------------------------------------------------------------ observe
     async def observe(self) -> Observed:
-        errors: list[str] = []
-        stats: dict[str, PoolStats] | None
-        servers: list[ServerInfo] | None
-        paused: set[str] | None
+        # The three reads are independent: run side by side (the controller has two connections
+        # for its work), so a tick waits for the slowest read, not for the sum of them.
+        (stats, detail, qerr), (servers, serr), (paused, perr) = await asyncio.gather(
+            self._observe_queue(), self._observe_servers(), self._observe_paused()
+        )
+        return Observed(stats, servers, paused, qerr + serr + perr, detail=detail)
+
+    async def _observe_queue(self) -> tuple[dict[str, PoolStats] | None, WorkDetail | None, list[str]]:
         try:
             stats = await self.queue.stats()
         except Exception as exc:  # any failure reading the queue means "unknown", never zero
-            stats = None
-            errors.append(f"queue: {type(exc).__name__}: {exc}")
             for pool in self.config.pools:
                 m.OBSERVE_ERRORS.labels(pool, "queue").inc()
-        detail: WorkDetail | None = None
-        if stats is not None:
-            try:
-                detail = await self.queue.work_detail()
-            except Exception as exc:  # unknown, never zero: the policy holds
-                stats = None
-                errors.append(f"queue: {type(exc).__name__}: {exc}")
+            return None, None, [f"queue: {type(exc).__name__}: {exc}"]
+        try:
+            return stats, await self.queue.work_detail(), []
+        except Exception as exc:  # unknown, never zero: the policy holds
+            return None, None, [f"queue: {type(exc).__name__}: {exc}"]
+
+    async def _observe_servers(self) -> tuple[list[ServerInfo] | None, list[str]]:
         try:
             servers = await self.queue.list_servers()
             # Busy or idle from the tasks each server holds now, not from its last heartbeat.
             held = await self.queue.running_by_server()
-            for s in servers:  # fresh objects from this read: set in place, no copy per server
-                s.current_load = held.get(s.id, 0)
         except Exception as exc:
-            servers = None
-            errors.append(f"servers: {type(exc).__name__}")
+            return None, [f"servers: {type(exc).__name__}"]
+        for s in servers:  # fresh objects from this read: set in place, no copy per server
+            s.current_load = held.get(s.id, 0)
+        return servers, []
+
+    async def _observe_paused(self) -> tuple[set[str] | None, list[str]]:
         try:
-            paused = await self.store.paused_pools()
+            return await self.store.paused_pools(), []
         except Exception as exc:
-            paused = None
-            errors.append(f"pause flags: {type(exc).__name__}")
-        return Observed(stats, servers, paused, errors, detail=detail)
+            return None, [f"pause flags: {type(exc).__name__}"]
 
     async def _observe_provider(
         self, rules: PoolRules
