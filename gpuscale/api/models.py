@@ -88,8 +88,8 @@ class TaskAccepted(BaseModel):
     location: str
 
 
-class TaskView(BaseModel):
-    """A task as the API shows it."""
+class _TaskFields(BaseModel):
+    """The fields every view of a task starts with (each view adds its own after them, in order)."""
 
     id: int
     task_type: str
@@ -101,6 +101,11 @@ class TaskView(BaseModel):
     progress_message: str | None
     attempts: int
     max_attempts: int
+
+
+class TaskView(_TaskFields):
+    """A task as the API shows it."""
+
     depends_on: list[int]
     error: str | None
     payload: dict[str, Any] | None = None
@@ -110,17 +115,7 @@ class TaskView(BaseModel):
     finished_at: datetime | None
 
 
-class TaskSummary(BaseModel):
-    id: int
-    task_type: str
-    pool: str
-    document_id: str | None
-    priority: Priority
-    status: TaskStatus
-    progress: float
-    progress_message: str | None
-    attempts: int
-    max_attempts: int
+class TaskSummary(_TaskFields):
     error: str | None
     created_at: datetime
     finished_at: datetime | None
