@@ -246,17 +246,36 @@ def _with_env(entry: str) -> list[int]:
     return pids
 
 
+def _demo_env() -> dict[str, str]:
+    """This environment without GPUSCALE_/DATACRUNCH_ settings, so the demo runs on its own defaults."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("GPUSCALE_", "DATACRUNCH_"))}
+
+
+def _start_demo(data_dir: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
+    """A headless demo on data_dir (stdout, stderr merged) and the environment entry marking its processes."""
+    proc = subprocess.Popen(
+        [*GPUSCALE, "demo", "--headless", *args, "--data-dir", str(data_dir)],
+        cwd=ROOT, env=_demo_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    return proc, f"GPUSCALE_DATA_DIR={data_dir.absolute()}"
+
+
+def _assert_everything_stopped(
+    proc: subprocess.Popen[str], out: str, marker: str, running: list[int]
+) -> None:
+    """Exit 130 after a Ctrl-C, said so, and no process of the run left (those seen running included)."""
+    assert proc.returncode == 130, out
+    assert "everything was stopped" in out
+    assert _with_env(marker) == []
+    assert not [p for p in running if Path(f"/proc/{p}").exists()]
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(120)
 def test_ctrl_c_mid_run_stops_everything(tmp_path: Path) -> None:
     """SIGINT while replicas run: exit 130, and no process of the run is left (replicas included)."""
     data_dir = tmp_path / "demo"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUSCALE_", "DATACRUNCH_"))}
-    proc = subprocess.Popen(
-        [*GPUSCALE, "demo", "--headless", "--decks", "1", "--latency", "1", "--data-dir", str(data_dir)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    marker = f"GPUSCALE_DATA_DIR={data_dir.absolute()}"
+    proc, marker = _start_demo(data_dir, "--decks", "1", "--latency", "1")
     lines: list[str] = []
     try:
         assert proc.stdout is not None
@@ -275,10 +294,7 @@ def test_ctrl_c_mid_run_stops_everything(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130, "".join(lines) + out
-    assert "everything was stopped" in out
-    assert _with_env(marker) == []
-    assert not [p for p in running if Path(f"/proc/{p}").exists()]
+    _assert_everything_stopped(proc, "".join(lines) + out, marker, running)
 
 
 @pytest.mark.e2e
@@ -288,7 +304,7 @@ def test_ollama_host_uses_the_given_ollama_and_starts_no_stand_in(tmp_path: Path
     standing for a real Ollama) and the demo starts no stand-in of its own."""
     from gpuscale.dev.standin import OllamaStandin
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUSCALE_", "DATACRUNCH_"))}
+    env = _demo_env()
     # The demo's pools with a short idle timeout: this test is about Ollama, not about waiting.
     pools = yaml.safe_load((ROOT / "deploy/demo/pools.yaml").read_text())
     for key, rules in pools.items():
@@ -324,13 +340,9 @@ def test_second_ctrl_c_while_stopping_still_stops_everything(tmp_path: Path) -> 
 
     data_dir = tmp_path / "demo"
     targets = tmp_path / "targets.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUSCALE_", "DATACRUNCH_"))}
-    proc = subprocess.Popen(
-        [*GPUSCALE, "demo", "--headless", "--decks", "1", "--pages", "2", "--latency", "0.2",
-         "--data-dir", str(data_dir), "--prometheus-targets", str(targets)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    marker = f"GPUSCALE_DATA_DIR={data_dir.absolute()}"
+    proc, marker = _start_demo(
+        data_dir, "--decks", "1", "--pages", "2", "--latency", "0.2", "--prometheus-targets", str(targets)
+    )
     lines: list[str] = []
     try:
         assert proc.stdout is not None
@@ -353,10 +365,7 @@ def test_second_ctrl_c_while_stopping_still_stops_everything(tmp_path: Path) -> 
             with contextlib.suppress(Exception):
                 os.kill(int(pg_pid.read_text().split()[0]), signal.SIGQUIT)
     out = "".join(lines) + out
-    assert proc.returncode == 130, out
-    assert "everything was stopped" in out
-    assert _with_env(marker) == []
-    assert not [p for p in running if Path(f"/proc/{p}").exists()]
+    _assert_everything_stopped(proc, out, marker, running)
     assert json.loads(targets.read_text()) == [], out  # the last step of the stop ran
     assert not pg_pid.exists(), out  # the embedded PostgreSQL was stopped
     with (data_dir / "demo.lock").open("w") as fh:  # and the data dir is free for the next demo
