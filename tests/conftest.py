@@ -14,24 +14,18 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
+from db_kit import create_migrated_db, with_database
 
 from gpuscale.db.connector import init_connection
 from gpuscale.db.embedded import EmbeddedPostgres
-from gpuscale.db.migrate import migrate
 from gpuscale.db.pgbouncer import PgBouncer, find_pgbouncer
 
 TEMPLATE_DB = "gpuscale_test_template"
 _counter = itertools.count()
-
-
-def with_database(dsn: str, database: str) -> str:
-    """The same server, another database name."""
-    parts = urlsplit(dsn)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
 
 
 @pytest.fixture(scope="session")
@@ -53,20 +47,7 @@ def pg_server() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def pg_template(pg_server: str) -> str:
-    async def build() -> None:
-        admin = await asyncpg.connect(pg_server)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
-            await admin.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
-        finally:
-            await admin.close()
-        conn = await asyncpg.connect(with_database(pg_server, TEMPLATE_DB))
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
-
-    asyncio.run(build())
+    asyncio.run(create_migrated_db(pg_server, TEMPLATE_DB, replace=True))
     return TEMPLATE_DB
 
 

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from db_kit import create_migrated_db
 
 from gpuscale.common.processes import ProcessGroup, spawn
 from gpuscale.db.embedded import EmbeddedPostgres, _server_lock
-from gpuscale.db.migrate import migrate
 from gpuscale.dev.stack import gpuscale_cmd
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -133,18 +133,7 @@ async def test_workers_and_controller_ride_out_database_outages(tmp_path: Path) 
     rnd = random.Random(17)
     report: list[str] = []
     try:
-        admin = await asyncpg.connect(server.dsn("postgres"))
-        try:
-            await admin.execute('CREATE DATABASE "outage"')
-        finally:
-            await admin.close()
-        dsn = server.dsn("outage")
-        conn = await asyncpg.connect(dsn)
-        try:
-            await migrate(conn)
-            await conn.execute(AUDIT_SQL)
-        finally:
-            await conn.close()
+        dsn = await create_migrated_db(server.dsn("postgres"), "outage", then=AUDIT_SQL)
 
         pools_file = tmp_path / "pools.yaml"
         pools_file.write_text(POOLS)

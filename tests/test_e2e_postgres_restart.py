@@ -17,11 +17,11 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from db_kit import create_migrated_db
 from e2e_stack import Stack
 
 from gpuscale.db.connector import init_connection
 from gpuscale.db.embedded import EmbeddedPostgres
-from gpuscale.db.migrate import migrate
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -37,17 +37,7 @@ async def test_postgres_restart_mid_run(tmp_path: Path) -> None:
     stack = None
     leftovers: list[int] = []
     try:
-        admin = await asyncpg.connect(server.dsn("postgres"))
-        try:
-            await admin.execute('CREATE DATABASE "e2e"')
-        finally:
-            await admin.close()
-        dsn = server.dsn("e2e")
-        conn = await asyncpg.connect(dsn)
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
+        dsn = await create_migrated_db(server.dsn("postgres"), "e2e")
 
         stack = Stack(dsn, tmp_path)
         await stack.start()
