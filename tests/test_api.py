@@ -20,13 +20,11 @@ import asyncpg
 import httpx
 import pytest
 from api_kit import GPUSCALE, TOKENS, ApiProc, api_env
+from http_kit import serving_files
 from pdfs import make_deck, not_a_pdf
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
-from gpuscale.common.serving import AppServer
 from gpuscale.dev.standin import OllamaStandin
 from gpuscale.queue import Queue
 
@@ -293,12 +291,8 @@ def pdf_server() -> Iterator[str]:
             return Response(deck, media_type="application/pdf")
         return Response(b"not found", status_code=404)
 
-    server = AppServer(Starlette(routes=[Route("/{name}", serve)]), name="pdfs")
-    server.start_thread()
-    try:
-        yield f"http://127.0.0.1:{server.port}"
-    finally:
-        server.stop_thread()
+    with serving_files(serve, "pdfs") as url:
+        yield url
 
 
 async def test_deck_limits_and_refusals_write_nothing(

@@ -17,14 +17,12 @@ from typing import Any
 import httpx
 import pytest
 import respx
+from http_kit import serving_files
 from pdfs import corrupt_pdf, make_deck, not_a_pdf
 from PIL import Image
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
-from gpuscale.common.serving import AppServer
 from gpuscale.queue.tasktypes import validate_result
 from gpuscale.worker.errors import DocumentError, InvalidAnswer, MissingInput, OllamaError, TaskError
 from gpuscale.worker.handlers import HANDLERS, TaskContext
@@ -231,12 +229,8 @@ def doc_server(deck: Path) -> Iterator[str]:
             return Response(b"oops", status_code=503)
         return Response(b"not found", status_code=404)
 
-    server = AppServer(Starlette(routes=[Route("/{name}", serve)]), name="docs")
-    server.start_thread()
-    try:
-        yield f"http://127.0.0.1:{server.port}"
-    finally:
-        server.stop_thread()
+    with serving_files(serve, "docs") as url:
+        yield url
 
 
 async def test_fetch_over_http(doc_server: str, deck: Path) -> None:
