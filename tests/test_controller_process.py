@@ -21,29 +21,20 @@ from gpuscale.dev.stack import free_port
 ROOT = Path(__file__).resolve().parents[1]
 SLEEPER = f"{sys.executable} -c 'import time; time.sleep(600)'"
 
-POOLS_YAML = """
-reconcile_interval: 1s
-visual_container_scaling:
+POOLS_YAML = "\nreconcile_interval: 1s\n" + "".join(
+    f"""{pool}_container_scaling:
   min_replicas: 0
   max_replicas: 2
   scale_up_threshold: 1
   scale_up_delay: 5s
   scale_down_delay: 30s
   startup_timeout: 60s
-  deployment: gpuscale-visual
+  deployment: gpuscale-{pool}
   cold_start: 2s
-  price_per_hour: 0.5
-text_container_scaling:
-  min_replicas: 0
-  max_replicas: 2
-  scale_up_threshold: 1
-  scale_up_delay: 5s
-  scale_down_delay: 30s
-  startup_timeout: 60s
-  deployment: gpuscale-text
-  cold_start: 2s
-  price_per_hour: 0.8
+  price_per_hour: {price}
 """
+    for pool, price in (("visual", 0.5), ("text", 0.8))
+)  # the two pools alike but for name and price
 
 
 @pytest.fixture

@@ -187,14 +187,19 @@ def test_default_worker_command_and_exit_status(fakes: Fakes) -> None:
     assert _index(events, "worker exits 3") < _index(events, "ollama TERM")
 
 
+def _assert_stopped_before_the_worker(fakes: Fakes) -> None:
+    """Ollama was stopped and the worker never started."""
+    events = fakes.events()
+    assert "ollama TERM" in events
+    assert not any(e.startswith("worker start") for e in events)
+
+
 def test_ollama_that_never_answers_fails_bounded(fakes: Fakes) -> None:
     proc = fakes.start("fake-worker", GPUSCALE_OLLAMA_WAIT_S="2", FAKE_SERVE_DELAY_TICKS="100000")
     out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 1
     assert b"Ollama did not answer within 2s" in out
-    events = fakes.events()
-    assert "ollama TERM" in events
-    assert not any(e.startswith("worker start") for e in events)
+    _assert_stopped_before_the_worker(fakes)
 
 
 def test_ollama_that_crashes_fails_at_once(fakes: Fakes) -> None:
@@ -217,9 +222,7 @@ def test_sigterm_while_warming_stops_without_starting_the_worker(fakes: Fakes) -
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=10)
     assert proc.returncode == 0, out.decode()
-    events = fakes.events()
-    assert "ollama TERM" in events
-    assert not any(e.startswith("worker start") for e in events)
+    _assert_stopped_before_the_worker(fakes)
 
 
 def test_bad_pool_exits_2(fakes: Fakes) -> None:
