@@ -48,6 +48,7 @@ Wait = Annotated[
     ),
 ]
 IdPath = Annotated[int, Path(ge=1, le=m.MAX_ID)]
+DocumentIdPath = Annotated[str, Path(max_length=200)]
 
 
 class ApiState:
@@ -522,7 +523,7 @@ def _routes(app: FastAPI) -> None:
         tags=["decks"],
         dependencies=[Auth],
     )
-    async def get_deck(request: Request, document_id: Annotated[str, Path(max_length=200)]) -> m.DeckView:
+    async def get_deck(request: Request, document_id: DocumentIdPath) -> m.DeckView:
         """Every task's status, progress and message; the results by task type once done."""
         rows = await _state(request).queue.document_tasks(_clean(document_id))
         if not rows:
@@ -536,9 +537,7 @@ def _routes(app: FastAPI) -> None:
         tags=["decks"],
         dependencies=[Auth],
     )
-    async def cancel_deck(
-        request: Request, document_id: Annotated[str, Path(max_length=200)]
-    ) -> m.DeckCancelled:
+    async def cancel_deck(request: Request, document_id: DocumentIdPath) -> m.DeckCancelled:
         """Cancel every task of the deck that has not finished."""
         queue = _state(request).queue
         doc = _clean(document_id)
