@@ -40,25 +40,33 @@ def replica_pids(replica_id: str) -> list[int]:
     return [int(env["__pid__"]) for env in replica_env(replica_id)]
 
 
-def replica_env(replica_id: str) -> list[dict[str, str]]:
-    """The environments of the live processes that belong to ``replica_id`` (plus ``__pid__``)."""
-    marker = f"GPUSCALE_CONTAINER_ID={replica_id}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+def environs_with(entry: str) -> dict[int, list[bytes]]:
+    """The live processes whose environment holds ``entry`` (``KEY=value``): pid → its raw entries."""
+    marker = entry.encode()
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
+            with open(f"/proc/{name}/environ", "rb") as f:
                 items = f.read().split(b"\0")
         except OSError:
-            continue
+            continue  # gone meanwhile, or not ours to read
         if marker in items:
-            env = {"__pid__": entry}
-            for item in items:
-                key, _, value = item.partition(b"=")
-                if key:
-                    env[key.decode(errors="replace")] = value.decode(errors="replace")
-            found.append(env)
+            found[int(name)] = items
+    return found
+
+
+def replica_env(replica_id: str) -> list[dict[str, str]]:
+    """The environments of the live processes that belong to ``replica_id`` (plus ``__pid__``)."""
+    found = []
+    for pid, items in environs_with(f"GPUSCALE_CONTAINER_ID={replica_id}").items():
+        env = {"__pid__": str(pid)}
+        for item in items:
+            key, _, value = item.partition(b"=")
+            if key:
+                env[key.decode(errors="replace")] = value.decode(errors="replace")
+        found.append(env)
     return found
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pypdfium2 as pdfium
 import pytest
 import yaml
+from provider_kit import environs_with
 from rich.console import Console
 
 from gpuscale.dev.demo import decks
@@ -234,18 +235,6 @@ def test_one_demo_per_data_dir(tmp_path: Path) -> None:
     second._lock_fh.close()
 
 
-def _with_env(entry: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if entry.encode() in (proc / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(proc.name))
-            except OSError:
-                pass
-    return pids
-
-
 def _demo_env() -> dict[str, str]:
     """This environment without GPUSCALE_/DATACRUNCH_ settings, so the demo runs on its own defaults."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("GPUSCALE_", "DATACRUNCH_"))}
@@ -266,7 +255,7 @@ def _assert_everything_stopped(
     """Exit 130 after a Ctrl-C, said so, and no process of the run left (those seen running included)."""
     assert proc.returncode == 130, out
     assert "everything was stopped" in out
-    assert _with_env(marker) == []
+    assert list(environs_with(marker)) == []
     assert not [p for p in running if Path(f"/proc/{p}").exists()]
 
 
@@ -284,9 +273,9 @@ def test_ctrl_c_mid_run_stops_everything(tmp_path: Path) -> None:
             if "visual: 0 →" in line:
                 break
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and len(_with_env(marker)) < 4:
+        while time.monotonic() < deadline and len(environs_with(marker)) < 4:
             time.sleep(0.2)
-        running = _with_env(marker)
+        running = list(environs_with(marker))
         assert len(running) >= 4, "".join(lines)  # stand-in, emulator, controller, replica(s)
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
@@ -354,7 +343,7 @@ def test_second_ctrl_c_while_stopping_still_stops_everything(tmp_path: Path) -> 
                 proc.send_signal(signal.SIGINT)  # the second lands while children are stopping
                 break
         assert "stopping everything" in lines[-1], "".join(lines)
-        running = _with_env(marker)
+        running = list(environs_with(marker))
         out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
