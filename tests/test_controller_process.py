@@ -145,12 +145,22 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
     return proc.returncode
 
 
-def test_ops_api_and_clean_sigterm(ctl_env: dict[str, str], tmp_path: Path) -> None:
+def start_leader(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A controller on a free port that is up and leading, and that port (stopped again if it is not)."""
     port = free_port()
-    proc = start_controller(ctl_env, port, tmp_path / "ctl.log")
+    proc = start_controller(env, port, log)
     try:
         wait_ready(port)
         wait_role(port, "leader")
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, port
+
+
+def test_ops_api_and_clean_sigterm(ctl_env: dict[str, str], tmp_path: Path) -> None:
+    proc, port = start_leader(ctl_env, tmp_path / "ctl.log")
+    try:
         base = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{base}/healthz").text == "ok"
         for _ in range(50):
@@ -189,11 +199,9 @@ def test_ops_api_and_clean_sigterm(ctl_env: dict[str, str], tmp_path: Path) -> N
 
 
 def test_standby_takes_over_when_the_leader_is_killed(ctl_env: dict[str, str], tmp_path: Path) -> None:
-    p1, p2 = free_port(), free_port()
-    first = start_controller(ctl_env, p1, tmp_path / "a.log")
+    first, p1 = start_leader(ctl_env, tmp_path / "a.log")
+    p2 = free_port()
     try:
-        wait_ready(p1)
-        wait_role(p1, "leader")
         second = start_controller(ctl_env, p2, tmp_path / "b.log")
         try:
             wait_ready(p2)
@@ -254,11 +262,8 @@ def test_pool_pause_and_resume_cli(ctl_env: dict[str, str]) -> None:
 
 
 def test_status_shows_the_controllers_view(ctl_env: dict[str, str], tmp_path: Path) -> None:
-    port = free_port()
-    proc = start_controller(ctl_env, port, tmp_path / "ctl.log")
+    proc, port = start_leader(ctl_env, tmp_path / "ctl.log")
     try:
-        wait_ready(port)
-        wait_role(port, "leader")
         wait_decision(port, "visual")
         out = subprocess.run(
             [
