@@ -47,7 +47,17 @@ def test_resolve_refuses_escapes(tmp_path: Path) -> None:
     (tmp_path / "outside.pdf").write_bytes(b"%PDF-")
     (root / "link.pdf").symlink_to(tmp_path / "outside.pdf")
     store = DocumentStore(root)
-    for name in ("/etc/passwd", "../outside.pdf", "a/../../outside.pdf", "link.pdf", "", "a\0b"):
+    too_long = ("\u1e70\u033a" * 100, "a" * 300, "x/" * 3000)  # the name's fault (ENAMETOOLONG)
+    for name in (
+        "/etc/passwd",
+        "../outside.pdf",
+        "a/../../outside.pdf",
+        "link.pdf",
+        "",
+        "a\0b",
+        "a\udb46.pdf",
+        *too_long,
+    ):
         with pytest.raises(DocumentRefused):
             store.resolve(name)
     assert store.resolve("sub/x.pdf") == root.resolve() / "sub" / "x.pdf"

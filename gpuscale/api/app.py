@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from enum import Enum
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -195,9 +195,13 @@ def _check_document(state: ApiState, document: str) -> None:
         return
     try:
         path = state.store.resolve(document)
+        present = path.is_file()
     except DocumentRefused as exc:
         raise HTTPException(422, f"document: {exc}") from None
-    if not path.is_file():
+    except OSError as exc:
+        # Not the database (the OSError handler says that): the shared filesystem.
+        raise _store_unavailable(exc) from None
+    if not present:
         raise HTTPException(
             422, f"document: {document!r} is not in the document store (upload it with POST /api/decks)"
         )
@@ -510,7 +514,9 @@ def _routes(app: FastAPI) -> None:
         except InvalidTask as exc:
             raise HTTPException(422, str(exc)) from None
         log.info("api: deck %s submitted (%d pages)", sub.document_id, sub.pages)
-        location = f"/api/decks/{sub.document_id}"
+        # Header values are latin-1 on the wire: a caller's document_id may hold any character, so
+        # the Location carries it percent-encoded (the path it names decodes back to the same id).
+        location = f"/api/decks/{quote(sub.document_id, safe='')}"
         body = m.DeckAccepted(
             document_id=sub.document_id, document=sub.document, pages=sub.pages, task_ids=sub.task_ids
         )

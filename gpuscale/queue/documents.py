@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 _CHUNK = 1 << 20
 _TMP_PREFIX = ".incoming-"
+_NAME_MAX = 255  # bytes per path component (ext4, XFS, NFS)
+_PATH_MAX = 4096 - 256  # bytes of the whole name, leaving room for the root it is joined to
 
 
 class DocumentRefused(ValueError):
@@ -49,6 +51,15 @@ class DocumentStore:
             raise DocumentRefused(f"{name}: absolute paths are refused; name documents relative to the root")
         if any(part == ".." for part in pure.parts):
             raise DocumentRefused(f"{name}: '..' is refused in document names")
+        try:
+            encoded = os.fsencode(name)
+        except UnicodeEncodeError:
+            # Lone surrogates (a JSON "\udXXX" escape) have no bytes on a filesystem.
+            raise DocumentRefused("the document name is not valid text") from None
+        # Over the filesystem's limits is the name's fault; left to stat() it would be an
+        # ENAMETOOLONG that reads like a broken filesystem.
+        if len(encoded) > _PATH_MAX or any(len(part) > _NAME_MAX for part in encoded.split(b"/")):
+            raise DocumentRefused("the document name is too long for the filesystem")
         root = self.root.resolve()
         path = (root / pure).resolve()
         if path != root and root not in path.parents:
