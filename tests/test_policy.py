@@ -109,6 +109,31 @@ def test_condition_must_hold_continuously() -> None:
     assert [d.desired > 2 for d in out] == [False, False, False, False, True]
 
 
+def test_a_running_need_correction_breaks_the_up_condition() -> None:
+    """The clock does not survive a tick decided by another rule: a backlog that cleared while
+    the running-need floor restored a lost replica, then came back, waits the whole delay again."""
+    r = rules()
+    busy = {"running": 4, "busy_replicas": 2, "running_work_s": 600}
+    out = run(
+        r,
+        [
+            (0.0, obs(queued=6, replicas=2, queued_work_s=1200, **busy)),
+            (30.0, obs(queued=0, replicas=1, **busy)),  # a replica vanished; backlog cleared
+            (40.0, obs(queued=6, replicas=2, queued_work_s=1200, **busy)),
+            (60.0, obs(queued=6, replicas=2, queued_work_s=1200, **busy)),
+            (100.0, obs(queued=6, replicas=2, queued_work_s=1200, **busy)),
+        ],
+    )
+    assert [d.reason for d in out] == [
+        P.SCALE_UP_PENDING,
+        P.RUNNING_NEED,
+        P.SCALE_UP_PENDING,
+        P.SCALE_UP_PENDING,
+        P.QUEUE_ABOVE_THRESHOLD,
+    ]
+    assert [d.desired for d in out][:4] == [2, 2, 2, 2] and out[4].desired > 2
+
+
 def test_critical_scales_at_once() -> None:
     r = rules()
     busy = {"running": 4, "busy_replicas": 2, "running_work_s": 600}

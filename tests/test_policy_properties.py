@@ -4,8 +4,9 @@
 * never below what running tasks need;
 * never a scale-down on unknown data;
 * never a scale-up before ``scale_up_delay`` unless there is a critical task, certain work at
-  zero, or dependency pre-warm — and a delayed scale-up follows ``scale_up_delay`` of continuous
-  ``scale_up_pending``;
+  zero, or dependency pre-warm — and a delayed scale-up follows ``scale_up_delay`` of the
+  up-condition held without a break: ``scale_up_pending``, or a ``startup_backoff`` hold while the
+  work asked for more (the start was due, failed starts held it back); any other decision breaks it;
 * the same inputs give the same output;
 * closed loop with unchanging work: the count moves one way only (no flapping).
 """
@@ -149,7 +150,8 @@ IMMEDIATE = {P.CRITICAL_TASK, P.SCALE_FROM_ZERO, P.PREWARM_DEPENDENCY, P.MIN_REP
 def test_no_scale_up_before_the_delay(rules: PoolRules, steps: list[tuple[float, PoolObservation]]) -> None:
     state = PoolState()
     now = 1000.0
-    history: list[tuple[float, str]] = []
+    # (now, reason, whether the work asked for more replicas than existed)
+    history: list[tuple[float, str, bool]] = []
     for dt, o in steps:
         now += dt
         d = decide(rules, o, state, now)
@@ -169,14 +171,16 @@ def test_no_scale_up_before_the_delay(rules: PoolRules, steps: list[tuple[float,
                 assert d.current == 0 and d.desired == 1
             else:
                 assert d.reason == P.QUEUE_ABOVE_THRESHOLD
-                # The condition held (scale_up_pending) without a break for the whole delay.
+                # The condition held without a break for the whole delay: ticks waiting on it, or
+                # held back by startup backoff while the work still asked for more.
                 start = now
-                for t, reason in reversed(history):
-                    if reason != P.SCALE_UP_PENDING:
+                for t, reason, wanted_more in reversed(history):
+                    held = reason == P.SCALE_UP_PENDING or (reason == P.STARTUP_BACKOFF and wanted_more)
+                    if not held:
                         break
                     start = t
                 assert now - start >= rules.scale_up_delay_s
-        history.append((now, d.reason))
+        history.append((now, d.reason, d.target > d.current))
 
 
 @SETTINGS

@@ -536,8 +536,14 @@ def decide(
     gap_start, idle_gaps = state.gap_start, state.idle_gaps
     if rules.sizing == "work" and rules.scale_down_auto:
         gap_start, idle_gaps = _track_gaps(state, max(keep, floor_running), current, now, rules.cold_start_s)
+    # The up-condition's timer survives only the ticks that wait on it (scale_up_pending, and the
+    # backoff and budget holds that keep it explicitly).  Every other outcome breaks it: the
+    # running-need, min/max and startup-timeout corrections below change or re-check the count, so
+    # a later queue scale-up must wait the whole delay again from the new count, not inherit a
+    # timer started before the break.
     new = replace(
         state,
+        up_since=None,
         gap_start=gap_start,
         idle_gaps=idle_gaps,
         startup_failures=failures,
