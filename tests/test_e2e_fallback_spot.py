@@ -51,7 +51,9 @@ visual_container_scaling:
     - {name: e2e-visual-spot, spot: true, price_per_hour: 0.87}
     - {name: e2e-visual, price_per_hour: 1.75}
   fallback_cooloff: 5s
-  max_fallback_cooloff: 30s
+  # Kept short: after capacity returns, the spot probe must come up while the fallback still has
+  # work, or the decks all finish on demand and there is nothing left to run on spot.
+  max_fallback_cooloff: 8s
   preemption_limit: 3
 text_container_scaling:
   min_replicas: 0
@@ -167,8 +169,8 @@ async def test_fallback_on_quota_spot_preemption_and_the_way_back(dsn: str, tmp_
         phase = "recovered"
         await faults(stack, {"quota": None})
         # Enough work that it is still running when the spot replicas are up.
-        for name in ("second.pdf", "third.pdf", "fourth.pdf"):
-            submit(stack, tmp_path / "elsewhere", name, pages=12)
+        for name in ("second.pdf", "third.pdf", "fourth.pdf", "fifth.pdf"):
+            submit(stack, tmp_path / "elsewhere", name, pages=16)
 
         async def on_spot() -> bool:
             return bool(await spot_tasks(stack))
