@@ -45,13 +45,12 @@ from gpuscale.controller.pools import PoolRules, PoolsConfig, parse_pools
 from gpuscale.controller.simulate.engine import DAY_S, PoolResult, SimResult
 from gpuscale.controller.simulate.trace import TraceTask
 from gpuscale.db import Connector
-from gpuscale.dev.stack import Stack
+from gpuscale.dev.stack import Stack, start_fresh_embedded
 from gpuscale.queue import NewTask, Queue
 from gpuscale.worker.handlers.replay import replay_document
 from gpuscale.worker.settings import WorkerSettings
 
 # The replay's own embedded server holds the demo's database name (queries.sql creates it).
-REPLAY_DB = "gpuscale_demo"
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = (ROOT / "deploy" / "datacrunch" / "visual.yaml", ROOT / "deploy" / "datacrunch" / "text.yaml")
 FINAL = ("done", "failed", "dead", "cancelled")
@@ -237,18 +236,7 @@ class Replay:
         if self.o.database_url:
             self.dsn = self.o.database_url
             return
-        from gpuscale.db.embedded import EmbeddedPostgres
-
-        self.pg = EmbeddedPostgres(self.data_dir / "pg")
-        await asyncio.to_thread(self.pg.start)
-        admin = await Connector(self.pg.dsn("postgres")).dedicated()
-        try:
-            # A fresh database each run, so everything read back is this run's.
-            await admin.execute("drop_demo_database")
-            await admin.execute("create_demo_database")
-        finally:
-            await admin.close()
-        self.dsn = self.pg.dsn(REPLAY_DB)
+        self.pg, self.dsn = await start_fresh_embedded(self.data_dir)
 
     def _spec_files(self) -> list[Path]:
         """Every deployment of every pool (fallbacks included), as the shipped specs say, with the

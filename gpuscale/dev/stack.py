@@ -49,6 +49,29 @@ __all__ = [
 ]
 
 
+FRESH_DB = "gpuscale_demo"  # named in queries.sql (drop_demo_database, create_demo_database)
+
+
+async def start_fresh_embedded(data_dir: Path) -> tuple[Any, str]:
+    """Start the embedded PostgreSQL in ``data_dir`` and give it an empty ``FRESH_DB``.
+
+    The demo and ``gpuscale replay`` start from a fresh database each run, so everything they
+    count and read back is that run's.  Returns the server (stop it with ``.stop()``) and the DSN.
+    """
+    from gpuscale.db import Connector
+    from gpuscale.db.embedded import EmbeddedPostgres
+
+    pg = EmbeddedPostgres(data_dir / "pg")
+    await asyncio.to_thread(pg.start)
+    admin = await Connector(pg.dsn("postgres")).dedicated()
+    try:
+        await admin.execute("drop_demo_database")
+        await admin.execute("create_demo_database")
+    finally:
+        await admin.close()
+    return pg, pg.dsn(FRESH_DB)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (the child binds it a moment later)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

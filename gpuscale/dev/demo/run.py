@@ -44,11 +44,10 @@ from gpuscale.db import Connector
 from gpuscale.dev.demo import decks as deckgen
 from gpuscale.dev.demo.summary import PoolSummary, Summary
 from gpuscale.dev.demo.view import Decision, DeckView, PoolView, Snapshot
-from gpuscale.dev.stack import RUN_MARKER, ProcessFailed, Stack, kill_leftovers
+from gpuscale.dev.stack import RUN_MARKER, ProcessFailed, Stack, kill_leftovers, start_fresh_embedded
 
 log = logging.getLogger(__name__)
 
-DEMO_DB = "gpuscale_demo"  # named in queries.sql (drop_demo_database, create_demo_database)
 FINAL = ("done", "failed", "dead", "cancelled")
 _NOT_INHERITED = (
     "DATACRUNCH_",
@@ -240,18 +239,7 @@ class Demo:
         return env
 
     async def _start_database(self) -> None:
-        from gpuscale.db.embedded import EmbeddedPostgres
-
-        self.pg = EmbeddedPostgres(self.data_dir / "pg")
-        await asyncio.to_thread(self.pg.start)
-        admin = await Connector(self.pg.dsn("postgres")).dedicated()
-        try:
-            # A fresh database each run, so the counts on screen are this run's.
-            await admin.execute("drop_demo_database")
-            await admin.execute("create_demo_database")
-        finally:
-            await admin.close()
-        self.dsn = self.pg.dsn(DEMO_DB)
+        self.pg, self.dsn = await start_fresh_embedded(self.data_dir)
 
     def _lock(self) -> None:
         """One demo per data directory: a second one would drop the first one's database."""
