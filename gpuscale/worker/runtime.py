@@ -704,27 +704,27 @@ class Worker:
             )
             finished.cancel()
             forced.cancel()
+        if handed_back := await self._hand_back_running():
+            log.info("grace period over: handing back %d task(s)", handed_back)
+
+    async def _hand_back_running(self) -> int:
+        """Cancel every handler still running (its task goes back to the queue, no attempt spent,
+        unless its result is being reported) and wait for them; returns how many there were."""
         leftover = [(tid, r) for tid, r in self._running.items() if not r.done()]
         for task_id, runner in leftover:
             if task_id not in self._reporting:
                 self._abandoned[task_id] = "drain"
                 runner.cancel()
         if leftover:
-            log.info("grace period over: handing back %d task(s)", len(leftover))
             await asyncio.wait([r for _, r in leftover], timeout=_SHUTDOWN_DB_TIMEOUT_S + 5)
+        return len(leftover)
 
     async def _shutdown(self, *, deregister: bool) -> None:
         """Release whatever is still held, deregister, stop the HTTP server; idempotent."""
         self.status.stopping = True
         # Never tear the queue down under a running handler: hand back what still runs (a drain
         # has already done so; this is for an exit by any other way) and wait for the runners.
-        leftover = [(tid, r) for tid, r in self._running.items() if not r.done()]
-        for task_id, runner in leftover:
-            if task_id not in self._reporting:
-                self._abandoned[task_id] = "drain"
-                runner.cancel()
-        if leftover:
-            await asyncio.wait([r for _, r in leftover], timeout=_SHUTDOWN_DB_TIMEOUT_S + 5)
+        await self._hand_back_running()
         for task in self._background:
             task.cancel()
         for task in self._background:
