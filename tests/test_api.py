@@ -61,6 +61,8 @@ def start_api(db_env: dict[str, str], root: Path, tmp_path: Path) -> Iterator[An
             GPUSCALE_DECK_MAX_BYTES="200000",
             GPUSCALE_MAX_PDF_PAGES="12",
             GPUSCALE_DECK_FETCH_TIMEOUT_S="3",
+            # The test's PDF server is on loopback: allowed by name (``localhost`` is not).
+            GPUSCALE_DECK_URL_HOSTS="127.0.0.1",
             **extra,
         )
         proc = ApiProc(env, tmp_path / f"api-{len(started)}.log")
@@ -291,6 +293,10 @@ def pdf_server() -> Iterator[str]:
     async def serve(request: Request) -> Response:
         if request.path_params["name"] == "deck.pdf":
             return Response(deck, media_type="application/pdf")
+        if request.path_params["name"] == "bounce":  # a redirect to a host that is not allowed
+            return Response(
+                status_code=302, headers={"Location": f"http://localhost:{request.url.port}/deck.pdf"}
+            )
         return Response(b"not found", status_code=404)
 
     with serving_files(serve, "pdfs") as url:
@@ -321,6 +327,15 @@ async def test_deck_limits_and_refusals_write_nothing(
         assert r.status_code == 422
         r = c.post("/api/decks", json={"document": f"{pdf_server}/missing.pdf"})
         assert r.status_code == 422 and "answered 404" in r.json()["detail"]
+        # Non-public addresses are refused unless GPUSCALE_DECK_URL_HOSTS names the host, redirects too.
+        for url in (
+            pdf_server.replace("127.0.0.1", "localhost") + "/deck.pdf",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://[::1]:9/deck.pdf",
+            f"{pdf_server}/bounce",
+        ):
+            r = c.post("/api/decks", json={"document": url})
+            assert r.status_code == 422 and "non-public address" in r.json()["detail"], (url, r.text)
         r = c.post(
             "/api/decks?batch_pages=0", files={"file": ("d.pdf", make_deck(pages=2), "application/pdf")}
         )
@@ -558,3 +573,27 @@ async def test_a_broken_document_store_is_a_503_not_a_500(
         r = c.post("/api/decks", files={"file": ("d.pdf", make_deck(pages=2), "application/pdf")})
         assert r.status_code == 503 and "document store is unavailable" in r.json()["detail"], r.text
     assert await count(db) == 0
+
+
+async def test_concurrent_submissions_of_one_document_id_make_one_deck(
+    api: ApiProc, db: asyncpg.Pool
+) -> None:
+    """The 409 is decided inside the enqueue's transaction: racing submissions cannot both win."""
+    pdf = make_deck(pages=2)
+    headers = {"Authorization": f"Bearer {TOKENS[0]}"}
+    async with httpx.AsyncClient(base_url=api.url, headers=headers, timeout=30) as c:
+        answers = await asyncio.gather(
+            *(
+                c.post(
+                    "/api/decks?document_id=race",
+                    files={"file": ("d.pdf", pdf, "application/pdf")},
+                )
+                for _ in range(6)
+            )
+        )
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [202] + [409] * 5, [r.text for r in answers]
+    winner = next(r for r in answers if r.status_code == 202).json()
+    ids = {i for ids in winner["task_ids"].values() for i in ids}
+    rows = await db.fetch("SELECT id FROM processing_queue WHERE document_id = 'race'")
+    assert {r["id"] for r in rows} == ids

@@ -24,13 +24,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
+from starlette.types import Message
 
 from gpuscale import __version__
 from gpuscale.api import models as m
 from gpuscale.api.waiter import Finished
 from gpuscale.common.settings import Settings
 from gpuscale.db.connector import DATABASE_ERRORS, INVALID_VALUE, UNREACHABLE, Connector
-from gpuscale.queue import FINAL_STATUSES, InvalidTask, NewTask, Priority, Queue, TaskStatus
+from gpuscale.queue import FINAL_STATUSES, DocumentTaken, InvalidTask, NewTask, Priority, Queue, TaskStatus
 from gpuscale.queue.deck import DeckError, count_pages, enqueue_deck, url_pages
 from gpuscale.queue.documents import DocumentRefused, DocumentStore, is_url
 
@@ -59,6 +60,7 @@ class ApiState:
         self.queue = queue
         self.finished = finished
         self.store = DocumentStore(settings.document_root)
+        self.url_hosts = frozenset(h.strip() for h in settings.deck_url_hosts.split(",") if h.strip())
         self.tokens = [
             t.strip().encode()
             for t in (settings.api_token.get_secret_value() if settings.api_token else "").split(",")
@@ -298,18 +300,23 @@ def _deck_view(document_id: str, rows: list[dict[str, Any]]) -> m.DeckView:
 async def _read_upload(state: ApiState, request: Request) -> tuple[str, int]:
     """Store a multipart upload (field ``file``) in the document store: (its name, pages)."""
     limit = state.settings.deck_max_bytes
-    # Read the raw body with a cap first (the Content-Length check does not cover chunked
-    # uploads); the form parser then reads from the same cached body.
-    size = 0
-    chunks: list[bytes] = []
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit + _MULTIPART_OVERHEAD:
+    # The form parser reads the body as it arrives and spools the file to disk past 1 MiB, so an
+    # upload is never held in memory whole; counting what arrives caps chunked uploads too, which
+    # the Content-Length check does not cover.
+    received = 0
+
+    async def capped() -> Message:
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > limit + _MULTIPART_OVERHEAD:
             raise HTTPException(413, f"the upload is over the {limit}-byte limit")
-        chunks.append(chunk)
-    request._body = b"".join(chunks)
+        return message
+
     try:
-        form = await request.form(max_files=1, max_fields=4)
+        form = await Request(request.scope, capped).form(max_files=1, max_fields=4)
+    except HTTPException:
+        raise
     except Exception as exc:  # the multipart parser's errors have no common base
         raise HTTPException(422, f"invalid multipart body: {type(exc).__name__}") from None
     upload = form.get("file")
@@ -494,6 +501,7 @@ def _routes(app: FastAPI) -> None:
                     document,
                     max_bytes=state.settings.deck_max_bytes,
                     timeout_s=state.settings.deck_fetch_timeout_s,
+                    allow_hosts=state.url_hosts,
                 )
             except DeckError as exc:
                 raise HTTPException(422, str(exc)) from None
@@ -511,6 +519,9 @@ def _routes(app: FastAPI) -> None:
                 priority=priority,
                 document_id=document_id,
             )
+        except DocumentTaken as exc:
+            # Decided again inside the enqueue's transaction: the check above only answers early.
+            raise HTTPException(409, str(exc)) from None
         except InvalidTask as exc:
             raise HTTPException(422, str(exc)) from None
         log.info("api: deck %s submitted (%d pages)", sub.document_id, sub.pages)

@@ -130,6 +130,10 @@ class Settings(DatabaseAccess):
     document_root: Path = Path(".gpuscale/documents")
     deck_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="largest deck PDF accepted")
     deck_fetch_timeout_s: float = Field(default=60.0, gt=0, description="downloading a deck given by URL")
+    # The task API downloads a URL deck only from public addresses, and from the hosts named here
+    # (comma-separated, exactly as they appear in the URLs): e.g. the platform's own storage on a
+    # private network.  The CLI's submit-deck is the operator's own and is not restricted.
+    deck_url_hosts: str = ""
 
     # HTTP task API (issue 15): bearer tokens it accepts, comma-separated (rotate by listing both).
     api_token: SecretStr | None = None

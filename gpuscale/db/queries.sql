@@ -49,6 +49,16 @@ SELECT (SELECT array_agg(id ORDER BY ord) FROM ids) AS ids,
 SELECT id, status::text, task_type FROM processing_queue
  WHERE id = ANY($1::bigint[]) ORDER BY id FOR SHARE
 
+-- name: lock_document
+-- Serialise the batches that start document $1 (a caller-chosen deck id) until the transaction
+-- ends: two submissions of the same id cannot both see it free.  Transaction-scoped, so it holds
+-- through a pooler in transaction mode.
+SELECT pg_advisory_xact_lock(hashtextextended('gpuscale.document:' || $1, 0))
+
+-- name: document_exists
+-- Whether any task (of any status) belongs to document $1.
+SELECT EXISTS (SELECT 1 FROM processing_queue WHERE document_id = $1)
+
 -- name: reserve_task_ids
 -- $1 ids from the task sequence, for a batch whose tasks depend on each other.
 SELECT array_agg(nextval('processing_queue_id_seq')) FROM generate_series(1, $1)

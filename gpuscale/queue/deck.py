@@ -14,10 +14,13 @@ the same filesystem; an ``http(s)`` URL is downloaded once to count its pages an
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
+import socket
 import stat
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,10 +109,44 @@ def count_pages(pdf: Path, *, max_pages: int | None = None) -> int:
     return pages
 
 
-def _fetch_url(url: str, dest: Path, max_bytes: int | None, timeout_s: float) -> None:
-    """Download ``url`` to ``dest`` (at most ``max_bytes``); :class:`DeckError` if it cannot."""
+def _refuse_private_hosts(allow: frozenset[str]) -> Callable[[httpx.Request], None]:
+    """An httpx request hook that refuses hosts on a non-public address unless ``allow`` names them.
+
+    A URL deck makes the API download from wherever the caller says: without this, a caller could
+    make it fetch the cloud's metadata service or anything else on the controller's network.  The
+    hook runs for every request, redirects included, so a public URL cannot bounce inside."""
+
+    def check(request: httpx.Request) -> None:
+        host = request.url.host
+        if host in allow:
+            return
+        try:
+            infos = socket.getaddrinfo(host, request.url.port or 443, proto=socket.IPPROTO_TCP)
+        except OSError:
+            raise DeckError(f"{request.url}: cannot resolve {host!r}") from None
+        for info in infos:
+            address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+            if not address.is_global:
+                raise DeckError(
+                    f"{request.url}: {host} is on a non-public address ({address}); "
+                    "list it in GPUSCALE_DECK_URL_HOSTS to allow it"
+                )
+
+    return check
+
+
+def _fetch_url(
+    url: str, dest: Path, max_bytes: int | None, timeout_s: float, allow_hosts: frozenset[str] | None
+) -> None:
+    """Download ``url`` to ``dest`` (at most ``max_bytes``); :class:`DeckError` if it cannot.
+
+    ``allow_hosts`` given (the API's case): only public hosts and those it names are fetched."""
+    hooks = {"request": [_refuse_private_hosts(allow_hosts)]} if allow_hosts is not None else {}
     try:
-        with httpx.stream("GET", url, timeout=timeout_s, follow_redirects=True) as resp:
+        with (
+            httpx.Client(timeout=timeout_s, follow_redirects=True, event_hooks=hooks) as client,
+            client.stream("GET", url) as resp,
+        ):
             if resp.status_code >= 400:
                 raise DeckError(f"{url}: the server answered {resp.status_code}")
             size = 0
@@ -127,12 +164,20 @@ def _fetch_url(url: str, dest: Path, max_bytes: int | None, timeout_s: float) ->
 
 
 def url_pages(
-    url: str, *, max_bytes: int | None = None, timeout_s: float = 60.0, max_pages: int | None = None
+    url: str,
+    *,
+    max_bytes: int | None = None,
+    timeout_s: float = 60.0,
+    max_pages: int | None = None,
+    allow_hosts: frozenset[str] | None = None,
 ) -> int:
-    """Pages of the PDF at ``url`` (downloaded to a temporary file that is then removed)."""
+    """Pages of the PDF at ``url`` (downloaded to a temporary file that is then removed).
+
+    With ``allow_hosts``, a host on a loopback, private or link-local address is refused unless
+    named there (see :func:`_refuse_private_hosts`)."""
     with tempfile.TemporaryDirectory(prefix="gpuscale-deck-") as tmp:
         dest = Path(tmp) / "deck.pdf"
-        _fetch_url(url, dest, max_bytes, timeout_s)
+        _fetch_url(url, dest, max_bytes, timeout_s, allow_hosts)
         pages = count_pages(dest, max_pages=max_pages)
     return pages
 
@@ -213,6 +258,6 @@ async def enqueue_deck(
             after.append(deps)
             index.setdefault(tt.name, []).append(len(tasks) - 1)
 
-    ids = await queue.enqueue_graph(tasks, after)
+    ids = await queue.enqueue_graph(tasks, after, new_document=document_id)
     task_ids = {name: [ids[i] for i in positions] for name, positions in index.items()}
     return DeckSubmission(doc_id, document, pages, task_ids)

@@ -69,6 +69,10 @@ class InvalidTask(QueueError, ValueError):
     """A task was refused (unknown type, bad payload, too large, bad dependency); nothing written."""
 
 
+class DocumentTaken(InvalidTask):
+    """A batch was to start a document whose id some task already has; nothing written."""
+
+
 @dataclass
 class NewTask:
     task_type: str
@@ -274,12 +278,16 @@ class Queue:
         """Enqueue a batch; without dependencies this is one statement and one round trip."""
         return await self.enqueue_graph(tasks, [[] for _ in tasks])
 
-    async def enqueue_graph(self, tasks: Sequence[NewTask], after: Sequence[Sequence[int]]) -> list[int]:
+    async def enqueue_graph(
+        self, tasks: Sequence[NewTask], after: Sequence[Sequence[int]], *, new_document: str | None = None
+    ) -> list[int]:
         """Enqueue tasks that may also depend on each other, all in one transaction.
 
         ``after[i]`` lists indices into ``tasks`` that task ``i`` waits for (on top of its own
         ``depends_on`` ids of existing tasks).  Everything is validated before anything is
-        written; a bad task refuses the whole batch.
+        written; a bad task refuses the whole batch.  With ``new_document``, the batch starts that
+        document: :class:`DocumentTaken` if a task already has it, decided in the same
+        transaction, so two concurrent submissions of one id cannot both succeed.
         """
         if len(after) != len(tasks):
             raise InvalidTask("after must have one entry per task")
@@ -295,11 +303,15 @@ class Queue:
         existing = sorted({d for p in prepared for d in p.existing_deps})
         any_local = any(p.local_deps for p in prepared)
 
-        if not existing and not any_local:
+        if not existing and not any_local and new_document is None:
             row = await self.db.fetchrow("insert_tasks", *self._insert_args(prepared, None, {}))
             assert row is not None
             return list(row["ids"])
         async with self.db.transaction() as tx:
+            if new_document is not None:
+                await tx.execute("lock_document", new_document)
+                if await tx.fetchval("document_exists", new_document):
+                    raise DocumentTaken(f"deck {new_document!r} already exists")
             status: dict[int, str] = {}
             if existing:
                 rows = await tx.fetch("lock_dependencies", existing)
