@@ -4,6 +4,7 @@ emulator replicas that read a deck through their shared mount after it was submi
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -139,3 +140,61 @@ async def test_replicas_read_a_deck_submitted_elsewhere_through_their_shared_mou
             await client.delete_deployment("deck-visual")
             await client.aclose()
             await no_processes(ids)
+
+
+async def test_prune_deletes_only_unreferenced_old_documents(
+    db: asyncpg.Pool, db_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`gpuscale documents prune` keeps what a task names (any status) and what is young; deletes
+    the rest and abandoned half-written uploads; leaves files it did not write alone."""
+    root = tmp_path / "documents"
+    store = DocumentStore(root)
+    env = {**db_env, "GPUSCALE_DOCUMENT_ROOT": str(root)}
+    make_deck(tmp_path / "named.pdf", pages=2)
+    r = subprocess.run([GPUSCALE, "submit-deck", str(tmp_path / "named.pdf")], env=env, capture_output=True)
+    assert r.returncode == 0, r.stderr
+    named = (await db.fetchval("SELECT payload->>'document' FROM processing_queue LIMIT 1")) or ""
+    await db.execute("UPDATE processing_queue SET status = 'dead'")  # kept whatever the status
+    orphan_old = store.put_chunks([b"%PDF-1.7 old"])
+    orphan_young = store.put_chunks([b"%PDF-1.7 young"])
+    (root / ".incoming-abandoned").write_bytes(b"%PDF-half")
+    (root / "notes.txt").write_text("the operator's own file")
+    day = 86400
+
+    def age(name: str) -> None:  # ten days old
+        when = (root / name).stat().st_mtime - 10 * day
+        os.utime(root / name, (when, when))
+
+    for name in (named, orphan_old, ".incoming-abandoned", "notes.txt"):
+        age(name)
+
+    def prune(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [GPUSCALE, "documents", "prune", "--older-than-days", "7", "--json", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+
+    dry = prune("--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert sorted(json.loads(dry.stdout)["deleted"]) == sorted([orphan_old, ".incoming-abandoned"])
+    assert (root / orphan_old).exists()  # a dry run deletes nothing
+    done = prune()
+    assert json.loads(done.stdout)["deleted"] == json.loads(dry.stdout)["deleted"]
+    assert sorted(os.listdir(root)) == sorted([named, orphan_young, "notes.txt"])
+
+    # A resubmission makes an old copy young again: it is not pruned under the submitter.
+    old = store.put_chunks([b"%PDF-1.7 again"])
+    age(old)
+    assert store.put_chunks([b"%PDF-1.7 again"]) == old
+    assert old not in store.prune(set(), older_than_s=7 * day).deleted
+
+    bad = subprocess.run(
+        [GPUSCALE, "documents", "prune"],
+        env={**db_env, "GPUSCALE_DOCUMENT_ROOT": str(tmp_path / "missing")},
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "not a directory" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

@@ -112,9 +112,11 @@ def create_app(settings: Settings, dsn: str, *, migrate_on_start: bool = True) -
             finished.start()
             queue = Queue(db, max_payload_bytes=settings.max_payload_bytes, lease_s=settings.lease_seconds)
             app.state.api = ApiState(settings, queue, finished)
+            pruner = asyncio.create_task(_prune_documents(app.state.api), name="prune-documents")
             try:
                 yield
             finally:
+                pruner.cancel()
                 await finished.stop()
         finally:
             await db.close()
@@ -130,6 +132,31 @@ def create_app(settings: Settings, dsn: str, *, migrate_on_start: bool = True) -
     _errors(app)
     _routes(app)
     return app
+
+
+_PRUNE_EVERY_S = 3600.0
+_PRUNE_ERRORS: tuple[type[Exception], ...] = (*DATABASE_ERRORS, OSError)
+
+
+async def _prune_documents(state: ApiState) -> None:
+    """Hourly: delete the stored decks that no task names and nobody touched for the retention.
+
+    The API is what writes the document store, so it is what keeps it from filling up; several API
+    replicas pruning at once is harmless (a file already gone is skipped)."""
+    while True:
+        await asyncio.sleep(_PRUNE_EVERY_S)
+        try:
+            in_use = await state.queue.documents_in_use()
+            result = await asyncio.to_thread(
+                state.store.prune, in_use, older_than_s=state.settings.document_retention_days * 86400
+            )
+        except _PRUNE_ERRORS as exc:
+            log.warning("api: pruning the document store failed (%s); next try in 1 h", type(exc).__name__)
+            continue
+        if result.deleted:
+            log.info(
+                "api: pruned %d stored document(s), %.1f MiB", len(result.deleted), result.freed_bytes / 2**20
+            )
 
 
 # ------------------------------------------------------------------------------------ errors

@@ -349,6 +349,47 @@ async def controller_status(q: Queue, controller_url: str | None) -> dict[str, d
     return out
 
 
+documents_app = typer.Typer(help="The document store (GPUSCALE_DOCUMENT_ROOT).", no_args_is_help=True)
+
+
+@documents_app.command("prune")
+def prune_documents(
+    older_than_days: float | None = typer.Option(
+        None,
+        "--older-than-days",
+        min=0.0,
+        help="Delete stored PDFs no task names and untouched this long "
+        "(default: GPUSCALE_DOCUMENT_RETENTION_DAYS).",
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go; delete nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Delete the decks in the document root that no task needs any more (the API also does it hourly)."""
+    from gpuscale.common.settings import get_settings
+    from gpuscale.queue.documents import DocumentStore
+
+    settings = get_settings()
+    days = settings.document_retention_days if older_than_days is None else older_than_days
+    store = DocumentStore(settings.document_root)
+    if not store.root.is_dir():
+        raise fail(f"the document root {store.root} is not a directory; check GPUSCALE_DOCUMENT_ROOT")
+
+    async def in_use() -> set[str]:
+        async with open_queue(max_size=1) as q:
+            return await q.documents_in_use()
+
+    result = store.prune(run_db(in_use), older_than_s=days * 86400, dry_run=dry_run)
+    if as_json:
+        out = {"deleted": result.deleted, "freed_bytes": result.freed_bytes, "kept": result.kept}
+        typer.echo(json.dumps({**out, "dry_run": dry_run}))
+        return
+    verb = "would delete" if dry_run else "deleted"
+    typer.echo(
+        f"{verb} {len(result.deleted)} document(s), {result.freed_bytes / 2**20:.1f} MiB; "
+        f"kept {result.kept} under {store.root}"
+    )
+
+
 def status(
     as_json: bool = typer.Option(False, "--json", help="Print the same data as JSON."),
     watch: float | None = typer.Option(
@@ -519,4 +560,5 @@ def register(app: typer.Typer) -> None:
     app.command("enqueue")(enqueue)
     app.command("submit-deck")(submit_deck)
     app.command("status")(status)
+    app.add_typer(documents_app, name="documents")
     app.add_typer(bench_app, name="bench")

@@ -128,6 +128,9 @@ class Settings(DatabaseAccess):
     # Where submitted decks are stored (issue 13): a folder every worker mounts too; on Verda the
     # shared filesystem (e.g. /mnt/shared/uploads).  Payloads name documents relative to it.
     document_root: Path = Path(".gpuscale/documents")
+    # A stored PDF that no task names any more, untouched this long, is deleted (the API prunes
+    # hourly; `gpuscale documents prune` on demand).  Done tasks go after retention_days first.
+    document_retention_days: float = Field(default=7.0, gt=0)
     deck_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="largest deck PDF accepted")
     deck_fetch_timeout_s: float = Field(default=60.0, gt=0, description="downloading a deck given by URL")
     # The task API downloads a URL deck only from public addresses, and from the hosts named here

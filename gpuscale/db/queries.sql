@@ -59,6 +59,11 @@ SELECT pg_advisory_xact_lock(hashtextextended('gpuscale.document:' || $1, 0))
 -- Whether any task (of any status) belongs to document $1.
 SELECT EXISTS (SELECT 1 FROM processing_queue WHERE document_id = $1)
 
+-- name: documents_in_use
+-- Every document name some task's payload holds (any status: a dead task may be retried): the
+-- document store keeps these.  A scan, run by the hourly prune only.
+SELECT DISTINCT payload->>'document' AS document FROM processing_queue WHERE payload ? 'document'
+
 -- name: reserve_task_ids
 -- $1 ids from the task sequence, for a batch whose tasks depend on each other.
 SELECT array_agg(nextval('processing_queue_id_seq')) FROM generate_series(1, $1)

@@ -7,14 +7,20 @@ name the document *relative to the root*; each process resolves that name under 
 the root (the API's and the replicas' mount points may differ) and refuses any name that would
 leave it: absolute paths, ``..`` components, symlinks that point outside.  An ``http(s)`` URL is
 left as it is: the workers download it themselves.
+
+Stored PDFs are pruned (:meth:`DocumentStore.prune`) once no task names them and they have not
+been written or resubmitted for the document retention; half-written uploads left by a crash go
+after a day.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 from urllib.parse import urlsplit
@@ -23,6 +29,7 @@ _CHUNK = 1 << 20
 _TMP_PREFIX = ".incoming-"
 _NAME_MAX = 255  # bytes per path component (ext4, XFS, NFS)
 _PATH_MAX = 4096 - 256  # bytes of the whole name, leaving room for the root it is joined to
+_STALE_INCOMING_S = 86400.0  # an upload is written within seconds; one this old was abandoned
 
 
 class DocumentRefused(ValueError):
@@ -89,10 +96,62 @@ class DocumentStore:
         finally:
             tmp.discard()
 
+    # ------------------------------------------------------------------ pruning
+
+    def prune(
+        self, in_use: Collection[str], *, older_than_s: float, dry_run: bool = False, now: float | None = None
+    ) -> PruneResult:
+        """Delete the stored documents that no task names (``in_use``) and that nobody wrote or
+        resubmitted for ``older_than_s``; and uploads abandoned half-written a day ago.
+
+        Only the top level of the root is looked at: that is where :meth:`put_chunks` writes, and
+        anything else there (subfolders, other files) belongs to someone else and is left alone.
+        A resubmission touches its stored copy (:meth:`Incoming.commit`), so a document being
+        submitted right now is never old enough to go."""
+        now = time.time() if now is None else now
+        result = PruneResult()
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return result
+        for entry in entries:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            is_pdf = entry.name.endswith(".pdf") and len(entry.name) == 68  # <sha256>.pdf
+            is_incoming = entry.name.startswith(_TMP_PREFIX)
+            if not (is_pdf or is_incoming):
+                continue
+            st = entry.stat(follow_symlinks=False)
+            age = now - st.st_mtime
+            if is_incoming:
+                gone = age > _STALE_INCOMING_S
+            else:
+                gone = entry.name not in in_use and age > older_than_s
+            if not gone:
+                result.kept += 1
+                continue
+            if not dry_run:
+                try:
+                    os.unlink(entry.path)
+                except FileNotFoundError:  # another pruner (a second API replica) was first
+                    continue
+            result.deleted.append(entry.name)
+            result.freed_bytes += st.st_size
+        return result
+
     def begin(self) -> Incoming:
         """A temporary file in the store to stream an upload into (check it, then ``commit``)."""
         self.root.mkdir(parents=True, exist_ok=True)
         return Incoming(self.root)
+
+
+@dataclass
+class PruneResult:
+    """What :meth:`DocumentStore.prune` deleted (or would have, in a dry run) and kept."""
+
+    deleted: list[str] = field(default_factory=list)
+    freed_bytes: int = 0
+    kept: int = 0
 
 
 class Incoming:
@@ -129,6 +188,8 @@ class Incoming:
         final = self.root / name
         if final.is_file() and final.stat().st_size == self.size:
             self.path.unlink(missing_ok=True)
+            # A resubmission makes the stored copy young again: pruning goes by age.
+            os.utime(final)
         else:
             os.replace(self.path, final)
         return name

@@ -587,6 +587,10 @@ class Queue:
     async def tasks_for_document(self, document_id: str) -> list[dict[str, Any]]:
         return [dict(r) for r in await self.db.fetch("tasks_for_document", document_id)]
 
+    async def documents_in_use(self) -> set[str]:
+        """The document names that some task's payload holds (the document store keeps them)."""
+        return {r["document"] for r in await self.db.fetch("documents_in_use")}
+
     async def document_tasks(self, document_id: str) -> list[dict[str, Any]]:
         """Every task of a document with all its columns (payload and result decoded), by id."""
         return [_task_row(r) for r in await self.db.fetch("document_tasks", document_id)]
