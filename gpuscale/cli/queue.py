@@ -473,7 +473,7 @@ def bench_queue(
     """Enqueue and drain no-op tasks through the real claim/complete path; print throughput.
 
     Uses the "bench" pool as scratch space: emptied (and vacuumed) before and after."""
-    from gpuscale.controller.bench import run_queue_bench
+    from gpuscale.dev.queuebench import run_queue_bench
 
     async def run() -> Any:
         async with open_queue(max_size=concurrency + 2) as q:
