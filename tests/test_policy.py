@@ -181,6 +181,31 @@ def test_idle_replicas_stop_one_by_one_after_the_delay() -> None:
     assert [d.desired for d in out] == [2, 2, 1, 0]
 
 
+def test_random_victims_idle_replicas_wait_while_a_stop_would_likely_hit_work() -> None:
+    # The provider picks the replica to stop (DataCrunch): 3 idle, 1 busy with 150 s of its 200 s
+    # task left.  Stopping now hits the busy one with chance 1/4 and loses 50 s of work plus a
+    # cold start for its deck (1/4 × 170 s ≈ 42 s) — less than the 150 s the idle ones would
+    # wait: they stop.  With 20 s left, waiting is cheaper: they wait for it.
+    r = rules(scale_down_delay_s=0, tasks_per_replica=1, scale_down_victims="any")
+    busy = {"running": 1, "busy_replicas": 1, "idle_replicas": 3}
+    d = decide(r, obs(replicas=4, running_work_s=150, **busy), PoolState(), 0.0)
+    assert (d.desired, d.reason) == (1, P.IDLE_TIMEOUT)
+    d = decide(r, obs(replicas=4, running_work_s=20, **busy), PoolState(), 0.0)
+    assert (d.desired, d.reason) == (4, P.SCALE_DOWN_PENDING)
+    assert "provider picks" in d.detail
+    # The idle replicas' clocks keep running: once the busy one is done they all stop at once.
+    d = decide(r, obs(replicas=4, busy_replicas=0, idle_replicas=4), d.state, 20.0)
+    assert (d.desired, d.reason) == (0, P.IDLE_TIMEOUT)
+    # A provider that stops idle replicas first needs no wait.
+    d = decide(
+        rules(scale_down_delay_s=0, tasks_per_replica=1),
+        obs(replicas=4, running_work_s=20, **busy),
+        PoolState(),
+        0.0,
+    )
+    assert (d.desired, d.reason) == (1, P.IDLE_TIMEOUT)
+
+
 def test_never_below_running_need() -> None:
     r = rules(scale_down_delay_s=0)
     busy = {"running": 3, "busy_replicas": 3, "running_work_s": 30}

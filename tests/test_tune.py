@@ -60,8 +60,9 @@ def test_tune_finds_cheaper_rules_that_still_meet_the_objectives() -> None:
     assert result.meets and result.best.cost_x <= result.base.cost_x
     front = result.frontier()
     assert front and all(a.cost_x <= b.cost_x and a.worst > b.worst for a, b in itertools.pairwise(front))
-    # The document written is a valid pools file that replays to the numbers reported.
-    data = summary(simulate(trace, parse_pools(result.document, "tuned")))
+    # The document written is a valid pools file that replays to the numbers reported (with the
+    # stop order its provider has: DataCrunch picks the replica a lower count stops).
+    data = summary(simulate(trace, parse_pools(result.document, "tuned"), victims="any"))
     assert data["graph_p95_s"] <= 1500 and data["wait_p95_s"] <= 400
     assert data["cost_usd"] == pytest.approx(result.best.data["cost_usd"])
     # Everything else in the file is kept.

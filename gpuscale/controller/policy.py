@@ -28,7 +28,10 @@ How it decides, per pool (``sizing: work``, the default):
   their cold start overlaps the upstream work.  A per-pool switch (``prewarm``).
 * **Down, one replica at a time.**  Each replica above what the work needs (and never below the
   replicas that hold running tasks, nor ``min_replicas``) is stopped once it has been surplus for
-  ``scale_down_delay`` (``auto``: its cold start, the ski-rental break-even).
+  ``scale_down_delay`` (``auto``: its cold start, the ski-rental break-even).  When the provider
+  picks which replica a lower count stops (``scale_down_victims: any``, as DataCrunch does), a
+  stop may hit a busy replica and lose its work: idle replicas then wait for the busy ones while
+  that is the cheaper of the two on average (see :func:`_worth_a_random_stop`).
 * **Unknown is not zero.**  A missing observation (database or provider error) holds the current
   count and never scales down.
 * **Startup timeout.**  A replica not registered within ``startup_timeout`` has failed: its id
@@ -347,6 +350,24 @@ def _track_gaps(
     while starts and starts[-1] is None:
         starts.pop()
     return tuple(starts), tuple(gaps[-_MAX_GAPS:])
+
+
+def _worth_a_random_stop(rules: PoolRules, obs: PoolObservation, busy: int) -> bool:
+    """With a provider that picks the replica to stop (``scale_down_victims: any``): is lowering
+    the count now cheaper, on average, than keeping the idle replicas until the busy ones finish?
+
+    Each replica stopped is a busy one with probability ``busy / up`` (``up``: registered and
+    serving, starting ones are cancelled first); a busy one loses the work done so far on its
+    task, and its deck waits about a cold start more.  Keeping it costs the busy replicas'
+    mean remaining work.  Elapsed work is estimated as the pool's typical task minus that."""
+    starting = len(obs.starting)
+    up = max(1, (obs.provider_replicas or 0) - starting)
+    if obs.running_work_s is not None:
+        remaining = obs.running_work_s / busy
+    else:
+        remaining = rules.default_task_duration_s / 2
+    elapsed = max(0.0, rules.default_task_duration_s - remaining)
+    return busy / up * (elapsed + rules.cold_start_s) < remaining
 
 
 def _min_hold(rules: PoolRules) -> float:
@@ -686,6 +707,20 @@ def decide(
     if expired and state.last_direction > 0 and state.last_change_at is not None:
         if now - state.last_change_at < _min_hold(rules):
             expired = 0
+    if (
+        expired
+        and rules.scale_down_victims == "any"
+        and busy > 0
+        and not _worth_a_random_stop(rules, obs, busy)
+    ):
+        n_up = max(1, current - len(starting_ids))
+        return done(
+            current,
+            SCALE_DOWN_PENDING,
+            f"{expired} idle replica(s) wait for the {busy} busy of {n_up}: the provider picks which stops",
+            up_since=None,
+            surplus_since=timers,
+        )
     if expired:
         desired = current - expired
         remaining = timers[expired:]

@@ -164,6 +164,10 @@ class PoolRules(BaseModel):
     # and replicas are added while that is not met (their cold start is worth the deadline).
     # None: drain_target with the cold-start saving rule.
     stage_deadline_s: Duration | None = Field(default=None, alias="stage_deadline")
+    # Which replicas the provider stops when the count is lowered: "idle" (the local and docker
+    # providers stop idle ones first) or "any" (DataCrunch picks for itself and may stop a busy
+    # replica mid-task).  With "any" the policy lowers the count only while no replica is busy.
+    scale_down_victims: Literal["idle", "any"] = "idle"
     # At most this many replicas added by one decision (None: no limit).
     max_step_up: int | None = Field(default=None, ge=1)
     # After a replica misses startup_timeout, wait this long (doubling per repeated failure, up to

@@ -242,7 +242,9 @@ def _init(trace: list[TraceTask]) -> None:
 
 def _replay(doc: dict[str, Any], source: str) -> dict[str, Any]:
     config = parse_pools(doc, source)
-    data = summary(simulate(_TRACE, config))
+    # Replay with the stop order the pools file says its provider has (DataCrunch: any replica).
+    victims = "any" if any(r.scale_down_victims == "any" for r in config.pools.values()) else "idle"
+    data = summary(simulate(_TRACE, config, victims=victims))
     data.pop("pools", None)
     return data
 
