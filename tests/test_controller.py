@@ -647,6 +647,7 @@ async def test_learned_durations_are_exported_and_kept_by_a_new_leader(make_app,
 
 def test_tasks_on_a_draining_replica_need_no_replica() -> None:
     from gpuscale.controller.observe import Context, Fleet, PoolQueue, RunningTask, WorkRead, observe_pool
+    from gpuscale.controller.policy import PoolState, decide
 
     config = pools_config()
     work = WorkRead(
@@ -661,3 +662,10 @@ def test_tasks_on_a_draining_replica_need_no_replica() -> None:
     obs = observe_pool("visual", work, fleet, ctx)
     # The stopped replica's task finishes there or comes back to the queue: no replica for it.
     assert obs.running == 1 and obs.running_work_s == pytest.approx(30.0)
+    # With an idle replica, that replica is kept for the task coming back: no second busy replica
+    # is stopped while the first one drains (the provider picks which replica goes).
+    idle = Fleet(provider_replicas=2, registered=2, idle=1, busy=1, draining=frozenset({"told-to-stop"}))
+    kept = observe_pool("visual", work, idle, ctx)
+    assert kept.running == 2 and kept.running_work_s == pytest.approx(60.0)
+    decision = decide(config.pools["visual"], kept, PoolState(), 100.0)
+    assert decision.desired == 2, decision

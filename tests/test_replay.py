@@ -9,11 +9,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gpuscale.controller.pools import load_pools, parse_pools
 from gpuscale.controller.simulate import TraceTask, read_trace, simulate
+from gpuscale.controller.simulate.engine import DRAIN_GRACE_S, timeline
 from gpuscale.dev.replay import graphs_of, pools_yaml, scale_config, slice_trace
 from gpuscale.worker.errors import TaskError
 from gpuscale.worker.handlers import replay as replay_handlers
@@ -148,3 +150,23 @@ def test_simulated_slice_is_what_compare_uses() -> None:
     result = simulate(part, load_pools(SHIPPED))
     assert result.unfinished == 0 and result.tasks == len(part)
     assert isinstance(part[0], TraceTask)
+
+
+def test_a_stopped_busy_replica_drains_as_the_worker_does() -> None:
+    """The simulator stops a busy replica as the worker drains on SIGTERM: billing ends at once,
+    its tasks run on for the drain grace (the worker's own default), the rest come back."""
+    part = slice_trace(read_trace(BUSY), 9 * 3600, 2 * 3600)
+    config = load_pools(SHIPPED)
+    assert WorkerSettings.model_fields["drain_grace_s"].default == DRAIN_GRACE_S
+
+    def finished_after_stop(tl: dict[str, Any]) -> list[tuple[float, float]]:
+        stopped = {r["id"]: r["stopped"] for r in tl["replicas"] if r["stopped"] is not None}
+        return [
+            (t["end"] - stopped[t["replica"]], t["claimed"] - t["first_claim"])
+            for t in tl["tasks"]
+            if t["replica"] in stopped and t["end"] > stopped[t["replica"]]
+        ]
+
+    drained = finished_after_stop(timeline(part, config, victims="newest"))
+    assert drained and all(0 < late <= DRAIN_GRACE_S + 0.1 for late, _ in drained)
+    assert not finished_after_stop(timeline(part, config, victims="newest", drain_grace_s=0))

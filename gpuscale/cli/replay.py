@@ -107,6 +107,13 @@ def replay(
         except TraceError as exc:
             raise fail(str(exc)) from None
         sim_data = _with_replica_seconds(summary(sim), sim)
+        from gpuscale.controller.simulate.engine import timeline
+
+        # Beside the replay's timeline.json, to compare them deck by deck.
+        data_dir.mkdir(parents=True, exist_ok=True)
+        (data_dir / "timeline-sim.json").write_text(
+            json.dumps(timeline(tasks, config, victims="newest"), indent=0)
+        )
 
     console = Console(stderr=True)
     options = ReplayOptions(speed=speed, data_dir=data_dir, database_url=database_url)

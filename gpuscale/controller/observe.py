@@ -116,8 +116,8 @@ class Fleet:
     starting: tuple[tuple[str, float], ...] = ()
     idle: int | None = None
     busy: int | None = None
-    # Servers told to stop (draining): what they still run finishes there or comes back to the
-    # queue; it needs no replica of the pool's count.
+    # Servers told to stop (draining): what they still run finishes there within the drain grace
+    # or comes back to the queue (see observe_pool: it keeps an idle replica, never starts one).
     draining: frozenset[str] = frozenset()
 
 
@@ -215,6 +215,16 @@ def observe_pool(name: str, work: WorkRead | None, fleet: Fleet, ctx: Context) -
     queued_work = sum(max(0, n) * est(t) for t, n in pq.queued_by_type.items())
     running = [t for t in work.running if t.pool == name and t.server not in fleet.draining]
     running_work = sum(remaining_s(est(t.task_type), t.elapsed_s, t.progress) for t in running)
+    # A draining server's tasks come back to the queue unless they finish within its grace: an
+    # idle replica is kept for each (counted as running), so a scale-down that stopped a busy
+    # replica (the provider picks which) is not followed, tick after tick, by stopping the next
+    # busy one while the idle replica that will take the handed-back task still looks idle.  They
+    # never count beyond the idle replicas: a task finishing on a draining replica starts nothing.
+    returning = [t for t in work.running if t.pool == name and t.server in fleet.draining]
+    if returning and fleet.idle:
+        kept = returning[: fleet.idle]
+        running = running + kept
+        running_work += sum(remaining_s(est(t.task_type), t.elapsed_s, t.progress) for t in kept)
     etas = work.blocked_etas(ctx) if work.blocked else []
     # About to arrive: blocked tasks of this pool whose chain upstream is under way.  Those that
     # wait only for this pool's own work are taken by the replicas that work frees

@@ -615,7 +615,8 @@ SELECT count(*) FROM processing_queue WHERE id = ANY($1::bigint[]) AND status::t
 SELECT id, status::text AS status,
        extract(epoch FROM queued_at)::float8 AS queued_at,
        extract(epoch FROM started_at)::float8 AS started_at,
-       extract(epoch FROM finished_at)::float8 AS finished_at
+       extract(epoch FROM finished_at)::float8 AS finished_at,
+       attempts, result->>'server_id' AS server
   FROM processing_queue WHERE id = ANY($1::bigint[])
 
 -- name: replay_registrations
@@ -623,6 +624,13 @@ SELECT id, status::text AS status,
 -- replay samples this while it runs).
 SELECT container_id, extract(epoch FROM started_at)::float8 AS started_at
   FROM processing_servers WHERE container_id IS NOT NULL
+
+-- name: replay_scale_log
+-- Every scale change the controller applied, in order (epoch seconds), for the replay's timeline.
+SELECT pool, extract(epoch FROM at)::float8 AS at, from_replicas, to_replicas, reason, detail
+  FROM scaling_events
+ WHERE from_replicas IS NOT NULL AND to_replicas <> from_replicas AND outcome = 'applied'
+ ORDER BY at, id
 
 -- name: replay_scale_events
 -- The scale changes the controller applied, per pool and reason.

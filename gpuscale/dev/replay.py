@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import secrets
@@ -489,6 +490,7 @@ class Replay:
             if e["pool"] in pools:
                 pools[e["pool"]].scale_events[e["reason"]] = int(e["n"])
         final = sum(1 for i in self.db_ids if by_id.get(i) is not None and by_id[i]["status"] == "done")
+        await self._write_timeline(by_id)
         period = max(DAY_S, math.ceil(end / DAY_S - 1e-9) * DAY_S)
         always_on = sum(r.max_replicas * r.price_per_hour for r in self.config.pools.values()) * period / 3600
         return SimResult(
@@ -505,6 +507,59 @@ class Replay:
             ticks=0,
             wall_s=time.time() - t0,
         )
+
+    async def _write_timeline(self, by_id: Mapping[int, Any]) -> None:
+        """``<data-dir>/timeline.json``: every task, replica and applied scale change in trace
+        seconds, the same shape as :func:`gpuscale.controller.simulate.engine.timeline`, so a
+        disagreement can be traced to the deck, replica or decision where it starts."""
+        assert self.db is not None
+        k, t0 = self.k, self.t0
+
+        def trace_s(at: float | None) -> float | None:
+            return None if at is None else round((at - t0) * k, 1)
+
+        deck_of = {i: g for g, members in enumerate(self.graphs) for i in members}
+        tasks = []
+        for i, db_id in enumerate(self.db_ids):
+            r = by_id.get(db_id)
+            t = self.tasks[i]
+            tasks.append(
+                {
+                    "id": t.task_id,
+                    "type": t.task_type,
+                    "deck": deck_of[i],
+                    "arrival": t.arrival_s,
+                    "service": t.service_s,
+                    "ready": trace_s(r["queued_at"]) if r else None,
+                    "claimed": trace_s(r["started_at"]) if r else None,
+                    "end": trace_s(r["finished_at"]) if r else None,
+                    "replica": r["server"] if r else None,
+                    "attempts": r["attempts"] if r else None,
+                }
+            )
+        dep_pool = {o.name: n for n, r in self.scaled.pools.items() for o in r.options}
+        replicas = [
+            {
+                "id": rid,
+                "pool": dep_pool.get(dep, dep),
+                "requested": trace_s(first),
+                "ready": trace_s(self.registered.get(rid)),
+                "stopped": trace_s(last),
+            }
+            for rid, (dep, first, last) in sorted(self.seen.items(), key=lambda kv: kv[1][1])
+        ]
+        scale = [
+            {
+                "pool": e["pool"],
+                "at": trace_s(e["at"]),
+                "from": e["from_replicas"],
+                "to": e["to_replicas"],
+                "reason": e["reason"],
+            }
+            for e in await self.db.fetch("replay_scale_log")
+        ]
+        path = self.data_dir / "timeline.json"
+        path.write_text(json.dumps({"tasks": tasks, "replicas": replicas, "scale": scale}, indent=0))
 
 
 def _specs_by_pool(files: Sequence[Path]) -> dict[str, list[dict[str, Any]]]:

@@ -21,7 +21,11 @@ Model:
   dependencies; durations learned from finished tasks' claim-to-finish time, never the true
   service times of unfinished tasks), calls ``decide`` and acts:
   new replicas are requested; on a scale-down, starting replicas are cancelled first, then idle
-  ones; a busy replica is stopped only if nothing else is left, handing its tasks back.
+  ones; a busy replica is stopped only if nothing else is left (or, with ``victims``, as the
+  provider picks).  A stopped busy replica drains as the worker does on SIGTERM: billing ends at
+  once, but its tasks go on for up to ``drain_grace_s`` (the worker's ``drain_grace_s``); what
+  has not finished by then is handed back to the queue, its work lost.  The controller sees it
+  as draining.  A preempted spot replica hands its tasks back at once.
 
 Policies: ``gpuscale`` (the pools file as written), ``no-prewarm`` (the same with pre-warm off
 in every pool), ``always-on`` (``max_replicas`` of every pool for the whole trace period, rounded
@@ -60,6 +64,9 @@ POLICIES = ("gpuscale", "no-prewarm", "always-on", "seeds")
 # as the emulator's --stop-order does; ``gpuscale replay`` compares with ``newest``).
 VICTIMS = ("idle", "any", "newest", "oldest")
 DAY_S = 86400.0
+# How long a stopped worker lets its running tasks finish before handing them back (the worker's
+# drain_grace_s default; gpuscale replay scales it by K like every other duration).
+DRAIN_GRACE_S = 30.0
 _RANK = {"critical": 0, "high": 1, "normal": 2}
 _EPS = 1e-6
 
@@ -83,6 +90,7 @@ class _Task:
         "ready_at",
         "remaining",
         "replica",
+        "served_by",
         "service",
         "start_at",
         "status",
@@ -108,6 +116,7 @@ class _Task:
         self.end_at = math.nan
         self.remaining = t.service_s
         self.replica: _Replica | None = None
+        self.served_by = ""  # the replica that claimed it last (for timelines)
         self.graph = idx
         self.deck_at = t.arrival_s  # when its deck (task graph) was submitted: its deadline's start
         self.height = 0  # the longest chain of dependents after it: its place on the critical path
@@ -116,6 +125,7 @@ class _Task:
 class _Replica:
     __slots__ = (
         "deployment",
+        "drain_until",
         "id",
         "pool",
         "preempt_at",
@@ -139,6 +149,7 @@ class _Replica:
         self.deployment = ""
         self.price = 0.0
         self.preempt_at = math.inf
+        self.drain_until = math.inf  # stopped while busy: its tasks run on until then
 
 
 @dataclass
@@ -272,8 +283,12 @@ class _Sim:
         period_s: float | None = None,
         spot: SpotModel | None = None,
         victims: str = "idle",
+        drain_grace_s: float = DRAIN_GRACE_S,
     ) -> None:
         self.spot = SpotState(spot) if spot is not None else None
+        self.drain_grace_s = drain_grace_s
+        # Stopped busy replicas, by the end of their drain: (drain_until, seq, replica).
+        self.draining: list[tuple[float, int, _Replica]] = []
         if victims not in VICTIMS:
             raise ValueError(f"victims must be one of {', '.join(VICTIMS)}, not {victims!r}")
         self.victims = victims
@@ -428,6 +443,7 @@ class _Sim:
             self.queued_by_type[pool][task.type] -= 1
             task.status = RUNNING
             task.replica = rep
+            task.served_by = rep.id
             task.claimed_at = now
             if math.isnan(task.start_at):
                 task.start_at = now
@@ -518,6 +534,7 @@ class _Sim:
             starting=starting,
             idle=registered - busy,
             busy=busy,
+            draining=frozenset(r.id for r in self.busy if r.pool == pool and r.drain_until < math.inf),
         )
         obs = observe_pool(self.pool_names[pool], work, fleet, ctx)
         if self.counts_only:
@@ -556,10 +573,9 @@ class _Sim:
                 running.sort(key=lambda r: (r.requested_at, r.seq), reverse=self.victims == "newest")
             order = starting + running
         for rep in order[:count]:
-            self._stop(rep, now)
+            self._stop(rep, now, self.drain_grace_s)
 
-    def _stop(self, rep: _Replica, now: float) -> None:
-        pool = rep.pool
+    def _hand_back(self, rep: _Replica, now: float) -> None:
         for task in list(rep.tasks):
             # Handed back to the queue; its work so far is lost.
             rep.tasks.remove(task)
@@ -567,6 +583,15 @@ class _Sim:
             task.remaining = task.service
             self._make_ready(task, now)
         self.busy.pop(rep, None)
+
+    def _stop(self, rep: _Replica, now: float, grace_s: float = 0.0) -> None:
+        """Stop ``rep`` (billing ends now); its tasks drain for ``grace_s``, then come back."""
+        pool = rep.pool
+        if rep.tasks and grace_s > 0:
+            rep.drain_until = now + grace_s
+            heapq.heappush(self.draining, (rep.drain_until, rep.seq, rep))
+        else:
+            self._hand_back(rep, now)
         rep.stopped_at = now
         self.replicas[pool].remove(rep)
         self.alive_count[pool] -= 1
@@ -685,7 +710,8 @@ class _Sim:
             while ready_heap and ready_heap[0] <= now:
                 heapq.heappop(ready_heap)
             t_ready = ready_heap[0] if ready_heap else math.inf
-            t_next = min(t_arr, t_comp, t_ready, next_tick)
+            t_drain = self.draining[0][0] if self.draining else math.inf
+            t_next = min(t_arr, t_comp, t_ready, t_drain, next_tick)
             if t_next == math.inf or (ai >= n and t_next > last_event + DAY_S):
                 break  # done, or stuck (work no pool can serve): report it as unfinished
             self._advance(t_next - now)
@@ -695,6 +721,8 @@ class _Sim:
                 for task in [t for t in rep.tasks if t.remaining <= _EPS * max(1.0, t.service)]:
                     self._complete(task, now)
                     last_event = now
+            while self.draining and self.draining[0][0] <= now:
+                self._hand_back(heapq.heappop(self.draining)[2], now)  # the drain's grace is over
             woke = False
             while ai < n and tasks[self.arrivals[ai]].arrival <= now:
                 self._arrive(tasks[self.arrivals[ai]], now)
@@ -774,6 +802,7 @@ def simulate(
     period_s: float | None = None,
     spot: SpotModel | None = None,
     victims: str = "idle",
+    drain_grace_s: float = DRAIN_GRACE_S,
 ) -> SimResult:
     """Replay ``trace`` against ``policy`` with the pools in ``config``; see the module doc.
 
@@ -788,7 +817,8 @@ def simulate(
 
     ``victims``: which replicas a scale-down stops once no starting one is left: ``idle`` ones
     first, ``any`` running one (random, as DataCrunch chooses for itself), or the ``newest`` /
-    ``oldest`` running one (deterministic, as the emulator's ``--stop-order``)."""
+    ``oldest`` running one (deterministic, as the emulator's ``--stop-order``).  ``drain_grace_s``:
+    how long a stopped busy replica's tasks run on before they are handed back."""
     if not 0.0 <= startup_failure_rate <= 1.0:
         raise ValueError("startup_failure_rate must be within [0, 1]")
     import time
@@ -810,6 +840,7 @@ def simulate(
         period_s,
         spot,
         victims,
+        drain_grace_s,
     ).run()
     result.wall_s = time.perf_counter() - started
     if config.objectives is not None:
@@ -819,3 +850,56 @@ def simulate(
 
 def percentile(values: Sequence[float], q: float) -> float:
     return _percentile(values, q)
+
+
+def timeline(
+    trace: Sequence[TraceTask],
+    config: PoolsConfig,
+    *,
+    victims: str = "idle",
+    drain_grace_s: float = DRAIN_GRACE_S,
+) -> dict[str, Any]:
+    """Simulate like :func:`simulate` and return every task and replica in trace seconds, the
+    shape of ``gpuscale replay``'s ``timeline.json``, to put the two side by side deck by deck."""
+    sim = _Sim(
+        trace,
+        config,
+        "gpuscale",
+        None,
+        config.reconcile_interval_s,
+        victims=victims,
+        drain_grace_s=drain_grace_s,
+    )
+    sim.run()
+
+    def r1(x: float) -> float | None:
+        return None if math.isnan(x) or math.isinf(x) else round(x, 1)
+
+    decks = {g: n for n, g in enumerate(dict.fromkeys(t.graph for t in sim.tasks))}
+    return {
+        "tasks": [
+            {
+                "id": t.id,
+                "type": t.type,
+                "deck": decks[t.graph],
+                "arrival": t.arrival,
+                "service": t.service,
+                "ready": r1(t.ready_at),
+                "first_claim": r1(t.start_at),
+                "claimed": r1(t.claimed_at),
+                "end": r1(t.end_at),
+                "replica": t.served_by or None,
+            }
+            for t in sim.tasks
+        ],
+        "replicas": [
+            {
+                "id": r.id,
+                "pool": sim.pool_names[r.pool],
+                "requested": r1(r.requested_at),
+                "ready": r1(r.ready_at),
+                "stopped": None if r.stopped_at is None else r1(r.stopped_at),
+            }
+            for r in sim.all_replicas
+        ],
+    }
