@@ -197,15 +197,30 @@ async def test_drain_finishes_short_tasks_and_releases_long_ones(db: asyncpg.Poo
     assert await queue.list_servers(include_dead=True) == []
 
 
-async def test_heartbeat_extends_leases(db: asyncpg.Pool, dsn: str) -> None:
+async def test_heartbeat_extends_leases(db: asyncpg.Pool, dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     queue = Queue(db)
     [tid] = await queue.enqueue_many([NewTask("noop", {"sleep_s": 600})])
     worker = Worker("bench", dsn=dsn, settings=_settings(lease_seconds=2.0, heartbeat_interval_s=0.3))
-    async with Running(worker):
+    async with Running(worker) as w:
+        beats: list[str] = []
+        real_beat, real_renew = w.queue.server_heartbeat, w.queue.renew_leases
+
+        async def beat(*a: Any, **kw: Any) -> bool:
+            beats.append("beat")
+            return await real_beat(*a, **kw)
+
+        async def renew(*a: Any, **kw: Any) -> set[int]:
+            beats.append("renew")
+            return await real_renew(*a, **kw)
+
+        monkeypatch.setattr(w.queue, "server_heartbeat", beat)
+        monkeypatch.setattr(w.queue, "renew_leases", renew)
         await _wait_for(lambda: _true_status(db, tid, "running"))
         await asyncio.sleep(3.0)  # longer than the lease: only heartbeats keep it
         assert await queue.reap_expired() == 0
         assert (await _statuses(db, [tid]))[tid] == "running"
+    # A lease is renewed only once it is due (half of it left), not on every beat.
+    assert 0 < beats.count("renew") < beats.count("beat")
 
 
 async def _true_status(db: asyncpg.Pool, tid: int, status: str) -> bool:

@@ -82,6 +82,11 @@ async def init_connection(conn: asyncpg.Connection) -> None:
     Public so that tests which open their own asyncpg pool can get the same codec."""
     for typename in ("json", "jsonb"):
         await conn.set_type_codec(typename, encoder=_dumps, decoder=json.loads, schema="pg_catalog")
+    # asyncpg learns the array types it has no built-in codec for by running its type introspection
+    # query (10-20 ms of planning on the server) the first time a statement uses one, once per
+    # connection and type set.  Learning them all now, with one query at connect, keeps that off a
+    # replica's first claim and first completion (and off a whole fleet's when it starts at once).
+    await conn.prepare(sql("prime_array_codecs"))
 
 
 async def _keep_session(_conn: asyncpg.Connection) -> None:
@@ -90,6 +95,14 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
     shared connections never carry session state (LISTEN and session locks live on dedicated ones,
     migrations lock per transaction).  Behind a transaction pooler that query would even run on
     whatever server session comes next.  An open transaction is still rolled back by asyncpg."""
+
+
+# asyncpg announces its encoding as ``'utf-8'`` (quoted, hyphenated); PostgreSQL reports it back as
+# ``UTF8``.  PgBouncer compares the two spellings, finds them different, and sends
+# ``SET client_encoding`` before every transaction it hands to a server connection: one more
+# round trip per statement.  Asking for the server's own spelling (a later startup parameter wins)
+# makes them match.
+_SESSION_SETTINGS = {"client_encoding": "UTF8"}
 
 
 def _rowcount(status: str) -> int:
@@ -166,7 +179,9 @@ class Connector:
         self.command_timeout_s = command_timeout_s
         self.connect_timeout_s = connect_timeout_s
         # Shown in pg_stat_activity (a benchmark leaves its own connections out of its counts).
-        self._server_settings = {"application_name": application_name} if application_name else None
+        self._server_settings = dict(_SESSION_SETTINGS)
+        if application_name:
+            self._server_settings["application_name"] = application_name
         self._conns: asyncpg.Pool | None = None
         self._owned = True
 

@@ -107,6 +107,7 @@ UPDATE processing_queue SET lease_expires_at = now() + make_interval(secs => $2)
                  AND ($3::bigint[] IS NULL OR id = ANY($3::bigint[]))
                  AND ($4::float8 IS NULL OR lease_expires_at < now() + make_interval(secs => $4))
                  FOR UPDATE SKIP LOCKED)
+RETURNING id
 
 -- name: report_progress
 UPDATE processing_queue SET progress = $3, progress_message = $4, updated_at = now()
@@ -523,6 +524,11 @@ SELECT 1
 
 -- name: database_now
 SELECT now()
+
+-- name: prime_array_codecs
+-- Never run, only prepared by every new connection (see connector.init_connection): the array
+-- types the statements pass or return, so the driver learns their codecs at connect time.
+SELECT $1::bigint[], $2::integer[], $3::jsonb[], $4::text[], $5::float8[]
 
 -- name: queue_schema_exists
 SELECT to_regclass('processing_queue') IS NOT NULL

@@ -200,7 +200,7 @@ async def _child(cfg: dict[str, Any]) -> dict[str, Any]:
         async def _start(self) -> None:
             await super()._start()
             q = self.queue
-            claim, complete, extend, beat = q.claim, q.complete, q.extend_leases, q.server_heartbeat
+            claim, complete, renew, beat = q.claim, q.complete, q.renew_leases, q.server_heartbeat
 
             async def timed_claim(*a: Any, **kw: Any) -> Any:
                 t0 = time.perf_counter()
@@ -216,11 +216,11 @@ async def _child(cfg: dict[str, Any]) -> dict[str, Any]:
                 finally:
                     complete_ms.append((time.perf_counter() - t0) * 1000)
 
-            async def counted_extend(*a: Any, **kw: Any) -> Any:
+            async def counted_renew(*a: Any, **kw: Any) -> Any:
                 nonlocal beat_rows
-                n = await extend(*a, **kw)
-                beat_rows += n
-                return n
+                ids = await renew(*a, **kw)
+                beat_rows += len(ids)
+                return ids
 
             async def counted_beat(*a: Any, **kw: Any) -> Any:
                 nonlocal beats, beat_rows
@@ -232,7 +232,7 @@ async def _child(cfg: dict[str, Any]) -> dict[str, Any]:
             # Instance attributes shadow the methods: only these replicas' calls are timed.
             setattr(q, "claim", timed_claim)  # noqa: B010
             setattr(q, "complete", timed_complete)  # noqa: B010
-            setattr(q, "extend_leases", counted_extend)  # noqa: B010
+            setattr(q, "renew_leases", counted_renew)  # noqa: B010
             setattr(q, "server_heartbeat", counted_beat)  # noqa: B010
 
     settings_kw = dict(cfg["settings"])

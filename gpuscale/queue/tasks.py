@@ -409,14 +409,31 @@ class Queue:
         lease alive, or the reaper would never hand it to someone else.  ``ending_within_s``: only
         leases that run out within that many seconds (a heartbeat then writes a task row every few
         beats instead of every beat)."""
+        return len(
+            await self.renew_leases(
+                server_id, lease_s=lease_s, task_ids=task_ids, ending_within_s=ending_within_s
+            )
+        )
+
+    async def renew_leases(
+        self,
+        server_id: str,
+        *,
+        lease_s: float | None = None,
+        task_ids: Sequence[int] | None = None,
+        ending_within_s: float | None = None,
+    ) -> set[int]:
+        """:meth:`extend_leases`, returning the ids whose lease it pushed back (a row being
+        completed or failed right now is skipped, not waited for)."""
         lease = self.lease_s if lease_s is None else lease_s
-        return await self.db.execute(
+        rows = await self.db.fetch(
             "extend_leases",
             server_id,
             float(lease),
             None if task_ids is None else list(task_ids),
             None if ending_within_s is None else float(ending_within_s),
         )
+        return {r["id"] for r in rows}
 
     async def progress(self, task_id: int, server_id: str, percent: float, message: str = "") -> bool:
         pct = 0.0 if math.isnan(percent) else min(100.0, max(0.0, float(percent)))
