@@ -156,7 +156,10 @@ def test_a_stopped_busy_replica_drains_as_the_worker_does() -> None:
     """The simulator stops a busy replica as the worker drains on SIGTERM: billing ends at once,
     its tasks run on for the drain grace (the worker's own default), the rest come back."""
     part = slice_trace(read_trace(BUSY), 9 * 3600, 2 * 3600)
-    config = load_pools(SHIPPED)
+    shipped = load_pools(SHIPPED)
+    # Rules that stop idle replicas at once, whatever the provider picks: busy ones get stopped.
+    pools = {n: r.model_copy(update={"scale_down_victims": "idle"}) for n, r in shipped.pools.items()}
+    config = shipped.model_copy(update={"pools": pools})
     assert WorkerSettings.model_fields["drain_grace_s"].default == DRAIN_GRACE_S
 
     def finished_after_stop(tl: dict[str, Any]) -> list[tuple[float, float]]:
