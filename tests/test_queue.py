@@ -184,6 +184,29 @@ async def test_dependencies_unblock_exactly_once(db: asyncpg.Pool, dsn: str) -> 
     assert g.id == grandchild and g.depends_on == sorted([child, parents[0]])
 
 
+async def test_only_a_watched_task_notifies_its_finish(db: asyncpg.Pool, dsn: str) -> None:
+    """Every NOTIFY serialises its commit with all others: a finish notifies only when watched."""
+    q = Queue(db)
+    quiet, watched = await q.enqueue_many([NewTask("noop", {}), NewTask("noop", {})])
+    row = await q.watch_task(watched)
+    assert row is not None and row["status"] == "queued"
+    got: list[str] = []
+    arrived = asyncio.Event()
+    listener = Connector(dsn).listener("gpuscale_finished", lambda p: (got.append(p), arrived.set()))
+    task = asyncio.create_task(listener.run())
+    try:
+        await asyncio.wait_for(listener.listening.wait(), 10)
+        assert sorted(t.id for t in await q.claim("bench", "s", 2)) == [quiet, watched]
+        assert await q.complete(quiet, "s", {}) and await q.complete(watched, "s", {})
+        await asyncio.wait_for(arrived.wait(), 10)  # notifications arrive in commit order
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert got == [str(watched)]
+    done = await q.watch_task(watched)  # finished: nothing to watch, the row as it is
+    assert done is not None and done["status"] == "done"
+
+
 async def test_failed_dependency_fails_dependents_transitively(db: asyncpg.Pool) -> None:
     q = Queue(db)
     a = await q.enqueue(NewTask("visual_analysis", {"document": "/d.pdf", "first_page": 1, "last_page": 8}))

@@ -38,6 +38,9 @@ from gpuscale.queue.documents import DocumentRefused, DocumentStore, is_url
 log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 120.0
+# Connections an API process holds for its statements (each request's are short, and a `?wait`
+# holds none while it waits), plus one for LISTEN: part of the fleet's connection budget (README).
+API_CONNECTIONS = 2
 MAX_JSON_BYTES = 1024 * 1024  # a task's payload is at most max_payload_bytes (256 KiB by default)
 _MULTIPART_OVERHEAD = 64 * 1024
 _CHUNK = 1 << 20
@@ -103,7 +106,9 @@ def create_app(settings: Settings, dsn: str, *, migrate_on_start: bool = True) -
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = await Connector.from_settings(settings, dsn, min_connections=1, max_connections=10).open()
+        db = await Connector.from_settings(
+            settings, dsn, min_connections=1, max_connections=API_CONNECTIONS
+        ).open()
         try:
             if migrate_on_start:
                 await db.migrate()
@@ -257,9 +262,11 @@ async def _wait_final(state: ApiState, task_id: int, wait: float) -> dict[str, A
     """The task's row, after waiting up to ``wait`` s for it to finish (woken by NOTIFY)."""
     deadline = time.monotonic() + wait
     with state.finished.watch(task_id) as event:
+        read = state.queue.watch_task  # the first read asks the database to notify the finish
         while True:
             event.clear()  # before the read: a NOTIFY after it sets the event again
-            row = await state.queue.get_task(task_id)
+            row = await read(task_id)
+            read = state.queue.get_task
             remaining = deadline - time.monotonic()
             if row is None or row["status"] in FINAL_STATUSES or remaining <= 0:
                 return row

@@ -1,7 +1,8 @@
 """Waking ``?wait`` requests when their task finishes: one LISTEN per API process.
 
-The database sends ``NOTIFY gpuscale_finished, '<task id>'`` when a task reaches a final status
-(migration 0030).  :class:`Finished` keeps one LISTEN of the database seam open (it reconnects
+The database sends ``NOTIFY gpuscale_finished, '<task id>'`` when a task someone waits on
+reaches a final status (migrations 0030 and 0060: the first read of a wait, ``Queue.watch_task``,
+asks for it).  :class:`Finished` keeps one LISTEN of the database seam open (it reconnects
 with backoff after an outage) and sets the events of the requests waiting on that id.  A request
 registers *before* it reads the task's status, so a task finishing in between is never missed;
 while the listener is down, waits simply run to their timeout and answer 202.

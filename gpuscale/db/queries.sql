@@ -250,6 +250,19 @@ SELECT id, task_type, pool, document_id, payload, priority::text, status::text,
        progress_message, result, error, created_at, queued_at, started_at, finished_at, updated_at
   FROM processing_queue t WHERE id = $1
 
+-- name: watch_task
+-- Ask for NOTIFY gpuscale_finished when task $1 finishes (migration 0060) and read it, as get_task.
+-- No row when it has already finished (or does not exist): read it with get_task then.  The
+-- update waits for a completion in progress and then sees it, so a finish is never missed: either
+-- this returns nothing, or the row carries the flag before the task can finish.
+UPDATE processing_queue t SET notify_finished = true
+ WHERE id = $1 AND status NOT IN ('done', 'failed', 'dead', 'cancelled')
+RETURNING id, task_type, pool, document_id, payload, priority::text, status::text,
+       ARRAY(SELECT d.depends_on FROM processing_task_deps d
+              WHERE d.task_id = t.id ORDER BY d.depends_on) AS depends_on,
+       pending_deps, attempts, max_attempts, not_before, lease_owner, lease_expires_at, progress,
+       progress_message, result, error, created_at, queued_at, started_at, finished_at, updated_at
+
 -- name: document_tasks
 -- Every task of document $1 with all its columns, by id.
 SELECT id, task_type, pool, document_id, payload, priority::text, status::text,

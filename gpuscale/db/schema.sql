@@ -296,6 +296,7 @@ CREATE TABLE processing_queue (
     finished_at timestamp with time zone,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     height integer DEFAULT 0 NOT NULL,
+    notify_finished boolean DEFAULT false NOT NULL,
     CONSTRAINT processing_queue_height_check CHECK ((height >= 0)),
     CONSTRAINT processing_queue_max_attempts_check CHECK ((max_attempts >= 1)),
     CONSTRAINT processing_queue_pending_deps_check CHECK ((pending_deps >= 0)),
@@ -450,7 +451,7 @@ CREATE TRIGGER processing_queue_count_truncate AFTER TRUNCATE ON processing_queu
 
 CREATE TRIGGER processing_queue_count_upd AFTER UPDATE ON processing_queue REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION gpuscale_count_upd();
 
-CREATE TRIGGER processing_queue_finished_notify AFTER UPDATE OF status ON processing_queue FOR EACH ROW WHEN (((new.status = ANY (ARRAY['done'::gpuscale_task_status, 'failed'::gpuscale_task_status, 'dead'::gpuscale_task_status, 'cancelled'::gpuscale_task_status])) AND (old.status IS DISTINCT FROM new.status))) EXECUTE FUNCTION gpuscale_notify_finished();
+CREATE TRIGGER processing_queue_finished_notify AFTER UPDATE OF status ON processing_queue FOR EACH ROW WHEN ((new.notify_finished AND (new.status = ANY (ARRAY['done'::gpuscale_task_status, 'failed'::gpuscale_task_status, 'dead'::gpuscale_task_status, 'cancelled'::gpuscale_task_status])) AND (old.status IS DISTINCT FROM new.status))) EXECUTE FUNCTION gpuscale_notify_finished();
 
 CREATE TRIGGER processing_queue_type_count_del AFTER DELETE ON processing_queue REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION gpuscale_type_count_del();
 

@@ -601,6 +601,14 @@ class Queue:
             return None
         return _task_row(row)
 
+    async def watch_task(self, task_id: int) -> dict[str, Any] | None:
+        """:meth:`get_task`, and ask for ``NOTIFY gpuscale_finished`` when the task finishes: only
+        the tasks someone waits on notify (each NOTIFY serialises its commit with every other)."""
+        row = await self.db.fetchrow("watch_task", task_id)
+        if row is None:  # finished already (or no such task): nothing to watch
+            return await self.get_task(task_id)
+        return _task_row(row)
+
     async def tasks_for_document(self, document_id: str) -> list[dict[str, Any]]:
         return [dict(r) for r in await self.db.fetch("tasks_for_document", document_id)]
 
