@@ -350,6 +350,8 @@ class ControllerApp:
     def _on_work(self, pool: str) -> None:
         if self._stopping or pool not in self.config.pools or not self.is_leader:
             return
+        if self.reconciler.at_max(pool):
+            return  # it cannot scale up: new work there waits for the tick (no observation now)
         self._pending_fast.add(pool)
         if self._fast_task is None or self._fast_task.done():
             task = asyncio.get_running_loop().create_task(self._fast_reconcile())
@@ -358,21 +360,28 @@ class ControllerApp:
             task.add_done_callback(self._tasks.discard)
 
     async def _fast_reconcile(self) -> None:
-        """Reconcile the notified pools, all of them on one observation.
+        """Reconcile the notified pools where the new work can change the decision before the
+        next tick (:meth:`Reconciler.fast_worthy`), all of them on one observation.
 
         Notifications come with every enqueue: a steady stream into many pools would otherwise
         mean one full observation per pool and notification.  They are gathered for
         ``FAST_COALESCE_S`` and fast reconciles are at least ``FAST_MIN_GAP_S`` apart, so the
         fast path costs a few observations a second at most, whatever the traffic and the number
-        of pools, and a critical task still reaches the provider well within a second."""
+        of pools.  Pools where new work changes nothing before the tick (at their max, or already
+        waiting out their scale-up delay without a critical task) cost no observation and do not
+        hold back the next fast reconcile, so a critical task still reaches the provider well
+        within a second while the fleet's other pools take a steady stream."""
         loop = asyncio.get_running_loop()
         try:
             while self._pending_fast and not self._stopping:
                 wait = max(FAST_COALESCE_S, self._last_fast + FAST_MIN_GAP_S - loop.time())
                 await asyncio.sleep(wait)
                 pools, self._pending_fast = sorted(self._pending_fast), set()
-                self._last_fast = loop.time()
-                if pools and await self._lead(renew=False):
+                if not pools or not await self._lead(renew=False):
+                    continue
+                pools = await self.reconciler.fast_worthy(pools)
+                if pools:
+                    self._last_fast = loop.time()
                     await self.reconciler.reconcile_some(pools, self._spend_cache)
         except Exception:
             log.exception("fast reconcile failed")

@@ -72,6 +72,9 @@ class LeaseElector:
         self._conn: DedicatedSession | None = None
         self._lock = asyncio.Lock()  # one attempt (renew or acquire) at a time
         self._conn_lock = asyncio.Lock()  # one statement at a time on the lease's connection
+        # The fence check in flight, shared by every call that asks while it is (see may_act).
+        self._check: asyncio.Future[Any] | None = None
+        self._check_gen: int | None = None
         self.generation: int | None = None  # the term this process holds, if any
         self._valid_until = float("-inf")  # local monotonic: renew deadline of the last renewal
         self._resigning = False
@@ -186,24 +189,44 @@ class LeaseElector:
 
     async def may_act(self) -> bool:
         """The fence before every provider action: the term is still ours in the database, and
-        the renew deadline has not passed.  Any error means no."""
+        the renew deadline has not passed.  Any error means no.
+
+        Calls that ask while a check is already on its way share its round trip: a tick observes
+        every deployment side by side, and one ``lease_check`` per call, one at a time on the
+        lease's connection, made the tick grow by a round trip per deployment.  A shared answer
+        was sent at most one round trip before the caller asked; the term cannot pass to another
+        controller in that time without this one's renew deadline passing first (it is shorter
+        than the lease), and each caller checks that deadline itself right after (below)."""
         gen = self.generation
         if self._resigning or gen is None or not self.is_leader:
             return False
         try:
-            row = await self._fetchval(
-                "lease_check",
-                self.name,
-                self.identity,
-                gen,
-                timeout_s=max(0.05, min(self.retry_period_s, self.seconds_left())),
-            )
+            row = await asyncio.shield(self._shared_check(gen))
         except Exception as exc:
             log.debug("leader: fence check failed: %s", type(exc).__name__)
             return False
         # Checked again after the round trip, with no await in between and the provider call: a
         # process frozen during the check wakes up past its deadline and is refused here.
         return row == gen and self.generation == gen and self.is_leader and not self._resigning
+
+    def _shared_check(self, gen: int) -> asyncio.Future[Any]:
+        """The ``lease_check`` of term ``gen`` in flight, or a new one."""
+        check = self._check
+        if check is None or check.done() or self._check_gen != gen:
+            check = asyncio.ensure_future(
+                self._fetchval(
+                    "lease_check",
+                    self.name,
+                    self.identity,
+                    gen,
+                    timeout_s=max(0.05, min(self.retry_period_s, self.seconds_left())),
+                )
+            )
+            # Its error is each caller's to see; read here too, so one nobody waits for any more
+            # (every caller cancelled) is not reported as never retrieved.
+            check.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._check, self._check_gen = check, gen
+        return check
 
     async def read(self) -> dict[str, Any] | None:
         """The lease as the database sees it (holder, term, expiry), for ops; None if unknown."""

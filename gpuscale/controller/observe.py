@@ -93,11 +93,20 @@ class WorkRead:
     blocked: Sequence[BlockedTask] = ()
     # chain_etas of ``blocked``, worked out once for all the pools observed on this read.
     _etas: list[list[float | None]] = field(default_factory=list, compare=False, repr=False)
+    # ``running`` by pool, built on first use: each pool's observation looks at its own tasks
+    # instead of every running task of the fleet (pools × running tasks per tick otherwise).
+    _by_pool: dict[str, list[RunningTask]] = field(default_factory=dict, compare=False, repr=False)
 
     def blocked_etas(self, ctx: Context) -> list[float | None]:
         if not self._etas:
             self._etas.append(chain_etas(self.blocked, ctx, self.server_load()))
         return self._etas[0]
+
+    def running_of(self, pool: str) -> Sequence[RunningTask]:
+        if not self._by_pool and self.running:
+            for t in self.running:
+                self._by_pool.setdefault(t.pool, []).append(t)
+        return self._by_pool.get(pool, ())
 
     def server_load(self) -> dict[str, int]:
         load: dict[str, int] = {}
@@ -213,7 +222,7 @@ def observe_pool(name: str, work: WorkRead | None, fleet: Fleet, ctx: Context) -
     pq = work.pools.get(name) or PoolQueue({}, {})
     queued = {p: max(0, int(pq.queued.get(p, 0))) for p in ("normal", "high", "critical")}
     queued_work = sum(max(0, n) * est(t) for t, n in pq.queued_by_type.items())
-    running = [t for t in work.running if t.pool == name and t.server not in fleet.draining]
+    running = [t for t in work.running_of(name) if t.server not in fleet.draining]
     running_work = sum(remaining_s(est(t.task_type), t.elapsed_s, t.progress) for t in running)
     # A draining server's tasks come back to the queue unless they finish within its grace: an
     # idle replica is kept for each (counted as running), so a scale-down that stopped a busy

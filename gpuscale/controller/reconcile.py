@@ -293,6 +293,13 @@ class Reconciler:
         self._last_logged: dict[str, tuple[int, str, tuple[tuple[str, int], ...]]] = {}
         self._observed_at: dict[str, float] = {}
         self._last_saved: dict[str, tuple[Any, ...]] = {}  # what the state last written came from
+        # Pool states to write in the next batch, and the batch's write (see _save_state).
+        self._to_save: dict[str, dict[str, Any]] = {}
+        self._saving: asyncio.Task[None] | None = None
+        self._saving_taken = False  # whether that write took its batch (later ones start another)
+        # The server list as last read, and the registry's change counter it came with.
+        self._servers: list[ServerInfo] | None = None
+        self._servers_version: int | None = None
         # Every series exists from the first scrape (at 0), so rate() sees the first event too.
         for name, r in config.pools.items():
             for child in (
@@ -333,41 +340,61 @@ class Reconciler:
 
     # ------------------------------------------------------------------ observe
     async def observe(self) -> Observed:
-        # The three reads are independent: run side by side (the controller has two connections
-        # for its work), so a tick waits for the slowest read, not for the sum of them.
-        (stats, detail, qerr), (servers, serr), (paused, perr) = await asyncio.gather(
-            self._observe_queue(), self._observe_servers(), self._observe_paused()
+        # Two reads, each one statement, side by side (the controller has two connections for
+        # its work): the queue, and the registry with the pause switches.  A tick waits for one
+        # round trip, whatever the number of pools and replicas.
+        (stats, detail, qerr), (paused, servers, serr) = await asyncio.gather(
+            self._observe_queue(), self._observe_registry()
         )
-        return Observed(stats, servers, paused, qerr + serr + perr, detail=detail)
+        if servers is not None:
+            servers, lerr = await self._with_load(servers, detail)
+            serr += lerr
+        return Observed(stats, servers, paused, qerr + serr, detail=detail)
 
     async def _observe_queue(self) -> tuple[dict[str, PoolStats] | None, WorkDetail | None, list[str]]:
         try:
-            stats = await self.queue.stats()
+            stats, detail = await self.queue.snapshot()
         except Exception as exc:  # any failure reading the queue means "unknown", never zero
             for pool in self.config.pools:
                 m.OBSERVE_ERRORS.labels(pool, "queue").inc()
             return None, None, [f"queue: {type(exc).__name__}: {exc}"]
-        try:
-            return stats, await self.queue.work_detail(), []
-        except Exception as exc:  # unknown, never zero: the policy holds
-            return None, None, [f"queue: {type(exc).__name__}: {exc}"]
+        return stats, detail, []
 
-    async def _observe_servers(self) -> tuple[list[ServerInfo] | None, list[str]]:
+    async def _observe_registry(self) -> tuple[set[str] | None, list[ServerInfo] | None, list[str]]:
+        """The pause switches and the registry's servers; the list is read again only when the
+        registry's change counter moved (registrations, drains, deaths, removals; not
+        heartbeats), so a tick's read is one short row whatever the size of the fleet."""
         try:
-            servers = await self.queue.list_servers()
-            # Busy or idle from the tasks each server holds now, not from its last heartbeat.
-            held = await self.queue.running_by_server()
+            paused, version, fresh = await self.store.registry_if_changed(self._servers_version)
         except Exception as exc:
-            return None, [f"servers: {type(exc).__name__}"]
-        for s in servers:  # fresh objects from this read: set in place, no copy per server
-            s.current_load = held.get(s.id, 0)
-        return servers, []
+            return None, None, [f"servers: {type(exc).__name__}", f"pause flags: {type(exc).__name__}"]
+        if fresh is not None:
+            self._servers, self._servers_version = fresh, version
+        return paused, self._servers, []
 
-    async def _observe_paused(self) -> tuple[set[str] | None, list[str]]:
-        try:
-            return await self.store.paused_pools(), []
-        except Exception as exc:
-            return None, [f"pause flags: {type(exc).__name__}"]
+    async def _with_load(
+        self, servers: list[ServerInfo], detail: WorkDetail | None
+    ) -> tuple[list[ServerInfo] | None, list[str]]:
+        """This observation's copies of the servers, each with the tasks it holds now (busy or
+        idle from the running tasks just read, fresher than a heartbeat's load)."""
+        held: dict[str, int] = {}
+        if detail is not None:
+            for r in detail.running:
+                if r.server is not None:
+                    held[r.server] = held.get(r.server, 0) + 1
+        else:  # the queue's read failed: ask for the running counts alone
+            try:
+                held = await self.queue.running_by_server()
+            except Exception as exc:
+                return None, [f"servers: {type(exc).__name__}"]
+        # New objects: the cached list is shared by every observation.
+        load = held.get
+        return [
+            ServerInfo(
+                s.id, s.pool, s.container_id, s.status, current_load=load(s.id, 0), started_at=s.started_at
+            )
+            for s in servers
+        ], []
 
     async def _observe_provider(
         self, rules: PoolRules
@@ -398,6 +425,37 @@ class Reconciler:
         known = [st for st in per.values() if st is not None]
         merged = None if blind or not known else merge_states(known)
         return merged, per, "; ".join(errors) or None
+
+    # ------------------------------------------------------------------ fast path
+    def at_max(self, name: str) -> bool:
+        """Whether ``name`` ran at its ``max_replicas`` when last observed (no more can start)."""
+        current = self.provider_counts.get(name)
+        return current is not None and current >= self.config.pools[name].max_replicas
+
+    async def fast_worthy(self, names: Sequence[str]) -> list[str]:
+        """Of the pools that got new claimable work, those where it can change the decision
+        before the next tick: below their max and either at zero (scale from zero), not yet
+        timing a scale-up (the new work may start the ``scale_up_delay``), or holding a queued
+        ``critical`` task (asked of the counters, one round trip, only for pools already
+        timing).  Elsewhere the work waits for the tick: nothing the policy does would change."""
+        out: list[str] = []
+        ask: list[str] = []
+        for name in names:
+            if self.at_max(name):
+                continue
+            current = self.provider_counts.get(name)
+            if not current or self.states[name].up_since is None:
+                out.append(name)
+            else:
+                ask.append(name)
+        if ask:
+            try:
+                critical = await self.store.queued_critical(ask)
+            except Exception as exc:  # unknown: reconcile them, as before the check
+                log.debug("fast path: critical counts unknown: %s", type(exc).__name__)
+                critical = set(ask)
+            out.extend(n for n in ask if n in critical)
+        return sorted(out)
 
     # ------------------------------------------------------------------ reconcile
     async def reconcile_all(self, budget_spend: Mapping[str, float] | None = None) -> dict[str, Decision]:
@@ -497,9 +555,7 @@ class Reconciler:
             source = (decision.state, self.placements[name], {t: learned.get(t) for t in rules.task_types})
             if source != self._last_saved.get(name) and self._leading():
                 try:
-                    await self.store.save_pool_state(
-                        name, self._saved_state(rules, decision.state), self.controller_id
-                    )
+                    await self._save_state(name, self._saved_state(rules, decision.state))
                     self._last_saved[name] = source
                 except Exception as exc:  # the memory is a help, not a must: the next tick saves it
                     log.debug("pool %s: could not save the policy state: %s", name, type(exc).__name__)
@@ -570,6 +626,22 @@ class Reconciler:
         out[_EXPECTED_KEY] = {t: learned[t] for t in rules.task_types if t in learned}
         out["placement"] = self.placements[rules.name].to_dict()  # cool-offs survive a failover
         return out
+
+    async def _save_state(self, name: str, state: dict[str, Any]) -> None:
+        """Write a pool's saved state, together with those of the pools reconciled side by side:
+        a tick's pools reach this point in the same moment and go in one statement (a round trip
+        per pool and tick made the tick grow with the pools; learned durations change most ticks
+        in a busy fleet)."""
+        if self._saving is None or self._saving_taken:
+            self._saving, self._saving_taken = asyncio.create_task(self._write_states()), False
+            self._saving.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._to_save[name] = state
+        await asyncio.shield(self._saving)
+
+    async def _write_states(self) -> None:
+        await asyncio.sleep(0)  # let the pools decided in this moment join the batch
+        batch, self._to_save, self._saving_taken = self._to_save, {}, True
+        await self.store.save_pool_states(batch, self.controller_id)
 
     async def _act(
         self,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpuscale.db.connector import Connector
+from gpuscale.queue import ServerInfo
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,44 @@ class ControllerStore:
     async def paused_pools(self) -> set[str]:
         return {r["pool"] for r in await self.db.fetch("paused_pools")}
 
+    async def registry_if_changed(self, version: int | None) -> tuple[set[str], int, list[ServerInfo] | None]:
+        """The paused pools, the registry's change counter and, when the counter is not
+        ``version``, its servers that are not dead (what the controller reads of them;
+        ``current_load`` left at 0); ``None`` when nothing changed since ``version``."""
+        rows = await self.db.fetch("registry_if_changed", version)
+        paused, current = set(rows[0]["paused"]), int(rows[0]["version"])
+        if current == version:
+            return paused, current, None
+        return (
+            paused,
+            current,
+            [
+                ServerInfo(
+                    id=r["id"],
+                    pool=r["pool"],
+                    container_id=r["container_id"],
+                    status=r["status"],
+                    started_at=r["started_at"],
+                )
+                for r in rows
+                if r["id"] is not None
+            ],
+        )
+
+    async def queued_critical(self, pools: list[str]) -> set[str]:
+        """Those of ``pools`` with a queued ``critical`` task (from the counters: no scan)."""
+        return {r["pool"] for r in await self.db.fetch("queued_critical_pools", pools)}
+
     async def add_spend(self, pool: str, usd: float, replica_seconds: float, now: dt.datetime) -> None:
         await self.db.execute("add_pool_spend", pool, month_start(now), usd, replica_seconds)
 
     async def save_pool_state(self, pool: str, state: dict[str, Any], controller_id: str) -> None:
-        await self.db.execute("save_pool_state", pool, state, controller_id)
+        await self.save_pool_states({pool: state}, controller_id)
+
+    async def save_pool_states(self, states: dict[str, dict[str, Any]], controller_id: str) -> None:
+        """Several pools' saved state in one statement (one round trip)."""
+        pools = sorted(states)  # one lock order for every writer
+        await self.db.execute("save_pool_states", pools, [states[p] for p in pools], controller_id)
 
     async def load_pool_states(self) -> dict[str, dict[str, Any]]:
         return {r["pool"]: r["state"] for r in await self.db.fetch("load_pool_states")}

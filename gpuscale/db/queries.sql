@@ -292,50 +292,75 @@ UPDATE processing_queue
  WHERE document_id = $1 AND status IN ('blocked', 'queued', 'running')
 RETURNING id
 
--- name: work_queued_by_type
--- Claimable work per (pool, task type) from the type counters (migration 0013).
-SELECT pool, task_type, sum(n)::bigint AS n FROM processing_queue_type_counts
- GROUP BY 1, 2 HAVING sum(n) <> 0
-
--- name: work_backoff_by_type
--- Queued tasks still waiting out a retry backoff, per (pool, task type).
-SELECT pool, task_type, count(*) AS n FROM processing_queue
- WHERE status = 'queued' AND not_before IS NOT NULL AND not_before > now()
- GROUP BY 1, 2
-
--- name: work_running
--- Every running task with how long it has run, its progress and its deck's age.
-SELECT id, pool, task_type, lease_owner, progress,
-       extract(epoch FROM now() - started_at)::float8 AS elapsed_s,
-       extract(epoch FROM now() - created_at)::float8 AS deck_age_s
-  FROM processing_queue WHERE status = 'running'
-
--- name: work_blocked_on_unfinished
--- Blocked tasks (with their deck's age) and each of their unfinished dependencies (by id: the
--- observation follows chains of blocked tasks to their ETA).
-SELECT t.id, t.pool, t.task_type,
-       extract(epoch FROM now() - t.created_at)::float8 AS deck_age_s,
-       p.id AS dep_id, p.pool AS dep_pool, p.task_type AS dep_type,
-       p.status::text AS dep_status, p.lease_owner AS dep_server,
-       p.progress AS dep_progress,
-       extract(epoch FROM now() - p.started_at)::float8 AS dep_elapsed_s
-  FROM processing_queue t
-  JOIN processing_task_deps d ON d.task_id = t.id
-  JOIN processing_queue p ON p.id = d.depends_on
- WHERE t.status = 'blocked' AND p.status IN ('blocked', 'queued', 'running')
- ORDER BY t.id, p.id
-
--- name: work_oldest_deck
--- Per pool, the age in seconds of the oldest deck with a claimable task: the first row of the
--- claim index per priority (a few index probes, never a scan of the queue).
-SELECT p.pool, extract(epoch FROM now() - min(x.created_at))::float8 AS age
-  FROM (SELECT DISTINCT pool FROM processing_queue_type_counts) p
- CROSS JOIN unnest(enum_range(NULL::gpuscale_priority)) AS pr(priority)
- CROSS JOIN LATERAL (
-    SELECT q.created_at FROM processing_queue q
-     WHERE q.pool = p.pool AND q.status = 'queued' AND q.priority = pr.priority
-     ORDER BY q.priority DESC, q.created_at LIMIT 1) x
- GROUP BY p.pool
+-- name: queue_snapshot
+-- Everything the controller reads of the queue, in one statement: one round trip and one
+-- snapshot (a tick used to take nine round trips, one after the other).  Each column is a JSON
+-- array of rows; the cost is the counters plus the running and blocked rows (bounded by the
+-- replicas' slots and the decks in flight), never the whole queue:
+-- counts: per (pool, status, priority), from the counters table;
+-- by_type: claimable work per (pool, task type), from the type counters (migration 0013);
+-- backoff: queued tasks still waiting out a retry backoff, per (pool, priority, task type);
+-- blocked_ready: per pool, blocked tasks none of whose dependencies is itself blocked;
+-- ages: per pool, the age in seconds of the oldest claimable task (one index probe per priority);
+-- decks: per pool, the age of the oldest deck with a claimable task (the first row of the claim
+--   index per priority);
+-- running: every running task with how long it has run, its progress and its deck's age;
+-- blocked: blocked tasks (with their deck's age) and each of their unfinished dependencies (by
+--   id: the observation follows chains of blocked tasks to their ETA).
+SELECT
+  (SELECT coalesce(json_agg(c), '[]') FROM (
+      SELECT pool, status::text AS status, priority::text AS priority, sum(n)::bigint AS n
+        FROM processing_queue_counts GROUP BY 1, 2, 3 HAVING sum(n) <> 0) c) AS counts,
+  (SELECT coalesce(json_agg(c), '[]') FROM (
+      SELECT pool, task_type, sum(n)::bigint AS n FROM processing_queue_type_counts
+       GROUP BY 1, 2 HAVING sum(n) <> 0) c) AS by_type,
+  (SELECT coalesce(json_agg(b), '[]') FROM (
+      SELECT pool, priority::text AS priority, task_type, count(*) AS n FROM processing_queue
+       WHERE status = 'queued' AND not_before IS NOT NULL AND not_before > now()
+       GROUP BY 1, 2, 3) b) AS backoff,
+  (SELECT coalesce(json_agg(b), '[]') FROM (
+      SELECT t.pool, count(*) AS n FROM processing_queue t
+       WHERE t.status = 'blocked'
+         AND NOT EXISTS (SELECT 1 FROM processing_task_deps d
+                           JOIN processing_queue p ON p.id = d.depends_on
+                          WHERE d.task_id = t.id AND p.status = 'blocked')
+       GROUP BY 1) b) AS blocked_ready,
+  (SELECT coalesce(json_agg(a), '[]') FROM (
+      SELECT p.pool, extract(epoch FROM now() - min(x.queued_at))::float8 AS age
+        FROM (SELECT DISTINCT pool FROM processing_queue_counts) p
+       CROSS JOIN unnest(enum_range(NULL::gpuscale_priority)) AS pr(priority)
+       CROSS JOIN LATERAL (
+          SELECT q.queued_at FROM processing_queue q
+           WHERE q.pool = p.pool AND q.status = 'queued' AND q.priority = pr.priority
+             AND (q.not_before IS NULL OR q.not_before <= now())
+           ORDER BY q.priority DESC, q.id LIMIT 1) x
+       GROUP BY p.pool) a) AS ages,
+  (SELECT coalesce(json_agg(a), '[]') FROM (
+      SELECT p.pool, extract(epoch FROM now() - min(x.created_at))::float8 AS age
+        FROM (SELECT DISTINCT pool FROM processing_queue_type_counts) p
+       CROSS JOIN unnest(enum_range(NULL::gpuscale_priority)) AS pr(priority)
+       CROSS JOIN LATERAL (
+          SELECT q.created_at FROM processing_queue q
+           WHERE q.pool = p.pool AND q.status = 'queued' AND q.priority = pr.priority
+           ORDER BY q.priority DESC, q.created_at LIMIT 1) x
+       GROUP BY p.pool) a) AS decks,
+  (SELECT coalesce(json_agg(r), '[]') FROM (
+      SELECT id, pool, task_type, lease_owner, progress,
+             extract(epoch FROM now() - started_at)::float8 AS elapsed_s,
+             extract(epoch FROM now() - created_at)::float8 AS deck_age_s
+        FROM processing_queue WHERE status = 'running') r) AS running,
+  (SELECT coalesce(json_agg(b), '[]') FROM (
+      SELECT t.id, t.pool, t.task_type,
+             extract(epoch FROM now() - t.created_at)::float8 AS deck_age_s,
+             p.id AS dep_id, p.pool AS dep_pool, p.task_type AS dep_type,
+             p.status::text AS dep_status, p.lease_owner AS dep_server,
+             p.progress AS dep_progress,
+             extract(epoch FROM now() - p.started_at)::float8 AS dep_elapsed_s
+        FROM processing_queue t
+        JOIN processing_task_deps d ON d.task_id = t.id
+        JOIN processing_queue p ON p.id = d.depends_on
+       WHERE t.status = 'blocked' AND p.status IN ('blocked', 'queued', 'running')
+       ORDER BY t.id, p.id) b) AS blocked
 
 -- name: tasks_for_document
 SELECT id, task_type, pool, status::text, progress, error FROM processing_queue
@@ -346,38 +371,6 @@ SELECT id, task_type, pool, status::text, progress, error FROM processing_queue
 SELECT p.id, p.task_type, p.payload, p.result
   FROM processing_task_deps d JOIN processing_queue p ON p.id = d.depends_on
  WHERE d.task_id = $1 ORDER BY p.id
-
--- name: stats_counts
--- Per-(pool, status, priority) counts from the counters table (cost independent of table size).
-SELECT pool, status::text, priority::text, sum(n)::bigint AS n
-  FROM processing_queue_counts GROUP BY 1, 2, 3 HAVING sum(n) <> 0
-
--- name: stats_backoff
--- Queued tasks still waiting out a retry backoff, per pool and priority.
-SELECT pool, priority::text, count(*) AS n FROM processing_queue
- WHERE status = 'queued' AND not_before IS NOT NULL AND not_before > now()
- GROUP BY 1, 2
-
--- name: stats_blocked_on_running
--- Blocked tasks none of whose dependencies is itself blocked, per pool.
-SELECT t.pool, count(*) AS n FROM processing_queue t
- WHERE t.status = 'blocked'
-   AND NOT EXISTS (SELECT 1 FROM processing_task_deps d
-                     JOIN processing_queue p ON p.id = d.depends_on
-                    WHERE d.task_id = t.id AND p.status = 'blocked')
- GROUP BY 1
-
--- name: stats_oldest_queued
--- Age in seconds of the oldest claimable task of each pool $1 (one index probe per priority).
-SELECT p.pool, extract(epoch FROM now() - min(x.queued_at))::float8 AS age
-  FROM unnest($1::text[]) AS p(pool)
- CROSS JOIN unnest(enum_range(NULL::gpuscale_priority)) AS pr(priority)
- CROSS JOIN LATERAL (
-    SELECT q.queued_at FROM processing_queue q
-     WHERE q.pool = p.pool AND q.status = 'queued' AND q.priority = pr.priority
-       AND (q.not_before IS NULL OR q.not_before <= now())
-     ORDER BY q.priority DESC, q.id LIMIT 1) x
- GROUP BY p.pool
 
 -- name: depth
 -- Claimable tasks in pool $1, at most $2: counters minus tasks in retry backoff.
@@ -512,6 +505,22 @@ ON CONFLICT (pool) DO UPDATE
 -- name: paused_pools
 SELECT pool FROM pool_control WHERE paused
 
+-- name: registry_if_changed
+-- The pools paused (on every row) and the registry's change counter (migration 0065) and, only
+-- when it is not $1, every server that is not dead with what the controller reads of it; else
+-- one row without a server.  One statement, one snapshot: the list matches its counter.
+SELECT p.paused, v.version, s.id, s.pool, s.container_id, s.status, s.started_at
+  FROM (SELECT coalesce(array_agg(pool), '{}') AS paused FROM pool_control WHERE paused) p
+ CROSS JOIN processing_servers_version v
+  LEFT JOIN processing_servers s ON v.version IS DISTINCT FROM $1::bigint AND s.status <> 'dead'
+ ORDER BY s.pool, s.started_at, s.id
+
+-- name: queued_critical_pools
+-- Those of pools $1 with a queued critical task, from the counters (the fast path's check).
+SELECT pool FROM processing_queue_counts
+ WHERE pool = ANY($1::text[]) AND status = 'queued' AND priority = 'critical'
+ GROUP BY 1 HAVING sum(n) > 0
+
 -- name: add_pool_spend
 INSERT INTO pool_spend (pool, month, usd, replica_seconds) VALUES ($1, $2, $3, $4)
 ON CONFLICT (pool, month) DO UPDATE
@@ -521,8 +530,10 @@ ON CONFLICT (pool, month) DO UPDATE
 -- name: month_spend
 SELECT pool, usd FROM pool_spend WHERE month = $1
 
--- name: save_pool_state
-INSERT INTO pool_state (pool, state, controller_id) VALUES ($1, $2, $3)
+-- name: save_pool_states
+-- The saved policy state of pools $1 ($2: each one's), written by controller $3 in one statement.
+INSERT INTO pool_state (pool, state, controller_id)
+SELECT pool, state, $3 FROM unnest($1::text[], $2::jsonb[]) AS s(pool, state)
 ON CONFLICT (pool) DO UPDATE
    SET state = EXCLUDED.state, controller_id = EXCLUDED.controller_id, updated_at = now()
 

@@ -178,6 +178,14 @@ BEGIN
     RETURN NULL;
 END $$;
 
+CREATE FUNCTION gpuscale_servers_changed() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    UPDATE processing_servers_version SET version = version + 1;
+    RETURN NULL;
+END $$;
+
 CREATE FUNCTION gpuscale_type_count_del() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
@@ -345,6 +353,12 @@ CREATE TABLE processing_servers (
     CONSTRAINT processing_servers_status_check CHECK (status IN ('starting', 'active', 'draining', 'dead'))
 );
 
+CREATE TABLE processing_servers_version (
+    one boolean DEFAULT true NOT NULL,
+    version bigint NOT NULL,
+    CONSTRAINT processing_servers_version_one_check CHECK (one)
+);
+
 CREATE TABLE processing_task_deps (
     depends_on bigint NOT NULL,
     task_id bigint NOT NULL
@@ -412,6 +426,9 @@ ALTER TABLE ONLY processing_queue_type_counts
 ALTER TABLE ONLY processing_servers
     ADD CONSTRAINT processing_servers_pkey PRIMARY KEY (id);
 
+ALTER TABLE ONLY processing_servers_version
+    ADD CONSTRAINT processing_servers_version_pkey PRIMARY KEY (one);
+
 ALTER TABLE ONLY processing_task_deps
     ADD CONSTRAINT processing_task_deps_pkey PRIMARY KEY (depends_on, task_id);
 
@@ -458,6 +475,10 @@ CREATE TRIGGER processing_queue_type_count_del AFTER DELETE ON processing_queue 
 CREATE TRIGGER processing_queue_type_count_ins AFTER INSERT ON processing_queue REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION gpuscale_type_count_ins();
 
 CREATE TRIGGER processing_queue_type_count_upd AFTER UPDATE ON processing_queue REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION gpuscale_type_count_upd();
+
+CREATE TRIGGER processing_servers_changed AFTER UPDATE ON processing_servers FOR EACH ROW WHEN (((old.pool IS DISTINCT FROM new.pool) OR ((old.container_id)::text IS DISTINCT FROM (new.container_id)::text) OR ((old.status)::text IS DISTINCT FROM (new.status)::text) OR (old.started_at IS DISTINCT FROM new.started_at))) EXECUTE FUNCTION gpuscale_servers_changed();
+
+CREATE TRIGGER processing_servers_inserted_or_deleted AFTER INSERT OR DELETE ON processing_servers FOR EACH STATEMENT EXECUTE FUNCTION gpuscale_servers_changed();
 
 ALTER TABLE ONLY processing_task_deps
     ADD CONSTRAINT processing_task_deps_depends_on_fkey FOREIGN KEY (depends_on) REFERENCES processing_queue(id) ON DELETE CASCADE;

@@ -531,6 +531,13 @@ class Queue:
         value: datetime = await self.db.fetchval("database_now")
         return value
 
+    async def snapshot(self) -> tuple[dict[str, PoolStats], WorkDetail]:
+        """:meth:`stats` and :meth:`work_detail` from one statement: one round trip and one
+        snapshot of the queue (the controller reads both every tick)."""
+        row = await self.db.fetchrow("queue_snapshot")
+        assert row is not None
+        return _stats_of(row), _work_detail_of(row)
+
     async def work_detail(self) -> WorkDetail:
         """What the controller needs to estimate each pool's work: claimable tasks per type (from
         the counters, minus those in retry backoff), the running tasks with how long they have run
@@ -538,57 +545,7 @@ class Queue:
         observation can follow chains of stages), each with its deck's age, and per pool the age of
         the oldest deck with a claimable task.  Cost: the counters plus the running and blocked rows
         (bounded by the replicas' slots and the decks in flight), never the whole queue."""
-        async with self.db.session() as s:
-            counts = await s.fetch("work_queued_by_type")
-            backoff = await s.fetch("work_backoff_by_type")
-            running = await s.fetch("work_running")
-            blocked = await s.fetch("work_blocked_on_unfinished")
-            decks = await s.fetch("work_oldest_deck")
-        by_type: dict[tuple[str, str], int] = {}
-        for r in counts:
-            by_type[(r["pool"], r["task_type"])] = int(r["n"])
-        for r in backoff:
-            key = (r["pool"], r["task_type"])
-            by_type[key] = max(0, by_type.get(key, 0) - int(r["n"]))
-        run = [
-            RunningRow(
-                r["pool"],
-                r["task_type"],
-                max(0.0, float(r["elapsed_s"] or 0.0)),
-                float(r["progress"]) / 100.0 if r["progress"] else None,
-                r["lease_owner"],
-                id=r["id"],
-                deck_age_s=max(0.0, float(r["deck_age_s"] or 0.0)),
-            )
-            for r in running
-        ]
-        tasks: dict[int, BlockedRow] = {}
-        for r in blocked:
-            tid = r["id"]
-            row = tasks.setdefault(
-                tid,
-                BlockedRow(
-                    r["pool"], r["task_type"], [], id=tid, deck_age_s=max(0.0, float(r["deck_age_s"] or 0.0))
-                ),
-            )
-            # A blocked dependency is named by id: the observation follows the chain to its ETA.
-            row.deps.append(
-                RunningRow(
-                    r["dep_pool"],
-                    r["dep_type"],
-                    max(0.0, float(r["dep_elapsed_s"] or 0.0)),
-                    float(r["dep_progress"]) / 100.0 if r["dep_progress"] else None,
-                    r["dep_server"],
-                    r["dep_status"],
-                    id=r["dep_id"],
-                )
-            )
-        return WorkDetail(
-            queued_by_type=by_type,
-            running=run,
-            blocked=list(tasks.values()),
-            oldest_deck_age_s={r["pool"]: max(0.0, float(r["age"])) for r in decks if r["age"] is not None},
-        )
+        return (await self.snapshot())[1]
 
     async def running_by_server(self) -> dict[str, int]:
         """Tasks running per lease owner (server id): who is busy right now, fresher than the
@@ -651,39 +608,7 @@ class Queue:
 
     async def stats(self) -> dict[str, PoolStats]:
         """Per-pool counts from the counters table (cost independent of the table's size)."""
-        async with self.db.session() as s:
-            counts = await s.fetch("stats_counts")
-            backoff = await s.fetch("stats_backoff")
-            blocked_ready = await s.fetch("stats_blocked_on_running")
-            pools = sorted({r["pool"] for r in counts})
-            ages = await s.fetch("stats_oldest_queued", pools)
-        out: dict[str, PoolStats] = {}
-
-        def get(pool: str) -> PoolStats:
-            if pool not in out:
-                out[pool] = PoolStats(pool, {p: 0 for p in Priority}, 0, 0, 0, 0, None, 0, 0, 0, 0)
-            return out[pool]
-
-        for r in counts:
-            s_ = get(r["pool"])
-            n = int(r["n"])
-            st = r["status"]
-            if st == "queued":
-                s_.queued[Priority(r["priority"])] += n
-            elif st in ("running", "blocked", "done", "failed", "dead", "cancelled"):
-                setattr(s_, st, getattr(s_, st) + n)
-        for r in backoff:
-            s_ = get(r["pool"])
-            n = int(r["n"])
-            pr = Priority(r["priority"])
-            s_.queued[pr] = max(0, s_.queued[pr] - n)
-            s_.waiting_backoff += n
-        for r in blocked_ready:
-            get(r["pool"]).blocked_on_running = int(r["n"])
-        for r in ages:
-            if r["age"] is not None:
-                get(r["pool"]).oldest_queued_age_s = max(0.0, float(r["age"]))
-        return out
+        return (await self.snapshot())[0]
 
     async def depth(self, pool: str, cap: int) -> int:
         """Claimable tasks in ``pool``, at most ``cap``: counters minus tasks in retry backoff."""
@@ -801,6 +726,94 @@ class Queue:
         pool; run the returned listener's ``run()`` in a task of its own (``kw``: see
         :class:`~gpuscale.db.Listener`)."""
         return self.db.listener(NOTIFY_CHANNEL, callback, **kw)
+
+
+def _stats_of(row: Any) -> dict[str, PoolStats]:
+    """Per-pool counts from a ``queue_snapshot`` row."""
+    counts, blocked_ready, ages = row["counts"], row["blocked_ready"], row["ages"]
+    backoff: dict[tuple[str, str], int] = {}
+    for r in row["backoff"]:
+        key = (r["pool"], r["priority"])
+        backoff[key] = backoff.get(key, 0) + int(r["n"])
+    out: dict[str, PoolStats] = {}
+
+    def get(pool: str) -> PoolStats:
+        if pool not in out:
+            out[pool] = PoolStats(pool, {p: 0 for p in Priority}, 0, 0, 0, 0, None, 0, 0, 0, 0)
+        return out[pool]
+
+    for r in counts:
+        s_ = get(r["pool"])
+        n = int(r["n"])
+        st = r["status"]
+        if st == "queued":
+            s_.queued[Priority(r["priority"])] += n
+        elif st in ("running", "blocked", "done", "failed", "dead", "cancelled"):
+            setattr(s_, st, getattr(s_, st) + n)
+    for (pool, priority), n in backoff.items():
+        s_ = get(pool)
+        pr = Priority(priority)
+        s_.queued[pr] = max(0, s_.queued[pr] - n)
+        s_.waiting_backoff += n
+    for r in blocked_ready:
+        get(r["pool"]).blocked_on_running = int(r["n"])
+    for r in ages:
+        if r["age"] is not None:
+            get(r["pool"]).oldest_queued_age_s = max(0.0, float(r["age"]))
+    return out
+
+
+def _work_detail_of(row: Any) -> WorkDetail:
+    """The controller's view of each pool's work from a ``queue_snapshot`` row."""
+    counts, running, blocked, decks = row["by_type"], row["running"], row["blocked"], row["decks"]
+    backoff: dict[tuple[str, str], int] = {}
+    for r in row["backoff"]:
+        key = (r["pool"], r["task_type"])
+        backoff[key] = backoff.get(key, 0) + int(r["n"])
+    by_type: dict[tuple[str, str], int] = {}
+    for r in counts:
+        by_type[(r["pool"], r["task_type"])] = int(r["n"])
+    for key, n in backoff.items():
+        by_type[key] = max(0, by_type.get(key, 0) - n)
+    run = [
+        RunningRow(
+            r["pool"],
+            r["task_type"],
+            max(0.0, float(r["elapsed_s"] or 0.0)),
+            float(r["progress"]) / 100.0 if r["progress"] else None,
+            r["lease_owner"],
+            id=r["id"],
+            deck_age_s=max(0.0, float(r["deck_age_s"] or 0.0)),
+        )
+        for r in running
+    ]
+    tasks: dict[int, BlockedRow] = {}
+    for r in blocked:
+        tid = r["id"]
+        task = tasks.setdefault(
+            tid,
+            BlockedRow(
+                r["pool"], r["task_type"], [], id=tid, deck_age_s=max(0.0, float(r["deck_age_s"] or 0.0))
+            ),
+        )
+        # A blocked dependency is named by id: the observation follows the chain to its ETA.
+        task.deps.append(
+            RunningRow(
+                r["dep_pool"],
+                r["dep_type"],
+                max(0.0, float(r["dep_elapsed_s"] or 0.0)),
+                float(r["dep_progress"]) / 100.0 if r["dep_progress"] else None,
+                r["dep_server"],
+                r["dep_status"],
+                id=r["dep_id"],
+            )
+        )
+    return WorkDetail(
+        queued_by_type=by_type,
+        running=run,
+        blocked=list(tasks.values()),
+        oldest_deck_age_s={r["pool"]: max(0.0, float(r["age"])) for r in decks if r["age"] is not None},
+    )
 
 
 def _task_row(row: Any) -> dict[str, Any]:
