@@ -197,22 +197,42 @@ async def _leading_and_listening(app: ControllerApp, pool: str) -> None:
     await asyncio.wait_for(app.listening.wait(), 10)
 
 
-async def test_critical_task_scales_within_a_second(dsn: str, deployments: Emulator) -> None:
-    # A long tick interval: only the LISTEN/NOTIFY fast path can explain a quick reaction.
-    app = ControllerApp(_settings(deployments, reconcile_interval_s=60), pools_config(), dsn, http=False)
+async def test_critical_task_reaches_the_provider_before_any_tick(dsn: str, deployments: Emulator) -> None:
+    # Ticks an hour apart: after the first one, only the LISTEN/NOTIFY fast path can scale the
+    # pool within the test's (generous) wait.  How fast it is is measured by `gpuscale bench
+    # fleet` (critical → provider), not here.
+    app = ControllerApp(_settings(deployments, reconcile_interval_s=3600), pools_config(), dsn, http=False)
     runner = asyncio.create_task(app.run())
     try:
         await _leading_and_listening(app, "text")
-        started = time.monotonic()
+        await _leading_and_listening(app, "visual")
+        visual_seen = app.reconciler.views["visual"].at
         await _enqueue(app.queue, 1, "startup_name_extraction", Priority.critical)
+        deadline = time.monotonic() + 30
         while await _target(deployments, "gpuscale-text") == 0:
-            assert time.monotonic() - started < 5, "critical task did not scale the pool"
-            await asyncio.sleep(0.02)
-        elapsed = time.monotonic() - started
-        assert elapsed < 1.0, f"critical scale took {elapsed:.2f}s"
+            assert time.monotonic() < deadline, "a critical task did not scale its pool before the next tick"
+            await asyncio.sleep(0.05)
+        assert app.reconciler.views["text"].last_decision["reason"] == "critical_task"
+        # Only the notified pool was reconciled: the fast path observes no other.
+        assert app.reconciler.views["visual"].at == visual_seen
     finally:
         app.request_stop()
         await asyncio.wait_for(runner, 30)
+
+
+async def test_the_fast_path_skips_pools_new_work_cannot_change(make_app, deployments: Emulator) -> None:  # type: ignore[no-untyped-def]
+    app = await make_app()
+    rec = app.reconciler
+    await app.tick()  # both pools at zero: new work there scales from zero
+    assert await rec.fast_worthy(["visual", "text"]) == ["text", "visual"]
+    await app.raw_provider.set_replicas("gpuscale-visual", 3)  # its max
+    await app.raw_provider.set_replicas("gpuscale-text", 1)
+    await _enqueue(app.queue, 6, "startup_name_extraction")
+    await app.tick()
+    assert rec.at_max("visual") and rec.states["text"].up_since is not None  # text: timing an up
+    assert await rec.fast_worthy(["visual", "text"]) == [], "new normal work changes nothing now"
+    await _enqueue(app.queue, 1, "startup_name_extraction", Priority.critical)
+    assert await rec.fast_worthy(["visual", "text"]) == ["text"], "a critical task scales at once"
 
 
 async def test_scales_down_after_idle(make_app, deployments: Emulator) -> None:  # type: ignore[no-untyped-def]

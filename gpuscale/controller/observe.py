@@ -229,7 +229,7 @@ def observe_pool(name: str, work: WorkRead | None, fleet: Fleet, ctx: Context) -
     # replica (the provider picks which) is not followed, tick after tick, by stopping the next
     # busy one while the idle replica that will take the handed-back task still looks idle.  They
     # never count beyond the idle replicas: a task finishing on a draining replica starts nothing.
-    returning = [t for t in work.running if t.pool == name and t.server in fleet.draining]
+    returning = [t for t in work.running_of(name) if t.server in fleet.draining]
     if returning and fleet.idle:
         kept = returning[: fleet.idle]
         running = running + kept
