@@ -3,9 +3,12 @@ queue working through it with prepared statements off (what a transaction pooler
 
 from __future__ import annotations
 
+import asyncio
 import socket
+from typing import Any
 
 import asyncpg
+import pytest
 
 from gpuscale.db import Connector
 from gpuscale.db.pgbouncer import PgBouncer
@@ -27,8 +30,17 @@ async def test_transaction_mode_shares_server_connections(pooled_dsn: str) -> No
             await c.close()
 
 
-async def test_queue_round_trip_through_the_pooler(pooled_dsn: str) -> None:
-    db = await Connector(pooled_dsn, min_connections=1, max_connections=2, statement_cache_size=0).open()
+async def test_queue_round_trip_through_the_pooler(pooled_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    describes: list[str] = []
+    real = asyncpg.Connection._get_statement
+
+    async def counted(self: asyncpg.Connection, query: str, *a: Any, **kw: Any) -> Any:
+        describes.append(query)
+        return await real(self, query, *a, **kw)
+
+    # Each Parse/Describe round trip goes through here (asyncpg's own calls included).
+    monkeypatch.setattr(asyncpg.Connection, "_get_statement", counted)
+    db = await Connector(pooled_dsn, min_connections=2, max_connections=2, statement_cache_size=0).open()
     try:
         q = Queue(db)
         ids = await q.enqueue_many([NewTask("noop", {}, priority="critical") for _ in range(5)])
@@ -36,6 +48,11 @@ async def test_queue_round_trip_through_the_pooler(pooled_dsn: str) -> None:
         assert sorted(t.id for t in got) == sorted(ids)
         assert sorted(await q.complete_many("s1", [(t.id, {}) for t in got])) == sorted(ids)
         assert (await q.stats())["bench"].done == 5
+        # Later executions of a statement are one round trip: described once per connection
+        # (at most two connections here), then only Parse/Bind/Execute, wherever they land.
+        described = len(describes)
+        await asyncio.gather(*(q.claim("bench", "s1", 1) for _ in range(10)))
+        assert len(describes) - described <= 2
     finally:
         await db.close()
 

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import weakref
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
@@ -105,6 +106,48 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
 _SESSION_SETTINGS = {"client_encoding": "UTF8"}
 
 
+class _OneTrip:
+    """Statements in one round trip where named prepared statements cannot be used.
+
+    With ``statement_cache_size=0`` (behind a transaction pooler such as PgBouncer 1.18, which
+    keeps no prepared statements) asyncpg runs every statement in two round trips: Parse/Describe
+    to learn its parameter and result types, then Parse/Bind/Execute again, since the next
+    transaction may land on another server session.  The types never change for a given text on a
+    given connection, so this keeps asyncpg's description of each statement per connection
+    (unnamed, so it is parsed again on every execution, wherever it lands) and runs each later
+    execution as one Parse/Bind/Execute/Sync: one round trip, as with a named statement.
+
+    It uses asyncpg internals (``Connection._get_statement`` and ``Protocol.bind_execute``, what
+    ``Connection.fetch`` itself calls); if those are missing, statements take the public path.
+    """
+
+    AVAILABLE = hasattr(asyncpg.Connection, "_get_statement")
+
+    def __init__(self) -> None:
+        # Per raw connection (a replaced connection drops its entry): statement text → description.
+        self._states: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+    async def run(
+        self, conn: Any, query: str, args: tuple[Any, ...], timeout_s: float | None
+    ) -> tuple[list[asyncpg.Record], str]:
+        """Rows and command status of ``query`` on ``conn`` (a pool's connection)."""
+        raw = getattr(conn, "_con", None) or conn
+        states = self._states.setdefault(raw, {})
+        state = states.get(query)
+        if state is None or state.closed:
+            # The first time: asyncpg's own Parse/Describe (and type introspection if needed).
+            # Unnamed with the cache off, so it stays "unprepared": re-parsed at each execution.
+            state = await raw._get_statement(query, timeout_s, use_cache=False)
+            states[query] = state
+        try:
+            rows, status, _ = await raw._protocol.bind_execute(state, args, "", 0, True, timeout_s)
+        except (pg_errors.OutdatedSchemaCacheError, pg_errors.InvalidCachedStatementError):
+            # The statement's result changed shape (a migration): describe it afresh next time.
+            states.pop(query, None)
+            raise
+        return rows, (status.decode() if isinstance(status, bytes) else str(status or ""))
+
+
 def _rowcount(status: str) -> int:
     """Rows affected, from a command status such as ``UPDATE 3`` (0 when it carries no count)."""
     try:
@@ -184,6 +227,8 @@ class Connector:
             self._server_settings["application_name"] = application_name
         self._conns: asyncpg.Pool | None = None
         self._owned = True
+        # Behind a pooler (no statement cache): one round trip per statement (see _OneTrip).
+        self._one = _OneTrip() if statement_cache_size == 0 and _OneTrip.AVAILABLE else None
 
     @classmethod
     def from_settings(
@@ -263,20 +308,37 @@ class Connector:
                     await self._conns.expire_connections()
             raise
 
+    async def _one_trip(
+        self, name: str, args: tuple[Any, ...], timeout_s: float | None
+    ) -> tuple[list[asyncpg.Record], str]:
+        assert self._one is not None
+        async with self._guard(), self._pool.acquire() as conn:
+            return await self._one.run(conn, sql(name), args, timeout_s)
+
     async def execute(self, name: str, *args: Any, timeout_s: float | None = None) -> int:
         """Run statement ``name``; returns how many rows it affected."""
+        if self._one is not None:
+            return _rowcount((await self._one_trip(name, args, timeout_s))[1])
         async with self._guard():
             return _rowcount(await self._pool.execute(sql(name), *args, timeout=timeout_s))
 
     async def fetch(self, name: str, *args: Any, timeout_s: float | None = None) -> list[asyncpg.Record]:
+        if self._one is not None:
+            return (await self._one_trip(name, args, timeout_s))[0]
         async with self._guard():
             return await self._pool.fetch(sql(name), *args, timeout=timeout_s)
 
     async def fetchrow(self, name: str, *args: Any, timeout_s: float | None = None) -> asyncpg.Record | None:
+        if self._one is not None:
+            rows = (await self._one_trip(name, args, timeout_s))[0]
+            return rows[0] if rows else None
         async with self._guard():
             return await self._pool.fetchrow(sql(name), *args, timeout=timeout_s)
 
     async def fetchval(self, name: str, *args: Any, timeout_s: float | None = None) -> Any:
+        if self._one is not None:
+            rows = (await self._one_trip(name, args, timeout_s))[0]
+            return rows[0][0] if rows else None
         async with self._guard():
             return await self._pool.fetchval(sql(name), *args, timeout=timeout_s)
 
