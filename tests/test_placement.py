@@ -139,6 +139,44 @@ def test_recovery_moves_back_without_cutting_running_tasks() -> None:
     assert p3.targets == {SPOT: 2, ONDEMAND: 1, A100: 0} and p3.why[SPOT] == "preferred"
 
 
+def test_under_a_steady_backlog_a_busy_fallback_replica_makes_room_for_the_probe() -> None:
+    # Issue 13's flaky end-to-end test: every fallback replica is busy at every tick (each claims
+    # its next task the moment it finishes one), so no idle one ever frees a place.  Without
+    # room, the recovered spot deployment got no probe until the backlog was over.
+    r = rules()
+    cooled = place(
+        r,
+        {**empty(ONDEMAND, A100), SPOT: dep(SPOT, target=2, status="quota_reached")},
+        2,
+        PlacementState(),
+        0.0,
+    )
+    fb = dep(ONDEMAND, rep("o1", busy=True), rep("o2", busy=True))
+    still = place(r, {SPOT: dep(SPOT), ONDEMAND: fb, A100: dep(A100)}, 2, cooled.state, 299.0)
+    assert still.targets == {SPOT: 0, ONDEMAND: 2, A100: 0}  # cooling off: nothing moves
+    p = place(r, {SPOT: dep(SPOT), ONDEMAND: fb, A100: dep(A100)}, 2, cooled.state, 301.0)
+    assert p.targets == {SPOT: 1, ONDEMAND: 1, A100: 0}  # the probe, in a busy replica's place
+    assert p.why[ONDEMAND] == f"one busy replica makes room for {SPOT}"
+    # The probe starts; the other fallback replica still runs a task: it is not cut.
+    spot = dep(SPOT, rep("s1", registered=False, at=301.0, status="starting"))
+    fb1 = dep(ONDEMAND, rep("o2", busy=True))
+    p2 = place(r, {SPOT: spot, ONDEMAND: fb1, A100: dep(A100)}, 2, p.state, 305.0)
+    assert p2.targets == {SPOT: 1, ONDEMAND: 1, A100: 0}
+    assert p2.vanished == {}  # o1 was removed by the controller, not preempted
+    # Registered, not yet busy: it stays (home's count is not its busy replicas).
+    p3 = place(r, {SPOT: dep(SPOT, rep("s1", at=301.0)), ONDEMAND: fb1, A100: dep(A100)}, 2, p2.state, 310.0)
+    assert p3.targets == {SPOT: 1, ONDEMAND: 1, A100: 0} and p3.why[SPOT] == "preferred"
+    # Fewer wanted than the busy fallback replicas: nothing busy is cut to make room.
+    p4 = place(r, {SPOT: dep(SPOT), ONDEMAND: fb, A100: dep(A100)}, 1, cooled.state, 301.0)
+    assert p4.targets[ONDEMAND] == 2
+    # After the probe: one wanted, the spot replica idle, the fallback's busy: the idle one goes
+    # (only a probe takes a busy replica's place; nothing flaps back and forth).
+    p5 = place(r, {SPOT: dep(SPOT, rep("s1", at=301.0)), ONDEMAND: fb1, A100: dep(A100)}, 1, p3.state, 320.0)
+    assert p5.targets == {SPOT: 0, ONDEMAND: 1, A100: 0}
+    p6 = place(r, {SPOT: dep(SPOT), ONDEMAND: fb1, A100: dep(A100)}, 1, p5.state, 321.0)
+    assert p6.targets == {SPOT: 0, ONDEMAND: 1, A100: 0}
+
+
 def test_a_cooling_preferred_deployment_keeps_its_working_replicas() -> None:
     r = rules()
     spot = dep(SPOT, rep("s1", busy=True), rep("s2"), target=3, status="quota_reached")
@@ -289,7 +327,12 @@ def scenarios(draw: st.DrawFn) -> tuple[dict[str, DeploymentObs | None], int, Pl
             name, *reps, target=target, status=draw(st.sampled_from(["healthy", "quota_reached"]))
         )
     cool = {
-        name: {"failures": 1, "cool_until": draw(st.floats(0, 2000)), "last_failure": "quota_reached"}
+        name: {
+            "failures": 1,
+            "cool_until": draw(st.floats(0, 2000)),
+            "last_failure": "quota_reached",
+            "probing": draw(st.booleans()),
+        }
         for name in _NAMES
         if draw(st.booleans())
     }
@@ -311,11 +354,18 @@ def test_placement_properties(
     assert set(p.targets) == set(known)
     if not known:
         return
-    # Never below what runs tasks: busy replicas are never cut.
+    # Never below what runs tasks: busy replicas are never cut, but for one of a less preferred
+    # deployment that makes room for home's probe when busy ones fill the count.
+    cut = {}
     for name in known:
         o = obs[name]
         assert o is not None
-        assert p.targets[name] >= min(o.target, o.busy), (name, p)
+        cut[name] = max(0, min(o.target, o.busy) - p.targets[name])
+    if sum(cut.values()):
+        assert sum(cut.values()) == 1 and p.targets[p.home] == 1, (cut, p)
+        assert p.state.get(p.home).probing and not p.state.get(p.home).cooling(now)
+        (name,) = [n for n, c in cut.items() if c]
+        assert known.index(name) > known.index(p.home), (cut, p)
     # The pool gets exactly what the policy asked for (never less, no extra).
     assert sum(p.targets.values()) == desired
     # New replicas only go home; home is not cooling off unless every observed one is.

@@ -24,7 +24,13 @@ Rules:
   registered replicas (they work, and they are the cheaper ones); a deployment less preferred
   than home keeps only its *busy* replicas: its idle ones go first, the busy ones follow as their
   tasks finish, and home takes the rest of the pool's count.  That is how replicas move back to
-  the preferred deployment once it recovers.
+  the preferred deployment once it recovers.  One exception, the probe: when busy replicas of
+  less preferred deployments fill the whole count (a steady backlog: a worker claims its next
+  task the moment it finishes one, so none is ever idle at a tick), the least preferred of them
+  makes room for it (its worker drains: the task finishes within the drain grace or goes back to
+  the queue without spending an attempt); otherwise the recovered deployment would get no probe
+  until the backlog is over.  Under full load, each probe that fails costs that one replica's
+  place for a cold start; the growing cool-off bounds how often.
 * **Preemption.**  Replica ids seen last tick that are gone now, beyond the ones the controller
   itself removed (scale-downs, replacements, replicas already ``stopping``), *vanished*; the
   caller hands their tasks back to the queue without spending an attempt when the deployment is
@@ -292,6 +298,27 @@ def place(
             keep[opt.name] -= cut
             kept -= cut
     home_target = max(home_floor, desired - kept)
+    if (
+        home_obs is not None
+        and mems[home].probing
+        and not mems[home].cooling(now)
+        and home_target == 0
+        and 0 < desired == kept  # the count is full, not shrinking
+    ):
+        # Busy replicas of less preferred deployments fill the pool's count.  Under a steady
+        # backlog none of them is ever idle at a tick (a worker claims its next task the moment
+        # it finishes one), so "idle ones go first" frees no place: the recovered deployment
+        # would get no probe until the backlog is over, when there is nothing left for it to
+        # run, and the pool would stay on the fallback all the while.  So the least preferred
+        # busy replica makes room for the probe: its worker drains on the scale-down (it
+        # finishes its task within the drain grace, or hands it back without spending an
+        # attempt).  Only for the probe: once it registers, the others go as their tasks end.
+        for opt in reversed(options[home_rank + 1 :]):
+            if keep.get(opt.name, 0) > 0:
+                keep[opt.name] -= 1
+                home_target = 1
+                why[opt.name] = f"one busy replica makes room for {home}"
+                break
     if home_obs is not None and mems[home].probing and not mems[home].cooling(now):
         # Probing a deployment that failed: one new replica at a time; the next deployment keeps
         # the replicas it has (idle ones too) until the probe registers, so a deployment still
