@@ -100,6 +100,18 @@ def test_a_long_quiet_spell_forgets_the_failures() -> None:
     assert later.state.get(SPOT).failures == 0
 
 
+def test_a_failure_right_after_the_longest_cooloff_keeps_it_longest() -> None:
+    # The quiet spell counts from the end of the cool-off, not from the failure: a cool-off at
+    # the maximum (1200 s here) is not itself a quiet spell that starts the cool-offs afresh.
+    r = rules()
+    sold_out = {**empty(ONDEMAND, A100), SPOT: dep(SPOT, target=1, status="quota_reached")}
+    state, now = PlacementState(), 0.0
+    for n, cool in ((1, 300), (2, 600), (3, 1200), (4, 1200)):
+        p = place(r, sold_out, 1, state, now)
+        assert p.state.get(SPOT).failures == n and p.state.get(SPOT).cool_until == now + cool
+        state, now = p.state, now + cool + 1
+
+
 def test_startup_timeout_cools_the_deployment_off() -> None:
     r = rules()
     obs = {**empty(ONDEMAND, A100), SPOT: dep(SPOT, rep("s1", registered=False, at=0.0, status="starting"))}

@@ -16,7 +16,8 @@ Rules:
   reported failed), or when ``preemption_limit`` of its replicas vanish (spot preemption: no
   notice, the replica is just gone from the list) within ``preemption_window``.  It is then
   skipped for ``fallback_cooloff`` × 2^(failures-1), at most ``max_fallback_cooloff``; the
-  failure count is forgotten after ``max_fallback_cooloff`` without a failure.
+  failure count is forgotten after ``max_fallback_cooloff`` without a failure once the cool-off
+  is over.
 * **Probe before moving back.**  When a cool-off ends, the deployment that failed takes one new
   replica at a time until one registers; the next deployment keeps the replicas it has (idle ones
   too) meanwhile, so a deployment still short of capacity costs no dip and no extra cold start.
@@ -190,10 +191,14 @@ def place(
     for opt in options:
         mem = state.get(opt.name)
         obs = observed.get(opt.name)
+        quiet_since = mem.cool_until if mem.cool_until is not None else mem.last_failure_at
         if (
             mem.failures
-            and mem.last_failure_at is not None
-            and now - mem.last_failure_at >= rules.max_fallback_cooloff_s
+            and quiet_since is not None
+            # Counted from the end of the cool-off: counted from the failure, a cool-off at the
+            # maximum was itself the "quiet spell", and the next failure started again at the
+            # shortest one (5, 10, 20, 40, 60, 5, 10 … minutes instead of staying at 60).
+            and now - quiet_since >= rules.max_fallback_cooloff_s
             and not mem.cooling(now)
         ):
             mem = replace(mem, failures=0)  # a long quiet spell: start the cool-offs afresh
