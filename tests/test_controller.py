@@ -687,5 +687,33 @@ def test_tasks_on_a_draining_replica_need_no_replica() -> None:
     idle = Fleet(provider_replicas=2, registered=2, idle=1, busy=1, draining=frozenset({"told-to-stop"}))
     kept = observe_pool("visual", work, idle, ctx)
     assert kept.running == 2 and kept.running_work_s == pytest.approx(60.0)
-    decision = decide(config.pools["visual"], kept, PoolState(), 100.0)
-    assert decision.desired == 2, decision
+    eager = pools_config(scale_down_delay=0).pools["visual"]
+    assert decide(eager, kept, PoolState(), 100.0).desired == 2
+    assert (
+        decide(
+            eager,
+            observe_pool("visual", WorkRead({"visual": PoolQueue({}, {})}), idle, ctx),
+            PoolState(),
+            100.0,
+        ).desired
+        == 1
+    )
+
+
+def test_an_idle_replica_with_claimable_work_is_busy_claiming() -> None:
+    """A worker that has just registered takes a moment to claim: while its pool has claimable
+    tasks it is not surplus (the simulator's replicas claim in the same instant)."""
+    from gpuscale.controller.observe import Context, Fleet, PoolQueue, RunningTask, WorkRead, observe_pool
+    from gpuscale.controller.policy import PoolState, decide
+
+    eager = pools_config(scale_down_delay=0)
+    ctx = Context(rules=eager.pools, expected=lambda _t: 60.0)
+    running = [RunningTask("visual", "visual_analysis", 5.0, 0.5, "a")]
+    fleet = Fleet(provider_replicas=3, registered=3, idle=2, busy=1)
+    queued = WorkRead({"visual": PoolQueue({"normal": 1}, {"visual_analysis": 1})}, running=running)
+    obs = observe_pool("visual", queued, fleet, ctx)
+    assert (obs.idle_replicas, obs.busy_replicas) == (1, 2)
+    assert decide(eager.pools["visual"], obs, PoolState(), 100.0).desired == 2
+    empty = observe_pool("visual", WorkRead({"visual": PoolQueue({}, {})}, running=running), fleet, ctx)
+    assert (empty.idle_replicas, empty.busy_replicas) == (2, 1)
+    assert decide(eager.pools["visual"], empty, PoolState(), 100.0).desired == 1

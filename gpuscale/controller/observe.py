@@ -22,6 +22,7 @@ What a reader supplies:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -234,6 +235,16 @@ def observe_pool(name: str, work: WorkRead | None, fleet: Fleet, ctx: Context) -
         kept = returning[: fleet.idle]
         running = running + kept
         running_work += sum(remaining_s(est(t.task_type), t.elapsed_s, t.progress) for t in kept)
+    # An idle worker while its pool has claimable tasks is about to claim them (a replica that
+    # has just registered takes a moment to): it is busy, not surplus.  Stopping it for being idle
+    # would stop a replica the queue needs, or, with a provider that picks the replica (the
+    # emulator, DataCrunch), a busy one.  The simulator's replicas claim in the same instant.
+    idle, busy = fleet.idle, fleet.busy
+    claimable = sum(queued.values())
+    if idle and busy is not None and claimable:
+        rules = ctx.rules.get(name)
+        claiming = min(idle, math.ceil(claimable / (rules.tasks_per_replica if rules is not None else 1)))
+        idle, busy = idle - claiming, busy + claiming
     etas = work.blocked_etas(ctx) if work.blocked else []
     # About to arrive: blocked tasks of this pool whose chain upstream is under way.  Those that
     # wait only for this pool's own work are taken by the replicas that work frees
@@ -275,8 +286,8 @@ def observe_pool(name: str, work: WorkRead | None, fleet: Fleet, ctx: Context) -
         provider_replicas=fleet.provider_replicas,
         registered=fleet.registered,
         starting=fleet.starting,
-        idle_replicas=fleet.idle,
-        busy_replicas=fleet.busy,
+        idle_replicas=idle,
+        busy_replicas=busy,
         queued_work_s=queued_work,
         running_work_s=running_work,
         blocked_on_running=blocked_n,
