@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from gpuscale.controller.policy import BudgetView, PoolObservation
 from gpuscale.controller.pools import PoolRules
@@ -47,6 +48,24 @@ class RunningTask:
     progress: float | None = None
     server: str | None = None
     deck_age_s: float | None = None  # since its deck (task graph) was submitted
+
+
+class Running(Protocol):
+    """What the observation reads of a running task: a :class:`RunningTask`, or a row the
+    controller read from the queue as it is (no copy per running task and tick)."""
+
+    @property
+    def pool(self) -> str: ...
+    @property
+    def task_type(self) -> str: ...
+    @property
+    def elapsed_s(self) -> float: ...
+    @property
+    def progress(self) -> float | None: ...
+    @property
+    def server(self) -> str | None: ...
+    @property
+    def deck_age_s(self) -> float | None: ...
 
 
 @dataclass(frozen=True)
@@ -90,20 +109,20 @@ class WorkRead:
     """What was read of the queue this tick (all pools)."""
 
     pools: Mapping[str, PoolQueue]
-    running: Sequence[RunningTask] = ()
+    running: Sequence[Running] = ()
     blocked: Sequence[BlockedTask] = ()
     # chain_etas of ``blocked``, worked out once for all the pools observed on this read.
     _etas: list[list[float | None]] = field(default_factory=list, compare=False, repr=False)
     # ``running`` by pool, built on first use: each pool's observation looks at its own tasks
     # instead of every running task of the fleet (pools × running tasks per tick otherwise).
-    _by_pool: dict[str, list[RunningTask]] = field(default_factory=dict, compare=False, repr=False)
+    _by_pool: dict[str, list[Running]] = field(default_factory=dict, compare=False, repr=False)
 
     def blocked_etas(self, ctx: Context) -> list[float | None]:
         if not self._etas:
             self._etas.append(chain_etas(self.blocked, ctx, self.server_load()))
         return self._etas[0]
 
-    def running_of(self, pool: str) -> Sequence[RunningTask]:
+    def running_of(self, pool: str) -> Sequence[Running]:
         if not self._by_pool and self.running:
             for t in self.running:
                 self._by_pool.setdefault(t.pool, []).append(t)

@@ -24,7 +24,6 @@ from gpuscale.controller.observe import (
     Context,
     Fleet,
     PoolQueue,
-    RunningTask,
     Upstream,
     WorkRead,
     budget_view,
@@ -49,6 +48,10 @@ log = logging.getLogger("gpuscale.controller")
 
 # Where the learned durations live in a pool's saved state (next to the policy's memory).
 _EXPECTED_KEY = "expected_s"
+
+# A learned duration that moved less than this (relative) since it was saved is not worth a
+# write: in a busy fleet every tick refines them a little, which made every tick write every pool.
+LEARNED_SAVE_TOLERANCE = 0.05
 
 # Decisions that keep the count but are still worth a line in the timeline.
 _NOTEWORTHY_HOLDS = {"hold_unknown", "startup_timeout", "startup_backoff", "budget_cap"}
@@ -93,6 +96,9 @@ class Observed:
     errors: list[str] = field(default_factory=list)
     detail: WorkDetail | None = None
     at: float = field(default_factory=time.monotonic)  # when it was read, to skip stale ones
+    # Per pool, its deployments as the provider reported them, read side by side with the
+    # database (or the error that read raised); taken by the pool's reconcile, read anew if absent.
+    providers: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     # Derived once per observation, not once per pool: with hundreds of servers and running
     # tasks, redoing these for each of tens of pools made a tick grow with pools × fleet.
     _by_pool: dict[str, list[ServerInfo]] | None = field(default=None, init=False, repr=False, compare=False)
@@ -123,6 +129,24 @@ class Observed:
         if self._work is None:
             self._work = (work_read(self.stats, self.detail),)
         return self._work[0]
+
+
+def _state_moved(saved: tuple[Any, ...] | None, now: tuple[Any, ...]) -> bool:
+    """Whether a pool's (policy state, placement memory, learned durations) differs from what was
+    last saved enough to write it again: any change of the state or the placement, a learned
+    duration new, gone, or moved by more than ``LEARNED_SAVE_TOLERANCE``."""
+    if saved is None or saved[:2] != now[:2]:
+        return True
+    old, new = saved[2], now[2]
+    if old.keys() != new.keys():
+        return True
+    for t, v in new.items():
+        w = old[t]
+        if (v is None) != (w is None):
+            return True
+        if v is not None and w is not None and abs(v - w) > LEARNED_SAVE_TOLERANCE * max(abs(w), 1e-9):
+            return True
+    return False
 
 
 def merge_states(states: Sequence[ProviderState]) -> ProviderState:
@@ -212,10 +236,7 @@ def work_read(stats: Mapping[str, PoolStats] | None, detail: WorkDetail | None) 
             oldest_queued_age_s=s.oldest_queued_age_s if s is not None else None,
             oldest_deck_age_s=detail.oldest_deck_age_s.get(name),
         )
-    running = [
-        RunningTask(r.pool, r.task_type, r.elapsed_s, r.progress, r.server, r.deck_age_s)
-        for r in detail.running
-    ]
+    running = detail.running  # the queue's rows as they are: they carry what observe_pool reads
     blocked = [
         BlockedTask(
             b.pool,
@@ -387,14 +408,23 @@ class Reconciler:
                 held = await self.queue.running_by_server()
             except Exception as exc:
                 return None, [f"servers: {type(exc).__name__}"]
-        # New objects: the cached list is shared by every observation.
+        # The cached objects as they are for idle servers (nothing writes to them), new ones for
+        # those that hold tasks: the cached list is shared by every observation.
         load = held.get
         return [
-            ServerInfo(
-                s.id, s.pool, s.container_id, s.status, current_load=load(s.id, 0), started_at=s.started_at
-            )
+            s
+            if (n := load(s.id, 0)) == s.current_load
+            else ServerInfo(s.id, s.pool, s.container_id, s.status, current_load=n, started_at=s.started_at)
             for s in servers
         ], []
+
+    async def _observe_providers(self, names: Sequence[str]) -> dict[str, Any]:
+        """:meth:`_observe_provider` of each of ``names``, side by side; a pool's entry is the
+        exception when its read raised (the fence refused it)."""
+        results = await asyncio.gather(
+            *(self._observe_provider(self.config.pools[n]) for n in names), return_exceptions=True
+        )
+        return dict(zip(names, results, strict=True))
 
     async def _observe_provider(
         self, rules: PoolRules
@@ -465,7 +495,10 @@ class Reconciler:
         self, names: Sequence[str], budget_spend: Mapping[str, float] | None = None
     ) -> dict[str, Decision]:
         """One observation, then each of ``names`` (the fast path passes the pools notified)."""
-        observed = await self.observe()
+        # The provider's deployments are read side by side with the database (their fence check
+        # on the lease's connection, their calls over HTTP), not after it, pool by pool.
+        observed, provided = await asyncio.gather(self.observe(), self._observe_providers(names))
+        observed.providers.update(provided)
         results = await asyncio.gather(
             *(self.reconcile_pool(n, observed, budget_spend) for n in names), return_exceptions=True
         )
@@ -510,7 +543,10 @@ class Reconciler:
         now = self.clock()
         view = self.views[name]
         errors = list(observed.errors)
-        provider_state, per_deployment, perr = await self._observe_provider(rules)
+        read = observed.providers.pop(name, None)
+        if isinstance(read, BaseException):
+            raise read  # NotLeader: the fence refused the read
+        provider_state, per_deployment, perr = read or await self._observe_provider(rules)
         if perr:
             errors.append(perr)
         stats = observed.stats.get(name) if observed.stats is not None else None
@@ -553,7 +589,7 @@ class Reconciler:
             # Compared on the frozen state objects: building the saved form costs more than that.
             learned = self.estimator.snapshot()
             source = (decision.state, self.placements[name], {t: learned.get(t) for t in rules.task_types})
-            if source != self._last_saved.get(name) and self._leading():
+            if _state_moved(self._last_saved.get(name), source) and self._leading():
                 try:
                     await self._save_state(name, self._saved_state(rules, decision.state))
                     self._last_saved[name] = source
