@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from gpuscale.db.pgbouncer import find_pgbouncer
+from gpuscale.dev.fleetbench import PROBE_POOLS
 
 
 def _bench(*args: str) -> dict[str, object]:
@@ -46,7 +47,10 @@ def _check(result: dict[str, object]) -> None:
     assert isinstance(result["tasks_done"], int) and result["tasks_done"] > 0
     assert isinstance(result["peak_connections"], int) and result["peak_connections"] > 0
     probes = result["critical_to_provider_ms"]
-    assert isinstance(probes, list) and len(probes) == 3 and all(p < 10_000 for p in probes)
+    assert isinstance(probes, list) and len(probes) == PROBE_POOLS and all(p < 10_000 for p in probes)
+    assert result["critical_to_provider_max_ms"] == max(probes)
+    assert isinstance(result["critical_to_provider_p50_ms"], float)
+    assert min(probes) <= result["critical_to_provider_p50_ms"] <= max(probes)
 
 
 def test_bench_fleet_direct() -> None:
