@@ -307,13 +307,15 @@ RETURNING id
 -- running: every running task with how long it has run, its progress and its deck's age;
 -- blocked: blocked tasks (with their deck's age) and each of their unfinished dependencies (by
 --   id: the observation follows chains of blocked tasks to their ETA).
+-- Without $1 only the counts (counts, backoff, blocked_ready, ages): the rest is NULL and not read
+-- (a scalar subquery in a CASE branch not taken never runs).
 SELECT
   (SELECT coalesce(json_agg(c), '[]') FROM (
       SELECT pool, status::text AS status, priority::text AS priority, sum(n)::bigint AS n
         FROM processing_queue_counts GROUP BY 1, 2, 3 HAVING sum(n) <> 0) c) AS counts,
-  (SELECT coalesce(json_agg(c), '[]') FROM (
-      SELECT pool, task_type, sum(n)::bigint AS n FROM processing_queue_type_counts
-       GROUP BY 1, 2 HAVING sum(n) <> 0) c) AS by_type,
+  CASE WHEN $1::boolean THEN (SELECT coalesce(json_agg(c), '[]') FROM (
+        SELECT pool, task_type, sum(n)::bigint AS n FROM processing_queue_type_counts
+         GROUP BY 1, 2 HAVING sum(n) <> 0) c) END AS by_type,
   (SELECT coalesce(json_agg(b), '[]') FROM (
       SELECT pool, priority::text AS priority, task_type, count(*) AS n FROM processing_queue
        WHERE status = 'queued' AND not_before IS NOT NULL AND not_before > now()
@@ -335,32 +337,32 @@ SELECT
              AND (q.not_before IS NULL OR q.not_before <= now())
            ORDER BY q.priority DESC, q.id LIMIT 1) x
        GROUP BY p.pool) a) AS ages,
-  (SELECT coalesce(json_agg(a), '[]') FROM (
-      SELECT p.pool, extract(epoch FROM now() - min(x.created_at))::float8 AS age
-        FROM (SELECT DISTINCT pool FROM processing_queue_type_counts) p
-       CROSS JOIN unnest(enum_range(NULL::gpuscale_priority)) AS pr(priority)
-       CROSS JOIN LATERAL (
-          SELECT q.created_at FROM processing_queue q
-           WHERE q.pool = p.pool AND q.status = 'queued' AND q.priority = pr.priority
-           ORDER BY q.priority DESC, q.created_at LIMIT 1) x
-       GROUP BY p.pool) a) AS decks,
-  (SELECT coalesce(json_agg(r), '[]') FROM (
-      SELECT id, pool, task_type, lease_owner, progress,
-             extract(epoch FROM now() - started_at)::float8 AS elapsed_s,
-             extract(epoch FROM now() - created_at)::float8 AS deck_age_s
-        FROM processing_queue WHERE status = 'running') r) AS running,
-  (SELECT coalesce(json_agg(b), '[]') FROM (
-      SELECT t.id, t.pool, t.task_type,
-             extract(epoch FROM now() - t.created_at)::float8 AS deck_age_s,
-             p.id AS dep_id, p.pool AS dep_pool, p.task_type AS dep_type,
-             p.status::text AS dep_status, p.lease_owner AS dep_server,
-             p.progress AS dep_progress,
-             extract(epoch FROM now() - p.started_at)::float8 AS dep_elapsed_s
-        FROM processing_queue t
-        JOIN processing_task_deps d ON d.task_id = t.id
-        JOIN processing_queue p ON p.id = d.depends_on
-       WHERE t.status = 'blocked' AND p.status IN ('blocked', 'queued', 'running')
-       ORDER BY t.id, p.id) b) AS blocked
+  CASE WHEN $1 THEN (SELECT coalesce(json_agg(a), '[]') FROM (
+        SELECT p.pool, extract(epoch FROM now() - min(x.created_at))::float8 AS age
+          FROM (SELECT DISTINCT pool FROM processing_queue_type_counts) p
+         CROSS JOIN unnest(enum_range(NULL::gpuscale_priority)) AS pr(priority)
+         CROSS JOIN LATERAL (
+            SELECT q.created_at FROM processing_queue q
+             WHERE q.pool = p.pool AND q.status = 'queued' AND q.priority = pr.priority
+             ORDER BY q.priority DESC, q.created_at LIMIT 1) x
+         GROUP BY p.pool) a) END AS decks,
+  CASE WHEN $1 THEN (SELECT coalesce(json_agg(r), '[]') FROM (
+        SELECT id, pool, task_type, lease_owner, progress,
+               extract(epoch FROM now() - started_at)::float8 AS elapsed_s,
+               extract(epoch FROM now() - created_at)::float8 AS deck_age_s
+          FROM processing_queue WHERE status = 'running') r) END AS running,
+  CASE WHEN $1 THEN (SELECT coalesce(json_agg(b), '[]') FROM (
+        SELECT t.id, t.pool, t.task_type,
+               extract(epoch FROM now() - t.created_at)::float8 AS deck_age_s,
+               p.id AS dep_id, p.pool AS dep_pool, p.task_type AS dep_type,
+               p.status::text AS dep_status, p.lease_owner AS dep_server,
+               p.progress AS dep_progress,
+               extract(epoch FROM now() - p.started_at)::float8 AS dep_elapsed_s
+          FROM processing_queue t
+          JOIN processing_task_deps d ON d.task_id = t.id
+          JOIN processing_queue p ON p.id = d.depends_on
+         WHERE t.status = 'blocked' AND p.status IN ('blocked', 'queued', 'running')
+         ORDER BY t.id, p.id) b) END AS blocked
 
 -- name: tasks_for_document
 SELECT id, task_type, pool, status::text, progress, error FROM processing_queue

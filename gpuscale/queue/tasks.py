@@ -534,7 +534,7 @@ class Queue:
     async def snapshot(self) -> tuple[dict[str, PoolStats], WorkDetail]:
         """:meth:`stats` and :meth:`work_detail` from one statement: one round trip and one
         snapshot of the queue (the controller reads both every tick)."""
-        row = await self.db.fetchrow("queue_snapshot")
+        row = await self.db.fetchrow("queue_snapshot", True)
         assert row is not None
         return _stats_of(row), _work_detail_of(row)
 
@@ -608,7 +608,9 @@ class Queue:
 
     async def stats(self) -> dict[str, PoolStats]:
         """Per-pool counts from the counters table (cost independent of the table's size)."""
-        return (await self.snapshot())[0]
+        row = await self.db.fetchrow("queue_snapshot", False)  # the counts alone
+        assert row is not None
+        return _stats_of(row)
 
     async def depth(self, pool: str, cap: int) -> int:
         """Claimable tasks in ``pool``, at most ``cap``: counters minus tasks in retry backoff."""
