@@ -34,13 +34,17 @@ def store(tmp_path: Path) -> DocumentStore:
 def test_page_batches() -> None:
     assert page_batches(1, 8) == [(1, 1)]
     assert page_batches(8, 8) == [(1, 8)]
-    assert page_batches(19, 8) == [(1, 8), (9, 16), (17, 19)]
+    # As few batches as needed, as even as possible: no short last batch paying a cold start.
+    assert page_batches(19, 8) == [(1, 7), (8, 13), (14, 19)]
+    assert page_batches(28, 10) == [(1, 10), (11, 19), (20, 28)]
+    assert page_batches(30, 10) == [(1, 10), (11, 20), (21, 30)]
+    assert page_batches(31, 10) == [(1, 8), (9, 16), (17, 24), (25, 31)]
 
 
 async def test_graph_shape(db: asyncpg.Pool, tmp_path: Path, store: DocumentStore) -> None:
     q = Queue(db)
     pdf = make_pdf(tmp_path / "deck.pdf", 19)
-    sub = await submit_deck(q, pdf, store=store, priority="high")
+    sub = await submit_deck(q, pdf, store=store, priority="high", batch_pages=8)
     assert sub.pages == 19 and sub.document == f"{hashlib.sha256(pdf.read_bytes()).hexdigest()}.pdf"
     assert store.resolve(sub.document).read_bytes() == pdf.read_bytes()
     ids = sub.task_ids
@@ -73,11 +77,11 @@ async def test_graph_shape(db: asyncpg.Pool, tmp_path: Path, store: DocumentStor
     for r in rows.values():
         assert r["document_id"] == sub.document_id and r["priority"] == "high"
     firsts = [rows[b]["payload"]["first_page"] for b in batches]
-    assert sorted(int(str(f)) for f in firsts) == [1, 9, 17]
+    assert sorted(int(str(f)) for f in firsts) == [1, 8, 14]
     last = await q.get_task(batches[-1])
     assert last is not None and last["payload"] == {
         "document": sub.document,
-        "first_page": 17,
+        "first_page": 14,
         "last_page": 19,
     }
     assert last["status"] == "queued" and last["pool"] == "visual"
@@ -115,6 +119,9 @@ async def test_graph_shape(db: asyncpg.Pool, tmp_path: Path, store: DocumentStor
 async def test_batch_pages_option(db: asyncpg.Pool, tmp_path: Path, store: DocumentStore) -> None:
     sub = await submit_deck(Queue(db), make_pdf(tmp_path / "d.pdf", 5), store=store, batch_pages=2)
     assert len(sub.task_ids["visual_analysis"]) == 3
+    # The default: at most 10 pages a batch (a 19-page deck is two batches of 10 and 9).
+    sub = await submit_deck(Queue(db), make_pdf(tmp_path / "e.pdf", 19), store=store)
+    assert len(sub.task_ids["visual_analysis"]) == 2
 
 
 async def test_resubmission_reuses_the_stored_copy(

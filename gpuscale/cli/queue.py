@@ -95,7 +95,10 @@ def submit_deck(
         help="The pitch deck: a local PDF (copied into the document root) or an http(s) URL.",
     ),
     batch_pages: int | None = typer.Option(
-        None, "--batch-pages", min=1, help="Pages per visual_analysis task."
+        None,
+        "--batch-pages",
+        min=1,
+        help="Pages per visual_analysis task at most (default: GPUSCALE_DECK_BATCH_PAGES).",
     ),
     priority: str = typer.Option("normal", "--priority", help="normal, high or critical."),
     as_json: bool = typer.Option(False, "--json", help="Print the submission as JSON."),

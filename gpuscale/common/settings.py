@@ -121,7 +121,7 @@ class Settings(DatabaseAccess):
     # Queue limits.
     max_payload_bytes: int = 256 * 1024
     lease_seconds: float = 60.0
-    deck_batch_pages: int = 8
+    deck_batch_pages: int = 10  # pages per visual_analysis task at most (queue/deck.py)
     # A deck with more pages than this is refused at submission (each page batch is a GPU task);
     # named like the worker's GPUSCALE_MAX_PDF_BYTES.
     max_pdf_pages: int = Field(default=300, ge=1)

@@ -199,9 +199,29 @@ def _store_local(
         raise DeckError(f"cannot store the document under {store.root}: {exc.strerror or exc}") from None
 
 
+# Pages per visual_analysis task at most (GPUSCALE_DECK_BATCH_PAGES): ~10 × 25 s of GPU, so a
+# 30-page deck is three batches, each with its own replica (issue 12: 8 left a short fourth
+# batch on ~half the decks, one more cold start for a few pages).
+DEFAULT_BATCH_PAGES = 10
+
+
 def page_batches(pages: int, batch_pages: int) -> list[tuple[int, int]]:
-    """1-based inclusive page ranges of at most ``batch_pages`` pages."""
-    return [(first, min(first + batch_pages - 1, pages)) for first in range(1, pages + 1, batch_pages)]
+    """1-based inclusive page ranges: as few batches of at most ``batch_pages`` pages as the deck
+    needs, as even as possible (28 pages at 10: 10, 9, 9 — not 10, 10, 8).  Each batch is one
+    GPU task, usually on a replica of its own that pays a cold start; the deck's visual stage
+    ends with its longest batch, so a short last batch would cost a cold start for little work
+    and even batches end the stage soonest (issue 12)."""
+    if pages <= 0:
+        return []
+    count = -(-pages // batch_pages)
+    base, extra = divmod(pages, count)
+    out: list[tuple[int, int]] = []
+    first = 1
+    for i in range(count):
+        size = base + (1 if i < extra else 0)
+        out.append((first, first + size - 1))
+        first += size
+    return out
 
 
 async def submit_deck(
@@ -209,7 +229,7 @@ async def submit_deck(
     pdf: Path | str,
     *,
     store: DocumentStore,
-    batch_pages: int = 8,
+    batch_pages: int = DEFAULT_BATCH_PAGES,
     priority: Priority | str = Priority.normal,
     document_id: str | None = None,
     max_bytes: int | None = None,
@@ -234,7 +254,7 @@ async def enqueue_deck(
     document: str,
     pages: int,
     *,
-    batch_pages: int = 8,
+    batch_pages: int = DEFAULT_BATCH_PAGES,
     priority: Priority | str = Priority.normal,
     document_id: str | None = None,
 ) -> DeckSubmission:

@@ -1,8 +1,9 @@
 """Realistic traces from the seeds' numbers.
 
-* Decks of about 30 pages (normal, sd 8, 6–60 pages), split into visual_analysis batches of 8
-  pages at ~25 s per page (each page lognormal around 25 s, 10–15 minutes for a 30-page deck on
-  one GPU, as the seeds measured); ``slide_feedback`` after all batches (40–90 s).
+* Decks of about 30 pages (normal, sd 8, 6–60 pages), split into visual_analysis batches of at
+  most 8 pages (as even as possible, as the product splits them) at ~25 s per page (each page
+  lognormal around 25 s, 10–15 minutes for a 30-page deck on one GPU, as the seeds measured);
+  ``slide_feedback`` after all batches (40–90 s).
 * Text tasks 20–60 s each, the deck graph of DESIGN.md: five extractions after all batches,
   ``template_analysis`` after ``healthcare_classification``, three specialized analyses after
   ``template_analysis``.
@@ -20,7 +21,8 @@ working day), ``month`` (30 days, ~15 decks per working day).
 * 8 % of uploads are a **batch of 3–8 decks at once** (a fund uploading a demo day: the decks
   arrive seconds apart); the rest are single decks;
 * per deck 2 % critical, 10 % high priority;
-* pages ~N(28, 8), at least 5 (at most 80), 20–30 s of GPU per page, 8-page batches;
+* pages ~N(28, 8), at least 5 (at most 80), 20–30 s of GPU per page, in the product's page
+  batches (at most 10 pages, as even as possible: :func:`gpuscale.queue.deck.page_batches`);
 * text tasks 20–180 s: extractions 20–60 s, ``template_analysis`` 30–90 s, the specialized
   analyses 60–180 s; ``slide_feedback`` 40–90 s.
 
@@ -36,6 +38,7 @@ from dataclasses import dataclass, replace
 
 from gpuscale.controller.simulate.trace import TraceTask
 from gpuscale.queue import tasktypes
+from gpuscale.queue.deck import DEFAULT_BATCH_PAGES, page_batches
 
 DAY_S = 86400.0
 KINDS = ("busy-day", "quiet-week", "month", "platform-month")
@@ -67,7 +70,13 @@ def spec_for(
         "busy-day": TraceSpec(days=1, decks_per_working_day=30.0, exact_decks=30),
         "quiet-week": TraceSpec(days=7, decks_per_working_day=3.0),
         "month": TraceSpec(days=30, decks_per_working_day=15.0),
-        "platform-month": TraceSpec(days=30, decks_per_working_day=12.0, pages_mean=28.0, platform=True),
+        "platform-month": TraceSpec(
+            days=30,
+            decks_per_working_day=12.0,
+            pages_mean=28.0,
+            platform=True,
+            batch_pages=DEFAULT_BATCH_PAGES,
+        ),
     }
     if kind not in specs:
         raise ValueError(f"unknown trace kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -229,8 +238,9 @@ def _deck_graph(
         deps = tuple(tid for name in tt.after or () for tid in ids[name])
         if tt.per_page_batch:
             batches = []
-            for b, first in enumerate(range(1, pages + 1, batch_pages)):
-                service = sum(page_s() for _ in range(min(batch_pages, pages - first + 1)))
+            # Split as the product splits a submitted deck (queue/deck.py).
+            for b, (first, last) in enumerate(page_batches(pages, batch_pages)):
+                service = sum(page_s() for _ in range(last - first + 1))
                 batches.append(
                     TraceTask(arrival, f"{prefix}-va{b + 1}", tt.name, round(service, 1), prio, deps)
                 )
