@@ -118,17 +118,15 @@ def test_cli_bad_input_exits_2(args: list[str], words: str, tmp_path: Path) -> N
 
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 11 is open: with issue 12's one-task-per-replica rules, real deck times on this "
-    "1-hour slice have come out up to 1.5x the simulated ones (pre-warm follows reported progress, "
-    "which the simulator sees exactly); the comparison still runs and reports",
-)
 def test_short_replay_agrees_with_the_simulator(dsn: str, tmp_path: Path) -> None:
-    """One busy hour (four decks) at 40×: real processes and the simulator agree within 25%."""
+    """Half a busy hour (three decks, two of them overlapping) at 20× (about 90 s): real
+    processes and the simulator agree within 25% on cost, replica-seconds per pool and deck p50
+    and p95.  20×, not faster: at 40× a worker must start within 3 s of wall time to register
+    on time, which a loaded 2-core machine does not do (late registrations are what make the
+    two disagree; the replay reports them as ``registered_late``)."""
     out = subprocess.run(
         [sys.executable, "-m", "gpuscale.cli", "replay", "--trace", str(BUSY), "--pools", str(SHIPPED),
-         "--start", "9h", "--length", "1h", "--speed", "40", "--compare", "--json",
+         "--start", "9h30m", "--length", "30m", "--speed", "20", "--compare", "--json",
          "--data-dir", str(tmp_path), "--database-url", dsn],
         capture_output=True, text=True, timeout=280,
     )  # fmt: skip
@@ -137,16 +135,17 @@ def test_short_replay_agrees_with_the_simulator(dsn: str, tmp_path: Path) -> Non
     real, sim = data["replay"], data["simulate"]
     assert real["unfinished"] == 0 and real["tasks"] == sim["tasks"] > 0
     assert real["replay"]["leftovers_killed"] == 0
-    for key in ("cost_usd", "graph_p50_s"):
-        assert sim[key] * 0.75 <= real[key] <= sim[key] * 1.25, (key, real[key], sim[key])
-    total = sum(real["replica_seconds"].values())
-    expected = sum(sim["replica_seconds"].values())
-    assert expected * 0.75 <= total <= expected * 1.25, (real["replica_seconds"], sim["replica_seconds"])
+    for key in ("cost_usd", "graph_p50_s", "graph_p95_s"):
+        assert sim[key] * 0.75 <= real[key] <= sim[key] * 1.25, (key, real[key], sim[key], real["replay"])
+    for pool, expected in sim["replica_seconds"].items():
+        seconds = real["replica_seconds"][pool]
+        assert expected * 0.75 <= seconds <= expected * 1.25, (pool, seconds, expected, real["replay"])
     assert set(real) >= {"wait_p95_s", "graph_p95_s", "oracle_cost_usd", "scale_events", "pools"}
 
 
 def test_simulated_slice_is_what_compare_uses() -> None:
-    part = slice_trace(read_trace(BUSY), 9 * 3600, 3600)
+    part = slice_trace(read_trace(BUSY), 9.5 * 3600, 1800)
+    assert len(graphs_of(part)) == 3  # the short replay's slice: three decks
     result = simulate(part, load_pools(SHIPPED))
     assert result.unfinished == 0 and result.tasks == len(part)
     assert isinstance(part[0], TraceTask)

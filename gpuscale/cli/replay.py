@@ -165,6 +165,14 @@ def replay(
         table.add_row(key, _cell(a), _cell(b), "" if r is None else f"{r:.2f}")
     Console().print(table)
     typer.echo(f"run: {facts}")
+    if facts.get("registered_late"):
+        late, worst = facts["registered_late"], facts["registered_late_max_s"]
+        typer.echo(
+            f"note: {late} replica(s) registered up to {worst:g} s (trace) after their cold start: "
+            f"workers could not start within cold_start / {speed:g} here (load {facts.get('load_avg_1m')}), "
+            "while the simulator's start on time. Try a lower --speed.",
+            err=True,
+        )
 
 
 def register(app: typer.Typer) -> None:
