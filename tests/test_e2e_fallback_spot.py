@@ -9,9 +9,10 @@ and falls back to an on-demand one:
    submit-deck`` from a folder of their own, into the shared filesystem's uploads; the replicas
    read them through their own mount of it.
 2. Spot capacity comes back: after the cool-off the replicas move back to the preferred
-   deployment (the fallback's idle replicas go first, busy ones finish their task).  The
-   fallback's replicas are all busy when the cool-off ends, so one of them makes room for the
-   spot probe (issue 13's flake: without that the probe only came once the backlog was over).
+   deployment (the fallback's idle replicas go first, busy ones finish their task).  A backlog
+   keeps both fallback replicas busy when the cool-off ends, so one of them makes room for the
+   spot probe, which runs a task while the backlog lasts (issue 13's flake: without that the
+   probe only came once the backlog was over, and mostly found nothing left to run).
 3. A spot replica is preempted while it holds a task (``preempt=next:1``: SIGKILL, gone from the
    list): the controller hands the task back to the queue without spending an attempt.
 
@@ -102,15 +103,19 @@ async def faults(stack: Stack, body: dict[str, Any]) -> None:
     assert resp.status_code == 200, resp.text
 
 
-async def spot_tasks(stack: Stack) -> list[int]:
-    """Tasks running right now on a registered worker of a spot replica."""
+async def running_on(stack: Stack, deployment: str) -> list[int]:
+    """Tasks running right now on a registered worker of a replica of ``deployment``."""
     assert stack.db is not None
     rows = await stack.db.fetch(
         """SELECT t.id FROM processing_queue t JOIN processing_servers s ON s.id = t.lease_owner
             WHERE t.status = 'running' AND s.container_id LIKE $1""",
-        f"{SPOT}-%",
+        f"{deployment}-%",
     )
     return [r["id"] for r in rows]
+
+
+async def spot_tasks(stack: Stack) -> list[int]:
+    return await running_on(stack, SPOT)
 
 
 async def test_fallback_on_quota_spot_preemption_and_the_way_back(dsn: str, tmp_path: Path) -> None:
@@ -130,6 +135,7 @@ async def test_fallback_on_quota_spot_preemption_and_the_way_back(dsn: str, tmp_
     samples: list[dict[str, Any]] = []
     phase = "quota"
     preempted: list[int] = []
+    backlog_at_spot: int | None = None  # visual tasks still queued when spot first ran one
 
     async def sample() -> dict[str, Any]:
         counts = {
@@ -168,6 +174,16 @@ async def test_fallback_on_quota_spot_preemption_and_the_way_back(dsn: str, tmp_
             return bool(n) and samples[-1]["home"] == ONDEMAND
 
         await until("a visual task done on the fallback", fallback_done)
+        # More decks while spot is still sold out: a backlog that keeps both fallback replicas busy
+        # at every tick (a worker claims its next task the moment it finishes one), so none goes
+        # idle to make room for the spot probe when capacity returns (issue 13: the probe came
+        # only when the backlog was over, and found nothing left to run).
+        await submit(stack, tmp_path / "elsewhere", 12, "second.pdf", "third.pdf", "fourth.pdf")
+
+        async def fallback_full() -> bool:
+            return len(await running_on(stack, ONDEMAND)) == 2
+
+        await until("both fallback replicas busy", fallback_full)
         quota_rows = [s for s in samples if s["phase"] == "quota"]
         assert all(s[SPOT] == 0 for s in quota_rows), quota_rows
         assert any(s[ONDEMAND] > 0 for s in quota_rows)
@@ -175,14 +191,16 @@ async def test_fallback_on_quota_spot_preemption_and_the_way_back(dsn: str, tmp_
         # 2. Capacity is back: more decks; after the cool-off the replicas move back to spot.
         phase = "recovered"
         await faults(stack, {"quota": None})
-        # Enough work that it is still running when the spot probe is up (within the cool-off and
-        # a cold start): the fallback's two replicas stay busy all along, so one of them must make
-        # room for the probe (issue 13: the probe never came while they were busy, and found
-        # nothing left to run once they went idle).
-        await submit(stack, tmp_path / "elsewhere", 10, "second.pdf", "third.pdf", "fourth.pdf")
 
         async def on_spot() -> bool:
-            return bool(await spot_tasks(stack))
+            nonlocal backlog_at_spot
+            if not await spot_tasks(stack):
+                return False
+            assert stack.db is not None
+            backlog_at_spot = await stack.db.fetchval(
+                "SELECT count(*) FROM processing_queue WHERE pool = 'visual' AND status = 'queued'"
+            )
+            return True
 
         await until("a spot replica running a task", on_spot)
         assert samples[-1]["home"] == SPOT
@@ -238,6 +256,9 @@ async def test_fallback_on_quota_spot_preemption_and_the_way_back(dsn: str, tmp_
     details = " | ".join(e["detail"] for e in events)
     assert f"{SPOT} failed (quota_reached)" in details
     assert f"placed: {SPOT} 0 (cooling off" in details
+    # The way back came under load: the probe took a busy fallback replica's place and ran a task
+    # while the backlog lasted, not once the fallback's replicas had nothing left to do.
+    assert backlog_at_spot, backlog_at_spot
     # Back on the preferred deployment after it recovered: spot replicas and none on demand.
     back = [
         s for s in samples if s["phase"] != "quota" and s["home"] == SPOT and s[SPOT] > 0 and s[ONDEMAND] == 0
