@@ -147,6 +147,24 @@ class _Counter(logging.Handler):
             self.samples[key] = self.samples.get(key, 0) + 1
 
 
+def _machine_ticks() -> tuple[int, int] | None:
+    """(busy, total) CPU ticks of the whole machine so far, from ``/proc/stat``; None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def _busy_between(a: tuple[int, int] | None, b: tuple[int, int] | None) -> float | None:
+    """Share of all cores busy between two :func:`_machine_ticks` readings (0-1)."""
+    if a is None or b is None or b[1] <= a[1]:
+        return None
+    return round((b[0] - a[0]) / (b[1] - a[1]), 3)
+
+
 async def _watch_lag(into: list[float]) -> None:
     """How late this process's event loop runs a 100 ms timer: the part of every latency measured
     in this process that is the simulation's own CPU (or the machine's load), not the database."""
@@ -258,11 +276,13 @@ async def _child(cfg: dict[str, Any]) -> dict[str, Any]:
         await asyncio.sleep(0.1)
     started = sum(1 for w in workers if w.status.ready)
     lag_ms: list[float] = []
+    cpu_from = [time.process_time()]
 
     def measure_from_now() -> None:
         # The parent starts the task stream once every process is ready: what was timed before
         # (the fleet's own start, hundreds of registrations at once) is not the steady state.
         del claim_ms[:], complete_ms[:], lag_ms[:]
+        cpu_from[0] = time.process_time()
 
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, measure_from_now)  # before READY: the parent's cue
@@ -276,6 +296,7 @@ async def _child(cfg: dict[str, Any]) -> dict[str, Any]:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     elapsed = time.monotonic() - t_ready
+    cpu_s = time.process_time() - cpu_from[0]
     lag_task.cancel()
     beats_run, rows_run = beats - beats_at_ready, beat_rows - rows_at_ready
     for w in workers:
@@ -291,6 +312,7 @@ async def _child(cfg: dict[str, Any]) -> dict[str, Any]:
         "heartbeats": beats_run,
         "heartbeat_rows": rows_run,
         "elapsed_s": elapsed,
+        "cpu_s": cpu_s,
         "warnings": counter.warnings,
         "connection_errors": counter.connection_errors,
         "samples": counter.samples,
@@ -586,6 +608,7 @@ async def run_fleet(opts: FleetOptions, dsn: str, replica_dsn: str, listen_dsn: 
         for p in children:
             p.signal(signal.SIGUSR1)  # claims and completions are timed from here on
         t_run = time.monotonic()
+        cpu_run, machine_run = time.process_time(), _machine_ticks()
         running.set()
         stop_prod = asyncio.Event()
         producer = asyncio.create_task(_produce(queue, opts, stop_prod, samples))
@@ -595,6 +618,8 @@ async def run_fleet(opts: FleetOptions, dsn: str, replica_dsn: str, listen_dsn: 
         await producer
         probe_ids = await probe_task
         run_s = time.monotonic() - t_run
+        bench_cpu_s = time.process_time() - cpu_run
+        machine_busy = _busy_between(machine_run, _machine_ticks())
         # Drain: every task enqueued must end done.
         deadline = time.monotonic() + opts.drain_timeout_s
         ids = samples.enqueued
@@ -673,6 +698,13 @@ async def run_fleet(opts: FleetOptions, dsn: str, replica_dsn: str, listen_dsn: 
         "replica_loop_lag_p50_ms": pct([x for r in results for x in r["loop_lag_ms"]], 0.5),
         "replica_loop_lag_p99_ms": pct([x for r in results for x in r["loop_lag_ms"]], 0.99),
         "controller_loop_lag_p99_ms": pct(parent_lag, 0.99),
+        # Where the machine's CPU went from the start of the task stream (the replica processes
+        # until they were stopped, after the drain; this process, with the controller, producer
+        # and monitor, and all cores, other sessions included, until the stream ended): when the
+        # machine is saturated, every latency above carries its run-queue waits.
+        "replica_processes_cpu_s": round(sum(r["cpu_s"] for r in results), 1),
+        "bench_process_cpu_s": round(bench_cpu_s, 1),
+        "machine_cpu_busy": machine_busy,
         "heartbeats_per_s": round(sum(r["heartbeats"] for r in results) / elapsed, 1),
         "heartbeat_rows_per_s": round(sum(r["heartbeat_rows"] for r in results) / elapsed, 1),
         "reconciles": len(tick_ms),
