@@ -43,7 +43,7 @@ def _check(result: dict[str, object]) -> None:
     assert result["replicas"] == 20 and result["pools"] == 4
     assert result["replicas_started"] == 20
     assert result["connection_errors"] == 0, result["warning_samples"]
-    assert result["tasks_lost"] == 0
+    assert result["tasks_lost"] == 0 and result["tasks_unfinished"] == 0 and result["tasks_failed"] == 0
     assert isinstance(result["tasks_done"], int) and result["tasks_done"] > 0
     assert isinstance(result["peak_connections"], int) and result["peak_connections"] > 0
     probes = result["critical_to_provider_ms"]

@@ -522,7 +522,7 @@ def bench_fleet(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Simulated replicas and a controller against one throwaway PostgreSQL: connections,
-    claim/heartbeat/reconcile timings and tasks lost.
+    claim/heartbeat/reconcile timings, and tasks done, unfinished and lost.
 
     Starts its own PostgreSQL (and PgBouncer, Debian's binary) and removes them afterwards;
     GPUSCALE_DATABASE_URL is not used."""

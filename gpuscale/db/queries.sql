@@ -617,8 +617,12 @@ SELECT count(*) FROM pg_stat_activity
 SELECT count(*) FROM processing_queue WHERE id = ANY($1::bigint[]) AND status <> 'done'
 
 -- name: fleet_bench_outcome
--- What became of tasks $1: done, retried, and timings from the server's clock (bench fleet).
+-- What became of tasks $1: done, still unfinished, failed, how many rows exist at all (one
+-- missing is a lost task), retried, and timings from the server's clock (bench fleet).
 SELECT count(*) FILTER (WHERE status = 'done') AS done,
+       count(*) FILTER (WHERE status IN ('blocked', 'queued', 'running')) AS unfinished,
+       count(*) FILTER (WHERE status IN ('failed', 'dead')) AS failed,
+       count(*) AS present,
        coalesce(sum(attempts - 1) FILTER (WHERE attempts > 1), 0) AS retried,
        percentile_cont(0.5) WITHIN GROUP (ORDER BY e2e) FILTER (WHERE status = 'done') AS e2e_p50,
        percentile_cont(0.99) WITHIN GROUP (ORDER BY e2e) FILTER (WHERE status = 'done') AS e2e_p99,

@@ -631,7 +631,7 @@ async def run_fleet(opts: FleetOptions, dsn: str, replica_dsn: str, listen_dsn: 
             if left != last_left:
                 last_left, last_change = left, time.monotonic()
             elif time.monotonic() - last_change > 15:
-                break  # nothing moves (say, a pool none of whose replicas could connect): lost
+                break  # nothing moves (say, a pool none of whose replicas could connect): unfinished
             await asyncio.sleep(0.25)
         for tid in probe_ids:
             await queue.cancel(tid)
@@ -721,7 +721,12 @@ async def run_fleet(opts: FleetOptions, dsn: str, replica_dsn: str, listen_dsn: 
         "critical_to_provider_max_ms": max(samples.probe_ms, default=None),
         "tasks_enqueued": len(samples.enqueued),
         "tasks_done": done,
-        "tasks_lost": len(samples.enqueued) - done,
+        # Lost: enqueued, and then gone from the queue (no row) -- must be 0 whatever else happens.
+        # Unfinished: still waiting when the drain gave up, e.g. in a pool none of whose replicas
+        # could connect (direct, past max_connections): late, not lost.
+        "tasks_lost": len(samples.enqueued) - int(final["present"]),
+        "tasks_unfinished": int(final["unfinished"]),
+        "tasks_failed": int(final["failed"]),
         "tasks_retried": int(final["retried"]),
         "enqueue_errors": samples.enqueue_errors,
         "load_1m_before": round(load_before, 2),
