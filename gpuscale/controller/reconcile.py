@@ -519,11 +519,15 @@ class Reconciler:
     async def reconcile_pool(
         self, name: str, observed: Observed, budget_spend: Mapping[str, float] | None
     ) -> Decision | None:
+        """Reconcile ``name`` on ``observed``; ``None`` when this process may not act (the fence
+        refused) or when a reconcile on newer data ran while this one waited for the pool."""
         rules = self.config.pools[name]
         async with self._locks[name]:
             if self._observed_at.get(name, float("-inf")) > observed.at:
-                # A fast-path reconcile ran on newer data while this one waited for the lock.
-                observed = await self.observe()
+                # A fast-path reconcile ran on newer data while this one waited for the lock: the
+                # pool is decided on the latest there is; observing everything again for it (as
+                # this did) made a tick that met a fast reconcile take two observations.
+                return None
             self._observed_at[name] = observed.at
             started = time.perf_counter()
             try:
