@@ -141,7 +141,10 @@ def test_committed_traces_meet_the_targets_with_the_shipped_pools() -> None:
         data = summary(simulate(trace, config))
         assert data["unfinished"] == 0
         assert data["objectives"] and all(o["met"] for o in data["objectives"].values()), (name, data)
-        assert data["cost_usd"] <= 1.75 * data["oracle_cost_usd"], (name, data)
+        # 1.6x before issue 12, 1.75x last round; today 1.59x (busy day) and 1.64x (quiet week):
+        # these committed traces keep 8-page batches and 20-60 s text tasks, and with one task per
+        # replica a lone deck pays a cold start per batch and per text replica on little work.
+        assert data["cost_usd"] <= 1.7 * data["oracle_cost_usd"], (name, data)
         assert data["cost_usd"] < data["always_on_cost_usd"] / 10
         no_prewarm = summary(simulate(trace, config, policy="no-prewarm"))
         assert no_prewarm["graph_p50_s"] > data["graph_p50_s"] + 120, name
@@ -170,9 +173,9 @@ def test_platform_month_meets_the_deck_objectives_at_1x_and_2x() -> None:
 
 def test_targets_hold_with_counts_only() -> None:
     """A controller that reports counts without work estimates still meets the targets."""
-    config = load_pools(SHIPPED)
+    config = idle_first(load_pools(SHIPPED))
     data = summary(simulate(read_trace(DATA / "busy_day.csv"), config, counts_only=True))
-    assert data["cost_usd"] <= 1.75 * data["oracle_cost_usd"]
+    assert data["cost_usd"] <= 1.7 * data["oracle_cost_usd"]
     assert data["wait_p95_s"] <= 300 and data["graph_p95_s"] <= 1200
 
 
