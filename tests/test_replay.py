@@ -172,3 +172,69 @@ def test_a_stopped_busy_replica_drains_as_the_worker_does() -> None:
     drained = finished_after_stop(timeline(part, config, victims="newest"))
     assert drained and all(0 < late <= DRAIN_GRACE_S + 0.1 for late, _ in drained)
     assert not finished_after_stop(timeline(part, config, victims="newest", drain_grace_s=0))
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_replay_drives_the_configured_provider(dsn: str, tmp_path: Path) -> None:
+    """``--provider configured``: the DataCrunch account of DATACRUNCH_* (here an emulator started
+    on its own, as a staging account would be) gets the deployments in replay mode, the controller
+    drives it, and the replicas are accounted from its API."""
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    from gpuscale.dev.stack import free_port, gpuscale_cmd
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUSCALE_", "DATACRUNCH_"))}
+    env.update(
+        GPUSCALE_EMULATOR_CLIENT_ID="staging",
+        GPUSCALE_EMULATOR_CLIENT_SECRET="staging-secret",
+        # What the account's deployments give their workers (the database the replay uses).
+        GPUSCALE_DATABASE_URL=dsn,
+        GPUSCALE_WORKER_HOST="127.0.0.1",
+        GPUSCALE_WORKER_PORT="0",
+        GPUSCALE_HEARTBEAT_INTERVAL_S="2",
+        GPUSCALE_POLL_INTERVAL_S="1",
+        GPUSCALE_DRAIN_GRACE_S="1.5",
+        GPUSCALE_LOG_LEVEL="WARNING",
+    )
+    emulator = subprocess.Popen(
+        gpuscale_cmd("emulator", "--port", str(port), "--cold-start", "6", "--grace", "7", "--spawn-early",
+                     "--stop-order", "newest", "--log-dir", str(tmp_path / "replicas")),
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/_emulator/state", timeout=2).close()
+                break
+            except OSError:
+                assert emulator.poll() is None and time.monotonic() < deadline, "the emulator did not start"
+                time.sleep(0.2)
+        account = {
+            "DATACRUNCH_BASE_URL": f"http://127.0.0.1:{port}/v1",
+            "DATACRUNCH_CLIENT_ID": "staging",
+            "DATACRUNCH_CLIENT_SECRET": "staging-secret",
+        }
+        out = subprocess.run(
+            [sys.executable, "-m", "gpuscale.cli", "replay", "--trace", str(BUSY), "--pools", str(SHIPPED),
+             "--start", "9h30m", "--length", "2m30s", "--speed", "20", "--json", "--provider", "configured",
+             "--data-dir", str(tmp_path / "replay"), "--database-url", dsn],
+            capture_output=True, text=True, timeout=200, env={**os.environ, **account},
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        real = json.loads(out.stdout)
+        assert real["tasks"] == 14 and real["unfinished"] == 0
+        assert all(seconds > 0 for seconds in real["replica_seconds"].values()), real["replica_seconds"]
+        assert real["replay"]["cold_start_p50_s"] == pytest.approx(120, abs=10)  # the account's, × K
+    finally:
+        os.killpg(emulator.pid, signal.SIGTERM)
+        try:
+            emulator.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(emulator.pid, signal.SIGKILL)
+            emulator.wait()

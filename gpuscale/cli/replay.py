@@ -63,6 +63,13 @@ def replay(
     database_url: str | None = typer.Option(
         None, "--database-url", help="Use this (empty) database instead of an embedded PostgreSQL."
     ),
+    provider: str = typer.Option(
+        "emulator",
+        "--provider",
+        help="emulator: the DataCrunch emulator with replay workers here; configured: the DataCrunch "
+        "account of DATACRUNCH_* (its deployments are applied in replay mode; needs --database-url "
+        "that its replicas can reach; its cold starts are not divided by --speed).",
+    ),
     compare: bool = typer.Option(False, "--compare", help="Also simulate the same trace; print both."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -98,7 +105,12 @@ def replay(
         raise fail(str(exc)) from None
     if not tasks:
         raise fail(f"{trace}: no task arrives in the chosen slice")
+    if provider not in ("emulator", "configured"):
+        raise fail(f"--provider must be emulator or configured, not {provider!r}")
+    if provider == "configured" and not database_url:
+        raise fail("--provider configured needs --database-url (its replicas must reach the database)")
     sim_data: dict[str, Any] | None = None
+    sim_timeline: dict[str, Any] = {}
     if compare:
         try:
             # The emulator, like DataCrunch, does not stop an idle replica first: it stops the
@@ -109,14 +121,10 @@ def replay(
         sim_data = _with_replica_seconds(summary(sim), sim)
         from gpuscale.controller.simulate.engine import timeline
 
-        # Beside the replay's timeline.json, to compare them deck by deck.
-        data_dir.mkdir(parents=True, exist_ok=True)
-        (data_dir / "timeline-sim.json").write_text(
-            json.dumps(timeline(tasks, config, victims="newest"), indent=0)
-        )
+        sim_timeline = timeline(tasks, config, victims="newest")
 
     console = Console(stderr=True)
-    options = ReplayOptions(speed=speed, data_dir=data_dir, database_url=database_url)
+    options = ReplayOptions(speed=speed, data_dir=data_dir, database_url=database_url, provider=provider)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -146,6 +154,9 @@ def replay(
             raise fail(f"replay: {exc}") from None
     data = _with_replica_seconds(summary(result), result)
     data["replay"] = facts
+    if sim_data is not None:
+        # Beside the replay's timeline.json, to compare them deck by deck.
+        (data_dir / "timeline-sim.json").write_text(json.dumps(sim_timeline, indent=0))
     if as_json:
         out: dict[str, Any] = data if sim_data is None else {"replay": data, "simulate": sim_data}
         if sim_data is not None:

@@ -57,6 +57,8 @@ SPECS = (ROOT / "deploy" / "datacrunch" / "visual.yaml", ROOT / "deploy" / "data
 FINAL = ("done", "failed", "dead", "cancelled")
 _NOT_INHERITED = ("DATACRUNCH_", "OLLAMA_", "GPUSCALE_")
 _KEEP = ("GPUSCALE_LOG_LEVEL",)
+_CONFIGURED_ENV = ("DATACRUNCH_", "GPUSCALE_DATACRUNCH_")
+PROVIDERS = ("emulator", "configured")
 # A replica registering more than this (trace seconds) after its cold start counts as late.
 _LATE_S = 5.0
 _DRAIN_GRACE_S = float(WorkerSettings.model_fields["drain_grace_s"].default)
@@ -157,7 +159,12 @@ class ReplayOptions:
     # migrated) database is used as it is.
     database_url: str | None = None
     deployment_files: Sequence[Path] = SPECS
-    sample_s: float = 0.25  # how often the emulator's replicas are sampled (wall seconds)
+    sample_s: float = 0.25  # how often the provider's replicas are sampled (wall seconds)
+    # "emulator": the DataCrunch emulator with replay workers on this machine (cold start / K);
+    # "configured": the DataCrunch account of DATACRUNCH_* (a staging one: the deployments are
+    # applied in replay mode), whose replicas must reach ``database_url``; its cold starts are its
+    # own, not divided by K.
+    provider: str = "emulator"
     drain_timeout_s: float = 600.0  # after the last arrival: wait this long (wall) at most
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
@@ -195,6 +202,20 @@ class Replay:
         missing = sorted(set(config.pools) - set(self.specs))
         if missing:
             raise ReplayError(f"no deployment spec for pool(s) {', '.join(missing)} (by GPUSCALE_POOL)")
+        if options.provider not in PROVIDERS:
+            raise ReplayError(f"provider must be one of {', '.join(PROVIDERS)}, not {options.provider!r}")
+        self.configured: Any = None  # the configured provider's API, to sample its replicas
+        if options.provider == "configured":
+            if not options.database_url:
+                raise ReplayError("--provider configured needs --database-url (its replicas must reach it)")
+            from gpuscale.common.errors import ConfigError
+            from gpuscale.common.settings import Settings
+            from gpuscale.controller.providers import make_provider
+
+            try:
+                self.configured = make_provider(Settings(provider="datacrunch"))
+            except ConfigError as exc:
+                raise ReplayError(str(exc)) from None
         self.client_secret = secrets.token_urlsafe(24)
         self.worker_token = secrets.token_urlsafe(24)
         self.stack: Stack | None = None
@@ -218,7 +239,9 @@ class Replay:
 
     # ------------------------------------------------------------------ stack
     def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_INHERITED) or k in _KEEP}
+        # The configured provider's account travels to deploy apply and the controller.
+        keep = _KEEP + (_CONFIGURED_ENV if self.configured is not None else ())
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_INHERITED) or k.startswith(keep)}
         env.update(
             {
                 "GPUSCALE_DATABASE_URL": self.dsn,
@@ -289,6 +312,11 @@ class Replay:
         self.db = await Connector(self.dsn, min_connections=1, max_connections=4).open()
         self.queue = Queue(self.db)
         cold = min(r.cold_start_s for r in self.scaled.pools.values())
+        if self.configured is not None:
+            say("creating the deployments on the configured provider (gpuscale deploy apply)")
+            await stack.apply_deployments(self._spec_files())
+            await self._start_controller(say)
+            return
         say(f"starting the emulator (cold start {cold:.2f}s)")
         await stack.start_emulator(
             cold_start_s=cold,
@@ -299,6 +327,11 @@ class Replay:
         )
         say("creating the deployments (gpuscale deploy apply)")
         await stack.apply_deployments(self._spec_files())
+        await self._start_controller(say)
+
+    async def _start_controller(self, say: Callable[[str], None]) -> None:
+        stack = self.stack
+        assert stack is not None
         say(f"starting the controller (every duration / {self.k:g})")
         pools_file = self.data_dir / "pools.yaml"
         pools_file.write_text(pools_yaml(self.scaled))
@@ -309,6 +342,9 @@ class Replay:
         if self.stack is not None:
             self.leftovers = await self.stack.stop()
             self.stack = None
+        if self.configured is not None:
+            with contextlib.suppress(Exception):
+                await self.configured.aclose()
         if self.db is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.db.close(), 10)
@@ -352,7 +388,11 @@ class Replay:
     async def _sample(self) -> dict[str, int]:
         """Billed replicas per deployment now (starting or running), recorded per replica."""
         assert self.stack is not None
-        state = await self.stack.emulator_state()
+        state: dict[str, Any] | None
+        if self.configured is not None:
+            state = await self._provider_state()
+        else:
+            state = await self.stack.emulator_state()
         if state is None:
             raise ReplayError("the emulator does not answer")
         now = time.time()
@@ -371,6 +411,27 @@ class Replay:
                     entry[2] = now
             counts[dep] = n
         return counts
+
+    async def _provider_state(self) -> dict[str, Any]:
+        """The configured provider's replicas, in the emulator state's shape."""
+        names = [o.name for r in self.scaled.pools.values() for o in r.options]
+        states = await asyncio.gather(*(self.configured.observe(n) for n in names))
+        return {
+            "deployments": {
+                name: {
+                    "replicas": [
+                        # Billed unless stopping or failed; a provider's own words for "on" vary.
+                        {
+                            "id": r.id,
+                            "status": "running" if r.status not in ("stopping", "failed") else r.status,
+                            "started_at": r.started_at,
+                        }
+                        for r in st.replicas
+                    ]
+                }
+                for name, st in zip(names, states, strict=True)
+            }
+        }
 
     async def _registrations(self) -> None:
         """When each replica's worker registered (servers are deleted when they deregister, so
