@@ -235,6 +235,29 @@ async def test_the_fast_path_skips_pools_new_work_cannot_change(make_app, deploy
     assert await rec.fast_worthy(["visual", "text"]) == ["text"], "a critical task scales at once"
 
 
+async def test_the_server_list_is_read_again_only_when_the_registry_changes(db: asyncpg.Pool) -> None:
+    queue, store = Queue(db), ControllerStore(db)
+    await queue.register_server(ServerInfo(id="s1", pool="visual", container_id="c1", status="starting"))
+    paused, v1, servers = await store.registry_if_changed(None)
+    assert paused == set() and [(s.id, s.status) for s in servers or ()] == [("s1", "starting")]
+    assert (await store.registry_if_changed(v1))[2] is None, "nothing changed: no list"
+    assert await queue.server_heartbeat("s1", current_load=1)
+    assert (await store.registry_if_changed(v1))[2] is None, "a heartbeat is not a change"
+    await store.set_paused("text", True, "test")
+    paused, v, unchanged = await store.registry_if_changed(v1)
+    assert paused == {"text"} and v == v1 and unchanged is None
+    await queue.server_heartbeat("s1", current_load=0, status="active")  # registered and ready
+    _, v2, servers = await store.registry_if_changed(v1)
+    assert v2 != v1 and [(s.id, s.status) for s in servers or ()] == [("s1", "active")]
+    await queue.register_server(ServerInfo(id="s2", pool="text", status="active"))
+    _, v3, servers = await store.registry_if_changed(v2)
+    assert v3 != v2 and sorted(s.id for s in servers or ()) == ["s1", "s2"]
+    await queue.set_server_status("s1", "dead")
+    await queue.deregister_server("s2")
+    _, v4, servers = await store.registry_if_changed(v3)
+    assert v4 != v3 and servers == [], "dead and removed servers leave the list"
+
+
 async def test_scales_down_after_idle(make_app, deployments: Emulator) -> None:  # type: ignore[no-untyped-def]
     clock = Clock()
     app = await make_app()
@@ -717,3 +740,19 @@ def test_an_idle_replica_with_claimable_work_is_busy_claiming() -> None:
     empty = observe_pool("visual", WorkRead({"visual": PoolQueue({}, {})}, running=running), fleet, ctx)
     assert (empty.idle_replicas, empty.busy_replicas) == (2, 1)
     assert decide(eager.pools["visual"], empty, PoolState(), 100.0).desired == 1
+
+
+def test_a_pool_state_is_written_again_on_a_change_or_a_learned_duration_moved_5_percent() -> None:
+    from dataclasses import replace
+
+    from gpuscale.controller.placement import PlacementState
+    from gpuscale.controller.policy import PoolState
+    from gpuscale.controller.reconcile import _state_moved
+
+    state, placement = PoolState(), PlacementState()
+    saved = (state, placement, {"visual_analysis": 100.0})
+    assert _state_moved(None, saved)
+    assert not _state_moved(saved, (state, placement, {"visual_analysis": 104.0}))
+    assert _state_moved(saved, (state, placement, {"visual_analysis": 106.0}))
+    assert _state_moved(saved, (replace(state, desired=2), placement, {"visual_analysis": 100.0}))
+    assert _state_moved(saved, (state, placement, {"visual_analysis": 100.0, "slide_feedback": 30.0}))

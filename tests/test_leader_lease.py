@@ -222,3 +222,23 @@ def test_lease_timings_are_checked() -> None:
         Settings(leader_lease_duration_s=5, leader_renew_deadline_s=5)
     with pytest.raises(ValueError, match="RETRY_PERIOD_S"):
         Settings(leader_lease_duration_s=5, leader_renew_deadline_s=2, leader_retry_period_s=2)
+
+
+async def test_fence_checks_asked_together_share_one_round_trip(dsn: str, made: Made) -> None:
+    a = await elector(made, dsn, "a")
+    assert await a.ensure()
+    sent: list[str] = []
+    fetch = a._fetchval
+
+    async def counted(name: str, *args: object, **kw: object) -> object:
+        sent.append(name)
+        return await fetch(name, *args, **kw)  # type: ignore[arg-type]
+
+    a._fetchval = counted  # type: ignore[method-assign]
+    # A tick's provider calls ask side by side: one lease_check answers them all.
+    assert all(await asyncio.gather(*(a.may_act() for _ in range(8))))
+    assert sent == ["lease_check"]
+    assert await a.may_act() and sent == ["lease_check"] * 2, "a later call checks afresh"
+    await age_lease(dsn, 3600)  # the term is over by the database's clock
+    assert not any(await asyncio.gather(*(a.may_act() for _ in range(4))))
+    assert sent == ["lease_check"] * 3
