@@ -49,11 +49,11 @@ def simulate(
         min=0.01,
         help="Trace period for the always-on cost (default: whole days spanned).",
     ),
-    victims: str = typer.Option(
-        "idle",
+    victims: str | None = typer.Option(
+        None,
         "--victims",
         help="Which replicas a scale-down stops: idle (first; local/docker), any (random: DataCrunch "
-        "chooses), newest or oldest.",
+        "chooses), newest or oldest (default: what the pools file's scale_down_victims says).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     plot: Path | None = typer.Option(
@@ -69,7 +69,7 @@ def simulate(
 ) -> None:
     """Replay a trace against a scaling policy with a virtual clock and report cost and latency."""
     from gpuscale.controller.pools import PoolsFileError, load_pools
-    from gpuscale.controller.simulate.engine import POLICIES, VICTIMS
+    from gpuscale.controller.simulate.engine import POLICIES, VICTIMS, stop_order
     from gpuscale.controller.simulate.engine import simulate as run_sim
     from gpuscale.controller.simulate.report import format_text, summary
     from gpuscale.controller.simulate.spot import SpotModel
@@ -77,7 +77,7 @@ def simulate(
 
     if policy not in POLICIES:
         raise fail(f"--policy must be one of {', '.join(POLICIES)}, not {policy!r}")
-    if victims not in VICTIMS:
+    if victims is not None and victims not in VICTIMS:
         raise fail(f"--victims must be one of {', '.join(VICTIMS)}, not {victims!r}")
     if pools is None:
         from gpuscale.common.settings import get_settings
@@ -98,7 +98,7 @@ def simulate(
             counts_only=counts_only,
             period_s=None if period_days is None else period_days * 86400.0,
             spot=None if spot is None else SpotModel(preemption_per_hour=spot, seed=seed),
-            victims=victims,
+            victims=victims or stop_order(config),
         )
     except (PoolsFileError, TraceError) as exc:
         raise fail(str(exc)) from None

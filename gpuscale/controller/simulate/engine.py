@@ -63,6 +63,15 @@ POLICIES = ("gpuscale", "no-prewarm", "always-on", "seeds")
 # ``newest`` / ``oldest``: the most recently / earliest requested running replica (deterministic,
 # as the emulator's --stop-order does; ``gpuscale replay`` compares with ``newest``).
 VICTIMS = ("idle", "any", "newest", "oldest")
+
+
+def stop_order(config: PoolsConfig) -> str:
+    """The stop order the pools file says its provider has (``scale_down_victims``): ``any`` when a
+    pool says the provider picks (DataCrunch), else ``idle``.  What ``simulate`` and ``tune`` model
+    unless told otherwise, so the policy's assumption and the simulated provider agree."""
+    return "any" if any(r.scale_down_victims == "any" for r in config.pools.values()) else "idle"
+
+
 DAY_S = 86400.0
 # How long a stopped worker lets its running tasks finish before handing them back (the worker's
 # drain_grace_s default; gpuscale replay scales it by K like every other duration).

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpuscale.controller.pools import PoolsConfig, _pool_sections, parse_duration, parse_pools
-from gpuscale.controller.simulate.engine import simulate
+from gpuscale.controller.simulate.engine import simulate, stop_order
 from gpuscale.controller.simulate.report import summary
 from gpuscale.controller.simulate.trace import TraceTask
 
@@ -242,9 +242,7 @@ def _init(trace: list[TraceTask]) -> None:
 
 def _replay(doc: dict[str, Any], source: str) -> dict[str, Any]:
     config = parse_pools(doc, source)
-    # Replay with the stop order the pools file says its provider has (DataCrunch: any replica).
-    victims = "any" if any(r.scale_down_victims == "any" for r in config.pools.values()) else "idle"
-    data = summary(simulate(_TRACE, config, victims=victims))
+    data = summary(simulate(_TRACE, config, victims=stop_order(config)))
     data.pop("pools", None)
     return data
 
