@@ -46,3 +46,14 @@ def test_spot_replicas_that_keep_vanishing_fall_back_and_every_task_finishes() -
 def test_spot_model_checks_its_rate() -> None:
     with pytest.raises(ValueError):
         SpotModel(preemption_per_hour=-1)
+
+
+def test_a_spot_pool_is_scaled_down_in_the_same_stop_order_as_a_plain_one() -> None:
+    """Placement's scale-downs go through the engine's stop order: with the provider picking
+    (``any``) a spot month differs from idle-first, as a plain month does."""
+    config, trace = load_pools(SHIPPED), read_trace(BUSY_DAY)
+    calm = SpotModel(preemption_per_hour=0.0)
+    idle = summary(simulate(trace, config, spot=calm, victims="idle"))
+    anyone = summary(simulate(trace, config, spot=calm, victims="any"))
+    assert idle["unfinished"] == anyone["unfinished"] == 0
+    assert (idle["cost_usd"], idle["graph_p95_s"]) != (anyone["cost_usd"], anyone["graph_p95_s"])

@@ -568,20 +568,24 @@ class _Sim:
         self.alive_req_sum[pool] += now
         self.results[self.pool_names[pool]].replicas_started += 1
 
-    def _stop_replicas(self, pool: int, count: int, now: float) -> None:
-        # Cancel starting replicas first (newest first), then idle ones, then busy ones; or, as
-        # the DataCrunch cloud does (it does not know which are idle), any running one.
-        order = sorted(self.replicas[pool], key=lambda r: (r.ready_at <= now, len(r.tasks), -r.requested_at))
+    def _pick_victims(self, reps: Sequence[_Replica], count: int, now: float) -> list[_Replica]:
+        """The ``count`` replicas a lower count stops: starting ones first (newest first), then idle
+        ones, then busy ones; or, as the DataCrunch cloud does (it does not know which are idle),
+        any running one.  One order for a plain pool and for each deployment of a spot pool."""
+        order = sorted(reps, key=lambda r: (r.ready_at <= now, len(r.tasks), -r.requested_at))
         if self.victims != "idle":
             starting = [r for r in order if r.ready_at > now]
-            running = [r for r in self.replicas[pool] if r.ready_at <= now]
+            running = [r for r in reps if r.ready_at <= now]
             if self.victims == "any":
                 self.victim_rng.shuffle(running)
             else:
                 # Replicas requested together were still created one after another.
                 running.sort(key=lambda r: (r.requested_at, r.seq), reverse=self.victims == "newest")
             order = starting + running
-        for rep in order[:count]:
+        return order[:count]
+
+    def _stop_replicas(self, pool: int, count: int, now: float) -> None:
+        for rep in self._pick_victims(self.replicas[pool], count, now):
             self._stop(rep, now, self.drain_grace_s)
 
     def _hand_back(self, rep: _Replica, now: float) -> None:
@@ -678,9 +682,13 @@ class _Sim:
                     self._start_replica(p, now, dep)
 
                 def stop(r: Any) -> None:
-                    self._stop(r, now)
+                    # A scale-down's stop: the worker drains as on any other deployment.
+                    self._stop(r, now, self.drain_grace_s)
 
-                apply_targets(targets, self.replicas[pool], start, stop, now)
+                def pick(reps: Sequence[Any], n: int) -> Sequence[Any]:
+                    return self._pick_victims(reps, n, now)
+
+                apply_targets(targets, self.replicas[pool], start, stop, pick)
                 result.fallbacks = self.spot.fallbacks.get(name, 0)
             elif desired != current:
                 at_rest = False

@@ -132,16 +132,15 @@ def apply_targets(
     replicas: Sequence[Replica],
     start: Callable[[str], None],
     stop: Callable[[Replica], None],
-    now: float,
+    pick: Callable[[Sequence[Replica], int], Sequence[Replica]],
 ) -> None:
-    """Start or stop replicas per deployment: stopping cancels starting ones first, then idle
-    ones, then busy ones (the newest first)."""
+    """Start or stop replicas per deployment; ``pick(replicas, n)`` chooses the ``n`` a lower count
+    stops, as the provider does (the engine's stop order: idle first, or any)."""
     for dep, target in targets.items():
         mine = [r for r in replicas if r.deployment == dep]
         if target > len(mine):
             for _ in range(target - len(mine)):
                 start(dep)
         elif target < len(mine):
-            order = sorted(mine, key=lambda r: (r.ready_at <= now, len(r.tasks), -r.requested_at))
-            for rep in order[: len(mine) - target]:
+            for rep in pick(mine, len(mine) - target):
                 stop(rep)
