@@ -242,8 +242,13 @@ async def test_wait_is_woken_by_completion_and_times_out_otherwise(
             target=lambda: answer.update(r=c.get(f"/api/tasks/{task_id}", params={"wait": 60})), daemon=True
         )
         waiter.start()
-        (claimed,) = await q.claim("text", "test-server", 1)
-        assert claimed.id == task_id
+        # The waiter's first read marks the row to notify its finish (an UPDATE); a claim at that
+        # very instant skips the locked row (SKIP LOCKED), as a worker's would: claim again.
+        deadline = time.monotonic() + 10
+        while not (got := await q.claim("text", "test-server", 1)):
+            assert time.monotonic() < deadline, "the task never became claimable"
+            await asyncio.sleep(0.05)
+        assert [t.id for t in got] == [task_id]
         await asyncio.sleep(0.3)
         assert waiter.is_alive()  # still held: the task is running, not finished
         assert await q.complete(task_id, "test-server", {"sections": "ok"})
