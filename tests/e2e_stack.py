@@ -112,6 +112,7 @@ DEPLOYMENTS: tuple[tuple[str, str, int, bool], ...] = (
 
 def _spec(pool: str, name: str, concurrency: int, spot: bool = False) -> dict[str, Any]:
     spec = deployspec.load_file(ROOT / "deploy" / "datacrunch" / "visual.yaml")
+    spec.pop(deployspec.SLOTS_KEY, None)  # one plain deployment each: the tests read its replicas
     spec["name"] = name
     spec["is_spot"] = spot  # the template is the preferred (spot) visual deployment
     env = [

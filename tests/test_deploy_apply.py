@@ -66,6 +66,7 @@ def test_spec_is_exactly_the_sdk_deployment_shape(path: Path) -> None:
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
     assert len(docs) == len(deployspec.load_all(path))  # and our own strict loader agrees
     for raw in docs:
+        raw = deployspec.without_private(raw)  # _replica_slots is gpuscale's, never sent
         sdk = Deployment.from_dict(raw)
         assert_kept(raw, sdk.to_dict())
         # The shared filesystem is mounted, its volume id filled in by `deploy apply`.
@@ -102,7 +103,7 @@ def test_spec_contents(path: str, gpu: str, pool: str) -> None:
 
 
 def test_an_unknown_field_fails(tmp_path: Path) -> None:
-    raw = first_doc("visual.yaml")
+    raw = deployspec.without_private(first_doc("visual.yaml"))
     raw["containers"][0]["helthcheck"] = {"enabled": True}
     bad = tmp_path / "typo.yaml"
     bad.write_text(yaml.safe_dump(raw))
@@ -191,19 +192,23 @@ def test_apply_creates_then_changes_nothing(emu: Emulator) -> None:
     files = [ROOT / "deploy" / "datacrunch" / "visual.yaml", ROOT / "deploy" / "datacrunch" / "text.yaml"]
     dry = apply(emu, *files, "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert "gpuscale-visual: create" in dry.stdout and "dry run" in dry.stdout
+    assert "gpuscale-visual-r00: create" in dry.stdout and "dry run" in dry.stdout
+    assert "gpuscale-visual-r10: create from" in dry.stdout and ", as gpuscale-visual-r00" in dry.stdout
     assert "+ compute.name = 'H100'" in dry.stdout
-    assert "gpuscale-visual" not in emu.snapshot()["deployments"]
+    assert not emu.snapshot()["deployments"]
 
     created = apply(emu, *files)
     assert created.returncode == 0, created.stderr
     made = set(emu.snapshot()["deployments"])
-    assert made >= {"gpuscale-visual-spot", "gpuscale-visual", "gpuscale-visual-a100"}
-    assert made >= {"gpuscale-text-spot", "gpuscale-text", "gpuscale-text-l40s"}
+    # One DataCrunch deployment per replica slot (_replica_slots in the specs), nothing else.
+    visual = {f"gpuscale-visual{v}-r{i:02d}" for v in ("-spot", "", "-a100") for i in range(11)}
+    text = {f"gpuscale-text{v}-r{i:02d}" for v in ("-spot", "", "-l40s") for i in range(6)}
+    assert made == visual | text
     state = emu.state
     assert state is not None
-    spot = state.deployments["gpuscale-visual-spot"].spec
+    spot = state.deployments["gpuscale-visual-spot-r03"].spec
     assert spot["is_spot"] is True
+    assert (spot["scaling"]["min_replica_count"], spot["scaling"]["max_replica_count"]) == (0, 1)
     assert {"type": "shared", "mount_path": "/mnt/shared", "volume_id": "3f2c1b8e-sfs-uploads"} in spot[
         "containers"
     ][0]["volume_mounts"]
@@ -211,13 +216,17 @@ def test_apply_creates_then_changes_nothing(emu: Emulator) -> None:
     before = writes(emu)
     again = apply(emu, *files)
     assert again.returncode == 0, again.stderr
-    assert "gpuscale-visual: unchanged" in again.stdout and "gpuscale-text: unchanged" in again.stdout
+    assert "gpuscale-visual: 11 of 11 slot(s) unchanged" in again.stdout
+    assert "gpuscale-text-l40s: 6 of 6 slot(s) unchanged" in again.stdout
     assert writes(emu) == before  # nothing was written
+    for name in made:  # the later tests share the emulator
+        _admin(emu, "DELETE", f"/container-deployments/{name}")
 
 
 def test_apply_updates_with_a_diff_and_keeps_the_replica_counts(emu: Emulator, tmp_path: Path) -> None:
     raw = first_doc("text.yaml")
     raw["name"] = "deck-text-update"
+    del raw[deployspec.SLOTS_KEY]  # a plain deployment: the one DataCrunch deployment
     first = tmp_path / "text.yaml"
     first.write_text(yaml.safe_dump(raw))
     assert apply(emu, first).returncode == 0
@@ -242,6 +251,10 @@ def test_apply_updates_with_a_diff_and_keeps_the_replica_counts(emu: Emulator, t
 
 
 def _admin_patch_scaling(emu: Emulator, name: str, scaling: dict[str, Any]) -> None:
+    _admin(emu, "PATCH", f"/container-deployments/{name}/scaling", scaling)
+
+
+def _admin(emu: Emulator, method: str, path: str, body: Any = None) -> None:
     token = httpx.post(
         f"{emu.base_url}/oauth2/token",
         json={
@@ -250,12 +263,10 @@ def _admin_patch_scaling(emu: Emulator, name: str, scaling: dict[str, Any]) -> N
             "client_secret": emu.client_secret,
         },
     ).json()["access_token"]
-    answer = httpx.patch(
-        f"{emu.base_url}/container-deployments/{name}/scaling",
-        json=scaling,
-        headers={"Authorization": f"Bearer {token}"},
+    answer = httpx.request(
+        method, f"{emu.base_url}{path}", json=body, headers={"Authorization": f"Bearer {token}"}
     )
-    assert answer.status_code == 200, answer.text
+    assert answer.status_code < 300, answer.text
 
 
 def test_apply_rejects_bad_files_with_exit_2(emu: Emulator, tmp_path: Path) -> None:
@@ -318,3 +329,72 @@ def test_apply_needs_credentials(tmp_path: Path) -> None:
         cwd=ROOT,
     )
     assert result.returncode == 2 and "DATACRUNCH_CLIENT_ID" in result.stderr
+
+
+# ---------------------------------------------------------------------- replica slots
+
+
+def test_slots_expand_into_one_deployment_per_replica() -> None:
+    spec = deployspec.load_all(ROOT / "deploy" / "datacrunch" / "text.yaml")[1]
+    assert spec[deployspec.SLOTS_KEY] == 6
+    slots = deployspec.expand(spec)
+    assert [s["name"] for s in slots] == [f"gpuscale-text-r{i:02d}" for i in range(6)]
+    for item in slots:
+        assert deployspec.SLOTS_KEY not in item  # never sent to the API
+        assert (item["scaling"]["min_replica_count"], item["scaling"]["max_replica_count"]) == (0, 1)
+        deployspec.validate(item, ignore_private=False)
+        assert deployspec.diff(slots[0], {**item, "name": slots[0]["name"]}) == []  # identical but the name
+    plain = {k: v for k, v in spec.items() if k != deployspec.SLOTS_KEY}
+    assert deployspec.expand(plain) == [plain]
+    assert deployspec.slot_name("deck", 3) == "deck-r03" and deployspec.slot_name("deck", 120) == "deck-r120"
+    assert deployspec.parse_slot_name("gpuscale-text-r05") == ("gpuscale-text", 5)
+    assert deployspec.parse_slot_name("deck-r120") == ("deck", 120)
+    for name in ("gpuscale-text", "deck-r5", "deck-r007", "r00", "deck-r0a"):
+        assert deployspec.parse_slot_name(name) is None, name
+
+
+@pytest.mark.parametrize(
+    ("value", "name", "message"),
+    [
+        (0, "deck", "_replica_slots: must be an integer >= 1, got 0"),
+        (True, "deck", "_replica_slots: must be an integer >= 1, got True"),
+        ("4", "deck", "_replica_slots: must be an integer >= 1, got '4'"),
+        (2, "d" * 62, r"_replica_slots: slot name 'd{62}-r01' is not a valid deployment name"),
+    ],
+)
+def test_bad_slot_counts_say_what_is_wrong(tmp_path: Path, value: Any, name: str, message: str) -> None:
+    raw = first_doc("visual.yaml")
+    raw["name"], raw[deployspec.SLOTS_KEY] = name, value
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(deployspec.SpecError, match=f"bad.yaml: {message}"):
+        deployspec.load_all(bad)
+    raw[deployspec.SLOTS_KEY] = 1
+    raw["_replica_slot"] = 2  # a typo of gpuscale's own key fails like any other
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(deployspec.SpecError, match="_replica_slot: unknown field"):
+        deployspec.load_all(bad)
+
+
+def test_shipped_slots_cover_the_pools_max_replicas() -> None:
+    """A pool whose rules count on stopping the idle replica (scale_down_victims: idle) needs a
+    slot per replica on every deployment; the shipped specs have them whatever the rules say."""
+    config = load_pools(ROOT / "deploy" / "datacrunch" / "pools.yaml")
+    for pool, rules in config.pools.items():
+        specs = {s["name"]: s for s in deployspec.load_all(ROOT / "deploy" / "datacrunch" / f"{pool}.yaml")}
+        for option in rules.options:
+            slots = deployspec.replica_slots(specs[option.name])
+            assert slots is not None and slots >= rules.max_replicas, (pool, option.name, slots)
+
+
+def test_apply_sees_slot_names_clash(emu: Emulator, tmp_path: Path) -> None:
+    slotted = first_doc("visual.yaml")
+    slotted["name"], slotted[deployspec.SLOTS_KEY] = "deck-clash", 2
+    plain = first_doc("visual.yaml")
+    plain["name"] = "deck-clash-r01"
+    del plain[deployspec.SLOTS_KEY]
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(slotted))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(plain))
+    result = apply(emu, tmp_path / "a.yaml", tmp_path / "b.yaml")
+    assert result.returncode == 2 and "deck-clash-r01 is defined twice" in result.stderr
+    assert not [n for n in emu.snapshot()["deployments"] if n.startswith("deck-clash")]

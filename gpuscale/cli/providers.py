@@ -1,4 +1,8 @@
-"""Provider commands: ``gpuscale deploy apply`` and ``gpuscale emulator``."""
+"""Provider commands: ``gpuscale deploy apply`` and ``gpuscale emulator``.
+
+``deploy apply`` expands a slotted spec (``_replica_slots: N``, see
+:mod:`gpuscale.controller.deployspec`) into its N one-replica deployments and applies each.
+"""
 
 from __future__ import annotations
 
@@ -24,20 +28,24 @@ async def _apply(files: list[Path], dry_run: bool) -> int:
     from gpuscale.controller.providers import datacrunch_client
     from gpuscale.controller.providers.base import ProviderError
 
-    # Every deployment of every file (a pool's fallback deployments share its file).
+    # Every deployment of every file (a pool's fallback deployments share its file), slotted
+    # ones expanded into their slots (``_replica_slots``: one DataCrunch deployment per replica).
     specs: list[dict[str, Any]] = []
     origins: list[Path] = []
+    logical: list[str] = []  # the spec's own name, for a slotted deployment's summary line
     try:
         for path in files:
             for spec in deployspec.load_all(path):
-                specs.append(spec)
-                origins.append(path)
+                for item in deployspec.expand(spec):
+                    specs.append(item)
+                    origins.append(path)
+                    logical.append(spec["name"])
     except deployspec.SpecError as exc:
         raise fail(str(exc)) from None
     names = [s["name"] for s in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise fail(f"deployment {', '.join(duplicates)} is defined in more than one file")
+        raise fail(f"deployment {', '.join(duplicates)} is defined twice (slots included)")
     settings = get_settings()
     volume_id = (settings.shared_volume_id or "").strip()
     for i, (spec, path) in enumerate(zip(specs, origins, strict=True)):
@@ -56,28 +64,51 @@ async def _apply(files: list[Path], dry_run: bool) -> int:
         raise fail(str(exc)) from None
     suffix = " (dry run: nothing changed)" if dry_run else ""
     try:
-        for spec, path in zip(specs, origins, strict=True):
+        existing = {str(d.get("name")) for d in await client.list_deployments()}
+        unchanged: dict[str, int] = {}  # per slotted deployment, its slots left as they are
+        for spec, path, base in zip(specs, origins, logical, strict=True):
             name = spec["name"]
-            current = await client.get_deployment(name)
+            current = await client.get_deployment(name) if name in existing else None
             changes = deployspec.diff(current, spec)
             if current is None:
-                typer.echo(f"{name}: create from {path}{suffix}")
-                for key, _, new in changes:
-                    typer.echo(f"  + {key} = {_show(new)}")
-                typer.echo(
-                    f"  + scaling.min_replica_count = {spec['scaling']['min_replica_count']}, "
-                    f"max_replica_count = {spec['scaling']['max_replica_count']}"
-                )
+                first = deployspec.slot_name(base, 0)
+                if name not in (base, first):
+                    # Slots after the first are the same spec: one line each, not the spec again.
+                    typer.echo(f"{name}: create from {path}, as {first}{suffix}")
+                else:
+                    typer.echo(f"{name}: create from {path}{suffix}")
+                    for key, _, new in changes:
+                        typer.echo(f"  + {key} = {_show(new)}")
+                    typer.echo(
+                        f"  + scaling.min_replica_count = {spec['scaling']['min_replica_count']}, "
+                        f"max_replica_count = {spec['scaling']['max_replica_count']}"
+                    )
                 if not dry_run:
                     await client.create_deployment(spec)
             elif not changes:
-                typer.echo(f"{name}: unchanged")
+                if name == base:
+                    typer.echo(f"{name}: unchanged")
+                else:
+                    unchanged[base] = unchanged.get(base, 0) + 1
             else:
                 typer.echo(f"{name}: update, {len(changes)} change(s) from {path}{suffix}")
                 for key, old, new in changes:
                     typer.echo(f"  ~ {key}: {_show(old)} -> {_show(new)}")
                 if not dry_run:
                     await client.update_deployment(name, deployspec.update_body(current, spec))
+        for base, n in unchanged.items():
+            total = logical.count(base)
+            typer.echo(f"{base}: {n} of {total} slot(s) unchanged ({deployspec.slot_name(base, 0)} …)")
+        for base in dict.fromkeys(b for b, s in zip(logical, specs, strict=True) if s["name"] != b):
+            if base in existing:
+                # The controller keeps using a plain deployment of the logical name while it
+                # exists (its replicas would run on, unmanaged, if it switched to the slots).
+                typer.secho(
+                    f"note: {base} also exists as one plain deployment; the controller keeps using it "
+                    f"until it is deleted (scale it to 0 first), then uses the slots",
+                    err=True,
+                    fg=typer.colors.YELLOW,
+                )
     except ProviderError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         return 1
@@ -94,7 +125,9 @@ def apply(
     """Create or update DataCrunch deployments from YAML specs, idempotently.
 
     Shows what changes; changes nothing when the deployment already matches.  The replica counts
-    of an existing deployment are the controller's and are left as they are.
+    of an existing deployment are the controller's and are left as they are.  A spec with
+    ``_replica_slots: N`` is created as N deployments NAME-r00 … (one replica each), so the
+    controller can stop exactly the replica it chooses.
     """
     specs = [f for f in files if f.name != "pools.yaml"]  # the pool rules live next to the specs
     if not specs:

@@ -13,6 +13,14 @@ in the same normal form.  ``diff()`` lists what ``deploy apply`` would change.
 The replica counts (``scaling.min_replica_count`` / ``max_replica_count``) of an existing
 deployment belong to the controller, which pins them at run time: ``deploy apply`` never diffs
 or overwrites them (see :func:`update_body`).
+
+Keys starting with ``_`` are gpuscale's own, never sent to the API.  The one a file may set is
+``_replica_slots: N`` (:data:`SLOTS_KEY`): the logical deployment is realised as N DataCrunch
+deployments ``{name}-r00`` … ``{name}-r{N-1:02d}`` (:func:`expand`), identical but for the name,
+created at 0/1 and pinned by the controller at 1/1 (one replica) or 0/0 (none).  Why: DataCrunch
+picks which replica a lowered replica count stops (there is no endpoint to choose), so with one
+deployment per replica the controller stops exactly the idle replica it names by stopping that
+replica's slot.  :func:`slot_name` and :func:`parse_slot_name` map between the two kinds of name.
 """
 
 from __future__ import annotations
@@ -39,6 +47,72 @@ VOLUME_TYPES = ("scratch", "shared", "memory", "secret")
 
 class SpecError(ValueError):
     """A deployment spec that does not match the API's shape."""
+
+
+# gpuscale's own key (see the module docstring): one DataCrunch deployment per replica slot.
+SLOTS_KEY = "_replica_slots"
+_SLOT_RE = re.compile(r"^(?P<base>.+)-r(?P<index>\d{2,})$")
+
+
+def slot_name(base: str, index: int) -> str:
+    """The DataCrunch deployment holding slot ``index`` of the logical deployment ``base``."""
+    return f"{base}-r{index:02d}"
+
+
+def parse_slot_name(name: str) -> tuple[str, int] | None:
+    """``(base, index)`` when ``name`` is a slot's deployment name (exactly as :func:`slot_name`
+    writes it), else None."""
+    match = _SLOT_RE.match(name)
+    if match is None:
+        return None
+    base, index = match["base"], int(match["index"])
+    return (base, index) if slot_name(base, index) == name else None
+
+
+def replica_slots(deployment: Mapping[str, Any]) -> int | None:
+    """The spec's ``_replica_slots`` (None: one plain deployment)."""
+    value = deployment.get(SLOTS_KEY)
+    return None if value is None else int(value)
+
+
+def validate_slots(deployment: Mapping[str, Any]) -> None:
+    """Check ``_replica_slots``: an integer >= 1 whose every slot name is a valid deployment name."""
+    if SLOTS_KEY not in deployment:
+        return
+    value = deployment[SLOTS_KEY]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpecError(f"{SLOTS_KEY}: must be an integer >= 1, got {value!r}")
+    last = slot_name(str(deployment["name"]), value - 1)
+    if not NAME_RE.match(last):
+        raise SpecError(
+            f"{SLOTS_KEY}: slot name {last!r} is not a valid deployment name (at most 63 characters)"
+        )
+
+
+def without_private(deployment: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy without gpuscale's own top-level keys (what the API may see)."""
+    return {
+        k: copy.deepcopy(v) for k, v in deployment.items() if not (isinstance(k, str) and k.startswith("_"))
+    }
+
+
+def expand(deployment: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The DataCrunch deployments that realise ``deployment``: itself without private keys, or
+    with ``_replica_slots: N`` its N slots, each created at min 0 / max 1 (nothing runs until the
+    controller pins one)."""
+    body = without_private(deployment)
+    slots = replica_slots(deployment)
+    if slots is None:
+        return [body]
+    out = []
+    for i in range(slots):
+        item = copy.deepcopy(body)
+        item["name"] = slot_name(str(body["name"]), i)
+        scaling = normalize_scaling(item.get("scaling"))  # the API wants all of it, or none
+        scaling["min_replica_count"], scaling["max_replica_count"] = 0, 1
+        item["scaling"] = scaling
+        out.append(item)
+    return out
 
 
 # The shape of a Deployment: key → nested shape, or a type for a leaf.  ``None`` in a tuple of
@@ -254,7 +328,9 @@ def normalize(deployment: Mapping[str, Any]) -> dict[str, Any]:
 
 def load_all(path: Path) -> list[dict[str, Any]]:
     """Every deployment of a spec file (one mapping, a list, or several YAML documents), in the
-    file's order, each checked against the API's shape (SpecError names the file and item)."""
+    file's order, each checked against the API's shape (SpecError names the file and item), in
+    normal form plus its ``_replica_slots`` when the file sets it (:func:`expand` turns it into
+    the deployments to create)."""
     try:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     except OSError as exc:
@@ -270,10 +346,15 @@ def load_all(path: Path) -> list[dict[str, Any]]:
     for i, data in enumerate(items):
         where = f"{path}" if len(items) == 1 else f"{path}: deployment #{i + 1}"
         try:
-            validate(data, ignore_private=False)
+            # gpuscale's own keys are known ones only: a typo there fails like any other.
+            private = {k: v for k, v in data.items() if k == SLOTS_KEY} if isinstance(data, dict) else {}
+            validate(
+                {k: v for k, v in data.items() if k not in private} if private else data, ignore_private=False
+            )
+            validate_slots(data)
         except SpecError as exc:
             raise SpecError(f"{where}: {exc}") from None
-        out.append(normalize(data))
+        out.append({**normalize(data), **private})
     names = [d["name"] for d in out]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:

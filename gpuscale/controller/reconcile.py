@@ -160,6 +160,7 @@ def merge_states(states: Sequence[ProviderState]) -> ProviderState:
         paused=bool(states) and all(s.paused for s in states),
         status=status,
         pinned=all(s.pinned for s in states),
+        stops_named=all(s.stops_named for s in states),
     )
 
 
@@ -321,6 +322,7 @@ class Reconciler:
         # The server list as last read, and the registry's change counter it came with.
         self._servers: list[ServerInfo] | None = None
         self._servers_version: int | None = None
+        self._victims_warned: set[str] = set()  # deployments already warned of (see _warn_victims)
         # Every series exists from the first scrape (at 0), so rate() sees the first event too.
         for name, r in config.pools.items():
             for child in (
@@ -444,6 +446,8 @@ class Reconciler:
                 errors.append(f"{label}: {type(res).__name__}: {res}")
             else:
                 per[dep] = res
+                if rules.scale_down_victims == "idle" and not res.stops_named:
+                    self._warn_victims(rules, dep)
         if errors:
             m.OBSERVE_ERRORS.labels(rules.name, "provider").inc()
         placement = self.placements[rules.name]
@@ -455,6 +459,20 @@ class Reconciler:
         known = [st for st in per.values() if st is not None]
         merged = None if blind or not known else merge_states(known)
         return merged, per, "; ".join(errors) or None
+
+    def _warn_victims(self, rules: PoolRules, dep: str) -> None:
+        """Once per deployment: the rules count on stopping idle replicas, the provider picks."""
+        if dep in self._victims_warned:
+            return
+        self._victims_warned.add(dep)
+        log.warning(
+            "pool %s: its rules say scale_down_victims: idle, but deployment %s cannot stop the replica "
+            "the controller names (DataCrunch picks which one a lower count stops, maybe a busy one): "
+            "give it _replica_slots in its spec and re-run gpuscale deploy apply (one DataCrunch "
+            "deployment per replica), or set scale_down_victims: any in the pools file",
+            rules.name,
+            dep,
+        )
 
     # ------------------------------------------------------------------ fast path
     def at_max(self, name: str) -> bool:

@@ -41,6 +41,10 @@ class ProviderState:
     # False when the provider's own autoscaling may change the count (DataCrunch min < max): the
     # controller then pins it even if ``target`` already equals its decision.
     pinned: bool = True
+    # Whether lowering the count stops the replicas ``set_replicas(idle=…)`` names (local, docker,
+    # a slotted DataCrunch deployment); False where the provider picks them (a plain DataCrunch
+    # deployment), which pools whose rules say ``scale_down_victims: idle`` cannot rely on.
+    stops_named: bool = True
 
 
 @dataclass(frozen=True)

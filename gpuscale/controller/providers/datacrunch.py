@@ -9,6 +9,10 @@ surface at once as :class:`CapacityError` carrying the API's message.
 
 The provider pins the replica count (``min_replica_count = max_replica_count = desired``) because
 DataCrunch's own autoscaler watches its HTTP request queue, which our workers never use.
+DataCrunch also picks which replica a lowered count stops; a deployment applied with
+``_replica_slots: N`` is N one-replica deployments ``NAME-r00`` … that the provider shows and
+drives as one, stopping exactly the idle replica the controller names (see
+:class:`DataCrunchProvider`).
 
 Credentials and tokens never appear in logs, reprs, errors or metrics: the client keeps them in
 ``SecretStr`` and scrubs them from any message built from an API answer.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import re
 import time
@@ -32,6 +37,7 @@ from pydantic import SecretStr
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_base
 
+from gpuscale.controller.deployspec import parse_slot_name
 from gpuscale.controller.metrics import PROVIDER_REQUEST_SECONDS, PROVIDER_REQUESTS
 from gpuscale.controller.providers.base import (
     REPLICA_FAILED,
@@ -481,27 +487,130 @@ def _expect_dict(data: Any, what: str) -> dict[str, Any]:
     return data
 
 
+# Slot statuses, worst first: a slotted deployment reports the worst of its active slots'.
+_STATUS_RANK = ("quota_reached", "error", "failed", "unhealthy", "degraded", "initializing", "starting")
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One slot of a slotted deployment, as ``GET /container-deployments`` listed it."""
+
+    name: str
+    index: int
+    min: int
+    max: int
+
+
+@dataclass(frozen=True)
+class _Listing:
+    """One read of ``GET /container-deployments``: the plain names, and the slots by logical name."""
+
+    names: frozenset[str]
+    slots: Mapping[str, tuple[_Slot, ...]]
+    bodies: Mapping[str, Mapping[str, Any]]
+
+
+def _listing(items: list[dict[str, Any]]) -> _Listing:
+    names: set[str] = set()
+    slots: dict[str, list[_Slot]] = {}
+    bodies: dict[str, Mapping[str, Any]] = {}
+    for item in items:
+        name = item.get("name")
+        if not isinstance(name, str):
+            continue
+        names.add(name)
+        bodies[name] = item
+        parsed = parse_slot_name(name)
+        raw_scaling = item.get("scaling")
+        scaling: dict[str, Any] = raw_scaling if isinstance(raw_scaling, dict) else {}
+        if parsed is not None:
+            lo, hi = scaling.get("min_replica_count"), scaling.get("max_replica_count")
+            slots.setdefault(parsed[0], []).append(
+                _Slot(name, parsed[1], lo if isinstance(lo, int) else 0, hi if isinstance(hi, int) else 0)
+            )
+    return _Listing(
+        frozenset(names), {b: tuple(sorted(v, key=lambda s: s.index)) for b, v in slots.items()}, bodies
+    )
+
+
 class DataCrunchProvider:
-    """The ``datacrunch`` provider: pins each deployment's replica count through the API."""
+    """The ``datacrunch`` provider: pins each deployment's replica count through the API.
+
+    **Slots.**  DataCrunch picks which replica a lowered count stops, so a plain deployment cannot
+    stop the idle replica the controller names (its state says ``stops_named=False``).  A logical
+    deployment NAME applied with ``_replica_slots: N`` exists as N deployments NAME-r00 … of one
+    replica each (see :mod:`gpuscale.controller.deployspec`); the provider shows them as one:
+    ``observe(NAME)`` merges the slots' replicas, ``set_replicas(NAME, n, idle=…)`` stops exactly
+    the slots of the idle replicas (then the newest) by pinning them 0/0 (or pausing them where
+    0/0 is refused) and starts free slots (lowest index first) by pinning them 1/1.  A name is
+    taken as slotted when it has no plain deployment of its own (a 404) and its slots are listed
+    by ``GET /container-deployments``; that list is read once for all the deployments observed
+    side by side (shared for ``list_ttl_s``), and only the slots that are pinned to a replica, or
+    had one when last read, cost their replicas and status calls.
+    """
 
     name = "datacrunch"
 
-    def __init__(self, client: DataCrunchClient) -> None:
+    def __init__(self, client: DataCrunchClient, *, list_ttl_s: float = 1.0) -> None:
         self.client = client
         # Replicas reported without a start time get the time we first saw them, so a
-        # startup timeout measured from ``started_at`` still fires.
-        self._first_seen: dict[str, float] = {}
+        # startup timeout measured from ``started_at`` still fires (per deployment).
+        self._first_seen: dict[str, dict[str, float]] = {}
+        self._list_ttl_s = list_ttl_s
+        self._listed: _Listing | None = None
+        self._listed_at = -math.inf
+        self._list_task: asyncio.Future[_Listing] | None = None
+        self._slotted: set[str] = set()  # logical names known to be realised as slots
+        self._slot_replicas: dict[str, list[Replica]] = {}  # per slot, its replicas as last read
+        self._slot_status: dict[str, str] = {}  # per slot, its status as last read or left
+        self._parked: set[str] = set()  # slots paused by set_replicas where 0/0 was refused
+        self._over_warned: set[str] = set()
 
     def __repr__(self) -> str:
         return f"DataCrunchProvider({self.client!r})"
 
-    async def observe(self, deployment: str) -> ProviderState:
-        raw_replicas, status, scaling = await asyncio.gather(
-            self.client.get_replicas(deployment),
-            self.client.get_status(deployment),
-            self.client.get_scaling(deployment),
-        )
-        now = time.time()
+    # ------------------------------------------------------------------ which kind of name
+
+    async def _list(self) -> _Listing:
+        """The deployments as listed at most ``list_ttl_s`` ago; concurrent callers share one call."""
+        if self._listed is not None and time.monotonic() - self._listed_at < self._list_ttl_s:
+            return self._listed
+        task = self._list_task
+        if task is None or task.done():
+            task = self._list_task = asyncio.ensure_future(self._fetch_list())
+        return await asyncio.shield(task)
+
+    async def _fetch_list(self) -> _Listing:
+        at = time.monotonic()
+        listed = _listing(await self.client.list_deployments())
+        self._listed, self._listed_at = listed, at
+        return listed
+
+    async def _slots_of(self, name: str) -> tuple[_Slot, ...] | None:
+        """The slots of ``name`` when it is known to be slotted (and still is), else None."""
+        if name not in self._slotted:
+            return None
+        listed = await self._list()
+        slots = listed.slots.get(name)
+        if slots and name not in listed.names:
+            return slots
+        self._slotted.discard(name)
+        return None
+
+    async def _discover(self, name: str) -> tuple[_Slot, ...] | None:
+        """After a 404 for ``name``: its slots, when the list has them."""
+        listed = await self._list()
+        slots = listed.slots.get(name)
+        if not slots or name in listed.names:
+            return None
+        self._slotted.add(name)
+        log.info("DataCrunch: %s is %d slot deployment(s) %s …", name, len(slots), slots[0].name)
+        return slots
+
+    # ------------------------------------------------------------------ observe
+
+    def _replicas(self, deployment: str, raw_replicas: list[dict[str, Any]], now: float) -> list[Replica]:
+        first_seen = self._first_seen.setdefault(deployment, {})
         replicas = []
         seen = set()
         for item in raw_replicas:
@@ -509,22 +618,183 @@ class DataCrunchProvider:
             seen.add(rid)
             started = _parse_time(item.get("started_at"))
             if started is None:
-                started = self._first_seen.setdefault(rid, now)
+                started = first_seen.setdefault(rid, now)
             raw_status = str(item.get("status") or "").lower()
             replicas.append(Replica(rid, _REPLICA_STATUS.get(raw_status, raw_status or "unknown"), started))
-        for rid in set(self._first_seen) - seen:
-            del self._first_seen[rid]
+        for rid in set(first_seen) - seen:
+            del first_seen[rid]
+        return replicas
+
+    async def observe(self, deployment: str) -> ProviderState:
+        slots = await self._slots_of(deployment)
+        if slots is None:
+            try:
+                return await self._observe_plain(deployment)
+            except DeploymentNotFound:
+                slots = await self._discover(deployment)
+                if slots is None:
+                    raise
+        return await self._observe_slots(slots)
+
+    async def _observe_plain(self, deployment: str) -> ProviderState:
+        raw_replicas, status, scaling = await asyncio.gather(
+            self.client.get_replicas(deployment),
+            self.client.get_status(deployment),
+            self.client.get_scaling(deployment),
+        )
+        replicas = self._replicas(deployment, raw_replicas, time.time())
         paused = status == "paused"
         pinned = paused or scaling["min_replica_count"] == scaling["max_replica_count"]
         # Not pinned (min < max, e.g. a fresh deployment): the cloud's own autoscaler decides, so
         # the count is what runs now; the controller pins it on its next action.
         target = 0 if paused else int(scaling["min_replica_count"]) if pinned else len(replicas)
-        return ProviderState(replicas=replicas, target=target, paused=paused, status=status, pinned=pinned)
+        # DataCrunch chooses which replica a lower count stops: not the one the controller names.
+        return ProviderState(
+            replicas=replicas, target=target, paused=paused, status=status, pinned=pinned, stops_named=False
+        )
+
+    def _paused(self, slot: _Slot) -> bool:
+        return self._slot_status.get(slot.name) == "paused"
+
+    def _worth_reading(self, slot: _Slot) -> bool:
+        # A slot pinned to a replica, or one that had replicas (one set to 0 may still show its
+        # replica stopping); a slot known paused with nothing left costs no call.
+        return bool(self._slot_replicas.get(slot.name)) or (slot.min >= 1 and not self._paused(slot))
+
+    async def _read_slot(self, slot: str) -> tuple[list[dict[str, Any]], str] | None:
+        try:
+            raw, status = await asyncio.gather(self.client.get_replicas(slot), self.client.get_status(slot))
+        except DeploymentNotFound:
+            return None  # deleted since it was listed
+        return raw, status
+
+    async def _observe_slots(self, slots: tuple[_Slot, ...]) -> ProviderState:
+        read = [s for s in slots if self._worth_reading(s)]
+        results = await asyncio.gather(*(self._read_slot(s.name) for s in read))
+        now = time.time()
+        statuses: dict[str, str] = {}
+        for slot, res in zip(read, results, strict=True):
+            if res is None:
+                self._slot_replicas.pop(slot.name, None)
+                continue
+            raw, status = res
+            self._slot_status[slot.name] = status
+            statuses[slot.name] = status
+            self._slot_replicas[slot.name] = self._replicas(slot.name, raw, now)
+        for slot in slots:
+            if slot not in read:
+                self._slot_replicas.pop(slot.name, None)
+                self._first_seen.pop(slot.name, None)
+        replicas = [r for s in slots for r in self._slot_replicas.get(s.name, ())]
+        active = [s for s in slots if s.min >= 1 and not self._paused(s)]
+        paused = all(self._paused(s) for s in slots)
+        asked = [statuses.get(s.name, "") for s in active]
+        worst = [st for st in _STATUS_RANK if st in asked]
+        others = [st for st in asked if st and st not in ("healthy", "paused") and st not in _STATUS_RANK]
+        status = "paused" if paused else (worst or others or ["healthy"])[0]
+        return ProviderState(
+            replicas=replicas,
+            target=len(active),
+            paused=paused,
+            status=status,
+            pinned=all(s.min == s.max or self._paused(s) for s in slots),
+            stops_named=True,
+        )
+
+    # ------------------------------------------------------------------ set the count
 
     async def set_replicas(self, deployment: str, desired: int, *, idle: Collection[str] = ()) -> None:
-        # ``idle`` is ignored: DataCrunch picks which replica to stop; workers drain on SIGTERM.
+        # A plain deployment ignores ``idle`` (DataCrunch picks which replica to stop; workers
+        # drain on SIGTERM); a slotted one stops the idle replicas' slots.
         if desired < 0:
             raise ValueError("desired replica count must be >= 0")
+        slots = await self._slots_of(deployment)
+        if slots is None:
+            try:
+                await self._set_plain(deployment, desired)
+                return
+            except DeploymentNotFound:
+                slots = await self._discover(deployment)
+                if slots is None:
+                    raise
+        await self._set_slots(deployment, slots, desired, idle)
+
+    async def _set_slots(
+        self, deployment: str, slots: tuple[_Slot, ...], desired: int, idle: Collection[str]
+    ) -> None:
+        from gpuscale.controller.providers.pinned import choose_victims
+
+        # Pinned to a replica but never read by this process (a new leader): is it paused?
+        unread = [s for s in slots if s.min >= 1 and s.name not in self._slot_status]
+        for slot, status in zip(
+            unread, await asyncio.gather(*(self.client.get_status(s.name) for s in unread)), strict=True
+        ):
+            self._slot_status[slot.name] = status
+        active = [s for s in slots if s.min >= 1 and not self._paused(s)]
+        want: dict[str, int] = {}  # slot → 0 or 1, only where something must change
+        if desired < len(active):
+            owner = {r.id: s.name for s in active for r in self._slot_replicas.get(s.name, ())}
+            live = [
+                (
+                    s.name,
+                    # A slot whose replica has not shown yet is the newest: stopping it is cheapest.
+                    min((r.started_at for r in self._slot_replicas.get(s.name, ())), default=math.inf),
+                )
+                for s in active
+            ]
+            idle_slots = {owner[rid] for rid in idle if rid in owner}
+            for name in choose_victims(live, len(active) - desired, idle_slots):
+                want[name] = 0
+        elif desired > len(active):
+            free = [s for s in slots if s not in active]
+            if desired > len(slots) and deployment not in self._over_warned:
+                self._over_warned.add(deployment)
+                log.warning(
+                    "DataCrunch: %s has %d replica slot(s) and %d replicas were asked for; running "
+                    "%d (raise _replica_slots in its spec and re-run gpuscale deploy apply)",
+                    deployment,
+                    len(slots),
+                    desired,
+                    len(slots),
+                )
+            for slot in free[: desired - len(active)]:
+                want[slot.name] = 1
+        for slot in slots:
+            if slot.name in want:
+                continue
+            if slot in active and (slot.min, slot.max) != (1, 1):
+                want[slot.name] = 1  # pinned to more than one, or not pinned: back to one
+            elif slot not in active and slot.min != slot.max and not self._paused(slot):
+                want[slot.name] = 0  # fresh (0/1): pinned, so DataCrunch's autoscaler stays out
+        if not want:
+            return
+        log.info(
+            "DataCrunch: %s to %d: %s",
+            deployment,
+            desired,
+            ", ".join(f"{n} -> {c}" for n, c in sorted(want.items())),
+        )
+        # Starts before stops, side by side: the pool's capacity never dips while they move.
+        results = await asyncio.gather(
+            *(self._set_slot(n, c) for n, c in sorted(want.items(), key=lambda i: -i[1])),
+            return_exceptions=True,
+        )
+        self._listed = None  # the pins moved: the next read lists them again
+        for res in results:
+            if isinstance(res, BaseException):
+                raise res
+
+    async def _set_slot(self, slot: str, count: int) -> None:
+        paused = await self._set_plain(slot, count)
+        self._slot_status[slot] = (
+            "paused" if paused else self._slot_status.get(slot, "") if count == 0 else ""
+        )
+        if count:
+            self._parked.discard(slot)
+
+    async def _set_plain(self, deployment: str, desired: int) -> bool:
+        """Pin one DataCrunch deployment at ``desired``: 0/0, or pause where 0/0 is refused;
+        resume before pinning more.  Returns whether it is paused afterwards."""
         scaling, status = await asyncio.gather(
             self.client.get_scaling(deployment), self.client.get_status(deployment)
         )
@@ -532,7 +802,7 @@ class DataCrunchProvider:
         pinned = scaling["min_replica_count"] == scaling["max_replica_count"] == desired
         if desired == 0:
             if paused or pinned:
-                return
+                return paused
             try:
                 await self.client.patch_scaling(deployment, _pin(scaling, 0))
             except (ApiError, CapacityError) as exc:
@@ -541,11 +811,14 @@ class DataCrunchProvider:
                     raise
                 log.info("DataCrunch refused 0/0 for %s (%s); pausing instead", deployment, exc.message)
                 await self._pin_one_then_pause(deployment, scaling)
-            return
+                self._parked.add(deployment)
+                return True
+            return False
         if paused:
             await self.client.resume(deployment)
         if not pinned:
             await self.client.patch_scaling(deployment, _pin(scaling, desired))
+        return False
 
     async def _pin_one_then_pause(self, deployment: str, scaling: Mapping[str, Any]) -> None:
         """Pause, after pinning 1/1 when the minimum is higher: ``resume`` then restarts at most
@@ -560,25 +833,54 @@ class DataCrunchProvider:
 
     async def deployment_prices(self, deployments: Collection[str]) -> dict[str, float]:
         """Price per hour of each deployment from the API: its compute type and is_spot, priced
-        by ``GET /container-types``.  Deployments the API cannot price are left out."""
+        by ``GET /container-types`` (a slotted deployment: its slots').  Deployments the API
+        cannot price are left out."""
         from gpuscale.controller.prices import deployment_price, parse_container_types
 
         types = parse_container_types(await self.client.get_container_types())
         out: dict[str, float] = {}
         for name in deployments:
-            dep = await self.client.get_deployment(name)
-            price = deployment_price(types, dep) if dep is not None else None
+            dep: Mapping[str, Any] | None = await self.client.get_deployment(name)
+            if dep is None:
+                slots = await self._discover(name)
+                dep = (await self._list()).bodies.get(slots[0].name) if slots else None
+            price = deployment_price(types, dict(dep)) if dep is not None else None
             if price is not None:
                 out[name] = price
         return out
 
+    async def _names(
+        self, deployment: str, one: Callable[[str], Awaitable[None]], *, skip: Collection[str] = ()
+    ) -> None:
+        """``one`` on the deployment, or on each of its slots (but ``skip``) when it is slotted."""
+        slots = await self._slots_of(deployment)
+        if slots is None:
+            try:
+                await one(deployment)
+                return
+            except DeploymentNotFound:
+                slots = await self._discover(deployment)
+                if slots is None:
+                    raise
+        await asyncio.gather(*(one(s.name) for s in slots if s.name not in skip))
+
     async def pause(self, deployment: str) -> None:
+        await self._names(deployment, self._pause_one)
+
+    async def _pause_one(self, deployment: str) -> None:
         if await self.client.get_status(deployment) != "paused":
             await self.client.pause(deployment)
+        self._slot_status[deployment] = "paused"
 
     async def resume(self, deployment: str) -> None:
+        # Slots paused by set_replicas in place of 0/0 stay stopped: resuming them would start
+        # replicas the controller set to none.
+        await self._names(deployment, self._resume_one, skip=set(self._parked))
+
+    async def _resume_one(self, deployment: str) -> None:
         if await self.client.get_status(deployment) == "paused":
             await self.client.resume(deployment)
+        self._slot_status.pop(deployment, None)
 
     async def aclose(self) -> None:
         await self.client.aclose()

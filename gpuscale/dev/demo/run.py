@@ -365,15 +365,18 @@ class Demo:
             return counts
         pool_of = {dep: pool for pool, dep in self.deployment_for.items()}
         for dep_name, dep in (emu_state.get("deployments") or {}).items():
-            pool = pool_of.get(dep_name)
+            # A slotted deployment (_replica_slots) is one emulator deployment per replica.
+            slot = deployspec.parse_slot_name(dep_name)
+            pool = pool_of.get(dep_name) or (pool_of.get(slot[0]) if slot else None)
             if pool is None:
                 continue
             replicas = dep.get("replicas") or []
-            counts[pool] = len(replicas)
-            self.peak[pool] = max(self.peak.get(pool, 0), len(replicas))
+            counts[pool] = counts.get(pool, 0) + len(replicas)
             self.replica_seconds[pool] = self.replica_seconds.get(pool, 0.0) + dt * len(replicas)
             for r in replicas:
                 self.replicas_seen.setdefault(str(r.get("id")), [pool, now, now])[2] = now
+        for pool, n in counts.items():
+            self.peak[pool] = max(self.peak.get(pool, 0), n)
         return counts
 
     async def poll(self) -> Snapshot:
