@@ -397,7 +397,11 @@ class Replay:
             raise ReplayError("the emulator does not answer")
         now = time.time()
         counts: dict[str, int] = {}
-        for dep, body in state["deployments"].items():
+        options = {o.name for r in self.scaled.pools.values() for o in r.options}
+        for name, body in state["deployments"].items():
+            # A slotted deployment (_replica_slots) is one emulator deployment per replica slot.
+            slot = deployspec.parse_slot_name(name)
+            dep = slot[0] if name not in options and slot is not None and slot[0] in options else name
             n = 0
             for r in body["replicas"]:
                 if r["status"] not in ("starting", "running"):
@@ -409,7 +413,7 @@ class Replay:
                     self.seen[r["id"]] = [dep, min(float(r["started_at"]), now), now]
                 else:
                     entry[2] = now
-            counts[dep] = n
+            counts[dep] = counts.get(dep, 0) + n
         return counts
 
     async def _provider_state(self) -> dict[str, Any]:
