@@ -387,7 +387,7 @@ def test_shipped_slots_cover_the_pools_max_replicas() -> None:
             assert slots is not None and slots >= rules.max_replicas, (pool, option.name, slots)
 
 
-def test_apply_sees_slot_names_clash(emu: Emulator, tmp_path: Path) -> None:
+def test_apply_sees_slot_names_clash_and_a_plain_deployment_left(emu: Emulator, tmp_path: Path) -> None:
     slotted = first_doc("visual.yaml")
     slotted["name"], slotted[deployspec.SLOTS_KEY] = "deck-clash", 2
     plain = first_doc("visual.yaml")
@@ -398,3 +398,13 @@ def test_apply_sees_slot_names_clash(emu: Emulator, tmp_path: Path) -> None:
     result = apply(emu, tmp_path / "a.yaml", tmp_path / "b.yaml")
     assert result.returncode == 2 and "deck-clash-r01 is defined twice" in result.stderr
     assert not [n for n in emu.snapshot()["deployments"] if n.startswith("deck-clash")]
+    # A plain deployment of the same name (before the switch to slots) is pointed out.
+    del slotted[deployspec.SLOTS_KEY]
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(slotted))
+    assert apply(emu, tmp_path / "plain.yaml").returncode == 0
+    slotted[deployspec.SLOTS_KEY] = 2
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(slotted))
+    moved = apply(emu, tmp_path / "a.yaml")
+    assert moved.returncode == 0, moved.stderr
+    assert "deck-clash-r01: create" in moved.stdout
+    assert "deck-clash also exists as one plain deployment" in moved.stderr

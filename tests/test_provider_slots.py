@@ -170,6 +170,8 @@ async def test_a_new_provider_finds_the_slots_and_a_plain_deployment_is_as_befor
     plain_state = await running(other, plain, 1)
     assert (plain_state.target, plain_state.stops_named) == (1, False)
     assert deployspec.slot_name(plain, 0) not in emu.snapshot()["deployments"]
+    prices = await other.deployment_prices([slotted, plain])
+    assert prices[slotted] == prices[plain] > 0  # a slot's price: the same spec, the same GPU
     await other.pause(slotted)
     paused = await other.observe(slotted)
     assert paused.paused and paused.status == "paused" and paused.target == 0

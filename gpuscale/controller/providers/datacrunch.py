@@ -603,8 +603,9 @@ class DataCrunchProvider:
         slots = listed.slots.get(name)
         if not slots or name in listed.names:
             return None
-        self._slotted.add(name)
-        log.info("DataCrunch: %s is %d slot deployment(s) %s …", name, len(slots), slots[0].name)
+        if name not in self._slotted:
+            self._slotted.add(name)
+            log.info("DataCrunch: %s is %d slot deployment(s) %s …", name, len(slots), slots[0].name)
         return slots
 
     # ------------------------------------------------------------------ observe
@@ -840,9 +841,10 @@ class DataCrunchProvider:
         types = parse_container_types(await self.client.get_container_types())
         out: dict[str, float] = {}
         for name in deployments:
-            dep: Mapping[str, Any] | None = await self.client.get_deployment(name)
+            slots = await self._slots_of(name)
+            dep: Mapping[str, Any] | None = None if slots else await self.client.get_deployment(name)
             if dep is None:
-                slots = await self._discover(name)
+                slots = slots or await self._discover(name)
                 dep = (await self._list()).bodies.get(slots[0].name) if slots else None
             price = deployment_price(types, dict(dep)) if dep is not None else None
             if price is not None:
