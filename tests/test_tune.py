@@ -61,8 +61,10 @@ def test_tune_finds_cheaper_rules_that_still_meet_the_objectives() -> None:
     front = result.frontier()
     assert front and all(a.cost_x <= b.cost_x and a.worst > b.worst for a, b in itertools.pairwise(front))
     # The document written is a valid pools file that replays to the numbers reported (with the
-    # stop order its provider has: DataCrunch picks the replica a lower count stops).
-    data = summary(simulate(trace, parse_pools(result.document, "tuned"), victims="any"))
+    # stop order the file states: the controller stops the idle replica, one deployment each).
+    tuned = parse_pools(result.document, "tuned")
+    (victims,) = {r.scale_down_victims for r in tuned.pools.values()}
+    data = summary(simulate(trace, tuned, victims=victims))
     assert data["graph_p95_s"] <= 1500 and data["wait_p95_s"] <= 400
     assert data["cost_usd"] == pytest.approx(result.best.data["cost_usd"])
     # Everything else in the file is kept.

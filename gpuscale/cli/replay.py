@@ -111,17 +111,20 @@ def replay(
         raise fail("--provider configured needs --database-url (its replicas must reach the database)")
     sim_data: dict[str, Any] | None = None
     sim_timeline: dict[str, Any] = {}
+    # Pools that say ``scale_down_victims: idle`` run one deployment per replica (the specs'
+    # ``_replica_slots``): the controller stops the idle replica it names, and so does the
+    # simulator.  On a plain deployment the emulator, like DataCrunch, picks the replica itself:
+    # the newest (``--stop-order newest``), which the simulator then follows.
+    victims = "idle" if all(r.scale_down_victims == "idle" for r in config.pools.values()) else "newest"
     if compare:
         try:
-            # The emulator, like DataCrunch, does not stop an idle replica first: it stops the
-            # newest (--stop-order newest), and so does the simulator here.
-            sim = run_sim(tasks, config, victims="newest")
+            sim = run_sim(tasks, config, victims=victims)
         except TraceError as exc:
             raise fail(str(exc)) from None
         sim_data = _with_replica_seconds(summary(sim), sim)
         from gpuscale.controller.simulate.engine import timeline
 
-        sim_timeline = timeline(tasks, config, victims="newest")
+        sim_timeline = timeline(tasks, config, victims=victims)
 
     console = Console(stderr=True)
     options = ReplayOptions(speed=speed, data_dir=data_dir, database_url=database_url, provider=provider)
