@@ -193,7 +193,7 @@ def test_apply_creates_then_changes_nothing(emu: Emulator) -> None:
     dry = apply(emu, *files, "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "gpuscale-visual-r00: create" in dry.stdout and "dry run" in dry.stdout
-    assert "gpuscale-visual-r10: create from" in dry.stdout and ", as gpuscale-visual-r00" in dry.stdout
+    assert "gpuscale-visual-r13: create from" in dry.stdout and ", as gpuscale-visual-r00" in dry.stdout
     assert "+ compute.name = 'H100'" in dry.stdout
     assert not emu.snapshot()["deployments"]
 
@@ -201,8 +201,8 @@ def test_apply_creates_then_changes_nothing(emu: Emulator) -> None:
     assert created.returncode == 0, created.stderr
     made = set(emu.snapshot()["deployments"])
     # One DataCrunch deployment per replica slot (_replica_slots in the specs), nothing else.
-    visual = {f"gpuscale-visual{v}-r{i:02d}" for v in ("-spot", "", "-a100") for i in range(11)}
-    text = {f"gpuscale-text{v}-r{i:02d}" for v in ("-spot", "", "-l40s") for i in range(6)}
+    visual = {f"gpuscale-visual{v}-r{i:02d}" for v in ("-spot", "", "-a100") for i in range(14)}
+    text = {f"gpuscale-text{v}-r{i:02d}" for v in ("-spot", "", "-l40s") for i in range(8)}
     assert made == visual | text
     state = emu.state
     assert state is not None
@@ -216,8 +216,8 @@ def test_apply_creates_then_changes_nothing(emu: Emulator) -> None:
     before = writes(emu)
     again = apply(emu, *files)
     assert again.returncode == 0, again.stderr
-    assert "gpuscale-visual: 11 of 11 slot(s) unchanged" in again.stdout
-    assert "gpuscale-text-l40s: 6 of 6 slot(s) unchanged" in again.stdout
+    assert "gpuscale-visual: 14 of 14 slot(s) unchanged" in again.stdout
+    assert "gpuscale-text-l40s: 8 of 8 slot(s) unchanged" in again.stdout
     assert writes(emu) == before  # nothing was written
     for name in made:  # the later tests share the emulator
         _admin(emu, "DELETE", f"/container-deployments/{name}")
@@ -336,9 +336,9 @@ def test_apply_needs_credentials(tmp_path: Path) -> None:
 
 def test_slots_expand_into_one_deployment_per_replica() -> None:
     spec = deployspec.load_all(ROOT / "deploy" / "datacrunch" / "text.yaml")[1]
-    assert spec[deployspec.SLOTS_KEY] == 6
+    assert spec[deployspec.SLOTS_KEY] == 8
     slots = deployspec.expand(spec)
-    assert [s["name"] for s in slots] == [f"gpuscale-text-r{i:02d}" for i in range(6)]
+    assert [s["name"] for s in slots] == [f"gpuscale-text-r{i:02d}" for i in range(8)]
     for item in slots:
         assert deployspec.SLOTS_KEY not in item  # never sent to the API
         assert (item["scaling"]["min_replica_count"], item["scaling"]["max_replica_count"]) == (0, 1)
