@@ -170,6 +170,29 @@ async def test_scales_from_zero_on_queued_work(make_app, deployments: Emulator) 
     assert events and events[0]["to_replicas"] >= 1 and events[0]["outcome"] == "applied"
 
 
+async def test_a_reconcile_reads_the_provider_again_after_another_changed_it(  # type: ignore[no-untyped-def]
+    make_app, deployments: Emulator
+) -> None:
+    """A tick and a fast reconcile observe side by side and act one at a time: the second must
+    not decide on the replica count read before the first changed it (seen in a replay: a
+    replica stopped for being idle, and two started again 0.1 s later on the old count)."""
+    app = await make_app()
+    await app.tick()  # fresh deployments get pinned to 0
+    await _enqueue(app.queue, 5)
+    r = app.reconciler
+    first = await r.observe()
+    second = await r.observe()  # newer than the first, so it is not skipped as stale...
+    second.providers.update(await r._observe_providers(["visual"]))  # ...but read before it acts
+    await r.reconcile_pool("visual", first, None)
+    scaled = await _target(deployments, "gpuscale-visual")
+    assert scaled >= 1
+    await r.reconcile_pool("visual", second, None)
+    assert r.provider_counts["visual"] == scaled  # read again, not the 0 read before the scale-up
+    events = await app.store.events("visual")
+    # Without the second read it decided 0 → N again on the old count, and recorded it.
+    assert [e["reason"] for e in events].count("scale_from_zero") == 1, events[:3]
+
+
 async def test_scale_up_beyond_one_waits_for_the_delay(make_app, deployments: Emulator) -> None:  # type: ignore[no-untyped-def]
     clock = Clock()
     app = await make_app(pools_config(cold_start=1, default_task_duration=600, drain_target=60))

@@ -314,6 +314,7 @@ class Reconciler:
         self._dead_seen: dict[str, int] = {}
         self._last_logged: dict[str, tuple[int, str, tuple[tuple[str, int], ...]]] = {}
         self._observed_at: dict[str, float] = {}
+        self._acted_at: dict[str, float] = {}  # when each pool's last change reached the provider
         self._last_saved: dict[str, tuple[Any, ...]] = {}  # what the state last written came from
         # Pool states to write in the next batch, and the batch's write (see _save_state).
         self._to_save: dict[str, dict[str, Any]] = {}
@@ -547,6 +548,12 @@ class Reconciler:
                 # this did) made a tick that met a fast reconcile take two observations.
                 return None
             self._observed_at[name] = observed.at
+            if observed.at < self._acted_at.get(name, float("-inf")):
+                # The provider was read before the last reconcile of this pool changed it (a tick
+                # and a fast reconcile observe side by side; only the acting is one at a time):
+                # deciding on the count as it was would undo that change (a replica stopped for
+                # being idle, started again a moment later).  Read the provider again, under the lock.
+                observed.providers.pop(name, None)
             started = time.perf_counter()
             try:
                 return await self._reconcile_locked(rules, observed, budget_spend)
@@ -626,6 +633,8 @@ class Reconciler:
         outcome, error = await self._act(
             rules, decision, provider_state, per_deployment, placement, servers, paused, errors
         )
+        if outcome == "applied":
+            self._acted_at[name] = time.monotonic()  # the clock of Observed.at
         await self._record(rules, decision, provider_state, outcome, error, errors, placement)
         self._deployment_view(rules, view, per_deployment, dep_obs, placement, now)
 
