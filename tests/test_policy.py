@@ -181,6 +181,18 @@ def test_idle_replicas_stop_one_by_one_after_the_delay() -> None:
     assert [d.desired for d in out] == [2, 2, 1, 0]
 
 
+def test_a_new_replica_is_kept_a_tick_beyond_its_cold_start() -> None:
+    """A replica registers and claims a moment after its cold start ends: the hold after a
+    scale-up lasts one tick longer, so it is not stopped as surplus the instant it is ready."""
+    r = rules(scale_down_delay_s=0, scale_up_delay_s=0)
+    up = decide(r, obs(queued=1), PoolState(), 0.0, tick_s=10)
+    assert up.desired == 1
+    gone = obs(replicas=1, busy_replicas=0, idle_replicas=1)  # the work went elsewhere
+    at_ready = decide(r, gone, up.state, 120.0, tick_s=10)
+    assert at_ready.desired == 1, at_ready
+    assert decide(r, gone, at_ready.state, 130.0, tick_s=10).desired == 0
+
+
 def test_random_victims_idle_replicas_wait_while_a_stop_would_likely_hit_work() -> None:
     # The provider picks the replica to stop (DataCrunch): 3 idle, 1 busy with 150 s of its 200 s
     # task left.  Stopping now hits the busy one with chance 1/4 and loses 50 s of work plus a

@@ -370,9 +370,14 @@ def _worth_a_random_stop(rules: PoolRules, obs: PoolObservation, busy: int) -> b
     return busy / up * (elapsed + rules.cold_start_s) < remaining
 
 
-def _min_hold(rules: PoolRules) -> float:
-    """After a scale-up, no scale-down for this long: the new replicas get to start and serve."""
-    return max(rules.scale_up_delay_s, rules.cold_start_s)
+def _min_hold(rules: PoolRules, tick_s: float) -> float:
+    """After a scale-up, no scale-down for this long: the new replicas get to start and serve.
+
+    One tick beyond the cold start: a replica registers and claims a moment after its cold
+    start ends, so a hold that ends with the cold start stopped it as surplus just as it was
+    about to take its task (the replay caught it: the next tick started another, a whole cold
+    start later)."""
+    return max(rules.scale_up_delay_s, rules.cold_start_s + tick_s)
 
 
 def idle_timeout(rules: PoolRules, state: PoolState, tick_s: float = 10.0) -> float:
@@ -705,7 +710,7 @@ def decide(
     # A replica just asked for gets to start before it can be given back: no reversal of a
     # scale-up within _min_hold (no flapping, even with a short learned idle timeout).
     if expired and state.last_direction > 0 and state.last_change_at is not None:
-        if now - state.last_change_at < _min_hold(rules):
+        if now - state.last_change_at < _min_hold(rules, tick_s):
             expired = 0
     if (
         expired

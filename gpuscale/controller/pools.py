@@ -164,9 +164,11 @@ class PoolRules(BaseModel):
     # and replicas are added while that is not met (their cold start is worth the deadline).
     # None: drain_target with the cold-start saving rule.
     stage_deadline_s: Duration | None = Field(default=None, alias="stage_deadline")
-    # Which replicas the provider stops when the count is lowered: "idle" (the local and docker
-    # providers stop idle ones first) or "any" (DataCrunch picks for itself and may stop a busy
-    # replica mid-task).  With "any" the policy lowers the count only while no replica is busy.
+    # Which replicas the provider stops when the count is lowered: "idle" (the controller names
+    # them: the local and docker providers, and DataCrunch deployments split into one-replica
+    # slots with ``_replica_slots``) or "any" (a plain DataCrunch deployment: the cloud picks and
+    # may stop a busy replica mid-task).  With "any" the policy lowers the count only while that
+    # is cheaper on average than keeping the idle replicas (see policy.py).
     scale_down_victims: Literal["idle", "any"] = "idle"
     # At most this many replicas added by one decision (None: no limit).
     max_step_up: int | None = Field(default=None, ge=1)
