@@ -182,7 +182,9 @@ async def test_a_reconcile_reads_the_provider_again_after_another_changed_it(  #
     r = app.reconciler
     first = await r.observe()
     second = await r.observe()  # newer than the first, so it is not skipped as stale...
+    read_at = time.monotonic()
     second.providers.update(await r._observe_providers(["visual"]))  # ...but read before it acts
+    second.providers_at = read_at
     await r.reconcile_pool("visual", first, None)
     scaled = await _target(deployments, "gpuscale-visual")
     assert scaled >= 1

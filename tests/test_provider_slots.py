@@ -138,9 +138,11 @@ async def test_slots_act_as_one_deployment_and_stop_exactly_the_idle_replica(
     await provider.set_replicas(name, 1, idle=[older.id])  # idempotent: nothing written
     assert emu.snapshot()["writes"] == writes
 
-    # Up again: the free slots, lowest index first; more than there are: all, and one warning.
+    # Up again: the free slots, lowest index first, but not the slot just stopped (a replacement
+    # stops a stuck replica and asks for one more at once: the stuck one must not stay); more
+    # than there are: all, and one warning.
     await provider.set_replicas(name, 2)
-    assert pins(emu, name) == [(1, 1), (1, 1), (0, 0)]
+    assert pins(emu, name) == [(0, 0), (1, 1), (1, 1)]
     with caplog.at_level(logging.WARNING, logger="gpuscale.controller.providers.datacrunch"):
         await provider.set_replicas(name, 5)
         await provider.set_replicas(name, 5)
@@ -150,7 +152,7 @@ async def test_slots_act_as_one_deployment_and_stop_exactly_the_idle_replica(
 
     # With no idle replica named: the newest goes first.
     await provider.set_replicas(name, 2)
-    assert pins(emu, name)[2] == (0, 0)
+    assert pins(emu, name)[0] == (0, 0)
     await provider.set_replicas(name, 0)
     assert pins(emu, name) == [(0, 0)] * 3
     gone = await running(provider, name, 0)
@@ -177,6 +179,21 @@ async def test_a_new_provider_finds_the_slots_and_a_plain_deployment_is_as_befor
     assert paused.paused and paused.status == "paused" and paused.target == 0
     await other.resume(slotted)
     assert (await running(other, slotted, 1)).target == 1
+
+
+async def test_a_slot_pinned_to_more_than_one_by_hand_is_put_back(
+    emu: Emulator, client: DataCrunchClient
+) -> None:
+    name = await create(client, 2)
+    provider = DataCrunchProvider(client, list_ttl_s=0.0)
+    await provider.set_replicas(name, 1)
+    first = deployspec.slot_name(name, 0)
+    scaling = await client.get_scaling(first)
+    await client.patch_scaling(first, {**scaling, "min_replica_count": 2, "max_replica_count": 2})
+    st = await provider.observe(name)
+    assert not st.pinned  # min == max, but two replicas where the slot holds one
+    await provider.set_replicas(name, 1)
+    assert pins(emu, name) == [(1, 1), (0, 0)]
 
 
 async def test_quota_in_one_slot_shows_in_the_status(emu: Emulator, client: DataCrunchClient) -> None:

@@ -99,6 +99,7 @@ class Observed:
     # Per pool, its deployments as the provider reported them, read side by side with the
     # database (or the error that read raised); taken by the pool's reconcile, read anew if absent.
     providers: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    providers_at: float = -math.inf  # when the reads in ``providers`` began
     # Derived once per observation, not once per pool: with hundreds of servers and running
     # tasks, redoing these for each of tens of pools made a tick grow with pools × fleet.
     _by_pool: dict[str, list[ServerInfo]] | None = field(default=None, init=False, repr=False, compare=False)
@@ -516,8 +517,10 @@ class Reconciler:
         """One observation, then each of ``names`` (the fast path passes the pools notified)."""
         # The provider's deployments are read side by side with the database (their fence check
         # on the lease's connection, their calls over HTTP), not after it, pool by pool.
+        providers_at = time.monotonic()
         observed, provided = await asyncio.gather(self.observe(), self._observe_providers(names))
         observed.providers.update(provided)
+        observed.providers_at = providers_at
         results = await asyncio.gather(
             *(self.reconcile_pool(n, observed, budget_spend) for n in names), return_exceptions=True
         )
@@ -548,7 +551,7 @@ class Reconciler:
                 # this did) made a tick that met a fast reconcile take two observations.
                 return None
             self._observed_at[name] = observed.at
-            if observed.at < self._acted_at.get(name, float("-inf")):
+            if observed.providers_at < self._acted_at.get(name, float("-inf")):
                 # The provider was read before the last reconcile of this pool changed it (a tick
                 # and a fast reconcile observe side by side; only the acting is one at a time):
                 # deciding on the count as it was would undo that change (a replica stopped for
@@ -633,8 +636,9 @@ class Reconciler:
         outcome, error = await self._act(
             rules, decision, provider_state, per_deployment, placement, servers, paused, errors
         )
-        if outcome == "applied":
-            self._acted_at[name] = time.monotonic()  # the clock of Observed.at
+        if outcome in ("applied", "error"):
+            # An error may still have changed some deployments (or slots) before the failing call.
+            self._acted_at[name] = time.monotonic()  # the clock of Observed.providers_at
         await self._record(rules, decision, provider_state, outcome, error, errors, placement)
         self._deployment_view(rules, view, per_deployment, dep_obs, placement, now)
 

@@ -487,6 +487,9 @@ def _expect_dict(data: Any, what: str) -> dict[str, Any]:
     return data
 
 
+# A slot set to 0 this long ago is not the first one picked to start a replica again.
+_RECENT_STOP_S = 600.0
+
 # Slot statuses, worst first: a slotted deployment reports the worst of its active slots'.
 _STATUS_RANK = ("quota_reached", "error", "failed", "unhealthy", "degraded", "initializing", "starting")
 
@@ -560,6 +563,11 @@ class DataCrunchProvider:
         self._listed: _Listing | None = None
         self._listed_at = -math.inf
         self._list_task: asyncio.Future[_Listing] | None = None
+        # Bumped by every change of the slots' pins: a list read that began before a change must
+        # neither be joined nor cached after it (it would show the pins as they were).
+        self._list_generation = 0
+        self._stopped_at: dict[str, float] = {}  # slot → when set_replicas last set it to 0
+        self._unmatched_warned: set[str] = set()
         self._slotted: set[str] = set()  # logical names known to be realised as slots
         self._slot_replicas: dict[str, list[Replica]] = {}  # per slot, its replicas as last read
         self._slot_status: dict[str, str] = {}  # per slot, its status as last read or left
@@ -581,10 +589,15 @@ class DataCrunchProvider:
         return await asyncio.shield(task)
 
     async def _fetch_list(self) -> _Listing:
-        at = time.monotonic()
+        at, generation = time.monotonic(), self._list_generation
         listed = _listing(await self.client.list_deployments())
-        self._listed, self._listed_at = listed, at
+        if generation == self._list_generation:
+            self._listed, self._listed_at = listed, at
         return listed
+
+    def _pins_changed(self) -> None:
+        self._list_generation += 1
+        self._listed, self._list_task = None, None
 
     async def _slots_of(self, name: str) -> tuple[_Slot, ...] | None:
         """The slots of ``name`` when it is known to be slotted (and still is), else None."""
@@ -698,7 +711,9 @@ class DataCrunchProvider:
             target=len(active),
             paused=paused,
             status=status,
-            pinned=all(s.min == s.max or self._paused(s) for s in slots),
+            # 1/1 or 0/0 only: a slot pinned to 2/2 by hand runs two replicas, and the next
+            # set_replicas puts it back to one.
+            pinned=all((s.min, s.max) in ((0, 0), (1, 1)) or self._paused(s) for s in slots),
             stops_named=True,
         )
 
@@ -744,10 +759,34 @@ class DataCrunchProvider:
                 for s in active
             ]
             idle_slots = {owner[rid] for rid in idle if rid in owner}
+            if idle and not idle_slots and deployment not in self._unmatched_warned:
+                # The registry's container ids are not this deployment's replica ids (a worker
+                # registers its hostname unless GPUSCALE_CONTAINER_ID says otherwise): the
+                # newest slot goes instead of the idle one, which may stop a busy replica.
+                self._unmatched_warned.add(deployment)
+                log.warning(
+                    "DataCrunch: none of the idle replicas named for %s (%s) is one of its slots' "
+                    "replicas: stopping the newest instead",
+                    deployment,
+                    ", ".join(sorted(idle)[:3]),
+                )
             for name in choose_victims(live, len(active) - desired, idle_slots):
                 want[name] = 0
+                self._stopped_at[name] = time.monotonic()
         elif desired > len(active):
-            free = [s for s in slots if s not in active]
+            # Free slots, lowest index first, but not one set to 0 in the last few minutes while
+            # another will do: a replacement stops a stuck replica and asks for one more in the
+            # same tick, and pinning that slot 1/1 again would simply keep the stuck replica.
+            now = time.monotonic()
+
+            def recently_stopped(slot: _Slot) -> float:
+                at = self._stopped_at.get(slot.name, -math.inf)
+                return at if now - at < _RECENT_STOP_S else -math.inf
+
+            free = sorted(
+                (s for s in slots if s not in active),
+                key=lambda s: (bool(self._slot_replicas.get(s.name)), recently_stopped(s), s.index),
+            )
             if desired > len(slots) and deployment not in self._over_warned:
                 self._over_warned.add(deployment)
                 log.warning(
@@ -775,12 +814,13 @@ class DataCrunchProvider:
             desired,
             ", ".join(f"{n} -> {c}" for n, c in sorted(want.items())),
         )
-        # Starts before stops, side by side: the pool's capacity never dips while they move.
+        # Side by side; a list read begun before or during the writes is not used after them.
+        self._pins_changed()
         results = await asyncio.gather(
             *(self._set_slot(n, c) for n, c in sorted(want.items(), key=lambda i: -i[1])),
             return_exceptions=True,
         )
-        self._listed = None  # the pins moved: the next read lists them again
+        self._pins_changed()
         for res in results:
             if isinstance(res, BaseException):
                 raise res
