@@ -408,3 +408,9 @@ def test_apply_sees_slot_names_clash_and_a_plain_deployment_left(emu: Emulator, 
     assert moved.returncode == 0, moved.stderr
     assert "deck-clash-r01: create" in moved.stdout
     assert "deck-clash also exists as one plain deployment" in moved.stderr
+    # And the other way round: a spec without slots applied beside existing slots.
+    del slotted[deployspec.SLOTS_KEY]
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(slotted))
+    back = apply(emu, tmp_path / "plain.yaml")
+    assert back.returncode == 0, back.stderr
+    assert "deck-clash also exists as 2 slot deployment(s) (deck-clash-r00 …)" in back.stderr

@@ -109,6 +109,21 @@ async def _apply(files: list[Path], dry_run: bool) -> int:
                     err=True,
                     fg=typer.colors.YELLOW,
                 )
+        for spec, base in zip(specs, logical, strict=True):
+            if spec["name"] != base:
+                continue
+            left = sorted(n for n in existing if (deployspec.parse_slot_name(n) or ("",))[0] == base)
+            if left:
+                # The other way round (a rollback to a spec without slots): the controller then
+                # drives the plain deployment only, and a slot still pinned to a replica would run
+                # on, billed and unmanaged.
+                typer.secho(
+                    f"note: {base} also exists as {len(left)} slot deployment(s) ({left[0]} …); "
+                    "while the plain one exists the controller drives only it: pin the slots to 0 "
+                    "and delete them",
+                    err=True,
+                    fg=typer.colors.YELLOW,
+                )
     except ProviderError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         return 1
