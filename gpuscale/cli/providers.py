@@ -109,10 +109,9 @@ async def _apply(files: list[Path], dry_run: bool) -> int:
                     err=True,
                     fg=typer.colors.YELLOW,
                 )
-        for spec, base in zip(specs, logical, strict=True):
-            if spec["name"] != base:
-                continue
-            left = sorted(n for n in existing if (deployspec.parse_slot_name(n) or ("",))[0] == base)
+        plain = {s["name"] for s in specs if s["name"] in logical}
+        for base in sorted(plain):
+            left = sorted(n for n in existing if n != base and deployspec.logical_name(n, (base,)) == base)
             if left:
                 # The other way round (a rollback to a spec without slots): the controller then
                 # drives the plain deployment only, and a slot still pinned to a replica would run

@@ -82,6 +82,7 @@ def replay(
 
     from gpuscale.controller.pools import PoolsFileError, load_pools, parse_duration
     from gpuscale.controller.simulate.engine import simulate as run_sim
+    from gpuscale.controller.simulate.engine import stop_order
     from gpuscale.controller.simulate.report import summary
     from gpuscale.controller.simulate.trace import TraceError, read_trace
     from gpuscale.dev.replay import Progress as ReplayProgress
@@ -115,7 +116,7 @@ def replay(
     # ``_replica_slots``): the controller stops the idle replica it names, and so does the
     # simulator.  On a plain deployment the emulator, like DataCrunch, picks the replica itself:
     # the newest (``--stop-order newest``), which the simulator then follows.
-    victims = "idle" if all(r.scale_down_victims == "idle" for r in config.pools.values()) else "newest"
+    victims = "newest" if stop_order(config) == "any" else "idle"
     if compare:
         try:
             sim = run_sim(tasks, config, victims=victims)

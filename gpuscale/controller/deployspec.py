@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,14 @@ def parse_slot_name(name: str) -> tuple[str, int] | None:
         return None
     base, index = match["base"], int(match["index"])
     return (base, index) if slot_name(base, index) == name else None
+
+
+def logical_name(name: str, known: Collection[str]) -> str | None:
+    """The deployment of ``known`` that ``name`` is, or is a slot of; None for neither."""
+    if name in known:
+        return name
+    slot = parse_slot_name(name)
+    return slot[0] if slot is not None and slot[0] in known else None
 
 
 def replica_slots(deployment: Mapping[str, Any]) -> int | None:

@@ -400,8 +400,7 @@ class Replay:
         options = {o.name for r in self.scaled.pools.values() for o in r.options}
         for name, body in state["deployments"].items():
             # A slotted deployment (_replica_slots) is one emulator deployment per replica slot.
-            slot = deployspec.parse_slot_name(name)
-            dep = slot[0] if name not in options and slot is not None and slot[0] in options else name
+            dep = deployspec.logical_name(name, options) or name
             n = 0
             for r in body["replicas"]:
                 if r["status"] not in ("starting", "running"):

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import SecretStr
@@ -52,6 +52,7 @@ from gpuscale.controller.providers.base import (
 )
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 TOKEN_PATH = "/oauth2/token"
 DEPLOYMENTS_PATH = "/container-deployments"
@@ -639,16 +640,26 @@ class DataCrunchProvider:
             del first_seen[rid]
         return replicas
 
-    async def observe(self, deployment: str) -> ProviderState:
+    async def _plain_or_slots(
+        self,
+        deployment: str,
+        plain: Callable[[str], Awaitable[_T]],
+        slotted: Callable[[tuple[_Slot, ...]], Awaitable[_T]],
+    ) -> _T:
+        """``plain(deployment)``, or ``slotted(its slots)`` when it is realised as slots: known
+        ones at once, otherwise found after the plain call's 404."""
         slots = await self._slots_of(deployment)
         if slots is None:
             try:
-                return await self._observe_plain(deployment)
+                return await plain(deployment)
             except DeploymentNotFound:
                 slots = await self._discover(deployment)
                 if slots is None:
                     raise
-        return await self._observe_slots(slots)
+        return await slotted(slots)
+
+    async def observe(self, deployment: str) -> ProviderState:
+        return await self._plain_or_slots(deployment, self._observe_plain, self._observe_slots)
 
     async def _observe_plain(self, deployment: str) -> ProviderState:
         raw_replicas, status, scaling = await asyncio.gather(
@@ -724,16 +735,14 @@ class DataCrunchProvider:
         # drain on SIGTERM); a slotted one stops the idle replicas' slots.
         if desired < 0:
             raise ValueError("desired replica count must be >= 0")
-        slots = await self._slots_of(deployment)
-        if slots is None:
-            try:
-                await self._set_plain(deployment, desired)
-                return
-            except DeploymentNotFound:
-                slots = await self._discover(deployment)
-                if slots is None:
-                    raise
-        await self._set_slots(deployment, slots, desired, idle)
+
+        async def plain(name: str) -> None:
+            await self._set_plain(name, desired)
+
+        async def slotted(slots: tuple[_Slot, ...]) -> None:
+            await self._set_slots(deployment, slots, desired, idle)
+
+        await self._plain_or_slots(deployment, plain, slotted)
 
     async def _set_slots(
         self, deployment: str, slots: tuple[_Slot, ...], desired: int, idle: Collection[str]
@@ -895,16 +904,11 @@ class DataCrunchProvider:
         self, deployment: str, one: Callable[[str], Awaitable[None]], *, skip: Collection[str] = ()
     ) -> None:
         """``one`` on the deployment, or on each of its slots (but ``skip``) when it is slotted."""
-        slots = await self._slots_of(deployment)
-        if slots is None:
-            try:
-                await one(deployment)
-                return
-            except DeploymentNotFound:
-                slots = await self._discover(deployment)
-                if slots is None:
-                    raise
-        await asyncio.gather(*(one(s.name) for s in slots if s.name not in skip))
+
+        async def each(slots: tuple[_Slot, ...]) -> None:
+            await asyncio.gather(*(one(s.name) for s in slots if s.name not in skip))
+
+        await self._plain_or_slots(deployment, one, each)
 
     async def pause(self, deployment: str) -> None:
         await self._names(deployment, self._pause_one)

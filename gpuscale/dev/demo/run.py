@@ -366,10 +366,10 @@ class Demo:
         pool_of = {dep: pool for pool, dep in self.deployment_for.items()}
         for dep_name, dep in (emu_state.get("deployments") or {}).items():
             # A slotted deployment (_replica_slots) is one emulator deployment per replica.
-            slot = deployspec.parse_slot_name(dep_name)
-            pool = pool_of.get(dep_name) or (pool_of.get(slot[0]) if slot else None)
-            if pool is None:
+            logical = deployspec.logical_name(dep_name, pool_of)
+            if logical is None:
                 continue
+            pool = pool_of[logical]
             replicas = dep.get("replicas") or []
             counts[pool] = counts.get(pool, 0) + len(replicas)
             self.replica_seconds[pool] = self.replica_seconds.get(pool, 0.0) + dt * len(replicas)
